@@ -1,0 +1,1 @@
+"""Postlane's activities: every side effect (SMTP, later IMAP and templates) lives here."""

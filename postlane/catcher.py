@@ -1,0 +1,255 @@
+"""A local SMTP server that catches mail: the dev stack's inbox and the tests' real SMTP peer.
+
+It speaks real SMTP over a socket (aiosmtpd). Besides keeping every message (in memory and,
+optionally, as .eml files), it can be scripted to misbehave the way providers do: reply
+4xx/5xx at a given phase, refuse some recipients, drop the connection, or answer slowly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from email import message_from_bytes, policy
+from email.message import EmailMessage
+from pathlib import Path
+from typing import Any, Literal
+
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import SMTP, Envelope, Session
+
+Phase = Literal["mail", "rcpt", "data"]
+
+
+@dataclass(frozen=True)
+class CaughtMessage:
+    """One message the catcher accepted."""
+
+    sender: str
+    recipients: list[str]
+    raw: bytes
+    received_at: float
+    """`time.time()` when DATA was accepted."""
+
+    @property
+    def message(self) -> EmailMessage:
+        """The parsed message."""
+        parsed = message_from_bytes(self.raw, policy=policy.default)
+        assert isinstance(parsed, EmailMessage)
+        return parsed
+
+    @property
+    def message_id(self) -> str:
+        """The Message-ID header."""
+        return str(self.message["Message-ID"])
+
+    @property
+    def subject(self) -> str:
+        """The Subject header."""
+        return str(self.message["Subject"])
+
+
+@dataclass
+class _Fault:
+    phase: Phase
+    reply: str | None  # None: drop the connection
+    delay: float = 0.0
+    remaining: int = 1
+
+
+@dataclass
+class _Script:
+    faults: list[_Fault] = field(default_factory=list)
+    rejected_recipients: dict[str, str] = field(default_factory=dict)
+
+
+class _Handler:
+    def __init__(self, catcher: SmtpCatcher) -> None:
+        self._catcher = catcher
+
+    async def handle_MAIL(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
+    ) -> str:
+        fault = await self._catcher._fault("mail", server)
+        if fault:
+            return fault
+        envelope.mail_from = address
+        envelope.mail_options.extend(options)
+        return "250 OK"
+
+    async def handle_RCPT(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
+    ) -> str:
+        fault = await self._catcher._fault("rcpt", server)
+        if fault:
+            return fault
+        refusal = self._catcher._script.rejected_recipients.get(address.lower())
+        if refusal:
+            return refusal
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        fault = await self._catcher._fault("data", server)
+        if fault:
+            return fault
+        raw = envelope.original_content or envelope.content or b""
+        if isinstance(raw, str):
+            raw = raw.encode()
+        self._catcher._accept(
+            CaughtMessage(str(envelope.mail_from), list(envelope.rcpt_tos), raw, time.time())
+        )
+        return "250 2.0.0 OK: queued"
+
+
+class SmtpCatcher:
+    """An SMTP server on loopback that keeps what it is sent.
+
+    Use as a context manager (``with SmtpCatcher() as smtp:``) or call `start`/`stop`.
+
+    Args:
+        port: 0 picks a free port.
+        maildir: if set, every message is also written there as an .eml file.
+        on_message: called (in the server's thread) for every accepted message.
+        tls_context: serve implicit TLS (SMTPS) with this context.
+        starttls_context: offer STARTTLS with this context.
+    """
+
+    def __init__(
+        self,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        maildir: Path | None = None,
+        on_message: Callable[[CaughtMessage], None] | None = None,
+        tls_context: Any = None,
+        starttls_context: Any = None,
+    ) -> None:
+        self.host = host
+        self.port = port
+        self._maildir = maildir
+        self._on_message = on_message
+        self._tls_context = tls_context
+        self._starttls_context = starttls_context
+        self._messages: list[CaughtMessage] = []
+        self._script = _Script()
+        self._cond = threading.Condition()
+        self._controller: Controller | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def start(self) -> SmtpCatcher:
+        """Start serving; `port` then holds the real port."""
+        if self.port == 0:
+            import socket
+
+            with socket.socket() as s:
+                s.bind((self.host, 0))
+                self.port = s.getsockname()[1]
+        kwargs: dict[str, Any] = {"hostname": self.host, "port": self.port}
+        if self._tls_context is not None:
+            kwargs["ssl_context"] = self._tls_context
+        if self._starttls_context is not None:
+            kwargs["tls_context"] = self._starttls_context
+            kwargs["require_starttls"] = False
+        self._controller = Controller(_Handler(self), ready_timeout=10, **kwargs)
+        self._controller.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop serving."""
+        if self._controller is not None:
+            self._controller.stop()
+            self._controller = None
+
+    def __enter__(self) -> SmtpCatcher:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- what was caught -------------------------------------------------------------------
+
+    @property
+    def messages(self) -> list[CaughtMessage]:
+        """Every accepted message so far, oldest first."""
+        with self._cond:
+            return list(self._messages)
+
+    def clear(self) -> None:
+        """Forget the caught messages and the script."""
+        with self._cond:
+            self._messages.clear()
+            self._script = _Script()
+
+    def wait_for(self, count: int, timeout: float = 30.0) -> list[CaughtMessage]:
+        """Block until at least `count` messages arrived.
+
+        Raises:
+            TimeoutError: they did not arrive within `timeout` seconds.
+        """
+        with self._cond:
+            if not self._cond.wait_for(lambda: len(self._messages) >= count, timeout):
+                raise TimeoutError(f"{len(self._messages)} of {count} messages after {timeout}s")
+            return list(self._messages)
+
+    async def wait_for_async(self, count: int, timeout: float = 30.0) -> list[CaughtMessage]:
+        """`wait_for` without blocking the event loop."""
+        return await asyncio.to_thread(self.wait_for, count, timeout)
+
+    # -- scripting -------------------------------------------------------------------------
+
+    def fail(self, phase: Phase, reply: str, *, times: int = 1) -> None:
+        """Answer the next `times` commands of `phase` with `reply`, e.g. ``"451 4.7.1 slow"``."""
+        with self._cond:
+            self._script.faults.append(_Fault(phase, reply, remaining=times))
+
+    def drop(self, phase: Phase, *, times: int = 1) -> None:
+        """Close the connection instead of answering the next `times` commands of `phase`."""
+        with self._cond:
+            self._script.faults.append(_Fault(phase, None, remaining=times))
+
+    def delay(self, phase: Phase, seconds: float, *, times: int = 1) -> None:
+        """Answer the next `times` commands of `phase` only after `seconds`."""
+        with self._cond:
+            self._script.faults.append(_Fault(phase, "", delay=seconds, remaining=times))
+
+    def reject_recipient(self, address: str, reply: str = "550 5.1.1 no such user") -> None:
+        """Refuse RCPT TO for `address` with `reply` (until `clear`)."""
+        with self._cond:
+            self._script.rejected_recipients[address.lower()] = reply
+
+    # -- internals -------------------------------------------------------------------------
+
+    async def _fault(self, phase: Phase, server: SMTP) -> str | None:
+        with self._cond:
+            fault = next((f for f in self._script.faults if f.phase == phase), None)
+            if fault is not None:
+                fault.remaining -= 1
+                if fault.remaining <= 0:
+                    self._script.faults.remove(fault)
+        if fault is None:
+            return None
+        if fault.delay:
+            await asyncio.sleep(fault.delay)
+        if fault.reply is None:
+            transport = server.transport
+            if transport is not None:
+                transport.close()
+            return "421 closing"  # never reaches the client: the socket is gone
+        return fault.reply or None
+
+    def _accept(self, caught: CaughtMessage) -> None:
+        if self._maildir is not None:
+            self._maildir.mkdir(parents=True, exist_ok=True)
+            stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime(caught.received_at))
+            slug = re.sub(r"[^A-Za-z0-9]+", "-", caught.message_id).strip("-")[:60]
+            (self._maildir / f"{stamp}-{slug}.eml").write_bytes(caught.raw)
+        with self._cond:
+            self._messages.append(caught)
+            self._cond.notify_all()
+        if self._on_message is not None:
+            self._on_message(caught)

@@ -1,0 +1,218 @@
+"""The ``postlane`` command: a thin layer over `PostlaneClient`, the worker and the dev stack.
+
+Every failure prints one line, ``error: <Type>: <reason>``, and exits non-zero (2 for bad
+input or configuration, 1 otherwise). Short-lived commands leave through ``os._exit``
+after flushing: the Temporal SDK can abort at interpreter shutdown (sdk-python#300), and a
+command that worked must not exit 134.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import uuid
+from collections.abc import Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from postlane.errors import ConfigurationError, InvalidEmail, PostlaneError
+
+EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="postlane", description="Durable outbound email on Temporal.")
+    p.add_argument("--address", help="Temporal address (default $TEMPORAL_ADDRESS or localhost:7233)")
+    p.add_argument("--namespace", help="Temporal namespace (default $TEMPORAL_NAMESPACE or postlane)")
+    p.add_argument("--config", help="configuration file (default $POSTLANE_CONFIG or ./postlane.toml)")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    dev = sub.add_parser("dev", help="run the embedded stack: Temporal + Web UI, SMTP catcher, worker")
+    dev.add_argument("--dir", default=".postlane", help="state directory (default .postlane)")
+    dev.add_argument("--port", type=int, default=7233, help="Temporal gRPC port")
+    dev.add_argument("--ui-port", type=int, default=8233, help="Temporal Web UI port")
+    dev.add_argument("--smtp-port", type=int, default=1025, help="SMTP catcher port")
+    dev.add_argument("--no-demo", action="store_true", help="do not send the demo email")
+    dev.add_argument("--exit-after-demo", action="store_true", help="stop once the demo is delivered")
+
+    w = sub.add_parser("worker", help="run workers for the configured lanes (same as worker.py)")
+    w.add_argument("--lanes", help="comma-separated lanes this host serves (default: all)")
+    w.add_argument("--no-workflows", action="store_true", help="serve lane sends only")
+    w.add_argument("--json-logs", action="store_true", help="log one JSON object per line")
+
+    s = sub.add_parser("send", help="send one email")
+    s.add_argument("--from", dest="sender", required=True)
+    s.add_argument("--to", action="append", required=True, help="repeat or comma-separate")
+    s.add_argument("--cc", action="append", default=[])
+    s.add_argument("--bcc", action="append", default=[])
+    s.add_argument("--reply-to")
+    s.add_argument("--subject", required=True)
+    s.add_argument("--text", help="plain-text body ('-' reads stdin)")
+    s.add_argument("--html", help="HTML body")
+    s.add_argument("--header", action="append", default=[], metavar="NAME:VALUE")
+    s.add_argument("--tag", action="append", default=[])
+    s.add_argument("--key", help="idempotency key (default: a new random key)")
+    s.add_argument("--priority", default="normal", choices=["high", "normal", "bulk"])
+    s.add_argument("--send-at", help="ISO 8601 time with a zone, e.g. 2026-12-01T09:00:00+01:00")
+    s.add_argument("--wait", action="store_true", help="wait for the delivery receipt")
+
+    for name, helptext in (
+        ("status", "show an email's status, attempts and last SMTP reply"),
+        ("retry", "send a dead-lettered email again"),
+        ("cancel", "cancel an email that has not been sent"),
+    ):
+        c = sub.add_parser(name, help=helptext)
+        c.add_argument("key")
+
+    sub.add_parser("setup", help="create the namespace (30-day retention) and search attributes")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``postlane`` script."""
+    args = _parser().parse_args(argv)
+    if args.config:
+        os.environ["POSTLANE_CONFIG"] = args.config
+    long_running = args.command in ("dev", "worker")
+    try:
+        rc = asyncio.run(_dispatch(args))
+    except KeyboardInterrupt:
+        rc = 130
+    except (InvalidEmail, ConfigurationError) as exc:
+        rc = _fail(exc, EXIT_INVALID)
+    except PostlaneError as exc:
+        rc = _fail(exc, EXIT_FAILED)
+    except (RuntimeError, OSError) as exc:
+        rc = _fail(exc, EXIT_FAILED)
+    if long_running:
+        return rc
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(rc)
+
+
+def _fail(exc: BaseException, rc: int) -> int:
+    message = " ".join(str(exc).split()) or repr(exc)
+    print(f"error: {type(exc).__name__}: {message}", file=sys.stderr)
+    return rc
+
+
+async def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "dev":
+        from postlane.dev import DevStack
+
+        stack = DevStack(
+            Path(args.dir),
+            port=args.port,
+            ui_port=args.ui_port,
+            smtp_port=args.smtp_port,
+        )
+        return await stack.run(demo=not args.no_demo, exit_after_demo=args.exit_after_demo)
+    if args.command == "worker":
+        return await _worker(args)
+
+    from postlane.client import PostlaneClient
+    from postlane.config import load_settings
+
+    settings = load_settings()
+    if args.command == "send":
+        email, key = _email_from_args(args)  # validate before touching the network
+        send_at = _parse_time(args.send_at) if args.send_at else None
+        pl = await _connect(PostlaneClient, args, settings)
+        handle = await pl.send(email, key=key, priority=args.priority, send_at=send_at)
+        print(f"workflow_id={handle.workflow_id} key={key}")
+        if args.wait:
+            receipt = await handle.result()
+            print(receipt.model_dump_json(indent=2))
+        return EXIT_OK
+
+    pl = await _connect(PostlaneClient, args, settings)
+    if args.command == "status":
+        report = await pl.describe(args.key)
+        print(report.model_dump_json(indent=2, exclude_none=True))
+        return EXIT_OK
+    if args.command == "retry":
+        if await pl.retry(args.key):
+            print(f"{args.key}: going out again")
+            return EXIT_OK
+        print(f"{args.key}: not dead-lettered ({await pl.status(args.key)}); nothing to retry")
+        return EXIT_FAILED
+    if args.command == "cancel":
+        if await pl.cancel(args.key):
+            print(f"{args.key}: cancellation requested")
+            return EXIT_OK
+        print(f"{args.key}: already {await pl.status(args.key)}; nothing changed")
+        return EXIT_FAILED
+    if args.command == "setup":
+        from postlane.setup import ensure_namespace, ensure_search_attributes
+
+        await ensure_namespace(pl.temporal, pl.temporal.namespace)
+        await ensure_search_attributes(pl.temporal, pl.temporal.namespace)
+        print(f"namespace {pl.temporal.namespace}: ready")
+        return EXIT_OK
+    raise AssertionError(args.command)  # pragma: no cover
+
+
+async def _connect(cls: Any, args: argparse.Namespace, settings: Any) -> Any:
+    try:
+        return await cls.connect(args.address, namespace=args.namespace, settings=settings)
+    except RuntimeError as exc:
+        address = args.address or os.environ.get("TEMPORAL_ADDRESS", "localhost:7233")
+        raise RuntimeError(f"cannot reach Temporal at {address}: {exc}") from None
+
+
+async def _worker(args: argparse.Namespace) -> int:
+    from postlane.config import load_settings
+    from postlane.connection import connect_temporal
+    from postlane.logs import configure_logging
+    from postlane.worker import run_workers
+
+    configure_logging(json=args.json_logs)
+    settings = load_settings()
+    lanes = [n.strip() for n in args.lanes.split(",") if n.strip()] if args.lanes else None
+    client = await connect_temporal(args.address, args.namespace)
+    await run_workers(client, settings, lanes=lanes, workflows=not args.no_workflows)
+    return EXIT_OK
+
+
+def _split(values: list[str]) -> list[str]:
+    return [v.strip() for value in values for v in value.split(",") if v.strip()]
+
+
+def _email_from_args(args: argparse.Namespace) -> tuple[Any, str]:
+    from postlane.models import Email
+
+    headers: dict[str, str] = {}
+    for item in args.header:
+        name, sep, value = item.partition(":")
+        if not sep:
+            raise InvalidEmail("headers", f"{item!r} is not NAME:VALUE")
+        headers[name.strip()] = value.strip()
+    text = sys.stdin.read() if args.text == "-" else args.text
+    email = Email(
+        sender=args.sender,
+        to=_split(args.to),
+        cc=_split(args.cc),
+        bcc=_split(args.bcc),
+        reply_to=args.reply_to,
+        subject=args.subject,
+        text=text,
+        html=args.html,
+        headers=headers,
+        tags=_split(args.tag),
+    )
+    return email, args.key or uuid.uuid4().hex
+
+
+def _parse_time(value: str) -> datetime:
+    try:
+        when = datetime.fromisoformat(value)
+    except ValueError:
+        raise InvalidEmail("send_at", f"{value!r} is not an ISO 8601 time") from None
+    if when.tzinfo is None:
+        raise InvalidEmail("send_at", f"{value!r} has no time zone; add one, e.g. +00:00")
+    return when

@@ -1,0 +1,374 @@
+"""`PostlaneClient`: send emails durably and inspect, retry or cancel them."""
+
+from __future__ import annotations
+
+import hashlib
+from datetime import UTC, datetime
+from types import TracebackType
+from typing import Any
+
+from temporalio.api.enums.v1 import PendingActivityState
+from temporalio.client import (
+    Client,
+    WorkflowExecutionStatus,
+    WorkflowFailureError,
+    WorkflowHandle,
+)
+from temporalio.common import Priority as TemporalPriority
+from temporalio.common import SearchAttributePair, TypedSearchAttributes, WorkflowIDConflictPolicy, WorkflowIDReusePolicy
+from temporalio.exceptions import ApplicationError, CancelledError, WorkflowAlreadyStartedError
+from temporalio.service import RPCError, RPCStatusCode
+
+from postlane import search_attributes as sa
+from postlane.config import Settings, load_settings
+from postlane.connection import connect_temporal
+from postlane.errors import (
+    EmailCancelled,
+    EmailNotFound,
+    ErrorType,
+    IdempotencyConflict,
+    InvalidEmail,
+    PermanentDeliveryError,
+    PostlaneError,
+    UnknownSender,
+)
+from postlane.ids import WORKFLOW_TASK_QUEUE, email_workflow_id, validate_key
+from postlane.models import (
+    MAX_EMAIL_BYTES,
+    DeliveryReceipt,
+    Email,
+    EmailReport,
+    EmailStatus,
+    Priority,
+    RetryRequest,
+    SendEmailInput,
+)
+
+_CONTENT_HASH = "postlane_content_hash"
+_CLOSED_STATUS = {
+    WorkflowExecutionStatus.COMPLETED: EmailStatus.SENT,
+    WorkflowExecutionStatus.FAILED: EmailStatus.FAILED,
+    WorkflowExecutionStatus.CANCELED: EmailStatus.CANCELLED,
+    WorkflowExecutionStatus.TERMINATED: EmailStatus.CANCELLED,
+    WorkflowExecutionStatus.TIMED_OUT: EmailStatus.FAILED,
+}
+
+
+class EmailHandle:
+    """A sent (or scheduled) email: await its receipt, ask its status, cancel it."""
+
+    def __init__(self, client: PostlaneClient, key: str, handle: WorkflowHandle[Any, Any]) -> None:
+        self.key = key
+        self.workflow_id = handle.id
+        self._client = client
+        self._handle = handle
+
+    async def result(self) -> DeliveryReceipt:
+        """Wait until the email is sent and return the receipt.
+
+        Raises:
+            PermanentDeliveryError: the server refused it for good (5xx) or TLS failed.
+            EmailCancelled: it was cancelled or discarded.
+        """
+        try:
+            result = await self._handle.result()
+        except WorkflowFailureError as err:
+            raise _delivery_error(err) from err
+        return DeliveryReceipt.model_validate(result)
+
+    async def status(self) -> EmailStatus:
+        """The current status (see `PostlaneClient.status`)."""
+        return await self._client.status(self.key)
+
+    async def cancel(self) -> bool:
+        """Cancel the email (see `PostlaneClient.cancel`)."""
+        return await self._client.cancel(self.key)
+
+
+class PostlaneClient:
+    """Postlane's Python API, a thin layer over a Temporal client.
+
+    Use ``async with await PostlaneClient.connect() as pl: ...``.
+    """
+
+    def __init__(self, client: Client, settings: Settings) -> None:
+        self.temporal = client
+        """The underlying Temporal client (Postlane's data converter is set on it)."""
+        self.settings = settings
+
+    @classmethod
+    async def connect(
+        cls,
+        address: str | None = None,
+        *,
+        namespace: str | None = None,
+        settings: Settings | None = None,
+    ) -> PostlaneClient:
+        """Connect to Temporal (``TEMPORAL_*`` variables, default ``localhost:7233``).
+
+        Args:
+            address: overrides ``TEMPORAL_ADDRESS``.
+            namespace: overrides ``TEMPORAL_NAMESPACE`` (default ``postlane``).
+            settings: lanes; default `load_settings()` (``postlane.toml``).
+
+        Raises:
+            ConfigurationError: the configuration file is invalid.
+        """
+        settings = settings or load_settings()
+        client = await connect_temporal(address, namespace)
+        return cls(client, settings)
+
+    async def __aenter__(self) -> PostlaneClient:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        return None
+
+    async def send(
+        self,
+        email: Email,
+        *,
+        key: str,
+        priority: Priority | str = Priority.NORMAL,
+        send_at: datetime | None = None,
+    ) -> EmailHandle:
+        """Send `email` once, durably, through the lane that serves its sender.
+
+        Args:
+            email: the email (already validated by its constructor).
+            key: idempotency key; the workflow ID is ``email:<key>``. The same key with the
+                same content returns the existing email's handle and never sends twice.
+            priority: ``high``, ``normal`` or ``bulk``; high overtakes a bulk backlog.
+            send_at: timezone-aware time to send at (durable: survives restarts).
+
+        Returns:
+            A handle whose `result()` is the `DeliveryReceipt`.
+
+        Raises:
+            InvalidEmail: a bad key, priority or send_at; nothing was started.
+            UnknownSender: no lane serves ``email.sender``; nothing was started.
+            IdempotencyConflict: the key was used for different content.
+        """
+        request = self._prepare(email, key=key, priority=priority, send_at=send_at)
+        workflow_id = email_workflow_id(key)
+        digest = content_hash(request)
+        status = EmailStatus.SCHEDULED if send_at and send_at > datetime.now(UTC) else EmailStatus.QUEUED
+        recipients = ", ".join(email.recipients[:3]) + (" …" if len(email.recipients) > 3 else "")
+        try:
+            handle = await self.temporal.start_workflow(
+                "SendEmail",
+                request,
+                id=workflow_id,
+                task_queue=WORKFLOW_TASK_QUEUE,
+                id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
+                id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+                memo={_CONTENT_HASH: digest},
+                search_attributes=TypedSearchAttributes(
+                    [
+                        SearchAttributePair(sa.STATUS, status.value),
+                        SearchAttributePair(sa.LANE, request.lane),
+                        SearchAttributePair(sa.RECIPIENT_DOMAIN, email.recipient_domains),
+                        SearchAttributePair(sa.TAG, list(email.tags)),
+                    ]
+                ),
+                static_summary=f"{email.subject} → {recipients}",
+                static_details=f"lane: {request.lane}; priority: {request.priority}; key: {key}",
+                priority=TemporalPriority(priority_key=request.priority.key),
+                result_type=DeliveryReceipt,
+            )
+        except WorkflowAlreadyStartedError:
+            # A closed email with this key: REJECT_DUPLICATE keeps it from sending again.
+            handle = self.temporal.get_workflow_handle(workflow_id, result_type=DeliveryReceipt)
+            await self._check_same_content(handle, key, digest)
+            return EmailHandle(self, key, handle)
+        response = getattr(handle, "_start_workflow_response", None)
+        if response is None or not getattr(response, "started", True):
+            await self._check_same_content(handle, key, digest)
+        return EmailHandle(self, key, handle)
+
+    def _prepare(
+        self, email: Email, *, key: str, priority: Priority | str, send_at: datetime | None
+    ) -> SendEmailInput:
+        if not isinstance(email, Email):
+            raise InvalidEmail("email", f"expected an Email, got {type(email).__name__}")
+        try:
+            validate_key(key)
+        except ValueError as exc:
+            raise InvalidEmail("key", str(exc)) from None
+        try:
+            prio = Priority(priority)
+        except ValueError:
+            raise InvalidEmail("priority", f"{priority!r} is not one of high, normal, bulk") from None
+        if send_at is not None and (send_at.tzinfo is None or send_at.utcoffset() is None):
+            raise InvalidEmail("send_at", "must be timezone-aware, e.g. datetime.now(UTC)")
+        lane = self.settings.lane_for(email.sender)
+        if lane is None:
+            raise UnknownSender(email.sender)
+        request = SendEmailInput(
+            email=email,
+            key=key,
+            lane=lane.name,
+            priority=prio,
+            send_at=send_at.astimezone(UTC) if send_at else None,
+            retry=lane.retry,
+        )
+        size = len(request.model_dump_json())
+        if size > MAX_EMAIL_BYTES:
+            raise InvalidEmail("attachments", f"the email is {size} bytes, over {MAX_EMAIL_BYTES}")
+        return request
+
+    async def _check_same_content(self, handle: WorkflowHandle[Any, Any], key: str, digest: str) -> None:
+        description = await handle.describe()
+        existing = (await description.memo()).get(_CONTENT_HASH)
+        if existing != digest:
+            raise IdempotencyConflict(key)
+
+    def handle(self, key: str) -> EmailHandle:
+        """The handle of an email sent earlier with `key` (not checked to exist)."""
+        workflow_id = email_workflow_id(key)
+        return EmailHandle(
+            self, key, self.temporal.get_workflow_handle(workflow_id, result_type=DeliveryReceipt)
+        )
+
+    async def status(self, key: str) -> EmailStatus:
+        """Where the email is now: queued, scheduled, sending, retrying, sent, dead_letter, ...
+
+        Raises:
+            EmailNotFound: no email has this key.
+        """
+        return (await self.describe(key)).status
+
+    async def describe(self, key: str) -> EmailReport:
+        """Status, lane, attempts and last SMTP reply of an email; no worker needs to run.
+
+        Raises:
+            EmailNotFound: no email has this key.
+        """
+        handle = self.handle(key)._handle
+        try:
+            desc = await handle.describe()
+        except RPCError as err:
+            if err.status == RPCStatusCode.NOT_FOUND:
+                raise EmailNotFound(key) from None
+            raise
+        stored = desc.typed_search_attributes.get(sa.STATUS)
+        status = EmailStatus(stored) if stored else EmailStatus.QUEUED
+        if desc.status in _CLOSED_STATUS:
+            status = _CLOSED_STATUS[desc.status]
+        report = EmailReport(
+            key=key,
+            status=status,
+            lane=desc.typed_search_attributes.get(sa.LANE),
+            subject=(await desc.static_summary() or "").split(" → ")[0],
+        )
+        attempts, last_error = 0, None
+        for pending in desc.raw_description.pending_activities:
+            attempts = max(attempts, pending.attempt - 1)
+            if pending.last_failure.message:
+                last_error = pending.last_failure.message
+            if status == EmailStatus.QUEUED:
+                if pending.state == PendingActivityState.PENDING_ACTIVITY_STATE_STARTED:
+                    status = EmailStatus.SENDING
+                elif pending.attempt > 1:
+                    status = EmailStatus.RETRYING
+        update: dict[str, Any] = {"status": status, "attempts": attempts, "last_error": last_error}
+        if desc.status == WorkflowExecutionStatus.COMPLETED:
+            receipt = DeliveryReceipt.model_validate(await handle.result())
+            update.update(receipt=receipt, attempts=receipt.attempts, recipients=receipt.accepted)
+        elif desc.status == WorkflowExecutionStatus.FAILED:
+            try:
+                await handle.result()
+            except WorkflowFailureError as err:
+                update["last_error"] = str(_delivery_error(err))
+        elif desc.status == WorkflowExecutionStatus.RUNNING:
+            try:
+                live = await handle.query("status", result_type=EmailReport)
+            except RPCError:
+                live = None  # no worker is polling; the search attributes still tell a lot
+            if live is not None:
+                update.update(
+                    subject=live.subject,
+                    recipients=live.recipients,
+                    scheduled_for=live.scheduled_for,
+                    attempts=max(attempts, live.attempts),
+                    last_error=last_error or live.last_error,
+                )
+        return report.model_copy(update=update)
+
+    async def cancel(self, key: str) -> bool:
+        """Stop an email that has not been sent yet.
+
+        Returns:
+            True if a cancellation was requested; False if the email had already finished
+            (sent, failed or cancelled) and nothing changed.
+
+        Raises:
+            EmailNotFound: no email has this key.
+        """
+        handle = self.handle(key)._handle
+        try:
+            desc = await handle.describe()
+        except RPCError as err:
+            if err.status == RPCStatusCode.NOT_FOUND:
+                raise EmailNotFound(key) from None
+            raise
+        if desc.status != WorkflowExecutionStatus.RUNNING:
+            return False
+        await handle.cancel()
+        return True
+
+    async def retry(self, key: str, *, reason: str = "") -> bool:
+        """Send a dead-lettered email again.
+
+        Returns:
+            True if the email was dead-lettered and is going out again, False otherwise.
+
+        Raises:
+            EmailNotFound: no email has this key.
+        """
+        return await self._signal_dead_letter(key, "retry", reason)
+
+    async def discard(self, key: str, *, reason: str = "") -> bool:
+        """Give up on a dead-lettered email; it ends cancelled.
+
+        Returns:
+            True if the email was dead-lettered and is now discarded, False otherwise.
+        """
+        return await self._signal_dead_letter(key, "discard", reason)
+
+    async def _signal_dead_letter(self, key: str, signal: str, reason: str) -> bool:
+        if await self.status(key) != EmailStatus.DEAD_LETTER:
+            return False
+        await self.handle(key)._handle.signal(signal, RetryRequest(reason=reason))
+        return True
+
+
+def content_hash(request: SendEmailInput) -> str:
+    """What makes two sends with one key "the same email": content and schedule."""
+    payload = request.email.model_dump_json() + "|" + str(request.send_at)
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def _delivery_error(err: WorkflowFailureError) -> PostlaneError:
+    cause: BaseException | None = err.cause
+    while cause is not None:
+        if isinstance(cause, CancelledError):
+            return EmailCancelled("the email was cancelled before it was sent")
+        if isinstance(cause, ApplicationError):
+            if cause.type == "EmailDiscarded":
+                return EmailCancelled(cause.message)
+            details = cause.details[0] if cause.details and isinstance(cause.details[0], dict) else {}
+            code = details.get("smtp_code")
+            if cause.type in (ErrorType.SMTP_PERMANENT, ErrorType.SMTP_TLS, ErrorType.LANE_UNKNOWN):
+                return PermanentDeliveryError(
+                    f"{cause.type}: {cause.message}",
+                    smtp_code=code if isinstance(code, int) else None,
+                    smtp_message=cause.message,
+                )
+        cause = cause.__cause__ or getattr(cause, "cause", None)
+    return PermanentDeliveryError(str(err.cause or err))

@@ -1,0 +1,241 @@
+"""Configuration: lanes (sending accounts) from ``postlane.toml``, overridden by environment.
+
+The file is ``$POSTLANE_CONFIG`` or ``./postlane.toml``. ``POSTLANE_*`` variables override
+its top-level fields (``POSTLANE_LANES`` takes a JSON list). SMTP secrets are never in the
+file: a lane names the environment variables that hold them, and only the worker reads them.
+Temporal's own variables (``TEMPORAL_ADDRESS``, ``TEMPORAL_NAMESPACE``, ``TEMPORAL_API_KEY``,
+``TEMPORAL_TLS_*``) are read by `postlane.connection`.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import re
+import tomllib
+from datetime import timedelta
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from postlane.errors import ConfigurationError
+from postlane.ids import lane_task_queue
+from postlane.models import RetrySettings, check_address
+
+DEFAULT_CONFIG_FILE = "postlane.toml"
+DEV_LANE = "default"
+_LANE_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+
+
+class LaneConfig(BaseModel):
+    """One sending account: an SMTP login with its own limits and one task queue."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    senders: list[str] = Field(min_length=1)
+    """From addresses this lane serves; ``*@acme.test`` and ``*`` patterns are allowed."""
+    smtp_host: str = Field(min_length=1)
+    smtp_port: int = Field(default=587, ge=1, le=65535)
+    smtp_tls: Literal["none", "starttls", "tls"] = "starttls"
+    smtp_verify: bool = True
+    """Verify the server's certificate (turn off only for a test server you trust)."""
+    smtp_ca_file: str | None = None
+    """PEM bundle to verify the server against, instead of the system's CAs."""
+    smtp_username_env: str | None = None
+    smtp_password_env: str | None = None
+    smtp_timeout: float = Field(default=30.0, gt=0)
+    """Seconds to wait for each SMTP reply."""
+    rate_per_second: float = Field(default=5.0, gt=0)
+    per_domain_per_second: float | None = Field(default=None, gt=0)
+    hourly_cap: int | None = Field(default=None, gt=0)
+    daily_cap: int | None = Field(default=None, gt=0)
+    max_concurrent: int = Field(default=8, ge=1)
+    """Sends in flight at once on one worker host."""
+    message_id_domain: str | None = None
+    """Right-hand side of Message-IDs; defaults to the sender's domain."""
+    retry: RetrySettings = RetrySettings()
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not _LANE_NAME_RE.match(v):
+            raise ValueError(f"{v!r}: use lower-case letters, digits, '-' and '_'")
+        return v
+
+    @field_validator("senders")
+    @classmethod
+    def _senders(cls, v: list[str]) -> list[str]:
+        for pattern in v:
+            if pattern == "*" or pattern.startswith("*@"):
+                continue
+            check_address(pattern)
+        return v
+
+    @model_validator(mode="after")
+    def _credentials_pair(self) -> LaneConfig:
+        if bool(self.smtp_username_env) != bool(self.smtp_password_env):
+            raise ValueError("smtp_username_env and smtp_password_env must be set together")
+        return self
+
+    @property
+    def task_queue(self) -> str:
+        """The lane's activity task queue."""
+        return lane_task_queue(self.name)
+
+    def credentials(self) -> tuple[str, str] | None:
+        """Read the SMTP login from the environment (worker side only).
+
+        Raises:
+            ConfigurationError: a named variable is not set.
+        """
+        if not self.smtp_username_env or not self.smtp_password_env:
+            return None
+        values = []
+        for var in (self.smtp_username_env, self.smtp_password_env):
+            value = os.environ.get(var)
+            if not value:
+                raise ConfigurationError(
+                    f"lane {self.name!r}: environment variable {var} is not set"
+                )
+            values.append(value)
+        return values[0], values[1]
+
+    def serves(self, sender: str) -> int:
+        """How specifically this lane serves `sender`: 3 exact, 2 domain, 1 catch-all, 0 not."""
+        sender = sender.lower()
+        best = 0
+        for pattern in (p.lower() for p in self.senders):
+            if pattern == sender:
+                return 3
+            if pattern == "*":
+                best = max(best, 1)
+            elif fnmatch.fnmatchcase(sender, pattern):
+                best = max(best, 2)
+        return best
+
+
+def dev_lane(smtp_port: int = 1025) -> LaneConfig:
+    """The embedded default: every sender, to the local SMTP catcher."""
+    return LaneConfig(
+        name=DEV_LANE,
+        senders=["*"],
+        smtp_host="127.0.0.1",
+        smtp_port=smtp_port,
+        smtp_tls="none",
+        rate_per_second=50,
+        retry=RetrySettings(initial_interval=timedelta(seconds=1), maximum_interval=timedelta(seconds=30)),
+    )
+
+
+class Settings(BaseSettings):
+    """Postlane's configuration. Build it with `load_settings`."""
+
+    model_config = SettingsConfigDict(env_prefix="POSTLANE_", extra="forbid", frozen=True)
+
+    lanes: list[LaneConfig] = Field(default_factory=lambda: [dev_lane()])
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The environment overrides the file, which arrives as init arguments.
+        return env_settings, init_settings
+
+    @field_validator("lanes")
+    @classmethod
+    def _unique(cls, v: list[LaneConfig]) -> list[LaneConfig]:
+        if not v:
+            raise ValueError("at least one lane is required")
+        names = [lane.name for lane in v]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"lane names must be unique; repeated: {', '.join(dupes)}")
+        return v
+
+    def lane(self, name: str) -> LaneConfig:
+        """The lane called `name`.
+
+        Raises:
+            ConfigurationError: there is none.
+        """
+        for lane in self.lanes:
+            if lane.name == name:
+                return lane
+        raise ConfigurationError(f"no lane named {name!r}")
+
+    def lane_for(self, sender: str) -> LaneConfig | None:
+        """The lane that serves `sender` most specifically, or None."""
+        ranked = sorted(self.lanes, key=lambda lane: lane.serves(sender), reverse=True)
+        return ranked[0] if ranked and ranked[0].serves(sender) else None
+
+
+def config_path() -> Path:
+    """The configuration file Postlane reads."""
+    return Path(os.environ.get("POSTLANE_CONFIG", DEFAULT_CONFIG_FILE))
+
+
+def load_settings(path: str | Path | None = None) -> Settings:
+    """Load and validate the configuration.
+
+    Args:
+        path: the TOML file; default ``$POSTLANE_CONFIG`` or ``./postlane.toml``. A missing
+            default file means the embedded dev lane; a missing explicit file is an error.
+
+    Raises:
+        ConfigurationError: the file is unreadable or invalid; the message names the file,
+            the line and the field.
+    """
+    explicit = path is not None or "POSTLANE_CONFIG" in os.environ
+    file = Path(path) if path is not None else config_path()
+    text = ""
+    data: dict[str, object] = {}
+    if file.exists():
+        text = file.read_text(encoding="utf-8")
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigurationError(f"{file}: {exc}") from None
+    elif explicit:
+        raise ConfigurationError(f"{file}: configuration file not found")
+    try:
+        return Settings(**data)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = [str(p) for p in err["loc"]]
+        line = _line_of(text, err["loc"]) if text else None
+        where = f"{file}:{line}" if line else str(file)
+        msg = str(err["msg"]).removeprefix("Value error, ")
+        raise ConfigurationError(f"{where}: {'.'.join(loc) or 'config'}: {msg}") from None
+
+
+def _line_of(text: str, loc: tuple[int | str, ...]) -> int | None:
+    """Best-effort line number of the field at `loc` (e.g. ``('lanes', 1, 'smtp_port')``)."""
+    lines = text.splitlines()
+    if len(loc) >= 2 and isinstance(loc[1], int):
+        table, index = str(loc[0]), loc[1]
+        header = re.compile(rf"^\s*\[\[\s*{re.escape(table)}\s*\]\]")
+        starts = [i for i, line in enumerate(lines) if header.match(line)]
+        if index >= len(starts):
+            return None
+        start = starts[index]
+        end = next((i for i in range(start + 1, len(lines)) if lines[i].lstrip().startswith("[")), len(lines))
+        if len(loc) >= 3:
+            key = re.compile(rf"^\s*{re.escape(str(loc[2]))}\s*=")
+            for i in range(start + 1, end):
+                if key.match(lines[i]):
+                    return i + 1
+        return start + 1
+    if loc:
+        key = re.compile(rf"^\s*{re.escape(str(loc[0]))}\s*=")
+        for i, line in enumerate(lines):
+            if key.match(line):
+                return i + 1
+    return None

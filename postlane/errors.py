@@ -1,0 +1,106 @@
+"""Errors a Postlane caller can catch.
+
+::
+
+    PostlaneError
+    ├── InvalidEmail (also ValueError)      bad input, raised before anything starts
+    │   └── UnknownSender                   the sender matches no configured lane
+    ├── ConfigurationError (also ValueError) postlane.toml / environment is wrong
+    ├── IdempotencyConflict                 same key, different content
+    ├── EmailNotFound                       no email with that key
+    └── DeliveryError                       the email did not go out
+        ├── PermanentDeliveryError          the SMTP server said no (5xx)
+        └── EmailCancelled                  an operator cancelled it
+
+`ErrorType` holds the `ApplicationError.type` strings that activities raise and retry
+policies name; they are part of the wire contract, so never rename one.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class ErrorType(StrEnum):
+    """`ApplicationError.type` values raised by Postlane activities."""
+
+    SMTP_TRANSIENT = "SmtpTransientError"
+    """4xx reply, refused or dropped connection, timeout: retried with backoff."""
+    SMTP_THROTTLED = "SmtpThrottledError"
+    """The provider asked us to slow down (421, 4.7.x, "rate limit"): retried after its hint."""
+    SMTP_PERMANENT = "SmtpPermanentError"
+    """5xx reply or every recipient refused: never retried automatically."""
+    SMTP_TLS = "SmtpTlsError"
+    """The server's certificate did not verify: a configuration problem, not retried."""
+    LANE_UNKNOWN = "LaneUnknownError"
+    """The worker serving the lane has no configuration for it."""
+
+
+class PostlaneError(Exception):
+    """Base class of every error Postlane raises on purpose."""
+
+
+class InvalidEmail(PostlaneError, ValueError):
+    """The email (or its send options) is invalid; nothing was started.
+
+    Attributes:
+        field: dotted path of the offending field, e.g. ``to.0`` or ``headers``.
+        reason: what is wrong with it.
+    """
+
+    def __init__(self, field: str, reason: str) -> None:
+        self.field = field
+        self.reason = reason
+        super().__init__(f"{field}: {reason}")
+
+
+class UnknownSender(InvalidEmail):
+    """No configured lane serves this sender address."""
+
+    def __init__(self, sender: str) -> None:
+        super().__init__("sender", f"no lane serves {sender!r}; add it to a lane's senders")
+        self.sender = sender
+
+
+class ConfigurationError(PostlaneError, ValueError):
+    """The configuration is invalid; the message names the file, line and field."""
+
+
+class IdempotencyConflict(PostlaneError):
+    """The key is already used by an email with different content."""
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+        super().__init__(
+            f"key {key!r} was already used for a different email; use a new key to send it"
+        )
+
+
+class EmailNotFound(PostlaneError, LookupError):
+    """No email (workflow) exists for this key."""
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+        super().__init__(f"no email with key {key!r}")
+
+
+class DeliveryError(PostlaneError):
+    """The email was not delivered."""
+
+
+class PermanentDeliveryError(DeliveryError):
+    """The SMTP server rejected the email permanently (5xx) or TLS verification failed.
+
+    Attributes:
+        smtp_code: the server's reply code, when it gave one.
+        smtp_message: the server's reply text.
+    """
+
+    def __init__(self, message: str, *, smtp_code: int | None = None, smtp_message: str = "") -> None:
+        self.smtp_code = smtp_code
+        self.smtp_message = smtp_message
+        super().__init__(message)
+
+
+class EmailCancelled(DeliveryError):
+    """The email was cancelled before it was sent."""

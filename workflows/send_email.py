@@ -1,0 +1,177 @@
+"""SendEmailWorkflow: one email, sent once, through its lane; parked if it cannot go."""
+
+from __future__ import annotations
+
+import asyncio
+
+from temporalio import workflow
+from temporalio.common import Priority as TemporalPriority
+from temporalio.exceptions import ActivityError, ApplicationError
+
+with workflow.unsafe.imports_passed_through():
+    from postlane import search_attributes as sa
+    from postlane.errors import ErrorType
+    from postlane.ids import lane_task_queue, message_id
+    from postlane.models import (
+        DeliveryReceipt,
+        EmailReport,
+        EmailStatus,
+        RetryRequest,
+        SendEmailInput,
+        SmtpSendRequest,
+    )
+    from workflows._options import SMTP_HEARTBEAT, SMTP_START_TO_CLOSE, smtp_retry
+
+SEND_EMAIL_ACTIVITY = "send_email"
+DISCARDED = "EmailDiscarded"
+
+
+@workflow.defn(name="SendEmail")
+class SendEmailWorkflow:
+    """Sends one email through its lane's task queue.
+
+    Statuses (search attribute `PostlaneStatus`): ``scheduled`` while waiting for
+    ``send_at``, ``queued`` while the lane works on it, then ``sent``, ``failed`` (the server
+    refused it for good), ``dead_letter`` (transient failures outlasted the retry policy;
+    waits for a ``retry`` or ``discard`` signal) or ``cancelled``.
+    """
+
+    def __init__(self) -> None:
+        self._input: SendEmailInput | None = None
+        self._status = EmailStatus.QUEUED
+        self._attempts = 0
+        self._last_error: str | None = None
+        self._receipt: DeliveryReceipt | None = None
+        self._retry_requested = False
+        self._discard_requested = False
+
+    @workflow.run
+    async def run(self, req: SendEmailInput) -> DeliveryReceipt:
+        """Wait for `send_at`, then send until sent, refused or discarded."""
+        self._input = req
+        self._status = EmailStatus(
+            workflow.info().typed_search_attributes.get(sa.STATUS) or EmailStatus.QUEUED
+        )
+        try:
+            if req.send_at is not None and req.send_at > workflow.now():
+                self._set_status(EmailStatus.SCHEDULED)
+                await workflow.sleep(req.send_at - workflow.now())
+            return await self._send_until_done(req)
+        except asyncio.CancelledError:
+            self._set_status(EmailStatus.CANCELLED)
+            raise
+
+    async def _send_until_done(self, req: SendEmailInput) -> DeliveryReceipt:
+        domain = req.email.sender.rsplit("@", 1)[1]
+        request = SmtpSendRequest(
+            email=req.email,
+            lane=req.lane,
+            key=req.key,
+            message_id=message_id(workflow.info().workflow_id, domain),
+        )
+        while True:
+            self._set_status(EmailStatus.QUEUED)
+            try:
+                receipt: DeliveryReceipt = await workflow.execute_activity(
+                    SEND_EMAIL_ACTIVITY,
+                    request,
+                    result_type=DeliveryReceipt,
+                    task_queue=lane_task_queue(req.lane),
+                    start_to_close_timeout=SMTP_START_TO_CLOSE,
+                    schedule_to_close_timeout=req.retry.retry_window,
+                    heartbeat_timeout=SMTP_HEARTBEAT,
+                    retry_policy=smtp_retry(req.retry),
+                    # Every send carries a fairness key: keyless tasks would all share one.
+                    priority=TemporalPriority(
+                        priority_key=req.priority.key,
+                        fairness_key=req.email.recipient_domains[0][:64],
+                    ),
+                    summary=f"SMTP send via lane {req.lane}",
+                )
+            except ActivityError as err:
+                failure = _application_failure(err)
+                self._attempts += _attempts_of(failure)
+                self._last_error = failure.message if failure else str(err.cause or err)
+                if failure is not None and (
+                    failure.non_retryable or failure.type in (ErrorType.SMTP_PERMANENT, ErrorType.SMTP_TLS)
+                ):
+                    self._set_status(EmailStatus.FAILED)
+                    raise ApplicationError(
+                        self._last_error,
+                        *failure.details,
+                        type=failure.type,
+                        non_retryable=True,
+                    ) from err
+                await self._park()
+                continue
+            self._receipt = receipt.model_copy(update={"attempts": self._attempts + receipt.attempts})
+            self._set_status(EmailStatus.SENT)
+            return self._receipt
+
+    async def _park(self) -> None:
+        """Dead-letter: wait, durably and visibly, for an operator's retry or discard."""
+        self._set_status(EmailStatus.DEAD_LETTER)
+        workflow.logger.warning("email dead-lettered: %s", self._last_error)
+        await workflow.wait_condition(lambda: self._retry_requested or self._discard_requested)
+        if self._discard_requested:
+            self._set_status(EmailStatus.CANCELLED)
+            raise ApplicationError(
+                f"discarded by an operator after: {self._last_error}", type=DISCARDED, non_retryable=True
+            )
+        self._retry_requested = False
+
+    def _set_status(self, status: EmailStatus) -> None:
+        details = f"status: {status}; attempts: {self._attempts}"
+        if self._last_error:
+            details += f"; last SMTP reply: {self._last_error}"
+        workflow.set_current_details(details)
+        if status != self._status:
+            self._status = status
+            workflow.upsert_search_attributes([sa.STATUS.value_set(status.value)])
+
+    @workflow.signal(name="retry")
+    def retry(self, request: RetryRequest) -> None:
+        """Send a dead-lettered email again (ignored in any other state)."""
+        if self._status == EmailStatus.DEAD_LETTER:
+            self._retry_requested = True
+
+    @workflow.signal(name="discard")
+    def discard(self, request: RetryRequest) -> None:
+        """Give up on a dead-lettered email (ignored in any other state)."""
+        if self._status == EmailStatus.DEAD_LETTER:
+            self._discard_requested = True
+
+    @workflow.query(name="status")
+    def status(self) -> EmailReport:
+        """Where this email is: status, attempts, last SMTP reply, receipt."""
+        req = self._input
+        return EmailReport(
+            key=req.key if req else "",
+            status=self._status,
+            lane=req.lane if req else None,
+            subject=req.email.subject if req else "",
+            recipients=req.email.recipients if req else [],
+            attempts=self._receipt.attempts if self._receipt else self._attempts,
+            last_error=self._last_error,
+            scheduled_for=req.send_at if req and self._status == EmailStatus.SCHEDULED else None,
+            receipt=self._receipt,
+        )
+
+
+def _application_failure(err: BaseException) -> ApplicationError | None:
+    """The innermost ApplicationError under an activity failure (timeouts wrap the last one)."""
+    found: ApplicationError | None = None
+    cause: BaseException | None = err
+    while cause is not None:
+        if isinstance(cause, ApplicationError):
+            found = cause
+        cause = cause.__cause__ or getattr(cause, "cause", None)
+    return found
+
+
+def _attempts_of(failure: ApplicationError | None) -> int:
+    if failure is not None and failure.details and isinstance(failure.details[0], dict):
+        attempt = failure.details[0].get("attempt")
+        if isinstance(attempt, int):
+            return attempt
+    return 1
