@@ -19,6 +19,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from temporalio.service import RPCError
+
 from postlane.errors import ConfigurationError, InvalidEmail, PostlaneError
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
@@ -86,7 +88,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         rc = _fail(exc, EXIT_INVALID)
     except PostlaneError as exc:
         rc = _fail(exc, EXIT_FAILED)
-    except (RuntimeError, OSError) as exc:
+    except (RuntimeError, OSError, RPCError) as exc:
         rc = _fail(exc, EXIT_FAILED)
     if long_running:
         return rc

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from datetime import timedelta
 
 import structlog
@@ -41,6 +42,7 @@ async def ensure_namespace(client: Client, namespace: str, retention: timedelta 
             RegisterNamespaceRequest(namespace=namespace, workflow_execution_retention_period=period)
         )
         log.info("namespace.created", namespace=namespace, retention_days=retention.days)
+        await _until_visible(client, namespace)
         return
     if desc.config.workflow_execution_retention_ttl.seconds < period.seconds:
         await service.update_namespace(
@@ -48,6 +50,22 @@ async def ensure_namespace(client: Client, namespace: str, retention: timedelta 
                 namespace=namespace, config=NamespaceConfig(workflow_execution_retention_ttl=period)
             )
         )
+
+
+async def _until_visible(client: Client, namespace: str, timeout: float = 60.0) -> None:
+    """A new namespace reaches every server role only after its cache refresh (~10 s)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        try:
+            await client.operator_service.list_search_attributes(
+                ListSearchAttributesRequest(namespace=namespace)
+            )
+            return
+        except RPCError as err:
+            if err.status != RPCStatusCode.NOT_FOUND or loop.time() > deadline:
+                raise
+        await asyncio.sleep(0.5)  # no notification exists for namespace propagation
 
 
 async def ensure_search_attributes(client: Client, namespace: str) -> None:
