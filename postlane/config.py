@@ -202,7 +202,9 @@ def load_settings(path: str | Path | None = None) -> Settings:
         try:
             data = tomllib.loads(text)
         except tomllib.TOMLDecodeError as exc:
-            raise ConfigurationError(f"{file}: {exc}") from None
+            at = re.search(r"at line (\d+)", str(exc))
+            where = f"{file}:{at.group(1)}" if at else str(file)
+            raise ConfigurationError(f"{where}: invalid TOML: {exc}") from None
     elif explicit:
         raise ConfigurationError(f"{file}: configuration file not found")
     try:

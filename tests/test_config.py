@@ -1,0 +1,118 @@
+"""Configuration: lanes from postlane.toml, environment overrides, precise errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from postlane import ConfigurationError, load_settings
+from postlane.config import DEV_LANE
+
+TWO_LANES = """\
+[[lanes]]
+name = "acme"
+senders = ["agent@acme.test", "*@ops.acme.test"]
+smtp_host = "smtp.acme.test"
+smtp_username_env = "ACME_USER"
+smtp_password_env = "ACME_PASS"
+rate_per_second = 5
+
+[[lanes]]
+name = "catchall"
+senders = ["*"]
+smtp_host = "smtp.other.test"
+rate_per_second = {rate}
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "postlane.toml"
+    path.write_text(text)
+    return path
+
+
+def test_load_settings_routes_senders_most_specific_first(tmp_path: Path) -> None:
+    settings = load_settings(write(tmp_path, TWO_LANES.format(rate=2)))
+    assert [lane.name for lane in settings.lanes] == ["acme", "catchall"]
+    assert settings.lane_for("agent@acme.test").name == "acme"  # type: ignore[union-attr]
+    assert settings.lane_for("bot@ops.acme.test").name == "acme"  # type: ignore[union-attr]
+    assert settings.lane_for("x@elsewhere.test").name == "catchall"  # type: ignore[union-attr]
+
+
+def test_load_settings_unknown_sender_has_no_lane(tmp_path: Path) -> None:
+    text = TWO_LANES.split("[[lanes]]\nname = \"catchall\"")[0]
+    settings = load_settings(write(tmp_path, text))
+    assert settings.lane_for("x@elsewhere.test") is None
+
+
+def test_load_settings_bad_field_names_file_line_field(tmp_path: Path) -> None:
+    path = write(tmp_path, TWO_LANES.format(rate=-1))
+    with pytest.raises(ConfigurationError) as caught:
+        load_settings(path)
+    message = str(caught.value)
+    assert message.startswith(f"{path}:13: lanes.1.rate_per_second:")
+    assert "greater than 0" in message
+
+
+def test_load_settings_syntax_error_names_line(tmp_path: Path) -> None:
+    path = write(tmp_path, "[[lanes]]\nname = \"a\"\nsenders = ]\n")
+    with pytest.raises(ConfigurationError) as caught:
+        load_settings(path)
+    assert str(caught.value).startswith(f"{path}:3: invalid TOML")
+
+
+def test_load_settings_unknown_key_rejected(tmp_path: Path) -> None:
+    path = write(tmp_path, TWO_LANES.format(rate=1).replace("rate_per_second = 5", "rate_per_sec = 5"))
+    with pytest.raises(ConfigurationError) as caught:
+        load_settings(path)
+    assert ":7: lanes.0.rate_per_sec:" in str(caught.value)
+
+
+def test_load_settings_lane_without_smtp_host_rejected(tmp_path: Path) -> None:
+    path = write(tmp_path, '[[lanes]]\nname = "a"\nsenders = ["*"]\n')
+    with pytest.raises(ConfigurationError) as caught:
+        load_settings(path)
+    assert "lanes.0.smtp_host" in str(caught.value)
+
+
+def test_load_settings_duplicate_lane_names_rejected(tmp_path: Path) -> None:
+    lane = '[[lanes]]\nname = "a"\nsenders = ["*"]\nsmtp_host = "h"\n'
+    with pytest.raises(ConfigurationError) as caught:
+        load_settings(write(tmp_path, lane + lane))
+    assert "repeated: a" in str(caught.value)
+
+
+def test_load_settings_missing_explicit_file_is_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigurationError, match="not found"):
+        load_settings(tmp_path / "nope.toml")
+
+
+def test_load_settings_no_file_means_dev_lane(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("POSTLANE_CONFIG", raising=False)
+    settings = load_settings()
+    assert [lane.name for lane in settings.lanes] == [DEV_LANE]
+    assert settings.lanes[0].smtp_port == 1025
+
+
+def test_load_settings_environment_overrides_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(
+        "POSTLANE_LANES", '[{"name": "fromenv", "senders": ["*"], "smtp_host": "env.test"}]'
+    )
+    settings = load_settings(write(tmp_path, TWO_LANES.format(rate=1)))
+    assert [lane.name for lane in settings.lanes] == ["fromenv"]
+
+
+def test_lane_credentials_read_from_environment_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = load_settings(write(tmp_path, TWO_LANES.format(rate=1)))
+    lane = settings.lane("acme")
+    monkeypatch.delenv("ACME_PASS", raising=False)
+    monkeypatch.setenv("ACME_USER", "u")
+    with pytest.raises(ConfigurationError, match="ACME_PASS is not set"):
+        lane.credentials()
+    monkeypatch.setenv("ACME_PASS", "s3cret")
+    assert lane.credentials() == ("u", "s3cret")
+    assert "s3cret" not in lane.model_dump_json()
