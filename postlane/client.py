@@ -258,7 +258,9 @@ class PostlaneClient:
             raise
         stored = desc.typed_search_attributes.get(sa.STATUS)
         status = EmailStatus(stored) if stored else EmailStatus.QUEUED
-        if desc.status in _CLOSED_STATUS:
+        final = (EmailStatus.SENT, EmailStatus.FAILED, EmailStatus.CANCELLED)
+        if desc.status in _CLOSED_STATUS and status not in final:
+            # Closed without saying why (terminated, timed out): go by how it closed.
             status = _CLOSED_STATUS[desc.status]
         report = EmailReport(
             key=key,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from datetime import timedelta
 from collections.abc import AsyncIterator
 
 import pytest
@@ -12,7 +13,9 @@ from temporalio.testing import WorkflowEnvironment
 from postlane import search_attributes as sa
 from postlane.binaries import dev_server_path
 from postlane.connection import data_converter
-from postlane.testing import PostlaneTestEnv, postlane_test_env
+from postlane.config import LaneConfig
+from postlane.models import RetrySettings
+from postlane.testing import PostlaneTestEnv, default_test_lane, postlane_test_env
 
 # The settings `postlane dev` uses, so integration tests see what users see.
 DEV_SERVER_ARGS = [
@@ -23,10 +26,19 @@ DEV_SERVER_ARGS = [
 ]
 
 
+FRAGILE_LANE = LaneConfig(
+    name="fragile",
+    senders=["*@fragile.test"],
+    smtp_host="127.0.0.1",
+    retry=RetrySettings(initial_interval=timedelta(seconds=1), maximum_attempts=3),
+)
+"""Gives up after 3 attempts, so dead-lettering is quick to reach."""
+
+
 @pytest_asyncio.fixture(scope="session")
 async def ts() -> AsyncIterator[PostlaneTestEnv]:
     """One time-skipping environment, SMTP catcher and worker set for the session."""
-    async with postlane_test_env() as env:
+    async with postlane_test_env([default_test_lane(), FRAGILE_LANE]) as env:
         yield env
 
 

@@ -159,14 +159,13 @@ class SendEmailWorkflow:
 
 
 def _application_failure(err: BaseException) -> ApplicationError | None:
-    """The innermost ApplicationError under an activity failure (timeouts wrap the last one)."""
-    found: ApplicationError | None = None
+    """The outermost ApplicationError under an activity failure (a timeout wraps the last one)."""
     cause: BaseException | None = err
     while cause is not None:
         if isinstance(cause, ApplicationError):
-            found = cause
+            return cause
         cause = cause.__cause__ or getattr(cause, "cause", None)
-    return found
+    return None
 
 
 def _attempts_of(failure: ApplicationError | None) -> int:
