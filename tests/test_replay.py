@@ -1,0 +1,92 @@
+"""Replay: workflow code changes must not break histories of emails already running.
+
+``tests/histories/*.json`` were recorded from real runs; replaying them against today's
+workflow code fails on any non-deterministic change. Record again (only when the change
+is deliberately incompatible and versioned) with::
+
+    POSTLANE_RECORD_HISTORIES=1 .venv/bin/pytest tests/test_replay.py
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Awaitable, Callable
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from temporalio.client import WorkflowHistory
+from temporalio.worker import Replayer
+
+from postlane import Email, EmailCancelled, EmailStatus, PermanentDeliveryError
+from postlane.connection import data_converter
+from postlane.testing import PostlaneTestEnv
+from workflows import WORKFLOWS
+
+HISTORIES = Path(__file__).parent / "histories"
+
+
+def _email(sender: str = "agent@acme.test") -> Email:
+    return Email(sender=sender, to=["bob@example.test"], subject="Replay", text="hello")
+
+
+async def _sent(pl: PostlaneTestEnv, key: str) -> None:
+    await (await pl.client.send(_email(), key=key, priority="high")).result()
+
+
+async def _scheduled(pl: PostlaneTestEnv, key: str) -> None:
+    send_at = await pl.now() + timedelta(days=2)
+    await (await pl.client.send(_email(), key=key, send_at=send_at)).result()
+
+
+async def _failed(pl: PostlaneTestEnv, key: str) -> None:
+    pl.smtp.fail("data", "550 5.1.1 no such user")
+    with pytest.raises(PermanentDeliveryError):
+        await (await pl.client.send(_email(), key=key)).result()
+
+
+async def _cancelled(pl: PostlaneTestEnv, key: str) -> None:
+    handle = await pl.client.send(_email(), key=key, send_at=await pl.now() + timedelta(days=1))
+    await pl.client.cancel(key)
+    with pytest.raises(EmailCancelled):
+        await handle.result()
+
+
+async def _dead_letter_retried(pl: PostlaneTestEnv, key: str) -> None:
+    pl.smtp.fail("data", "451 4.3.0 try later", times=3)
+    handle = await pl.client.send(_email("ops@fragile.test"), key=key)
+    for _ in range(60):
+        if await pl.client.status(key) == EmailStatus.DEAD_LETTER:
+            break
+        await pl.sleep(timedelta(seconds=30))
+    assert await pl.client.retry(key)
+    await handle.result()
+
+
+SCENARIOS: dict[str, Callable[[PostlaneTestEnv, str], Awaitable[None]]] = {
+    "sent": _sent,
+    "scheduled": _scheduled,
+    "failed": _failed,
+    "cancelled": _cancelled,
+    "dead_letter_retried": _dead_letter_retried,
+}
+
+
+async def _replay(history: WorkflowHistory) -> None:
+    await Replayer(workflows=WORKFLOWS, data_converter=data_converter()).replay_workflow(history)
+
+
+@pytest.mark.parametrize("name", sorted(SCENARIOS))
+async def test_replay_fresh_history(pl: PostlaneTestEnv, key: str, name: str) -> None:
+    await SCENARIOS[name](pl, key)
+    history = await pl.client.temporal.get_workflow_handle(f"email:{key}").fetch_history()
+    await _replay(history)
+    if os.environ.get("POSTLANE_RECORD_HISTORIES"):
+        (HISTORIES / f"send_email_{name}.json").write_text(history.to_json())
+
+
+@pytest.mark.parametrize("name", sorted(SCENARIOS))
+async def test_replay_recorded_history(name: str) -> None:
+    path = HISTORIES / f"send_email_{name}.json"
+    assert path.exists(), f"record {path.name}: see this module's docstring"
+    await _replay(WorkflowHistory.from_json("email:recorded", path.read_text()))
