@@ -1,0 +1,92 @@
+"""`postlane dev` on a fresh directory: server, catcher, worker and demo, then a clean stop."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.devserver
+
+POSTLANE = str(Path(sys.executable).parent / "postlane")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def run_dev(state: Path, ports: tuple[int, int, int]) -> subprocess.CompletedProcess[str]:
+    port, ui_port, smtp_port = ports
+    return subprocess.run(
+        [
+            POSTLANE,
+            "dev",
+            "--dir",
+            str(state),
+            "--port",
+            str(port),
+            "--ui-port",
+            str(ui_port),
+            "--smtp-port",
+            str(smtp_port),
+            "--exit-after-demo",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=150,
+    )
+
+
+def test_dev_stack_sends_demo_and_keeps_history(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    ports = (free_port(), free_port(), free_port())
+    first = run_dev(state, ports)
+    assert first.returncode == 0, first.stderr
+    assert f"Web UI       http://localhost:{ports[1]}/namespaces/postlane/workflows" in first.stdout
+    assert "smtp: postlane@example.test -> you@example.test: 'Welcome to Postlane'" in first.stdout
+    emls = list((state / "mail").glob("*.eml"))
+    assert len(emls) == 1
+    assert b"Subject: Welcome to Postlane" in emls[0].read_bytes()
+    assert (state / "temporal.db").exists()
+
+    # Same state directory: the server finds the demo already sent (idempotent key) and
+    # the catcher gets nothing new.
+    second = run_dev(state, ports)
+    assert second.returncode == 0, second.stderr
+    assert "demo: <pl." in second.stdout
+    assert "smtp: " not in second.stdout
+    assert len(list((state / "mail").glob("*.eml"))) == 1
+
+
+def test_dev_stack_port_in_use_is_one_line_error(tmp_path: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        taken = busy.getsockname()[1]
+        result = subprocess.run(
+            [
+                POSTLANE,
+                "dev",
+                "--dir",
+                str(tmp_path),
+                "--port",
+                str(free_port()),
+                "--ui-port",
+                str(free_port()),
+                "--smtp-port",
+                str(taken),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        f"error: ConfigurationError: --smtp-port {taken} is in use (another `postlane dev`?); "
+        "stop it or pick another port"
+    )

@@ -1,0 +1,61 @@
+"""The public surface is deliberate: adding or removing a name is a visible change."""
+
+from __future__ import annotations
+
+import postlane
+
+EXPECTED = [
+    "Attachment",
+    "ConfigurationError",
+    "DeliveryError",
+    "DeliveryReceipt",
+    "Email",
+    "EmailCancelled",
+    "EmailHandle",
+    "EmailNotFound",
+    "EmailReport",
+    "EmailStatus",
+    "ErrorType",
+    "IdempotencyConflict",
+    "InvalidEmail",
+    "LaneConfig",
+    "PermanentDeliveryError",
+    "PostlaneClient",
+    "PostlaneError",
+    "Priority",
+    "RetrySettings",
+    "Settings",
+    "UnknownSender",
+    "load_settings",
+]
+
+
+def test_public_api_exports_exactly_the_contract() -> None:
+    assert postlane.__all__ == EXPECTED
+    for name in EXPECTED:
+        assert getattr(postlane, name).__module__.startswith("postlane.")
+
+
+def test_public_api_statuses_are_the_documented_set() -> None:
+    assert [s.value for s in postlane.EmailStatus] == [
+        "queued",
+        "scheduled",
+        "sending",
+        "sent",
+        "retrying",
+        "dead_letter",
+        "failed",
+        "cancelled",
+    ]
+
+
+def test_import_postlane_leaves_smtp_libraries_to_the_worker() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, postlane; "
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'aiosmtplib', 'aiosmtpd', 'activities'}))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
