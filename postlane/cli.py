@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import sys
 import uuid
@@ -28,18 +27,28 @@ EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="postlane", description="Durable outbound email on Temporal.")
-    p.add_argument("--address", help="Temporal address (default $TEMPORAL_ADDRESS or localhost:7233)")
-    p.add_argument("--namespace", help="Temporal namespace (default $TEMPORAL_NAMESPACE or postlane)")
-    p.add_argument("--config", help="configuration file (default $POSTLANE_CONFIG or ./postlane.toml)")
+    p.add_argument(
+        "--address", help="Temporal address (default $TEMPORAL_ADDRESS or localhost:7233)"
+    )
+    p.add_argument(
+        "--namespace", help="Temporal namespace (default $TEMPORAL_NAMESPACE or postlane)"
+    )
+    p.add_argument(
+        "--config", help="configuration file (default $POSTLANE_CONFIG or ./postlane.toml)"
+    )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    dev = sub.add_parser("dev", help="run the embedded stack: Temporal + Web UI, SMTP catcher, worker")
+    dev = sub.add_parser(
+        "dev", help="run the embedded stack: Temporal + Web UI, SMTP catcher, worker"
+    )
     dev.add_argument("--dir", default=".postlane", help="state directory (default .postlane)")
     dev.add_argument("--port", type=int, default=7233, help="Temporal gRPC port")
     dev.add_argument("--ui-port", type=int, default=8233, help="Temporal Web UI port")
     dev.add_argument("--smtp-port", type=int, default=1025, help="SMTP catcher port")
     dev.add_argument("--no-demo", action="store_true", help="do not send the demo email")
-    dev.add_argument("--exit-after-demo", action="store_true", help="stop once the demo is delivered")
+    dev.add_argument(
+        "--exit-after-demo", action="store_true", help="stop once the demo is delivered"
+    )
 
     w = sub.add_parser("worker", help="run workers for the configured lanes (same as worker.py)")
     w.add_argument("--lanes", help="comma-separated lanes this host serves (default: all)")

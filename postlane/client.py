@@ -15,7 +15,12 @@ from temporalio.client import (
     WorkflowHandle,
 )
 from temporalio.common import Priority as TemporalPriority
-from temporalio.common import SearchAttributePair, TypedSearchAttributes, WorkflowIDConflictPolicy, WorkflowIDReusePolicy
+from temporalio.common import (
+    SearchAttributePair,
+    TypedSearchAttributes,
+    WorkflowIDConflictPolicy,
+    WorkflowIDReusePolicy,
+)
 from temporalio.exceptions import ApplicationError, CancelledError, WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
@@ -157,7 +162,9 @@ class PostlaneClient:
         request = self._prepare(email, key=key, priority=priority, send_at=send_at)
         workflow_id = email_workflow_id(key)
         digest = content_hash(request)
-        status = EmailStatus.SCHEDULED if send_at and send_at > datetime.now(UTC) else EmailStatus.QUEUED
+        status = (
+            EmailStatus.SCHEDULED if send_at and send_at > datetime.now(UTC) else EmailStatus.QUEUED
+        )
         recipients = ", ".join(email.recipients[:3]) + (" …" if len(email.recipients) > 3 else "")
         try:
             handle = await self.temporal.start_workflow(
@@ -203,7 +210,9 @@ class PostlaneClient:
         try:
             prio = Priority(priority)
         except ValueError:
-            raise InvalidEmail("priority", f"{priority!r} is not one of high, normal, bulk") from None
+            raise InvalidEmail(
+                "priority", f"{priority!r} is not one of high, normal, bulk"
+            ) from None
         if send_at is not None and (send_at.tzinfo is None or send_at.utcoffset() is None):
             raise InvalidEmail("send_at", "must be timezone-aware, e.g. datetime.now(UTC)")
         lane = self.settings.lane_for(email.sender)
@@ -222,7 +231,9 @@ class PostlaneClient:
             raise InvalidEmail("attachments", f"the email is {size} bytes, over {MAX_EMAIL_BYTES}")
         return request
 
-    async def _check_same_content(self, handle: WorkflowHandle[Any, Any], key: str, digest: str) -> None:
+    async def _check_same_content(
+        self, handle: WorkflowHandle[Any, Any], key: str, digest: str
+    ) -> None:
         description = await handle.describe()
         existing = (await description.memo()).get(_CONTENT_HASH)
         if existing != digest:
@@ -364,7 +375,9 @@ def _delivery_error(err: WorkflowFailureError) -> PostlaneError:
         if isinstance(cause, ApplicationError):
             if cause.type == "EmailDiscarded":
                 return EmailCancelled(cause.message)
-            details = cause.details[0] if cause.details and isinstance(cause.details[0], dict) else {}
+            details = (
+                cause.details[0] if cause.details and isinstance(cause.details[0], dict) else {}
+            )
             code = details.get("smtp_code")
             if cause.type in (ErrorType.SMTP_PERMANENT, ErrorType.SMTP_TLS, ErrorType.LANE_UNKNOWN):
                 return PermanentDeliveryError(

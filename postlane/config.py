@@ -126,7 +126,9 @@ def dev_lane(smtp_port: int = 1025) -> LaneConfig:
         smtp_port=smtp_port,
         smtp_tls="none",
         rate_per_second=50,
-        retry=RetrySettings(initial_interval=timedelta(seconds=1), maximum_interval=timedelta(seconds=30)),
+        retry=RetrySettings(
+            initial_interval=timedelta(seconds=1), maximum_interval=timedelta(seconds=30)
+        ),
     )
 
 
@@ -228,7 +230,10 @@ def _line_of(text: str, loc: tuple[int | str, ...]) -> int | None:
         if index >= len(starts):
             return None
         start = starts[index]
-        end = next((i for i in range(start + 1, len(lines)) if lines[i].lstrip().startswith("[")), len(lines))
+        end = next(
+            (i for i in range(start + 1, len(lines)) if lines[i].lstrip().startswith("[")),
+            len(lines),
+        )
         if len(loc) >= 3:
             key = re.compile(rf"^\s*{re.escape(str(loc[2]))}\s*=")
             for i in range(start + 1, end):

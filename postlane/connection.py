@@ -16,9 +16,7 @@ def data_converter() -> DataConverter:
     return pydantic_data_converter
 
 
-async def connect_temporal(
-    address: str | None = None, namespace: str | None = None, *, identity: str | None = None
-) -> Client:
+async def connect_temporal(address: str | None = None, namespace: str | None = None) -> Client:
     """Connect using ``TEMPORAL_ADDRESS``, ``TEMPORAL_NAMESPACE``, ``TEMPORAL_API_KEY``,
     ``TEMPORAL_TLS_*`` and Temporal's config profiles; arguments win over the environment.
 
@@ -31,6 +29,4 @@ async def connect_temporal(
         config["namespace"] = namespace
     config.setdefault("target_host", DEFAULT_ADDRESS)
     config.setdefault("namespace", DEFAULT_NAMESPACE)
-    if identity:
-        config["identity"] = identity
     return await Client.connect(**config, data_converter=data_converter())

@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import signal
 import socket
-import subprocess
 from datetime import timedelta
 from pathlib import Path
 
@@ -66,7 +65,7 @@ class DevStack:
         self.port = port
         self.ui_port = ui_port
         self.smtp_port = smtp_port
-        self._server: subprocess.Popen[bytes] | None = None
+        self._server: asyncio.subprocess.Process | None = None
 
     @property
     def address(self) -> str:
@@ -81,10 +80,15 @@ class DevStack:
     async def run(self, *, demo: bool = True, exit_after_demo: bool = False) -> int:
         """Run until Ctrl-C (or, with `exit_after_demo`, until the demo email is delivered)."""
         configure_logging(level="WARNING")
-        for name, port in (("--port", self.port), ("--ui-port", self.ui_port), ("--smtp-port", self.smtp_port)):
+        for name, port in (
+            ("--port", self.port),
+            ("--ui-port", self.ui_port),
+            ("--smtp-port", self.smtp_port),
+        ):
             if not _port_free(port):
                 raise ConfigurationError(
-                    f"{name} {port} is in use (another `postlane dev`?); stop it or pick another port"
+                    f"{name} {port} is in use (another `postlane dev`?); "
+                    "stop it or pick another port"
                 )
         self.state_dir.mkdir(parents=True, exist_ok=True)
         stop = asyncio.Event()
@@ -105,17 +109,20 @@ class DevStack:
                 if exit_after_demo:
                     stop.set()
                 else:
-                    print("Ctrl-C stops everything; history is kept in", self.state_dir / "temporal.db")
+                    print(
+                        "Ctrl-C stops everything; history is kept in",
+                        self.state_dir / "temporal.db",
+                    )
                 await worker
         finally:
-            self._stop_server()
+            await self._stop_server()
         print("postlane dev: stopped")
         return 0
 
     async def _start_server(self) -> Client:
         log = (self.state_dir / "temporal.log").open("ab")
-        self._server = subprocess.Popen(
-            [
+        self._server = await asyncio.create_subprocess_exec(
+            *[
                 dev_server_path(),
                 "server",
                 "start-dev",
@@ -132,12 +139,12 @@ class DevStack:
                 *SERVER_TUNING,
             ],
             stdout=log,
-            stderr=subprocess.STDOUT,
+            stderr=asyncio.subprocess.STDOUT,
             start_new_session=True,  # Ctrl-C reaches us; we stop the server in order
         )
         deadline = asyncio.get_running_loop().time() + STARTUP_TIMEOUT
         while True:
-            if self._server.poll() is not None:
+            if self._server.returncode is not None:
                 raise RuntimeError(
                     f"the Temporal dev server exited ({self._server.returncode}); "
                     f"see {self.state_dir / 'temporal.log'}"
@@ -155,16 +162,16 @@ class DevStack:
             self.address, namespace=DEFAULT_NAMESPACE, data_converter=data_converter()
         )
 
-    def _stop_server(self) -> None:
+    async def _stop_server(self) -> None:
         server, self._server = self._server, None
-        if server is None or server.poll() is not None:
+        if server is None or server.returncode is not None:
             return
         server.terminate()
         try:
-            server.wait(timeout=15)
-        except subprocess.TimeoutExpired:
+            await asyncio.wait_for(server.wait(), 15)
+        except TimeoutError:
             server.kill()
-            server.wait()
+            await server.wait()
 
     def _banner(self, maildir: Path) -> None:
         print(
@@ -191,13 +198,17 @@ class DevStack:
             tags=["demo"],
         )
         handle = await pl.send(email, key=DEMO_KEY)
-        receipt = await asyncio.wait_for(handle.result(), timeout=timedelta(minutes=1).total_seconds())
+        receipt = await asyncio.wait_for(
+            handle.result(), timeout=timedelta(minutes=1).total_seconds()
+        )
         print(
             f"demo: {receipt.message_id} {receipt.smtp_reply} (key {DEMO_KEY}; a second run "
             "finds it already sent: the key is the idempotency key)",
             flush=True,
         )
-        print(f"  see it: {self.ui_url}/namespaces/{DEFAULT_NAMESPACE}/workflows/{handle.workflow_id}")
+        print(
+            f"  see it: {self.ui_url}/namespaces/{DEFAULT_NAMESPACE}/workflows/{handle.workflow_id}"
+        )
 
     @staticmethod
     def _announce(message: CaughtMessage) -> None:

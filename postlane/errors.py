@@ -96,7 +96,9 @@ class PermanentDeliveryError(DeliveryError):
         smtp_message: the server's reply text.
     """
 
-    def __init__(self, message: str, *, smtp_code: int | None = None, smtp_message: str = "") -> None:
+    def __init__(
+        self, message: str, *, smtp_code: int | None = None, smtp_message: str = ""
+    ) -> None:
         self.smtp_code = smtp_code
         self.smtp_message = smtp_message
         super().__init__(message)

@@ -48,8 +48,15 @@ async def apply_lane_limits(client: Client, lane: LaneConfig, *, rate: float | N
         await client.workflow_service.update_task_queue_config(request)
     except RPCError as err:
         if err.status == RPCStatusCode.UNIMPLEMENTED:
-            log.warning("lane.rate_not_applied", lane=lane.name, reason="server lacks UpdateTaskQueueConfig")
+            log.warning(
+                "lane.rate_not_applied", lane=lane.name, reason="server lacks UpdateTaskQueueConfig"
+            )
             return False
         raise
-    log.info("lane.rate_applied", lane=lane.name, rate_per_second=rps, per_domain=lane.per_domain_per_second)
+    log.info(
+        "lane.rate_applied",
+        lane=lane.name,
+        rate_per_second=rps,
+        per_domain=lane.per_domain_per_second,
+    )
     return True

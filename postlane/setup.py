@@ -8,6 +8,7 @@ from datetime import timedelta
 import structlog
 from google.protobuf.duration_pb2 import Duration
 from temporalio.api.enums.v1 import IndexedValueType
+from temporalio.api.namespace.v1 import NamespaceConfig
 from temporalio.api.operatorservice.v1 import (
     AddSearchAttributesRequest,
     ListSearchAttributesRequest,
@@ -17,7 +18,6 @@ from temporalio.api.workflowservice.v1 import (
     RegisterNamespaceRequest,
     UpdateNamespaceRequest,
 )
-from temporalio.api.namespace.v1 import NamespaceConfig
 from temporalio.client import Client
 from temporalio.service import RPCError, RPCStatusCode
 
@@ -29,7 +29,9 @@ RETENTION = timedelta(days=30)
 """How long closed emails are kept, which is also the idempotency (dedupe) window."""
 
 
-async def ensure_namespace(client: Client, namespace: str, retention: timedelta = RETENTION) -> None:
+async def ensure_namespace(
+    client: Client, namespace: str, retention: timedelta = RETENTION
+) -> None:
     """Create `namespace` with `retention`, or raise an existing one's retention to it."""
     period = Duration(seconds=int(retention.total_seconds()))
     service = client.workflow_service
@@ -39,7 +41,9 @@ async def ensure_namespace(client: Client, namespace: str, retention: timedelta 
         if err.status != RPCStatusCode.NOT_FOUND:
             raise
         await service.register_namespace(
-            RegisterNamespaceRequest(namespace=namespace, workflow_execution_retention_period=period)
+            RegisterNamespaceRequest(
+                namespace=namespace, workflow_execution_retention_period=period
+            )
         )
         log.info("namespace.created", namespace=namespace, retention_days=retention.days)
         await _until_visible(client, namespace)
@@ -52,10 +56,10 @@ async def ensure_namespace(client: Client, namespace: str, retention: timedelta 
         )
 
 
-async def _until_visible(client: Client, namespace: str, timeout: float = 60.0) -> None:
+async def _until_visible(client: Client, namespace: str, within: float = 60.0) -> None:
     """A new namespace reaches every server role only after its cache refresh (~10 s)."""
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
+    deadline = loop.time() + within
     while True:
         try:
             await client.operator_service.list_search_attributes(
@@ -72,7 +76,9 @@ async def ensure_search_attributes(client: Client, namespace: str) -> None:
     """Register Postlane's search attributes in `namespace` (idempotent)."""
     service = client.operator_service
     try:
-        listed = await service.list_search_attributes(ListSearchAttributesRequest(namespace=namespace))
+        listed = await service.list_search_attributes(
+            ListSearchAttributesRequest(namespace=namespace)
+        )
         existing = set(listed.custom_attributes)
     except RPCError as err:
         if err.status != RPCStatusCode.UNIMPLEMENTED:

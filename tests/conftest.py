@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import uuid
-from datetime import timedelta
 from collections.abc import AsyncIterator
+from datetime import timedelta
 
 import pytest
 import pytest_asyncio
@@ -12,8 +12,8 @@ from temporalio.testing import WorkflowEnvironment
 
 from postlane import search_attributes as sa
 from postlane.binaries import dev_server_path
-from postlane.connection import data_converter
 from postlane.config import LaneConfig
+from postlane.connection import data_converter
 from postlane.models import RetrySettings
 from postlane.testing import PostlaneTestEnv, default_test_lane, postlane_test_env
 

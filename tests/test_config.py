@@ -41,7 +41,7 @@ def test_load_settings_routes_senders_most_specific_first(tmp_path: Path) -> Non
 
 
 def test_load_settings_unknown_sender_has_no_lane(tmp_path: Path) -> None:
-    text = TWO_LANES.split("[[lanes]]\nname = \"catchall\"")[0]
+    text = TWO_LANES.split('[[lanes]]\nname = "catchall"')[0]
     settings = load_settings(write(tmp_path, text))
     assert settings.lane_for("x@elsewhere.test") is None
 
@@ -56,14 +56,16 @@ def test_load_settings_bad_field_names_file_line_field(tmp_path: Path) -> None:
 
 
 def test_load_settings_syntax_error_names_line(tmp_path: Path) -> None:
-    path = write(tmp_path, "[[lanes]]\nname = \"a\"\nsenders = ]\n")
+    path = write(tmp_path, '[[lanes]]\nname = "a"\nsenders = ]\n')
     with pytest.raises(ConfigurationError) as caught:
         load_settings(path)
     assert str(caught.value).startswith(f"{path}:3: invalid TOML")
 
 
 def test_load_settings_unknown_key_rejected(tmp_path: Path) -> None:
-    path = write(tmp_path, TWO_LANES.format(rate=1).replace("rate_per_second = 5", "rate_per_sec = 5"))
+    path = write(
+        tmp_path, TWO_LANES.format(rate=1).replace("rate_per_second = 5", "rate_per_sec = 5")
+    )
     with pytest.raises(ConfigurationError) as caught:
         load_settings(path)
     assert ":7: lanes.0.rate_per_sec:" in str(caught.value)
@@ -88,7 +90,9 @@ def test_load_settings_missing_explicit_file_is_error(tmp_path: Path) -> None:
         load_settings(tmp_path / "nope.toml")
 
 
-def test_load_settings_no_file_means_dev_lane(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_load_settings_no_file_means_dev_lane(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("POSTLANE_CONFIG", raising=False)
     settings = load_settings()
@@ -96,7 +100,9 @@ def test_load_settings_no_file_means_dev_lane(tmp_path: Path, monkeypatch: pytes
     assert settings.lanes[0].smtp_port == 1025
 
 
-def test_load_settings_environment_overrides_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_load_settings_environment_overrides_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv(
         "POSTLANE_LANES", '[{"name": "fromenv", "senders": ["*"], "smtp_host": "env.test"}]'
     )

@@ -7,7 +7,12 @@ import pytest
 from postlane import Attachment, Email, InvalidEmail
 from postlane.models import MAX_EMAIL_BYTES, MAX_RECIPIENTS, Priority
 
-GOOD = {"sender": "agent@acme.test", "to": ["bob@example.test"], "subject": "Code", "text": "847291"}
+GOOD = {
+    "sender": "agent@acme.test",
+    "to": ["bob@example.test"],
+    "subject": "Code",
+    "text": "847291",
+}
 
 
 def make(**changes: object) -> Email:
@@ -66,7 +71,11 @@ def test_email_html_only_is_valid() -> None:
 
 
 def test_attachment_round_trips_as_base64_json() -> None:
-    email = make(attachments=[Attachment(filename="a.pdf", content=b"\x00\xff", content_type="application/pdf")])
+    email = make(
+        attachments=[
+            Attachment(filename="a.pdf", content=b"\x00\xff", content_type="application/pdf")
+        ]
+    )
     again = Email.model_validate_json(email.model_dump_json())
     assert again.attachments[0].content == b"\x00\xff"
 

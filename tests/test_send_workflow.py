@@ -51,7 +51,9 @@ async def test_send_delivers_once_with_receipt(pl: PostlaneTestEnv, key: str) ->
     assert await pl.client.status(key) == EmailStatus.SENT
 
 
-async def test_send_same_key_after_completion_returns_same_receipt(pl: PostlaneTestEnv, key: str) -> None:
+async def test_send_same_key_after_completion_returns_same_receipt(
+    pl: PostlaneTestEnv, key: str
+) -> None:
     first = await (await pl.client.send(email(), key=key)).result()
     second = await (await pl.client.send(email(), key=key)).result()
     assert second == first
@@ -67,7 +69,9 @@ async def test_send_same_key_while_running_attaches_to_it(pl: PostlaneTestEnv, k
     assert len(pl.outbox) == 1
 
 
-async def test_send_same_key_different_content_raises_conflict(pl: PostlaneTestEnv, key: str) -> None:
+async def test_send_same_key_different_content_raises_conflict(
+    pl: PostlaneTestEnv, key: str
+) -> None:
     later = await pl.now() + timedelta(hours=1)
     handle = await pl.client.send(email(), key=key, send_at=later)
     with pytest.raises(IdempotencyConflict):  # while running

@@ -93,7 +93,8 @@ class SendEmailWorkflow:
                 self._attempts += _attempts_of(failure)
                 self._last_error = failure.message if failure else str(err.cause or err)
                 if failure is not None and (
-                    failure.non_retryable or failure.type in (ErrorType.SMTP_PERMANENT, ErrorType.SMTP_TLS)
+                    failure.non_retryable
+                    or failure.type in (ErrorType.SMTP_PERMANENT, ErrorType.SMTP_TLS)
                 ):
                     self._set_status(EmailStatus.FAILED)
                     raise ApplicationError(
@@ -104,7 +105,9 @@ class SendEmailWorkflow:
                     ) from err
                 await self._park()
                 continue
-            self._receipt = receipt.model_copy(update={"attempts": self._attempts + receipt.attempts})
+            self._receipt = receipt.model_copy(
+                update={"attempts": self._attempts + receipt.attempts}
+            )
             self._set_status(EmailStatus.SENT)
             return self._receipt
 
@@ -116,7 +119,9 @@ class SendEmailWorkflow:
         if self._discard_requested:
             self._set_status(EmailStatus.CANCELLED)
             raise ApplicationError(
-                f"discarded by an operator after: {self._last_error}", type=DISCARDED, non_retryable=True
+                f"discarded by an operator after: {self._last_error}",
+                type=DISCARDED,
+                non_retryable=True,
             )
         self._retry_requested = False
 

@@ -10,16 +10,14 @@
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import AsyncIterator
 
 from postlane.testing import PostlaneTestEnv, postlane_test_env
 
-try:
+# The fixture needs pytest-asyncio; without it, stay out of the way of the user's pytest.
+if importlib.util.find_spec("pytest_asyncio") is not None:
     import pytest_asyncio
-except ImportError:  # pragma: no cover - the fixture needs pytest-asyncio; stay out of the way
-    pytest_asyncio = None
-
-if pytest_asyncio is not None:
 
     @pytest_asyncio.fixture
     async def postlane_env() -> AsyncIterator[PostlaneTestEnv]:
