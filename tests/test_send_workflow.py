@@ -152,7 +152,7 @@ async def test_retries_exhausted_park_in_dead_letter_then_retry_sends(
 
 
 async def test_dead_letter_discard_ends_cancelled(pl: PostlaneTestEnv, key: str) -> None:
-    pl.smtp.fail("mail", "421 4.7.0 Try again later", times=3)
+    pl.smtp.fail("data", "421 4.7.0 Try again later", times=3)
     handle = await pl.client.send(email(sender="ops@fragile.test"), key=key)
     await wait_status(pl, key, EmailStatus.DEAD_LETTER)
     assert await pl.client.discard(key) is True
