@@ -12,10 +12,15 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
+# Debian packages the tests need: docker-compose only parses docker-compose.yml (no engine).
+$(VENV)/.system: $(STAMP)
+	command -v docker-compose >/dev/null || { apt-get update -qq && apt-get install -y -qq --no-install-recommends docker-compose; }
+	touch $@
+
 dev: $(STAMP)  ## Temporal dev server + Web UI, SMTP catcher, worker, demo email
 	$(BIN)/postlane dev
 
-test: $(STAMP)  ## the whole suite, lint and types included (CI runs exactly this)
+test: $(STAMP) $(VENV)/.system  ## the whole suite, lint and types included (CI runs exactly this)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
