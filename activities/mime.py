@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 from datetime import datetime
+from email import policy
 from email.message import EmailMessage
 from email.utils import format_datetime
 
 from postlane.models import Email
 
+_POLICY = policy.default.clone(cte_type="7bit")
+"""Bodies are encoded 7-bit clean (quoted-printable or base64 for non-ASCII text): the
+activity does not negotiate 8BITMIME, and RFC 6152 forbids 8-bit data without it."""
+
 
 def build_message(email: Email, message_id: str, date: datetime) -> EmailMessage:
     """The RFC 5322 message for `email`. Bcc recipients are envelope-only, never a header."""
-    msg = EmailMessage()
+    msg = EmailMessage(policy=_POLICY)
     msg["From"] = email.sender
     msg["To"] = ", ".join(email.to)
     if email.cc:

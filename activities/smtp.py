@@ -16,7 +16,13 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from activities.mime import build_message
-from activities.smtp_errors import classify, reply_failure
+from activities.smtp_errors import (
+    StartTlsUnavailable,
+    classify,
+    config_failure,
+    is_throttle,
+    reply_failure,
+)
 from postlane.config import LaneConfig, Settings
 from postlane.errors import ConfigurationError, ErrorType
 from postlane.models import DeliveryReceipt, SmtpSendRequest
@@ -61,20 +67,48 @@ class SmtpPool:
             asyncio.ensure_future(_close(smtp))
 
     async def _connect(self) -> aiosmtplib.SMTP:
+        """A new connection: TCP (+ implicit TLS), then STARTTLS and AUTH as the lane says.
+
+        Raises:
+            ConfigurationError: the login is missing from the environment, or the server
+                does not offer AUTH although the lane has credentials.
+            StartTlsUnavailable: the lane requires STARTTLS and the server does not offer it.
+        """
         lane = self._lane
-        credentials = lane.credentials()
+        credentials = lane.credentials()  # before connecting: a missing login is not transient
         smtp = aiosmtplib.SMTP(
             hostname=lane.smtp_host,
             port=lane.smtp_port,
             use_tls=lane.smtp_tls == "tls",
-            start_tls=True if lane.smtp_tls == "starttls" else False,
+            # STARTTLS and AUTH are done below, so that a server that does not offer them
+            # is a clear error instead of a silently plaintext session or a generic one.
+            start_tls=False,
             validate_certs=lane.smtp_verify,
             cert_bundle=lane.smtp_ca_file,
             timeout=lane.smtp_timeout,
-            username=credentials[0] if credentials else None,
-            password=credentials[1] if credentials else None,
         )
         await smtp.connect()
+        try:
+            if lane.smtp_tls == "starttls":
+                await smtp.ehlo()
+                if not smtp.supports_extension("starttls"):
+                    raise StartTlsUnavailable(
+                        f"lane {lane.name!r}: {lane.smtp_host}:{lane.smtp_port} does not offer"
+                        " STARTTLS, which smtp_tls = 'starttls' requires"
+                    )
+                await smtp.starttls()
+            if credentials is not None:
+                if smtp.is_ehlo_or_helo_needed:
+                    await smtp.ehlo()
+                if not smtp.supports_extension("auth"):
+                    raise ConfigurationError(
+                        f"lane {lane.name!r}: {lane.smtp_host}:{lane.smtp_port} does not offer"
+                        " AUTH; check smtp_tls and smtp_port"
+                    )
+                await smtp.login(*credentials)
+        except BaseException:
+            smtp.close()
+            raise
         self.opened += 1
         return smtp
 
@@ -152,13 +186,17 @@ class SmtpActivities:
         try:
             pool = self.pool(req.lane)
         except ConfigurationError as exc:
-            raise ApplicationError(str(exc), type=ErrorType.LANE_UNKNOWN, non_retryable=True) from exc
+            raise ApplicationError(
+                str(exc), type=ErrorType.LANE_UNKNOWN, non_retryable=True
+            ) from exc
         progress = _Progress()
         data = build_message(req.email, req.message_id, datetime.now(UTC)).as_bytes(
             policy=policy.SMTP
         )
         async with progress.beating():
-            transaction = asyncio.create_task(self._deliver(pool, req, data, progress, info.attempt))
+            transaction = asyncio.create_task(
+                self._deliver(pool, req, data, progress, info.attempt)
+            )
             try:
                 # Shielded: once DATA is under way a cancel must not cut the dialogue in half.
                 receipt = await asyncio.shield(transaction)
@@ -186,19 +224,27 @@ class SmtpActivities:
             progress.set("connect")
             try:
                 smtp, reused = await pool.acquire(fresh=fresh)
+            except ConfigurationError as exc:
+                raise config_failure(exc, attempt=attempt, phase="connect") from exc
             except _NETWORK_ERRORS as exc:
                 raise classify(exc, attempt=attempt, phase="connect") from exc
             try:
                 receipt = await self._transaction(smtp, req, data, progress, attempt)
             except _NETWORK_ERRORS as exc:
                 smtp.close()
-                # A pooled connection the server dropped while idle: nothing was sent yet,
-                # so try once more on a new connection instead of waiting for a retry.
-                if reused and progress.details["phase"] == "mail" and not isinstance(
-                    exc, aiosmtplib.SMTPResponseException
-                ):
+                # A pooled connection the server dropped (or said 421 on) while idle: nothing
+                # was sent yet, so try once more on a new connection instead of failing the
+                # attempt and waiting for a retry.
+                if reused and progress.details["phase"] == "mail" and _stale(exc):
                     continue
                 raise classify(exc, attempt=attempt, phase=progress.details["phase"]) from exc
+            except ApplicationError:
+                # Every recipient was refused; the transaction was reset if it could be.
+                if smtp.is_connected:
+                    pool.release(smtp)
+                else:
+                    smtp.close()
+                raise
             except BaseException:
                 smtp.close()
                 raise
@@ -219,17 +265,26 @@ class SmtpActivities:
         progress.set("rcpt")
         accepted: list[str] = []
         rejected: dict[str, str] = {}
-        for rcpt in req.email.recipients:
+        for rcpt in envelope_recipients(req.email.recipients):
             try:
                 await smtp.rcpt(rcpt)
                 accepted.append(rcpt)
             except aiosmtplib.SMTPRecipientRefused as exc:
+                if exc.code == 421 or not smtp.is_connected:
+                    raise  # the server is closing the session: it refused the transaction
                 rejected[rcpt] = f"{exc.code} {exc.message}"
         if not accepted:
-            await smtp.rset()
-            # Temporary refusals (4xx) of every recipient are worth retrying; 5xx are not.
-            worst = max(rejected.values(), key=lambda r: int(r[:3]) < 500)
-            raise reply_failure(int(worst[:3]), worst[4:], attempt=attempt, phase="rcpt")
+            try:
+                await smtp.rset()
+            except _NETWORK_ERRORS:
+                smtp.close()
+            # Temporary refusals (4xx) of any recipient are worth retrying; all-5xx are not.
+            # Among 4xx a "slow down" wins: its hint says when to come back.
+            refusal = min(
+                rejected.values(),
+                key=lambda r: (int(r[:3]) >= 500, not is_throttle(int(r[:3]), r[4:])),
+            )
+            raise reply_failure(int(refusal[:3]), refusal[4:], attempt=attempt, phase="rcpt")
         progress.set("data")
         reply = await smtp.data(data)
         receipt = DeliveryReceipt(
@@ -244,6 +299,29 @@ class SmtpActivities:
         )
         progress.set("accepted", receipt=receipt.model_dump(mode="json"))
         return receipt
+
+
+def envelope_recipients(addresses: list[str]) -> list[str]:
+    """`addresses` without repeats (domains compare case-insensitively), in order.
+
+    An address in both To and Bcc must get one RCPT TO, or many servers deliver it twice.
+    """
+    seen: set[str] = set()
+    unique: list[str] = []
+    for address in addresses:
+        local, _, domain = address.rpartition("@")
+        norm = f"{local}@{domain.lower()}"
+        if norm not in seen:
+            seen.add(norm)
+            unique.append(address)
+    return unique
+
+
+def _stale(exc: BaseException) -> bool:
+    """Does `exc` at MAIL on a reused connection mean the server had closed it while idle?"""
+    if isinstance(exc, aiosmtplib.SMTPResponseException):
+        return exc.code == 421
+    return True
 
 
 def _accepted_earlier(details: Any) -> DeliveryReceipt | None:

@@ -2,7 +2,10 @@
 
 This is the only place library errors become Temporal failures: 4xx, dropped connections
 and timeouts are transient; a provider's "slow down" is throttling and honours its hint;
-5xx is permanent; a certificate that does not verify is a configuration error.
+5xx is permanent; a certificate that does not verify, or a server that does not offer the
+STARTTLS the lane requires, is a TLS error; a lane whose settings cannot work (credentials
+missing from the environment, AUTH not offered) is a configuration error. TLS and
+configuration errors are never retried: they need a person, not time.
 """
 
 from __future__ import annotations
@@ -15,12 +18,24 @@ from typing import Any
 import aiosmtplib
 from temporalio.exceptions import ApplicationError
 
-from postlane.errors import ErrorType
+from postlane.errors import ConfigurationError, ErrorType
+
+CONFIGURATION_ERROR = "ConfigurationError"
+"""`ApplicationError.type` for a lane whose configuration cannot work (never retried).
+
+Not (yet) an `ErrorType` member; `non_retryable` is what stops the retries.
+"""
+
+
+class StartTlsUnavailable(aiosmtplib.SMTPException):
+    """The lane requires STARTTLS but the server did not offer it (or stripped it)."""
+
 
 _ENHANCED_THROTTLE = re.compile(r"\b4\.7\.\d{1,3}\b")
 _THROTTLE_WORDS = re.compile(r"rate.?limit|too many|throttl|slow down|try again (?:in|later)", re.I)
 _HINT = re.compile(
-    r"(?:try again|retry|wait)\D{0,20}?(\d+)\s*(s|sec|secs|seconds?|m|min|mins|minutes?|h|hours?)\b",
+    r"(?:try again|retry|wait)\D{0,20}?(\d+)\s*"
+    r"(s|sec|secs|seconds?|m|min|mins|minutes?|h|hours?)\b",
     re.I,
 )
 
@@ -42,7 +57,9 @@ def is_throttle(code: int, text: str) -> bool:
     """Does this reply mean "you are sending too fast" rather than "this message failed"?"""
     if code >= 500:
         return False
-    return code == 421 or bool(_ENHANCED_THROTTLE.search(text)) or bool(_THROTTLE_WORDS.search(text))
+    return (
+        code == 421 or bool(_ENHANCED_THROTTLE.search(text)) or bool(_THROTTLE_WORDS.search(text))
+    )
 
 
 def reply_failure(code: int, text: str, *, attempt: int, phase: str) -> ApplicationError:
@@ -50,9 +67,7 @@ def reply_failure(code: int, text: str, *, attempt: int, phase: str) -> Applicat
     reply = f"{code} {text}".strip()
     details: dict[str, Any] = {"attempt": attempt, "smtp_code": code, "phase": phase}
     if code >= 500:
-        return ApplicationError(
-            reply, details, type=ErrorType.SMTP_PERMANENT, non_retryable=True
-        )
+        return ApplicationError(reply, details, type=ErrorType.SMTP_PERMANENT, non_retryable=True)
     if is_throttle(code, text):
         return ApplicationError(
             reply, details, type=ErrorType.SMTP_THROTTLED, next_retry_delay=retry_hint(text)
@@ -62,8 +77,27 @@ def reply_failure(code: int, text: str, *, attempt: int, phase: str) -> Applicat
     )
 
 
+def config_failure(exc: ConfigurationError, *, attempt: int, phase: str) -> ApplicationError:
+    """The non-retryable failure for a lane configuration that cannot work."""
+    return ApplicationError(
+        str(exc),
+        {"attempt": attempt, "phase": phase},
+        type=CONFIGURATION_ERROR,
+        non_retryable=True,
+    )
+
+
 def classify(exc: BaseException, *, attempt: int, phase: str) -> ApplicationError:
     """Translate an aiosmtplib / network error raised during `phase` into a Temporal failure."""
+    if isinstance(exc, ConfigurationError):
+        return config_failure(exc, attempt=attempt, phase=phase)
+    if isinstance(exc, StartTlsUnavailable):
+        return ApplicationError(
+            str(exc),
+            {"attempt": attempt, "phase": phase},
+            type=ErrorType.SMTP_TLS,
+            non_retryable=True,
+        )
     if _cert_failure(exc):
         return ApplicationError(
             f"TLS certificate verification failed: {exc}",

@@ -131,8 +131,8 @@ class SmtpCatcher:
         on_message: called (in the server's thread) for every accepted message.
         tls_context: serve implicit TLS (SMTPS) with this context.
         starttls_context: offer STARTTLS with this context.
-        logins: if set, offer AUTH (PLAIN, LOGIN; also without TLS) and require it:
-            user name → password.
+        logins: if set, offer AUTH (PLAIN, LOGIN; also without TLS) for these
+            user name → password pairs; the login is recorded on each `CaughtMessage`.
     """
 
     def __init__(
@@ -176,7 +176,6 @@ class SmtpCatcher:
             kwargs["require_starttls"] = False
         if self._logins is not None:
             kwargs["authenticator"] = self._authenticate
-            kwargs["auth_required"] = True
             kwargs["auth_require_tls"] = False
         self._controller = Controller(_Handler(self), ready_timeout=10, **kwargs)
         self._controller.start()
