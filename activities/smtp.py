@@ -47,6 +47,7 @@ class SmtpPool:
     def __init__(self, lane: LaneConfig) -> None:
         self._lane = lane
         self._idle: list[tuple[aiosmtplib.SMTP, float]] = []
+        self._closing: set[asyncio.Task[None]] = set()  # the loop only keeps weak references
         self.opened = 0
         """Connections opened so far (for tests and benchmarks)."""
 
@@ -64,7 +65,9 @@ class SmtpPool:
         if smtp.is_connected and len(self._idle) < self._lane.max_concurrent:
             self._idle.append((smtp, time.monotonic()))
         else:
-            asyncio.ensure_future(_close(smtp))
+            task = asyncio.ensure_future(_close(smtp))
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
 
     async def _connect(self) -> aiosmtplib.SMTP:
         """A new connection: TCP (+ implicit TLS), then STARTTLS and AUTH as the lane says.

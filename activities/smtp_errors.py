@@ -20,7 +20,7 @@ from temporalio.exceptions import ApplicationError
 
 from postlane.errors import ConfigurationError, ErrorType
 
-CONFIGURATION_ERROR = "ConfigurationError"
+CONFIGURATION_ERROR = ErrorType.CONFIGURATION
 """`ApplicationError.type` for a lane whose configuration cannot work (never retried).
 
 Not (yet) an `ErrorType` member; `non_retryable` is what stops the retries.

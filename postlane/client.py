@@ -50,6 +50,12 @@ from postlane.models import (
 )
 
 _CONTENT_HASH = "postlane_content_hash"
+NON_RETRYABLE_TYPES = (
+    ErrorType.SMTP_PERMANENT,
+    ErrorType.SMTP_TLS,
+    ErrorType.LANE_UNKNOWN,
+    ErrorType.CONFIGURATION,
+)
 _CLOSED_STATUS = {
     WorkflowExecutionStatus.COMPLETED: EmailStatus.SENT,
     WorkflowExecutionStatus.FAILED: EmailStatus.FAILED,
@@ -225,6 +231,7 @@ class PostlaneClient:
             priority=prio,
             send_at=send_at.astimezone(UTC) if send_at else None,
             retry=lane.retry,
+            quota=lane.has_quota,
         )
         size = len(request.model_dump_json())
         if size > MAX_EMAIL_BYTES:
@@ -379,7 +386,7 @@ def _delivery_error(err: WorkflowFailureError) -> PostlaneError:
                 cause.details[0] if cause.details and isinstance(cause.details[0], dict) else {}
             )
             code = details.get("smtp_code")
-            if cause.type in (ErrorType.SMTP_PERMANENT, ErrorType.SMTP_TLS, ErrorType.LANE_UNKNOWN):
+            if cause.type in NON_RETRYABLE_TYPES:
                 return PermanentDeliveryError(
                     f"{cause.type}: {cause.message}",
                     smtp_code=code if isinstance(code, int) else None,

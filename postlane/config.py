@@ -22,7 +22,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from postlane.errors import ConfigurationError
 from postlane.ids import lane_task_queue
-from postlane.models import RetrySettings, check_address
+from postlane.models import LaneLimits, RetrySettings, Warmup, check_address
 
 DEFAULT_CONFIG_FILE = "postlane.toml"
 DEV_LANE = "default"
@@ -54,6 +54,8 @@ class LaneConfig(BaseModel):
     daily_cap: int | None = Field(default=None, gt=0)
     max_concurrent: int = Field(default=8, ge=1)
     """Sends in flight at once on one worker host."""
+    warmup: Warmup | None = None
+    """Ramp a new account or IP: ``{start_per_day = 50, factor = 2.0}`` doubles daily."""
     message_id_domain: str | None = None
     """Right-hand side of Message-IDs; defaults to the sender's domain."""
     retry: RetrySettings = RetrySettings()
@@ -75,10 +77,35 @@ class LaneConfig(BaseModel):
         return v
 
     @model_validator(mode="after")
-    def _credentials_pair(self) -> LaneConfig:
+    def _consistent(self) -> LaneConfig:
         if bool(self.smtp_username_env) != bool(self.smtp_password_env):
             raise ValueError("smtp_username_env and smtp_password_env must be set together")
+        if self.hourly_cap is not None and self.hourly_cap < self.rate_per_second:
+            raise ValueError(
+                f"hourly_cap: {self.hourly_cap} is less than one second at rate_per_second"
+                f" {self.rate_per_second:g}"
+            )
+        if self.daily_cap is not None and self.hourly_cap is not None:
+            if self.daily_cap < self.hourly_cap:
+                raise ValueError(
+                    f"daily_cap: {self.daily_cap} is less than hourly_cap {self.hourly_cap}"
+                )
         return self
+
+    @property
+    def has_quota(self) -> bool:
+        """Sends must ask the lane's quota workflow for a slot (caps or warm-up)."""
+        return self.hourly_cap is not None or self.daily_cap is not None or self.warmup is not None
+
+    def limits(self) -> LaneLimits:
+        """What the lane's quota workflow enforces."""
+        return LaneLimits(
+            rate_per_second=self.rate_per_second,
+            per_domain_per_second=self.per_domain_per_second,
+            hourly_cap=self.hourly_cap,
+            daily_cap=self.daily_cap,
+            warmup=self.warmup,
+        )
 
     @property
     def task_queue(self) -> str:
@@ -139,18 +166,6 @@ class Settings(BaseSettings):
 
     lanes: list[LaneConfig] = Field(default_factory=lambda: [dev_lane()])
 
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        # The environment overrides the file, which arrives as init arguments.
-        return env_settings, init_settings
-
     @field_validator("lanes")
     @classmethod
     def _unique(cls, v: list[LaneConfig]) -> list[LaneConfig]:
@@ -177,6 +192,22 @@ class Settings(BaseSettings):
         """The lane that serves `sender` most specifically, or None."""
         ranked = sorted(self.lanes, key=lambda lane: lane.serves(sender), reverse=True)
         return ranked[0] if ranked and ranked[0].serves(sender) else None
+
+
+class _FileSettings(Settings):
+    """Settings read from a file, where the environment overrides the file's values
+    (plain `Settings(...)` built in code keeps exactly what it is given)."""
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return env_settings, init_settings
 
 
 def config_path() -> Path:
@@ -210,7 +241,8 @@ def load_settings(path: str | Path | None = None) -> Settings:
     elif explicit:
         raise ConfigurationError(f"{file}: configuration file not found")
     try:
-        return Settings(**data)  # type: ignore[arg-type]
+        merged = _FileSettings(**data)  # type: ignore[arg-type]
+        return Settings(lanes=merged.lanes)
     except ValidationError as exc:
         err = exc.errors()[0]
         loc = [str(p) for p in err["loc"]]

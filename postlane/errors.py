@@ -34,6 +34,8 @@ class ErrorType(StrEnum):
     """The server's certificate did not verify: a configuration problem, not retried."""
     LANE_UNKNOWN = "LaneUnknownError"
     """The worker serving the lane has no configuration for it."""
+    CONFIGURATION = "ConfigurationError"
+    """The worker's lane configuration is unusable (missing login variable, no AUTH offered)."""
 
 
 class PostlaneError(Exception):

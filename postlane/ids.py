@@ -14,6 +14,7 @@ WORKFLOW_TASK_QUEUE = "postlane"
 
 LANE_QUEUE_PREFIX = "postlane.lane."
 EMAIL_ID_PREFIX = "email:"
+LANE_ID_PREFIX = "lane:"
 MAX_KEY_LENGTH = 200
 _KEY_RE = re.compile(r"^[^\s\x00-\x1f\x7f]+$")
 _MESSAGE_ID_RE = re.compile(r"^<pl\.([a-z2-7]+)@[^>]+>$")
@@ -47,6 +48,11 @@ def key_from_workflow_id(workflow_id: str) -> str:
 def lane_task_queue(lane: str) -> str:
     """Activity task queue of a lane: one per sending account, rate limited by the server."""
     return LANE_QUEUE_PREFIX + lane
+
+
+def lane_workflow_id(lane: str) -> str:
+    """Workflow ID of a lane's quota and backpressure workflow."""
+    return LANE_ID_PREFIX + lane
 
 
 def message_id(workflow_id: str, domain: str) -> str:

@@ -7,41 +7,48 @@ from temporalio.api.enums.v1 import TaskQueueType
 from temporalio.api.taskqueue.v1 import RateLimit
 from temporalio.api.workflowservice.v1 import UpdateTaskQueueConfigRequest
 from temporalio.client import Client
+from temporalio.common import WorkflowIDConflictPolicy
 from temporalio.service import RPCError, RPCStatusCode
 
 from postlane.config import LaneConfig
+from postlane.ids import WORKFLOW_TASK_QUEUE, lane_task_queue, lane_workflow_id
+from postlane.models import LaneState
 
 log = structlog.get_logger(__name__)
 
 
-async def apply_lane_limits(client: Client, lane: LaneConfig, *, rate: float | None = None) -> bool:
+async def apply_lane_limits(
+    client: Client,
+    lane: str,
+    *,
+    rate: float,
+    per_domain: float | None = None,
+    reason: str = "",
+) -> bool:
     """Set the lane queue's server-side rate (and per-recipient-domain rate).
 
     The server enforces it across every worker host, unlike a per-worker option.
-
-    Args:
-        rate: sends per second; default the lane's configured ``rate_per_second``.
 
     Returns:
         False if the server does not implement task-queue config (the time-skipping test
         server); workers then fall back to their own per-queue limit.
     """
-    rps = rate if rate is not None else lane.rate_per_second
     update = UpdateTaskQueueConfigRequest.RateLimitUpdate
     request = UpdateTaskQueueConfigRequest(
         namespace=client.namespace,
         identity="postlane",
-        task_queue=lane.task_queue,
+        task_queue=lane_task_queue(lane),
         task_queue_type=TaskQueueType.TASK_QUEUE_TYPE_ACTIVITY,
         update_queue_rate_limit=update(
-            rate_limit=RateLimit(requests_per_second=rps), reason=f"postlane lane {lane.name}"
+            rate_limit=RateLimit(requests_per_second=rate),
+            reason=f"postlane lane {lane}: {reason or 'configured'}",
         ),
     )
-    if lane.per_domain_per_second is not None:
+    if per_domain is not None:
         request.update_fairness_key_rate_limit_default.CopyFrom(
             update(
-                rate_limit=RateLimit(requests_per_second=lane.per_domain_per_second),
-                reason=f"postlane lane {lane.name}: per recipient domain",
+                rate_limit=RateLimit(requests_per_second=per_domain),
+                reason=f"postlane lane {lane}: per recipient domain",
             )
         )
     try:
@@ -49,14 +56,29 @@ async def apply_lane_limits(client: Client, lane: LaneConfig, *, rate: float | N
     except RPCError as err:
         if err.status == RPCStatusCode.UNIMPLEMENTED:
             log.warning(
-                "lane.rate_not_applied", lane=lane.name, reason="server lacks UpdateTaskQueueConfig"
+                "lane.rate_not_applied", lane=lane, reason="server lacks UpdateTaskQueueConfig"
             )
             return False
         raise
     log.info(
-        "lane.rate_applied",
-        lane=lane.name,
-        rate_per_second=rps,
-        per_domain=lane.per_domain_per_second,
+        "lane.rate_applied", lane=lane, rate_per_second=rate, per_domain=per_domain, reason=reason
     )
     return True
+
+
+async def start_lane_workflow(client: Client, lane: LaneConfig) -> None:
+    """Start the lane's quota workflow if needed and hand it the lane's configuration.
+
+    Idempotent: every worker calls it at start (signal-with-start), so a restarted worker
+    applies an edited ``postlane.toml``.
+    """
+    await client.start_workflow(
+        "Lane",
+        LaneState(name=lane.name, limits=lane.limits(), effective_rate=lane.rate_per_second),
+        id=lane_workflow_id(lane.name),
+        task_queue=WORKFLOW_TASK_QUEUE,
+        id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+        start_signal="configure",
+        start_signal_args=[lane.limits()],
+        static_summary=f"Lane {lane.name}: rate, caps and backpressure",
+    )

@@ -255,6 +255,8 @@ class SendEmailInput(BaseModel):
     send_at: datetime | None = None
     """Aware UTC datetime; None sends immediately."""
     retry: RetrySettings = RetrySettings()
+    quota: bool = False
+    """The lane has hourly/daily caps: ask its quota workflow for a slot before sending."""
 
 
 class SmtpSendRequest(BaseModel):
@@ -283,6 +285,9 @@ class DeliveryReceipt(BaseModel):
     smtp_reply: str = ""
     """The server's reply to DATA, e.g. ``250 2.0.0 Ok: queued as 4F2A``."""
     sent_at: datetime | None = None
+    """When the server accepted DATA (the worker's clock)."""
+    dispatched_at: datetime | None = None
+    """When the workflow last handed the email to its lane (workflow time: virtual in tests)."""
 
 
 class RetryRequest(BaseModel):
@@ -307,3 +312,112 @@ class EmailReport(BaseModel):
     last_error: str | None = None
     scheduled_for: datetime | None = None
     receipt: DeliveryReceipt | None = None
+
+
+class Warmup(BaseModel):
+    """A new account's or IP's ramp: ``start_per_day`` on day 0, times ``factor`` each day."""
+
+    model_config = ConfigDict(frozen=True)
+
+    start_per_day: int = Field(gt=0)
+    factor: float = Field(default=2.0, gt=1.0)
+
+
+class LaneLimits(BaseModel):
+    """The limits a lane's quota workflow enforces (the lane's configuration, minus SMTP)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    rate_per_second: float = Field(gt=0)
+    per_domain_per_second: float | None = None
+    hourly_cap: int | None = None
+    daily_cap: int | None = None
+    warmup: Warmup | None = None
+
+
+class SlotRequest(BaseModel):
+    """Signal from an email to its lane: may I send? (only lanes with caps are asked)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    workflow_id: str
+    priority: Priority = Priority.NORMAL
+
+
+class SlotGrant(BaseModel):
+    """Signal from a lane to an email: go now (``planned`` False), or expect a slot at ``at``."""
+
+    model_config = ConfigDict(frozen=True)
+
+    at: datetime
+    planned: bool = False
+
+
+class ThrottleReport(BaseModel):
+    """Signal from a send to its lane: the provider asked us to slow down."""
+
+    model_config = ConfigDict(frozen=True)
+
+    reply: str
+    retry_after: timedelta | None = None
+
+
+class RateChange(BaseModel):
+    """Signal to a lane: a new configured per-second rate (``postlane lanes set``)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    rate_per_second: float = Field(gt=0)
+    reason: str = ""
+
+
+class LaneRateRequest(BaseModel):
+    """Input of the ``set_lane_rate`` activity."""
+
+    model_config = ConfigDict(frozen=True)
+
+    lane: str
+    rate_per_second: float
+    per_domain_per_second: float | None = None
+    reason: str = ""
+
+
+class LaneState(BaseModel):
+    """Everything a lane's quota workflow carries across continue-as-new."""
+
+    name: str
+    limits: LaneLimits
+    effective_rate: float
+    """The rate in force: the configured one, or less while backing off."""
+    applied_rate: float | None = None
+    """The rate last set on the server."""
+    warmup_started: datetime | None = None
+    buckets: dict[str, int] = Field(default_factory=dict)
+    """Slots granted per minute (ISO minute → count), for the rolling hour and day."""
+    waiting: list[SlotRequest] = Field(default_factory=list)
+    """Requests over the caps, in the order they will be granted."""
+    arrived: list[SlotRequest] = Field(default_factory=list)
+    """Requests not yet looked at when the workflow continued as new."""
+    throttled_at: datetime | None = None
+    last_throttle: str | None = None
+    recover_at: datetime | None = None
+
+
+class LaneStatus(BaseModel):
+    """What ``postlane lanes`` shows for one lane (query ``status`` of its quota workflow)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    configured_rate: float
+    effective_rate: float
+    backing_off: bool = False
+    last_throttle: str | None = None
+    recover_at: datetime | None = None
+    hourly_cap: int | None = None
+    daily_cap: int | None = None
+    """Today's cap, warm-up applied."""
+    used_last_hour: int = 0
+    used_last_day: int = 0
+    waiting: int = 0
+    next_slot_at: datetime | None = None

@@ -11,11 +11,12 @@ import structlog
 from temporalio.client import Client
 from temporalio.worker import Worker
 
+from activities.lanes import LaneAdminActivities
 from activities.smtp import SmtpActivities
 from postlane.config import LaneConfig, Settings
 from postlane.errors import ConfigurationError
 from postlane.ids import WORKFLOW_TASK_QUEUE
-from postlane.lanes import apply_lane_limits
+from postlane.lanes import start_lane_workflow
 from workflows import WORKFLOWS
 
 log = structlog.get_logger(__name__)
@@ -47,11 +48,13 @@ def build_workers(
     """The orchestration worker (if `workflows`) plus one send worker per lane."""
     workers: list[Worker] = []
     if workflows:
+        admin = LaneAdminActivities(client)
         workers.append(
             Worker(
                 client,
                 task_queue=WORKFLOW_TASK_QUEUE,
                 workflows=WORKFLOWS,
+                activities=[admin.set_lane_rate],
                 graceful_shutdown_timeout=GRACEFUL_SHUTDOWN,
             )
         )
@@ -88,7 +91,8 @@ async def run_workers(
     if not served and not workflows:
         raise ConfigurationError("this worker would serve nothing: no lanes and no workflows")
     for lane in served:
-        await apply_lane_limits(client, lane)
+        # The lane's workflow sets its server-side rate (and keeps it, through backpressure).
+        await start_lane_workflow(client, lane)
     smtp = SmtpActivities(settings)
     workers = build_workers(client, settings, served, smtp, workflows=workflows)
     if stop is None:

@@ -13,7 +13,12 @@ SMTP_START_TO_CLOSE = timedelta(minutes=5)
 """One whole SMTP transaction; each reply is separately bounded by the lane's smtp_timeout."""
 SMTP_HEARTBEAT = timedelta(seconds=5)
 """The send heartbeats every second, so a dead worker's send moves on within ~5 s."""
-NON_RETRYABLE = [ErrorType.SMTP_PERMANENT, ErrorType.SMTP_TLS, ErrorType.LANE_UNKNOWN]
+NON_RETRYABLE = [
+    ErrorType.SMTP_PERMANENT,
+    ErrorType.SMTP_TLS,
+    ErrorType.LANE_UNKNOWN,
+    ErrorType.CONFIGURATION,
+]
 
 
 def smtp_retry(settings: RetrySettings) -> RetryPolicy:
@@ -25,3 +30,10 @@ def smtp_retry(settings: RetrySettings) -> RetryPolicy:
         maximum_attempts=settings.maximum_attempts,
         non_retryable_error_types=[str(t) for t in NON_RETRYABLE],
     )
+
+
+ADMIN_START_TO_CLOSE = timedelta(seconds=30)
+ADMIN_RETRY = RetryPolicy(
+    initial_interval=timedelta(seconds=1), maximum_interval=timedelta(minutes=1)
+)
+"""Lane administration (setting a queue's rate) retries until the server takes it."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from datetime import datetime, timedelta
 
 from temporalio import workflow
 from temporalio.common import Priority as TemporalPriority
@@ -10,19 +11,26 @@ from temporalio.exceptions import ActivityError, ApplicationError
 
 with workflow.unsafe.imports_passed_through():
     from postlane import search_attributes as sa
-    from postlane.errors import ErrorType
-    from postlane.ids import lane_task_queue, message_id
+    from postlane.ids import lane_task_queue, lane_workflow_id, message_id
     from postlane.models import (
         DeliveryReceipt,
         EmailReport,
         EmailStatus,
         RetryRequest,
         SendEmailInput,
+        SlotGrant,
+        SlotRequest,
         SmtpSendRequest,
     )
-    from workflows._options import SMTP_HEARTBEAT, SMTP_START_TO_CLOSE, smtp_retry
+    from workflows._options import (
+        NON_RETRYABLE,
+        SMTP_HEARTBEAT,
+        SMTP_START_TO_CLOSE,
+        smtp_retry,
+    )
 
 SEND_EMAIL_ACTIVITY = "send_email"
+SLOT_REQUEST_RETRY = timedelta(seconds=30)
 DISCARDED = "EmailDiscarded"
 
 
@@ -44,6 +52,8 @@ class SendEmailWorkflow:
         self._receipt: DeliveryReceipt | None = None
         self._retry_requested = False
         self._discard_requested = False
+        self._slot_granted = False
+        self._scheduled_for: datetime | None = None
 
     @workflow.run
     async def run(self, req: SendEmailInput) -> DeliveryReceipt:
@@ -54,8 +64,11 @@ class SendEmailWorkflow:
         )
         try:
             if req.send_at is not None and req.send_at > workflow.now():
+                self._scheduled_for = req.send_at
                 self._set_status(EmailStatus.SCHEDULED)
                 await workflow.sleep(req.send_at - workflow.now())
+            if req.quota:
+                await self._wait_for_slot(req)
             return await self._send_until_done(req)
         except asyncio.CancelledError:
             self._set_status(EmailStatus.CANCELLED)
@@ -71,6 +84,7 @@ class SendEmailWorkflow:
         )
         while True:
             self._set_status(EmailStatus.QUEUED)
+            dispatched_at = workflow.now()
             try:
                 receipt: DeliveryReceipt = await workflow.execute_activity(
                     SEND_EMAIL_ACTIVITY,
@@ -92,10 +106,7 @@ class SendEmailWorkflow:
                 failure = _application_failure(err)
                 self._attempts += _attempts_of(failure)
                 self._last_error = failure.message if failure else str(err.cause or err)
-                if failure is not None and (
-                    failure.non_retryable
-                    or failure.type in (ErrorType.SMTP_PERMANENT, ErrorType.SMTP_TLS)
-                ):
+                if failure is not None and (failure.non_retryable or failure.type in NON_RETRYABLE):
                     self._set_status(EmailStatus.FAILED)
                     raise ApplicationError(
                         self._last_error,
@@ -106,10 +117,37 @@ class SendEmailWorkflow:
                 await self._park()
                 continue
             self._receipt = receipt.model_copy(
-                update={"attempts": self._attempts + receipt.attempts}
+                update={
+                    "attempts": self._attempts + receipt.attempts,
+                    "dispatched_at": dispatched_at,
+                }
             )
             self._set_status(EmailStatus.SENT)
             return self._receipt
+
+    async def _wait_for_slot(self, req: SendEmailInput) -> None:
+        """Ask the lane's quota workflow for a send slot; wait (``scheduled``) until granted."""
+        lane = workflow.get_external_workflow_handle(lane_workflow_id(req.lane))
+        request = SlotRequest(workflow_id=workflow.info().workflow_id, priority=req.priority)
+        while True:
+            try:
+                await lane.signal("request_slot", request)
+                break
+            except Exception:  # the lane's workflow is not running yet: a worker starts it
+                self._last_error = f"waiting for lane {req.lane!r} quota workflow"
+                self._set_status(EmailStatus.SCHEDULED)
+                await workflow.sleep(SLOT_REQUEST_RETRY)
+        await workflow.wait_condition(lambda: self._slot_granted)
+        self._scheduled_for = None
+
+    @workflow.signal(name="slot_granted")
+    def slot_granted(self, grant: SlotGrant) -> None:
+        """The lane's answer: go now, or (``planned``) the time a slot is expected."""
+        if grant.planned:
+            self._scheduled_for = grant.at
+            self._set_status(EmailStatus.SCHEDULED)
+        else:
+            self._slot_granted = True
 
     async def _park(self) -> None:
         """Dead-letter: wait, durably and visibly, for an operator's retry or discard."""
@@ -158,7 +196,7 @@ class SendEmailWorkflow:
             recipients=req.email.recipients if req else [],
             attempts=self._receipt.attempts if self._receipt else self._attempts,
             last_error=self._last_error,
-            scheduled_for=req.send_at if req and self._status == EmailStatus.SCHEDULED else None,
+            scheduled_for=self._scheduled_for if self._status == EmailStatus.SCHEDULED else None,
             receipt=self._receipt,
         )
 

@@ -1,0 +1,27 @@
+"""Lane administration on the Temporal server: the `set_lane_rate` activity."""
+
+from __future__ import annotations
+
+from temporalio import activity
+from temporalio.client import Client
+
+from postlane.lanes import apply_lane_limits
+from postlane.models import LaneRateRequest
+
+
+class LaneAdminActivities:
+    """Side effects of the lane quota workflow; owns the Temporal client it talks through."""
+
+    def __init__(self, client: Client) -> None:
+        self._client = client
+
+    @activity.defn(name="set_lane_rate")
+    async def set_lane_rate(self, req: LaneRateRequest) -> bool:
+        """Set the lane queue's server-side rate; False if the server cannot (test server)."""
+        return await apply_lane_limits(
+            self._client,
+            req.lane,
+            rate=req.rate_per_second,
+            per_domain=req.per_domain_per_second,
+            reason=req.reason,
+        )

@@ -1,0 +1,226 @@
+"""LaneWorkflow: one per lane; holds its caps, warm-up and backpressure in Temporal.
+
+Emails on a lane with an hourly or daily cap ask this workflow for a send slot and wait,
+durably and visibly ``scheduled``, until it grants one: in priority order, as the rolling
+windows free up. A provider's "slow down" halves the lane's server-side rate; the rate
+recovers step by step once the provider stops complaining. No second database: the state
+is this workflow's, carried through continue-as-new.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import datetime, timedelta
+
+from temporalio import workflow
+
+with workflow.unsafe.imports_passed_through():
+    from postlane.models import (
+        LaneLimits,
+        LaneRateRequest,
+        LaneState,
+        LaneStatus,
+        RateChange,
+        SlotGrant,
+        SlotRequest,
+        ThrottleReport,
+    )
+    from workflows import _quota as quota
+    from workflows._options import ADMIN_RETRY, ADMIN_START_TO_CLOSE
+
+SET_LANE_RATE_ACTIVITY = "set_lane_rate"
+BACKOFF_COALESCE = timedelta(seconds=10)
+"""Throttle replies this close together count as one event (one halving)."""
+RECOVERY_STEP = timedelta(minutes=1)
+"""After a quiet period this long, the rate doubles back toward the configured one."""
+MIN_RATE_FRACTION = 1 / 16
+MAX_HISTORY = 4000
+
+
+@workflow.defn(name="Lane")
+class LaneWorkflow:
+    """Quota, warm-up and backpressure of one lane (workflow ID ``lane:<name>``)."""
+
+    @workflow.init
+    def __init__(self, state: LaneState) -> None:
+        # Handlers may run before `run`, so the state must exist from construction on.
+        self._s = state
+        self._arrived, state.arrived = list(state.arrived), []
+        self._dirty = False
+
+    @property
+    def state(self) -> LaneState:
+        """The lane's state (also what continues as new)."""
+        return self._s
+
+    @workflow.run
+    async def run(self, state: LaneState) -> None:
+        """Grant slots and steer the rate, forever (continuing as new to stay small)."""
+        s = self.state
+        if s.warmup_started is None and s.limits.warmup is not None:
+            s.warmup_started = workflow.now()
+        while True:
+            try:
+                await workflow.wait_condition(
+                    lambda: self._dirty or bool(self._arrived), timeout=self._next_wakeup()
+                )
+            except TimeoutError:
+                pass
+            self._dirty = False
+            self._recover_if_due()
+            await self._apply_rate()
+            await self._grant()
+            if (
+                workflow.info().is_continue_as_new_suggested()
+                or workflow.info().get_current_history_length() > MAX_HISTORY
+            ):
+                await workflow.wait_condition(workflow.all_handlers_finished)
+                s.buckets = quota.prune(s.buckets, workflow.now())
+                s.arrived = self._arrived  # requests that came in meanwhile go along
+                workflow.continue_as_new(s)
+
+    def _next_wakeup(self) -> timedelta | None:
+        s, now = self.state, workflow.now()
+        wakeups: list[datetime] = []
+        if s.waiting:
+            wakeups.append(quota.next_opening(s.buckets, s.limits, s.warmup_started, now))
+        if s.recover_at is not None:
+            wakeups.append(s.recover_at)
+        if not wakeups:
+            return None
+        return max(min(wakeups) - now, timedelta(seconds=1))
+
+    def _recover_if_due(self) -> None:
+        s, now = self.state, workflow.now()
+        if s.recover_at is None or now < s.recover_at:
+            return
+        s.effective_rate = min(s.limits.rate_per_second, s.effective_rate * 2)
+        if s.effective_rate < s.limits.rate_per_second:
+            s.recover_at = now + RECOVERY_STEP
+        else:
+            s.recover_at = None
+            s.last_throttle = None
+        workflow.logger.info("lane %s recovering: rate %.3g/s", s.name, s.effective_rate)
+
+    async def _apply_rate(self) -> None:
+        s = self.state
+        if s.applied_rate == s.effective_rate:
+            return
+        await workflow.execute_activity(
+            SET_LANE_RATE_ACTIVITY,
+            LaneRateRequest(
+                lane=s.name,
+                rate_per_second=s.effective_rate,
+                per_domain_per_second=s.limits.per_domain_per_second,
+                reason="backpressure"
+                if s.effective_rate < s.limits.rate_per_second
+                else "configured",
+            ),
+            start_to_close_timeout=ADMIN_START_TO_CLOSE,
+            retry_policy=ADMIN_RETRY,
+        )
+        s.applied_rate = s.effective_rate
+
+    async def _grant(self) -> None:
+        s, now = self.state, workflow.now()
+        arrived, self._arrived = self._arrived, []
+        queued = {r.workflow_id for r in s.waiting}
+        fresh = [r for r in arrived if r.workflow_id not in queued]
+        # Stable sort: priority first, then arrival order.
+        s.waiting = sorted([*s.waiting, *fresh], key=lambda r: r.priority.key)
+        room = quota.capacity(s.buckets, s.limits, s.warmup_started, now)
+        go, s.waiting = s.waiting[:room], s.waiting[room:]
+        granted = await self._tell([(r, SlotGrant(at=now)) for r in go])
+        if granted:
+            key = quota.bucket_key(now)
+            s.buckets[key] = s.buckets.get(key, 0) + granted
+        fresh_ids = {r.workflow_id for r in fresh}
+        if s.waiting and fresh_ids:
+            times = quota.slot_times(s.buckets, s.limits, s.warmup_started, now, len(s.waiting))
+            plans = [
+                (r, SlotGrant(at=at, planned=True))
+                for r, at in zip(s.waiting, times, strict=True)
+                if r.workflow_id in fresh_ids
+            ]
+            await self._tell(plans)
+
+    async def _tell(self, grants: list[tuple[SlotRequest, SlotGrant]]) -> int:
+        """Signal each email; returns how many were reached (a cancelled one is skipped)."""
+
+        async def one(request: SlotRequest, grant: SlotGrant) -> bool:
+            try:
+                await workflow.get_external_workflow_handle(request.workflow_id).signal(
+                    "slot_granted", grant
+                )
+            except Exception:  # the email is gone (cancelled, terminated): no slot used
+                return False
+            return True
+
+        return sum(await asyncio.gather(*(one(r, g) for r, g in grants)))
+
+    @workflow.signal(name="request_slot")
+    def request_slot(self, request: SlotRequest) -> None:
+        """An email asks to be sent; it gets ``slot_granted`` back, now or later."""
+        self._arrived.append(request)
+
+    @workflow.signal(name="configure")
+    def configure(self, limits: LaneLimits) -> None:
+        """A worker (re)started with this lane's configuration: apply it."""
+        s = self.state
+        s.limits = limits
+        s.effective_rate = (
+            min(limits.rate_per_second, s.effective_rate)
+            if s.recover_at is not None
+            else limits.rate_per_second
+        )
+        if limits.warmup is not None and s.warmup_started is None:
+            s.warmup_started = workflow.now()
+        self._dirty = True
+
+    @workflow.signal(name="set_rate")
+    def set_rate(self, change: RateChange) -> None:
+        """An operator changed the lane's rate live (``postlane lanes set``)."""
+        s = self.state
+        s.limits = s.limits.model_copy(update={"rate_per_second": change.rate_per_second})
+        s.effective_rate = change.rate_per_second
+        s.recover_at = None
+        s.last_throttle = None
+        self._dirty = True
+
+    @workflow.signal(name="throttled")
+    def throttled(self, report: ThrottleReport) -> None:
+        """The provider said "slow down": halve the lane's rate and recover gradually."""
+        s, now = self.state, workflow.now()
+        s.last_throttle = report.reply
+        quiet = max(RECOVERY_STEP, report.retry_after or RECOVERY_STEP)
+        if s.throttled_at is None or now - s.throttled_at >= BACKOFF_COALESCE:
+            floor = s.limits.rate_per_second * MIN_RATE_FRACTION
+            s.effective_rate = max(floor, s.effective_rate / 2)
+            s.throttled_at = now
+            workflow.logger.warning(
+                "lane %s throttled (%s): rate now %.3g/s", s.name, report.reply, s.effective_rate
+            )
+        s.recover_at = now + quiet
+        self._dirty = True
+
+    @workflow.query(name="status")
+    def status(self) -> LaneStatus:
+        """Rates, backpressure, cap usage and waiting emails."""
+        s, now = self.state, workflow.now()
+        next_slot = None
+        if s.waiting:
+            next_slot = quota.next_opening(s.buckets, s.limits, s.warmup_started, now)
+        return LaneStatus(
+            name=s.name,
+            configured_rate=s.limits.rate_per_second,
+            effective_rate=s.effective_rate,
+            backing_off=s.effective_rate < s.limits.rate_per_second,
+            last_throttle=s.last_throttle,
+            recover_at=s.recover_at,
+            hourly_cap=s.limits.hourly_cap,
+            daily_cap=quota.daily_cap(s.limits, s.warmup_started, now),
+            used_last_hour=quota.used(s.buckets, now, quota.HOUR),
+            used_last_day=quota.used(s.buckets, now, quota.DAY),
+            waiting=len(s.waiting),
+            next_slot_at=next_slot,
+        )
