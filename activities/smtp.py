@@ -13,7 +13,9 @@ from typing import Any
 import aiosmtplib
 import structlog
 from temporalio import activity
+from temporalio.client import Client
 from temporalio.exceptions import ApplicationError
+from temporalio.service import RPCError
 
 from activities.mime import build_message
 from activities.smtp_errors import (
@@ -25,7 +27,8 @@ from activities.smtp_errors import (
 )
 from postlane.config import LaneConfig, Settings
 from postlane.errors import ConfigurationError, ErrorType
-from postlane.models import DeliveryReceipt, SmtpSendRequest
+from postlane.ids import lane_workflow_id
+from postlane.models import DeliveryReceipt, SmtpSendRequest, ThrottleReport
 
 log = structlog.get_logger(__name__)
 
@@ -156,8 +159,14 @@ class _Progress:
 class SmtpActivities:
     """SMTP side effects for the lanes in `settings`; owns one connection pool per lane."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, client: Client | None = None) -> None:
+        """Args:
+        settings: the lanes, with their SMTP servers.
+        client: if given, a provider's "slow down" is reported to the lane's workflow,
+            which then slows the whole lane (not just this email).
+        """
         self._settings = settings
+        self._client = client
         self._pools: dict[str, SmtpPool] = {}
 
     def pool(self, lane: str) -> SmtpPool:
@@ -203,6 +212,10 @@ class SmtpActivities:
             try:
                 # Shielded: once DATA is under way a cancel must not cut the dialogue in half.
                 receipt = await asyncio.shield(transaction)
+            except ApplicationError as err:
+                if err.type == ErrorType.SMTP_THROTTLED:
+                    await self._report_throttle(req.lane, err)
+                raise
             except asyncio.CancelledError:
                 if progress.details["phase"] in ("data", "accepted"):
                     receipt = await transaction
@@ -219,6 +232,18 @@ class SmtpActivities:
             attempt=info.attempt,
         )
         return receipt
+
+    async def _report_throttle(self, lane: str, err: ApplicationError) -> None:
+        log.warning("lane.throttled", lane=lane, reply=err.message)
+        if self._client is None:
+            return
+        report = ThrottleReport(reply=err.message, retry_after=err.next_retry_delay)
+        try:
+            await self._client.get_workflow_handle(lane_workflow_id(lane)).signal(
+                "throttled", report
+            )
+        except RPCError as exc:  # best effort: the email itself is retried regardless
+            log.warning("lane.throttle_not_reported", lane=lane, error=str(exc))
 
     async def _deliver(
         self, pool: SmtpPool, req: SmtpSendRequest, data: bytes, progress: _Progress, attempt: int

@@ -7,7 +7,9 @@ from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any
 
-from temporalio.api.enums.v1 import PendingActivityState
+from temporalio.api.enums.v1 import PendingActivityState, TaskQueueType
+from temporalio.api.taskqueue.v1 import TaskQueue
+from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest
 from temporalio.client import (
     Client,
     WorkflowExecutionStatus,
@@ -28,6 +30,7 @@ from postlane import search_attributes as sa
 from postlane.config import Settings, load_settings
 from postlane.connection import connect_temporal
 from postlane.errors import (
+    ConfigurationError,
     EmailCancelled,
     EmailNotFound,
     ErrorType,
@@ -37,14 +40,23 @@ from postlane.errors import (
     PostlaneError,
     UnknownSender,
 )
-from postlane.ids import WORKFLOW_TASK_QUEUE, email_workflow_id, validate_key
+from postlane.ids import (
+    WORKFLOW_TASK_QUEUE,
+    email_workflow_id,
+    lane_task_queue,
+    lane_workflow_id,
+    validate_key,
+)
 from postlane.models import (
     MAX_EMAIL_BYTES,
     DeliveryReceipt,
     Email,
     EmailReport,
     EmailStatus,
+    LaneReport,
+    LaneStatus,
     Priority,
+    RateChange,
     RetryRequest,
     SendEmailInput,
 )
@@ -366,6 +378,75 @@ class PostlaneClient:
             return False
         await self.handle(key)._handle.signal(signal, RetryRequest(reason=reason))
         return True
+
+    async def lanes(self) -> list[LaneReport]:
+        """Every configured lane: rate, backpressure, cap usage, backlog and in-flight sends."""
+        return [await self.lane(lane.name) for lane in self.settings.lanes]
+
+    async def lane(self, name: str) -> LaneReport:
+        """One lane's report (see `lanes`).
+
+        Raises:
+            ConfigurationError: no lane has this name.
+        """
+        self.settings.lane(name)
+        status: LaneStatus | None = None
+        try:
+            handle = self.temporal.get_workflow_handle(lane_workflow_id(name))
+            status = await handle.query("status", result_type=LaneStatus)
+        except RPCError:
+            status = None  # not started yet, or no worker to answer
+        report: dict[str, Any] = {"name": name, "status": status}
+        try:
+            desc = await self.temporal.workflow_service.describe_task_queue(
+                DescribeTaskQueueRequest(
+                    namespace=self.temporal.namespace,
+                    task_queue=TaskQueue(name=lane_task_queue(name)),
+                    task_queue_type=TaskQueueType.TASK_QUEUE_TYPE_ACTIVITY,
+                    report_stats=True,
+                    report_config=True,
+                )
+            )
+        except RPCError as err:
+            if err.status != RPCStatusCode.UNIMPLEMENTED:
+                raise
+        else:
+            report.update(
+                server_rate=desc.effective_rate_limit.requests_per_second or None,
+                backlog=desc.stats.approximate_backlog_count,
+                backlog_age=desc.stats.approximate_backlog_age.ToTimedelta(),
+                dispatch_rate=desc.stats.tasks_dispatch_rate,
+            )
+            try:
+                query = (
+                    f'PostlaneLane="{name}" AND PostlaneStatus="queued"'
+                    ' AND ExecutionStatus="Running"'
+                )
+                report["in_flight"] = (await self.temporal.count_workflows(query)).count
+            except RPCError:
+                pass  # no visibility store (test server)
+        return LaneReport(**report)
+
+    async def set_lane_rate(self, name: str, rate_per_second: float, *, reason: str = "") -> None:
+        """Change a lane's rate live, on every host; a worker restart re-applies the file's.
+
+        Raises:
+            ConfigurationError: no lane has this name, or the rate is not positive.
+        """
+        self.settings.lane(name)
+        if not rate_per_second > 0:
+            raise ConfigurationError(f"rate: {rate_per_second:g} must be greater than 0")
+        handle = self.temporal.get_workflow_handle(lane_workflow_id(name))
+        try:
+            await handle.signal(
+                "set_rate", RateChange(rate_per_second=rate_per_second, reason=reason)
+            )
+        except RPCError as err:
+            if err.status == RPCStatusCode.NOT_FOUND:
+                raise ConfigurationError(
+                    f"lane {name!r} has no running lane workflow; start a worker for it first"
+                ) from None
+            raise
 
 
 def content_hash(request: SendEmailInput) -> str:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import structlog
 from temporalio.api.enums.v1 import TaskQueueType
 from temporalio.api.taskqueue.v1 import RateLimit
@@ -81,4 +83,6 @@ async def start_lane_workflow(client: Client, lane: LaneConfig) -> None:
         start_signal="configure",
         start_signal_args=[lane.limits()],
         static_summary=f"Lane {lane.name}: rate, caps and backpressure",
+        # A burst of slot requests makes for long workflow tasks on a loaded host.
+        task_timeout=timedelta(minutes=1),
     )

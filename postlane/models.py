@@ -398,6 +398,8 @@ class LaneState(BaseModel):
     """Requests over the caps, in the order they will be granted."""
     arrived: list[SlotRequest] = Field(default_factory=list)
     """Requests not yet looked at when the workflow continued as new."""
+    unplanned: list[str] = Field(default_factory=list)
+    """Waiting emails not yet told when to expect their slot."""
     throttled_at: datetime | None = None
     last_throttle: str | None = None
     recover_at: datetime | None = None
@@ -421,3 +423,20 @@ class LaneStatus(BaseModel):
     used_last_day: int = 0
     waiting: int = 0
     next_slot_at: datetime | None = None
+
+
+class LaneReport(BaseModel):
+    """One row of ``postlane lanes``: the lane's own state plus its task queue on the server."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    status: LaneStatus | None = None
+    """None when the lane's workflow is not running (no worker has started it)."""
+    server_rate: float | None = None
+    """The rate limit the server enforces on the lane's queue."""
+    backlog: int | None = None
+    backlog_age: timedelta | None = None
+    dispatch_rate: float | None = None
+    in_flight: int | None = None
+    """Emails handed to the lane and not finished (backlog + being sent)."""

@@ -17,7 +17,7 @@ from postlane.config import LaneConfig, Settings
 from postlane.errors import ConfigurationError
 from postlane.ids import WORKFLOW_TASK_QUEUE
 from postlane.lanes import start_lane_workflow
-from workflows import WORKFLOWS
+from workflows import WORKFLOWS, workflow_runner
 
 log = structlog.get_logger(__name__)
 
@@ -54,6 +54,7 @@ def build_workers(
                 client,
                 task_queue=WORKFLOW_TASK_QUEUE,
                 workflows=WORKFLOWS,
+                workflow_runner=workflow_runner(),
                 activities=[admin.set_lane_rate],
                 graceful_shutdown_timeout=GRACEFUL_SHUTDOWN,
             )
@@ -81,8 +82,11 @@ async def run_workers(
     lanes: Sequence[str] | None = None,
     workflows: bool = True,
     stop: asyncio.Event | None = None,
+    ready: asyncio.Event | None = None,
 ) -> None:
     """Run until `stop` is set (or SIGTERM/SIGINT when `stop` is None), then drain.
+
+    `ready` is set once the lanes' workflows are started and the workers are polling.
 
     Raises:
         ConfigurationError: see `select_lanes`.
@@ -93,7 +97,7 @@ async def run_workers(
     for lane in served:
         # The lane's workflow sets its server-side rate (and keeps it, through backpressure).
         await start_lane_workflow(client, lane)
-    smtp = SmtpActivities(settings)
+    smtp = SmtpActivities(settings, client)
     workers = build_workers(client, settings, served, smtp, workflows=workflows)
     if stop is None:
         stop = asyncio.Event()
@@ -107,6 +111,8 @@ async def run_workers(
         workflows=workflows,
     )
     runs = [asyncio.create_task(w.run()) for w in workers]
+    if ready is not None:
+        ready.set()
     stopped = asyncio.create_task(stop.wait())
     try:
         done, _ = await asyncio.wait([stopped, *runs], return_when=asyncio.FIRST_COMPLETED)

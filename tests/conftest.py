@@ -14,7 +14,7 @@ from postlane import search_attributes as sa
 from postlane.binaries import dev_server_path
 from postlane.config import LaneConfig
 from postlane.connection import data_converter
-from postlane.models import RetrySettings
+from postlane.models import RetrySettings, Warmup
 from postlane.testing import PostlaneTestEnv, default_test_lane, postlane_test_env
 
 # The settings `postlane dev` uses, so integration tests see what users see.
@@ -35,10 +35,33 @@ FRAGILE_LANE = LaneConfig(
 """Gives up after 3 attempts, so dead-lettering is quick to reach."""
 
 
+CAPPED_LANE = LaneConfig(
+    name="capped",
+    senders=["*@capped.test"],
+    smtp_host="127.0.0.1",
+    rate_per_second=50,
+    hourly_cap=50,
+)
+TINY_LANE = LaneConfig(
+    name="tiny", senders=["*@tiny.test"], smtp_host="127.0.0.1", rate_per_second=1, hourly_cap=2
+)
+WARM_LANE = LaneConfig(
+    name="warm",
+    senders=["*@warm.test"],
+    smtp_host="127.0.0.1",
+    rate_per_second=1,
+    warmup=Warmup(start_per_day=3, factor=2),
+)
+TOUCHY_LANE = LaneConfig(
+    name="touchy", senders=["*@touchy.test"], smtp_host="127.0.0.1", rate_per_second=8
+)
+LANES = [default_test_lane(), FRAGILE_LANE]
+
+
 @pytest_asyncio.fixture(scope="session")
 async def ts() -> AsyncIterator[PostlaneTestEnv]:
     """One time-skipping environment, SMTP catcher and worker set for the session."""
-    async with postlane_test_env([default_test_lane(), FRAGILE_LANE]) as env:
+    async with postlane_test_env(LANES) as env:
         yield env
 
 

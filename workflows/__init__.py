@@ -1,8 +1,24 @@
 """Postlane's workflows: deterministic code only (no I/O, no clock, no randomness)."""
 
+from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
+
 from workflows.lane import LaneWorkflow
 from workflows.send_email import SendEmailWorkflow
 
 WORKFLOWS: list[type] = [SendEmailWorkflow, LaneWorkflow]
 
-__all__ = ["WORKFLOWS", "LaneWorkflow", "SendEmailWorkflow"]
+
+def workflow_runner() -> SandboxedWorkflowRunner:
+    """The sandbox Postlane's workflows run in (workers and the replay test alike).
+
+    Calls that break determinism (the clock, randomness, I/O) stay forbidden; modules are
+    passed through instead of re-imported for every run, which made a busy lane workflow
+    ten times slower (3-5 s per workflow task with 60 signals, against 0.3 s). Postlane's
+    workflow modules keep no mutable module state, so sharing them is safe.
+    """
+    return SandboxedWorkflowRunner(
+        restrictions=SandboxRestrictions.default.with_passthrough_all_modules()
+    )
+
+
+__all__ = ["WORKFLOWS", "LaneWorkflow", "SendEmailWorkflow", "workflow_runner"]

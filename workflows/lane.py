@@ -35,6 +35,7 @@ RECOVERY_STEP = timedelta(minutes=1)
 """After a quiet period this long, the rate doubles back toward the configured one."""
 MIN_RATE_FRACTION = 1 / 16
 MAX_HISTORY = 4000
+SIGNALS_PER_TASK = 100
 
 
 @workflow.defn(name="Lane")
@@ -128,21 +129,29 @@ class LaneWorkflow:
         fresh = [r for r in arrived if r.workflow_id not in queued]
         # Stable sort: priority first, then arrival order.
         s.waiting = sorted([*s.waiting, *fresh], key=lambda r: r.priority.key)
-        room = quota.capacity(s.buckets, s.limits, s.warmup_started, now)
+        s.unplanned += [r.workflow_id for r in fresh]
+        # Bounded work per workflow task keeps each task short however large the burst.
+        room = min(quota.capacity(s.buckets, s.limits, s.warmup_started, now), SIGNALS_PER_TASK)
         go, s.waiting = s.waiting[:room], s.waiting[room:]
         granted = await self._tell([(r, SlotGrant(at=now)) for r in go])
         if granted:
             key = quota.bucket_key(now)
             s.buckets[key] = s.buckets.get(key, 0) + granted
-        fresh_ids = {r.workflow_id for r in fresh}
-        if s.waiting and fresh_ids:
+        unplanned = set(s.unplanned)
+        s.unplanned = []
+        budget = SIGNALS_PER_TASK - len(go)
+        if s.waiting and unplanned:
             times = quota.slot_times(s.buckets, s.limits, s.warmup_started, now, len(s.waiting))
             plans = [
                 (r, SlotGrant(at=at, planned=True))
                 for r, at in zip(s.waiting, times, strict=True)
-                if r.workflow_id in fresh_ids
+                if r.workflow_id in unplanned
             ]
-            await self._tell(plans)
+            await self._tell(plans[:budget])
+            s.unplanned = [r.workflow_id for r, _ in plans[budget:]]
+        more_room = quota.capacity(s.buckets, s.limits, s.warmup_started, now) > 0
+        if s.unplanned or (s.waiting and more_room):
+            self._dirty = True  # more to do: next task, right away
 
     async def _tell(self, grants: list[tuple[SlotRequest, SlotGrant]]) -> int:
         """Signal each email; returns how many were reached (a cancelled one is skipped)."""

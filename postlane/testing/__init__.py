@@ -115,8 +115,12 @@ async def running_workers(env: WorkflowEnvironment, settings: Settings) -> Async
     """Postlane's workers for every lane of `settings`, for the duration of the block."""
     from postlane.worker import run_workers
 
-    stop = asyncio.Event()
-    task = asyncio.create_task(run_workers(env.client, settings, stop=stop))
+    stop, ready = asyncio.Event(), asyncio.Event()
+    task = asyncio.create_task(run_workers(env.client, settings, stop=stop, ready=ready))
+    started = asyncio.create_task(ready.wait())
+    await asyncio.wait([task, started], return_when=asyncio.FIRST_COMPLETED)
+    if task.done():
+        task.result()  # the workers failed to start: say why
     try:
         yield
     finally:
