@@ -6,7 +6,6 @@ import asyncio
 from collections.abc import AsyncIterator
 from datetime import datetime, timedelta
 
-import pytest
 import pytest_asyncio
 from temporalio.service import RPCError
 

@@ -21,7 +21,7 @@ from temporalio.worker import Replayer
 from postlane import Email, EmailCancelled, EmailStatus, PermanentDeliveryError
 from postlane.connection import data_converter
 from postlane.testing import PostlaneTestEnv
-from workflows import WORKFLOWS
+from workflows import WORKFLOWS, workflow_runner
 
 HISTORIES = Path(__file__).parent / "histories"
 
@@ -73,7 +73,9 @@ SCENARIOS: dict[str, Callable[[PostlaneTestEnv, str], Awaitable[None]]] = {
 
 
 async def _replay(history: WorkflowHistory) -> None:
-    await Replayer(workflows=WORKFLOWS, data_converter=data_converter()).replay_workflow(history)
+    await Replayer(
+        workflows=WORKFLOWS, data_converter=data_converter(), workflow_runner=workflow_runner()
+    ).replay_workflow(history)
 
 
 @pytest.mark.parametrize("name", sorted(SCENARIOS))
