@@ -80,6 +80,12 @@ def _parser() -> argparse.ArgumentParser:
         c.add_argument("key")
 
     sub.add_parser("setup", help="create the namespace (30-day retention) and search attributes")
+
+    lanes = sub.add_parser("lanes", help="per lane: rate, backpressure, caps used, backlog")
+    lanes_sub = lanes.add_subparsers(dest="lanes_command", metavar="SUBCOMMAND")
+    lane_set = lanes_sub.add_parser("set", help="change a lane's rate live, e.g. --rate 5/s")
+    lane_set.add_argument("name")
+    lane_set.add_argument("--rate", required=True, help="N/s, N/m or N/h")
     return p
 
 
@@ -158,6 +164,14 @@ async def _dispatch(args: argparse.Namespace) -> int:
             return EXIT_OK
         print(f"{args.key}: already {await pl.status(args.key)}; nothing changed")
         return EXIT_FAILED
+    if args.command == "lanes":
+        if args.lanes_command == "set":
+            rate = parse_rate(args.rate)
+            await pl.set_lane_rate(args.name, rate, reason="postlane lanes set")
+            print(f"lane {args.name}: rate set to {rate:g}/s")
+            return EXIT_OK
+        print(format_lanes(await pl.lanes()))
+        return EXIT_OK
     if args.command == "setup":
         from postlane.setup import ensure_namespace, ensure_search_attributes
 
@@ -227,3 +241,60 @@ def _parse_time(value: str) -> datetime:
     if when.tzinfo is None:
         raise InvalidEmail("send_at", f"{value!r} has no time zone; add one, e.g. +00:00")
     return when
+
+
+_RATE_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_rate(value: str) -> float:
+    """``5/s``, ``300/m`` or ``1000/h`` (or a bare number of sends per second) → per second.
+
+    Raises:
+        ConfigurationError: anything else, or a rate that is not positive.
+    """
+    number, _, unit = value.strip().partition("/")
+    try:
+        rate = float(number) / _RATE_UNITS[unit or "s"]
+    except (ValueError, KeyError):
+        raise ConfigurationError(f"rate: {value!r} is not like 5/s, 300/m or 1000/h") from None
+    if rate <= 0:
+        raise ConfigurationError(f"rate: {value!r} must be greater than 0")
+    return rate
+
+
+def format_lanes(reports: Sequence[Any]) -> str:
+    """The ``postlane lanes`` table."""
+    rows = [
+        (
+            "LANE",
+            "RATE/s",
+            "NOW/s",
+            "BACKPRESSURE",
+            "HOUR",
+            "DAY",
+            "WAITING",
+            "BACKLOG",
+            "AGE",
+            "IN FLIGHT",
+        )
+    ]
+    for r in reports:
+        st = r.status
+        rows.append(
+            (
+                r.name,
+                f"{st.configured_rate:g}" if st else "-",
+                f"{st.effective_rate:g}" if st else "-",
+                ("backing off: " + (st.last_throttle or "")[:30]) if st and st.backing_off else "-",
+                f"{st.used_last_hour}/{st.hourly_cap}" if st and st.hourly_cap else "-",
+                f"{st.used_last_day}/{st.daily_cap}" if st and st.daily_cap else "-",
+                str(st.waiting) if st else "-",
+                "-" if r.backlog is None else str(r.backlog),
+                "-" if r.backlog_age is None else f"{r.backlog_age.total_seconds():.0f}s",
+                "-" if r.in_flight is None else str(r.in_flight),
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows
+    )
