@@ -81,14 +81,18 @@ async def _replay(history: WorkflowHistory) -> None:
 @pytest.mark.parametrize("name", sorted(SCENARIOS))
 async def test_replay_fresh_history(pl: PostlaneTestEnv, key: str, name: str) -> None:
     await SCENARIOS[name](pl, key)
-    history = await pl.client.temporal.get_workflow_handle(f"email:{key}").fetch_history()
-    await _replay(history)
-    if os.environ.get("POSTLANE_RECORD_HISTORIES"):
-        (HISTORIES / f"send_email_{name}.json").write_text(history.to_json())
+    workflow_ids = {f"send_email_{name}": f"email:{key}"}
+    if name == "sent":
+        workflow_ids["lane"] = "lane:test"  # configured, rate applied, waiting for requests
+    for file, workflow_id in workflow_ids.items():
+        history = await pl.client.temporal.get_workflow_handle(workflow_id).fetch_history()
+        await _replay(history)
+        if os.environ.get("POSTLANE_RECORD_HISTORIES"):
+            (HISTORIES / f"{file}.json").write_text(history.to_json())
 
 
-@pytest.mark.parametrize("name", sorted(SCENARIOS))
+@pytest.mark.parametrize("name", [f"send_email_{n}" for n in sorted(SCENARIOS)] + ["lane"])
 async def test_replay_recorded_history(name: str) -> None:
-    path = HISTORIES / f"send_email_{name}.json"
+    path = HISTORIES / f"{name}.json"
     assert path.exists(), f"record {path.name}: see this module's docstring"
     await _replay(WorkflowHistory.from_json("email:recorded", path.read_text()))
