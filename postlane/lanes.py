@@ -46,13 +46,13 @@ async def apply_lane_limits(
             reason=f"postlane lane {lane}: {reason or 'configured'}",
         ),
     )
-    if per_domain is not None:
-        request.update_fairness_key_rate_limit_default.CopyFrom(
-            update(
-                rate_limit=RateLimit(requests_per_second=per_domain),
-                reason=f"postlane lane {lane}: per recipient domain",
-            )
+    # No per-domain rate means none: an update without a rate clears an earlier one.
+    request.update_fairness_key_rate_limit_default.CopyFrom(
+        update(
+            rate_limit=RateLimit(requests_per_second=per_domain) if per_domain else None,
+            reason=f"postlane lane {lane}: per recipient domain",
         )
+    )
     try:
         await client.workflow_service.update_task_queue_config(request)
     except RPCError as err:

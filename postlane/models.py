@@ -389,8 +389,8 @@ class LaneState(BaseModel):
     limits: LaneLimits
     effective_rate: float
     """The rate in force: the configured one, or less while backing off."""
-    applied_rate: float | None = None
-    """The rate last set on the server."""
+    applied: LaneRateRequest | None = None
+    """The rates last set on the server (reason blank)."""
     warmup_started: datetime | None = None
     buckets: dict[str, int] = Field(default_factory=dict)
     """Slots granted per minute (ISO minute → count), for the rolling hour and day."""

@@ -216,25 +216,8 @@ async def test_worker_applies_lane_rate_on_server(
     ("rate", "per_domain"),
     [
         pytest.param(9, 3, id="rate-and-per-domain"),
-        pytest.param(
-            7,
-            3,
-            id="per-domain-only",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="LaneWorkflow._apply_rate only compares the rate, so a changed"
-                " per_domain_per_second alone is never sent to the server",
-            ),
-        ),
-        pytest.param(
-            9,
-            None,
-            id="per-domain-removed",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="apply_lane_limits never clears the fairness-key default rate",
-            ),
-        ),
+        pytest.param(7, 3, id="per-domain-only"),
+        pytest.param(9, None, id="per-domain-removed"),
     ],
 )
 async def test_restarted_worker_applies_edited_lane_limits(
@@ -267,11 +250,6 @@ async def test_restarted_worker_applies_edited_lane_limits(
         assert fairness.rate_limit.requests_per_second == pytest.approx(per_domain)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="LaneWorkflow._apply_rate records s.effective_rate as applied when set_lane_rate"
-    " returns, not the rate it sent, so a change signalled meanwhile never reaches the server",
-)
 async def test_lane_edit_during_rate_update_reaches_server(
     dev_env: WorkflowEnvironment, tmp_path: Path
 ) -> None:

@@ -103,24 +103,30 @@ class LaneWorkflow:
             s.last_throttle = None
         workflow.logger.info("lane %s recovering: rate %.3g/s", s.name, s.effective_rate)
 
-    async def _apply_rate(self) -> None:
+    def _wanted(self) -> LaneRateRequest:
         s = self.state
-        if s.applied_rate == s.effective_rate:
+        return LaneRateRequest(
+            lane=s.name,
+            rate_per_second=s.effective_rate,
+            per_domain_per_second=s.limits.per_domain_per_second,
+        )
+
+    async def _apply_rate(self) -> None:
+        """Bring the server in line with the rate in force (and the per-domain rate)."""
+        s, wanted = self.state, self._wanted()
+        if s.applied == wanted:
             return
+        backing_off = s.effective_rate < s.limits.rate_per_second
         await workflow.execute_activity(
             SET_LANE_RATE_ACTIVITY,
-            LaneRateRequest(
-                lane=s.name,
-                rate_per_second=s.effective_rate,
-                per_domain_per_second=s.limits.per_domain_per_second,
-                reason="backpressure"
-                if s.effective_rate < s.limits.rate_per_second
-                else "configured",
-            ),
+            wanted.model_copy(update={"reason": "backpressure" if backing_off else "configured"}),
             start_to_close_timeout=ADMIN_START_TO_CLOSE,
             retry_policy=ADMIN_RETRY,
         )
-        s.applied_rate = s.effective_rate
+        # What was sent, not what is wanted now: a change signalled meanwhile goes next.
+        s.applied = wanted
+        if self._wanted() != wanted:
+            self._dirty = True
 
     async def _grant(self) -> None:
         s, now = self.state, workflow.now()
