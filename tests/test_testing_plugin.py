@@ -8,7 +8,9 @@ from postlane import Email, EmailStatus
 from postlane.testing import PostlaneTestEnv
 
 
-async def test_postlane_env_fixture_skips_days_and_captures_mail(postlane_env: PostlaneTestEnv) -> None:
+async def test_postlane_env_fixture_skips_days_and_captures_mail(
+    postlane_env: PostlaneTestEnv,
+) -> None:
     send_at = await postlane_env.now() + timedelta(days=7)
     handle = await postlane_env.client.send(
         Email(sender="a@acme.test", to=["b@example.test"], subject="In a week", text="hi"),
