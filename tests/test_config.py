@@ -122,3 +122,32 @@ def test_lane_credentials_read_from_environment_only(
     monkeypatch.setenv("ACME_PASS", "s3cret")
     assert lane.credentials() == ("u", "s3cret")
     assert "s3cret" not in lane.model_dump_json()
+
+
+@pytest.mark.parametrize(
+    ("fields", "fragment"),
+    [
+        ("rate_per_second = 5\nhourly_cap = 3", "hourly_cap: 3 is less than one second"),
+        ("hourly_cap = 500\ndaily_cap = 100", "daily_cap: 100 is less than hourly_cap 500"),
+        ("rate_per_second = 0", "greater than 0"),
+        ("warmup = {start_per_day = 50, factor = 1.0}", "greater than 1"),
+    ],
+)
+def test_load_settings_inconsistent_limits_rejected(
+    tmp_path: Path, fields: str, fragment: str
+) -> None:
+    path = write(tmp_path, f'[[lanes]]\nname = "a"\nsenders = ["*"]\nsmtp_host = "h"\n{fields}\n')
+    with pytest.raises(ConfigurationError) as caught:
+        load_settings(path)
+    assert fragment in str(caught.value)
+
+
+def test_lane_with_caps_or_warmup_asks_for_slots(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        '[[lanes]]\nname = "a"\nsenders = ["*"]\nsmtp_host = "h"\nwarmup = {start_per_day = 50}\n'
+        '[[lanes]]\nname = "b"\nsenders = ["x@b.test"]\nsmtp_host = "h"\n',
+    )
+    a, b = load_settings(path).lanes
+    assert a.has_quota and a.limits().warmup is not None
+    assert not b.has_quota
