@@ -81,6 +81,16 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser("setup", help="create the namespace (30-day retention) and search attributes")
 
+    dlq = sub.add_parser("dlq", help="dead-lettered emails: list, retry, discard")
+    dlq_sub = dlq.add_subparsers(dest="dlq_command", required=True, metavar="SUBCOMMAND")
+    dlq_list = dlq_sub.add_parser("list", help="key, lane, recipients, attempts, last reply")
+    dlq_list.add_argument("--lane")
+    for name, helptext in (("retry", "send them again"), ("discard", "give up on them")):
+        action = dlq_sub.add_parser(name, help=helptext)
+        action.add_argument("keys", nargs="*", metavar="KEY")
+        action.add_argument("--all", action="store_true", help="every dead-lettered email")
+        action.add_argument("--lane", help="with --all: only this lane's")
+
     lanes = sub.add_parser("lanes", help="per lane: rate, backpressure, caps used, backlog")
     lanes_sub = lanes.add_subparsers(dest="lanes_command", metavar="SUBCOMMAND")
     lane_set = lanes_sub.add_parser("set", help="change a lane's rate live, e.g. --rate 5/s")
@@ -164,6 +174,8 @@ async def _dispatch(args: argparse.Namespace) -> int:
             return EXIT_OK
         print(f"{args.key}: already {await pl.status(args.key)}; nothing changed")
         return EXIT_FAILED
+    if args.command == "dlq":
+        return await _dlq(pl, args)
     if args.command == "lanes":
         if args.lanes_command == "set":
             rate = parse_rate(args.rate)
@@ -180,6 +192,36 @@ async def _dispatch(args: argparse.Namespace) -> int:
         print(f"namespace {pl.temporal.namespace}: ready")
         return EXIT_OK
     raise AssertionError(args.command)  # pragma: no cover
+
+
+async def _dlq(pl: Any, args: argparse.Namespace) -> int:
+    if args.dlq_command == "list":
+        rows = [("KEY", "LANE", "RECIPIENTS", "ATTEMPTS", "LAST REPLY")]
+        for r in await pl.dead_letters(lane=args.lane):
+            rows.append(
+                (r.key, r.lane or "-", ", ".join(r.recipients), str(r.attempts), r.last_error or "")
+            )
+        print(_table(rows))
+        return EXIT_OK
+    if bool(args.keys) == bool(args.all):
+        raise InvalidEmail("keys", "give KEY... or --all, not both")
+    keys = args.keys or [r.key for r in await pl.dead_letters(lane=args.lane)]
+    act = pl.retry if args.dlq_command == "retry" else pl.discard
+    done = 0
+    for n, key in enumerate(keys, 1):
+        ok = await act(key)
+        done += ok
+        state = "done" if ok else "not dead-lettered, unchanged"
+        print(f"[{n}/{len(keys)}] {key}: {state}", flush=True)
+    print(f"{args.dlq_command}: {done} of {len(keys)}")
+    return EXIT_OK
+
+
+def _table(rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows
+    )
 
 
 async def _connect(cls: Any, args: argparse.Namespace, settings: Any) -> Any:
@@ -294,7 +336,4 @@ def format_lanes(reports: Sequence[Any]) -> str:
                 "-" if r.in_flight is None else str(r.in_flight),
             )
         )
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return "\n".join(
-        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows
-    )
+    return _table(rows)

@@ -43,6 +43,7 @@ from postlane.errors import (
 from postlane.ids import (
     WORKFLOW_TASK_QUEUE,
     email_workflow_id,
+    key_from_workflow_id,
     lane_task_queue,
     lane_workflow_id,
     validate_key,
@@ -378,6 +379,24 @@ class PostlaneClient:
             return False
         await self.handle(key)._handle.signal(signal, RetryRequest(reason=reason))
         return True
+
+    async def dead_letters(self, *, lane: str | None = None) -> list[EmailReport]:
+        """Emails parked in the dead-letter state (needs a server with visibility).
+
+        Args:
+            lane: only this lane's.
+
+        Raises:
+            ConfigurationError: no lane has this name.
+        """
+        query = 'PostlaneStatus="dead_letter" AND ExecutionStatus="Running"'
+        if lane is not None:
+            self.settings.lane(lane)  # also keeps the name safe inside the query
+            query += f' AND PostlaneLane="{lane}"'
+        return [
+            await self.describe(key_from_workflow_id(execution.id))
+            async for execution in self.temporal.list_workflows(query)
+        ]
 
     async def lanes(self) -> list[LaneReport]:
         """Every configured lane: rate, backpressure, cap usage, backlog and in-flight sends."""
