@@ -78,6 +78,9 @@ def _parser() -> argparse.ArgumentParser:
     ):
         c = sub.add_parser(name, help=helptext)
         c.add_argument("key")
+        if name == "retry":
+            c.add_argument("--to", action="append", help="replace the To recipients")
+            c.add_argument("--lane", help="send through another lane")
 
     sub.add_parser("setup", help="create the namespace (30-day retention) and search attributes")
 
@@ -163,7 +166,8 @@ async def _dispatch(args: argparse.Namespace) -> int:
         print(report.model_dump_json(indent=2, exclude_none=True))
         return EXIT_OK
     if args.command == "retry":
-        if await pl.retry(args.key):
+        to = _split(args.to) if args.to else None
+        if await pl.retry(args.key, to=to, lane=args.lane):
             print(f"{args.key}: going out again")
             return EXIT_OK
         print(f"{args.key}: not dead-lettered ({await pl.status(args.key)}); nothing to retry")

@@ -7,6 +7,7 @@ from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any
 
+from pydantic import ValidationError
 from temporalio.api.enums.v1 import PendingActivityState, TaskQueueType
 from temporalio.api.taskqueue.v1 import TaskQueue
 from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest
@@ -60,6 +61,7 @@ from postlane.models import (
     RateChange,
     RetryRequest,
     SendEmailInput,
+    invalid_email_from,
 )
 
 _CONTENT_HASH = "postlane_content_hash"
@@ -355,16 +357,38 @@ class PostlaneClient:
         await handle.cancel()
         return True
 
-    async def retry(self, key: str, *, reason: str = "") -> bool:
-        """Send a dead-lettered email again.
+    async def retry(
+        self,
+        key: str,
+        *,
+        reason: str = "",
+        to: list[str] | None = None,
+        lane: str | None = None,
+    ) -> bool:
+        """Send a dead-lettered email again, optionally corrected.
+
+        Args:
+            to: new To recipients (the old ones are replaced).
+            lane: send through this lane instead.
 
         Returns:
             True if the email was dead-lettered and is going out again, False otherwise.
 
         Raises:
             EmailNotFound: no email has this key.
+            InvalidEmail: a correction is invalid (bad address, unknown lane).
         """
-        return await self._signal_dead_letter(key, "retry", reason)
+        retry = None
+        if lane is not None:
+            try:
+                retry = self.settings.lane(lane).retry
+            except ConfigurationError as exc:
+                raise InvalidEmail("lane", str(exc)) from None
+        try:
+            request = RetryRequest(reason=reason, to=to, lane=lane, retry=retry)
+        except ValidationError as exc:
+            raise invalid_email_from(exc) from None
+        return await self._signal_dead_letter(key, "retry", request)
 
     async def discard(self, key: str, *, reason: str = "") -> bool:
         """Give up on a dead-lettered email; it ends cancelled.
@@ -372,12 +396,12 @@ class PostlaneClient:
         Returns:
             True if the email was dead-lettered and is now discarded, False otherwise.
         """
-        return await self._signal_dead_letter(key, "discard", reason)
+        return await self._signal_dead_letter(key, "discard", RetryRequest(reason=reason))
 
-    async def _signal_dead_letter(self, key: str, signal: str, reason: str) -> bool:
+    async def _signal_dead_letter(self, key: str, signal: str, request: RetryRequest) -> bool:
         if await self.status(key) != EmailStatus.DEAD_LETTER:
             return False
-        await self.handle(key)._handle.signal(signal, RetryRequest(reason=reason))
+        await self.handle(key)._handle.signal(signal, request)
         return True
 
     async def dead_letters(self, *, lane: str | None = None) -> list[EmailReport]:

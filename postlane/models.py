@@ -291,11 +291,25 @@ class DeliveryReceipt(BaseModel):
 
 
 class RetryRequest(BaseModel):
-    """Signal input of ``retry``: send a dead-lettered email again."""
+    """Signal input of ``retry`` (and ``discard``): send a dead-lettered email again,
+    optionally corrected."""
 
     model_config = ConfigDict(frozen=True)
 
     reason: str = ""
+    to: list[str] | None = None
+    """New To recipients (e.g. a fixed address)."""
+    lane: str | None = None
+    """Another lane (sending account) to send through."""
+    retry: RetrySettings | None = None
+    """The new lane's retry settings (filled in by the client)."""
+
+    @field_validator("to")
+    @classmethod
+    def _addresses(cls, v: list[str] | None) -> list[str] | None:
+        for address in v or []:
+            check_address(address)
+        return v
 
 
 class EmailReport(BaseModel):

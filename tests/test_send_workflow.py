@@ -215,3 +215,21 @@ async def test_send_unknown_sender_starts_nothing(pl: PostlaneTestEnv, key: str)
     assert caught.value.field == "sender"
     with pytest.raises(EmailNotFound):
         await client.status(key)
+
+
+async def test_dead_letter_retry_with_new_recipient_and_lane(pl: PostlaneTestEnv, key: str) -> None:
+    pl.smtp.reject_recipient("bob@example.test", "450 4.2.1 mailbox busy")
+    handle = await pl.client.send(email(sender="ops@fragile.test"), key=key)
+    await wait_status(pl, key, EmailStatus.DEAD_LETTER)
+    with pytest.raises(InvalidEmail) as caught:
+        await pl.client.retry(key, to=["not an address"])
+    assert caught.value.field.startswith("to")
+    with pytest.raises(InvalidEmail):
+        await pl.client.retry(key, lane="no-such-lane")
+    assert await pl.client.retry(key, to=["carol@example.test"], lane="test") is True
+    receipt = await handle.result()
+    assert receipt.lane == "test"
+    assert receipt.accepted == ["carol@example.test"]
+    [caught_mail] = pl.outbox
+    assert caught_mail.recipients == ["carol@example.test"]
+    assert (await pl.client.describe(key)).lane == "test"  # the search attribute follows

@@ -53,6 +53,7 @@ class SendEmailWorkflow:
         self._retry_requested = False
         self._discard_requested = False
         self._slot_granted = False
+        self._correction = RetryRequest()
         self._scheduled_for: datetime | None = None
 
     @workflow.run
@@ -114,7 +115,12 @@ class SendEmailWorkflow:
                         type=failure.type,
                         non_retryable=True,
                     ) from err
-                await self._park()
+                correction = await self._park()
+                if correction.lane and correction.lane != req.lane:
+                    workflow.upsert_search_attributes([sa.LANE.value_set(correction.lane)])
+                req = _corrected(req, correction)
+                request = request.model_copy(update={"email": req.email, "lane": req.lane})
+                self._input = req
                 continue
             self._receipt = receipt.model_copy(
                 update={
@@ -149,7 +155,7 @@ class SendEmailWorkflow:
         else:
             self._slot_granted = True
 
-    async def _park(self) -> None:
+    async def _park(self) -> RetryRequest:
         """Dead-letter: wait, durably and visibly, for an operator's retry or discard."""
         self._set_status(EmailStatus.DEAD_LETTER)
         workflow.logger.warning("email dead-lettered: %s", self._last_error)
@@ -162,6 +168,8 @@ class SendEmailWorkflow:
                 non_retryable=True,
             )
         self._retry_requested = False
+        correction, self._correction = self._correction, RetryRequest()
+        return correction
 
     def _set_status(self, status: EmailStatus) -> None:
         details = f"status: {status}; attempts: {self._attempts}"
@@ -177,6 +185,7 @@ class SendEmailWorkflow:
         """Send a dead-lettered email again (ignored in any other state)."""
         if self._status == EmailStatus.DEAD_LETTER:
             self._retry_requested = True
+            self._correction = request
 
     @workflow.signal(name="discard")
     def discard(self, request: RetryRequest) -> None:
@@ -199,6 +208,18 @@ class SendEmailWorkflow:
             scheduled_for=self._scheduled_for if self._status == EmailStatus.SCHEDULED else None,
             receipt=self._receipt,
         )
+
+
+def _corrected(req: SendEmailInput, correction: RetryRequest) -> SendEmailInput:
+    """The email as an operator corrected it on retry (new recipients, another lane)."""
+    update: dict[str, object] = {}
+    if correction.to:
+        update["email"] = req.email.model_copy(update={"to": list(correction.to)})
+    if correction.lane:
+        update["lane"] = correction.lane
+        if correction.retry is not None:
+            update["retry"] = correction.retry
+    return req.model_copy(update=update) if update else req
 
 
 def _application_failure(err: BaseException) -> ApplicationError | None:
