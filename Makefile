@@ -12,9 +12,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-# Debian packages the tests need: docker-compose only parses docker-compose.yml (no engine).
+# Debian packages the tests need: docker-compose only parses docker-compose.yml (no engine);
+# chromium loads the Temporal Web UI headless.
 $(VENV)/.system: $(STAMP)
-	command -v docker-compose >/dev/null || { apt-get update -qq && apt-get install -y -qq --no-install-recommends docker-compose; }
+	{ command -v docker-compose && command -v chromium; } >/dev/null || { apt-get update -qq && apt-get install -y -qq --no-install-recommends docker-compose chromium; }
 	touch $@
 
 dev: $(STAMP)  ## Temporal dev server + Web UI, SMTP catcher, worker, demo email
