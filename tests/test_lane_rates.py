@@ -19,6 +19,7 @@ from tests.procs import (
     WorkerProcess,
     assert_eventually,
     postlane_env,
+    run_postlane,
     wait_for_pollers,
     write_config,
 )
@@ -105,3 +106,57 @@ async def test_high_priority_overtakes_bulk_backlog(
                 smtp.wait_for(1, timeout=timedelta(seconds=30).total_seconds())
     subjects = [m.subject for m in sorted(smtp.messages, key=lambda m: m.received_at)]
     assert "verification code" in subjects[:3], subjects[:10]
+
+
+@pytest.mark.timeout(180)
+async def test_hourly_cap_survives_worker_restart_without_over_sending(
+    dev_env: WorkflowEnvironment, key: str, tmp_path: Path
+) -> None:
+    client = dev_env.client
+    with SmtpCatcher() as smtp:
+        lane = new_lane(smtp, rate_per_second=3, hourly_cap=3)
+        env = postlane_env(address_of(dev_env), write_config(tmp_path / "postlane.toml", [lane]))
+        pl = PostlaneClient(client, Settings(lanes=[lane]))
+        with WorkerProcess.start(env, tmp_path, "--lanes", lane.name, name="first") as first:
+            await wait_for_pollers(client, lane.task_queue, [first])
+            for n in range(5):
+                await pl.send(an_email(f"#{n}"), key=f"{key}-{n}")
+            await asyncio.to_thread(smtp.wait_for, 3, 60)
+
+            async def two_waiting() -> bool:
+                status = (await pl.lane(lane.name)).status
+                return status is not None and (status.used_last_hour, status.waiting) == (3, 2)
+
+            await assert_eventually(two_waiting, what="three sent, two waiting")
+            first.kill()
+        with WorkerProcess.start(env, tmp_path, "--lanes", lane.name, name="second") as second:
+            await wait_for_pollers(client, lane.task_queue, [second])
+            await assert_eventually(two_waiting, what="the quota state after the restart")
+            statuses = [await pl.status(f"{key}-{n}") for n in range(5)]
+            rc, out, err = await run_postlane(["lanes"], env)
+    assert len(smtp.messages) == 3
+    assert sorted(statuses) == sorted(["sent"] * 3 + ["scheduled"] * 2)
+    assert rc == 0, err
+    row = next(line for line in out.splitlines() if line.startswith(lane.name))
+    assert "3/3" in row.split()  # the hour's window: used/cap
+
+
+async def test_lanes_set_changes_rate_on_server_live(
+    dev_env: WorkflowEnvironment, tmp_path: Path
+) -> None:
+    client = dev_env.client
+    lane = new_lane(rate_per_second=4)
+    env = postlane_env(address_of(dev_env), write_config(tmp_path / "postlane.toml", [lane]))
+    pl = PostlaneClient(client, Settings(lanes=[lane]))
+    with WorkerProcess.start(env, tmp_path, "--lanes", lane.name) as worker:
+        await wait_for_pollers(client, lane.task_queue, [worker])
+
+        async def rate_is(value: float) -> bool:
+            return (await pl.lane(lane.name)).server_rate == value
+
+        await assert_eventually(lambda: rate_is(4), what="the configured rate on the server")
+        rc, out, err = await run_postlane(["lanes", "set", lane.name, "--rate", "120/m"], env)
+        assert (rc, out.strip()) == (0, f"lane {lane.name}: rate set to 2/s"), err
+        await assert_eventually(lambda: rate_is(2), what="the new rate on the server")
+        rc, _, err = await run_postlane(["lanes", "set", lane.name, "--rate=0/s"], env)
+        assert rc == 2 and err.strip().startswith("error: ConfigurationError: rate:")
