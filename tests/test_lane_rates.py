@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 from datetime import timedelta
 from pathlib import Path
 
@@ -10,11 +11,15 @@ import pytest
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
+from postlane import search_attributes as sa
+from postlane.binaries import dev_server_path
 from postlane.catcher import SmtpCatcher
 from postlane.client import PostlaneClient
 from postlane.config import Settings
+from postlane.connection import data_converter
 from postlane.ids import WORKFLOW_TASK_QUEUE
 from postlane.lanes import start_lane_workflow
+from tests.conftest import DEV_SERVER_ARGS
 from tests.procs import (
     WorkerProcess,
     assert_eventually,
@@ -160,3 +165,58 @@ async def test_lanes_set_changes_rate_on_server_live(
         await assert_eventually(lambda: rate_is(2), what="the new rate on the server")
         rc, _, err = await run_postlane(["lanes", "set", lane.name, "--rate=0/s"], env)
         assert rc == 2 and err.strip().startswith("error: ConfigurationError: rate:")
+
+
+@pytest.mark.timeout(180)
+async def test_hourly_cap_survives_server_restart_without_over_sending(
+    key: str, tmp_path: Path
+) -> None:
+    port, db = free_port(), tmp_path / "temporal.db"
+
+    async def server() -> WorkflowEnvironment:
+        return await WorkflowEnvironment.start_local(
+            dev_server_existing_path=dev_server_path(),
+            dev_server_database_filename=str(db),
+            port=port,
+            data_converter=data_converter(),
+            search_attributes=list(sa.ALL),
+            dev_server_extra_args=DEV_SERVER_ARGS,
+        )
+
+    with SmtpCatcher() as smtp:
+        lane = new_lane(smtp, rate_per_second=3, hourly_cap=3)
+        settings = Settings(lanes=[lane])
+        env = postlane_env(f"127.0.0.1:{port}", write_config(tmp_path / "postlane.toml", [lane]))
+        first = await server()
+        with WorkerProcess.start(env, tmp_path, "--lanes", lane.name) as worker:
+            try:
+                pl = PostlaneClient(first.client, settings)
+                await wait_for_pollers(first.client, lane.task_queue, [worker])
+                for n in range(5):
+                    await pl.send(an_email(f"#{n}"), key=f"{key}-{n}")
+                await asyncio.to_thread(smtp.wait_for, 3, 60)
+                await assert_eventually(lambda: waiting(pl, lane.name, 2), what="two waiting")
+            finally:
+                await first.shutdown()
+            second = await server()  # same SQLite file: the history is all there is
+            try:
+                pl = PostlaneClient(second.client, settings)
+                await assert_eventually(
+                    lambda: waiting(pl, lane.name, 2), within=60, what="state after the restart"
+                )
+                statuses = [await pl.status(f"{key}-{n}") for n in range(5)]
+            finally:
+                await second.shutdown()
+    assert len(smtp.messages) == 3
+    assert sorted(statuses) == sorted(["sent"] * 3 + ["scheduled"] * 2)
+
+
+async def waiting(pl: PostlaneClient, lane: str, count: int) -> bool:
+    status = (await pl.lane(lane)).status
+    return status is not None and status.waiting == count and status.used_last_hour == 3
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
