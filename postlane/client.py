@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import hashlib
+import uuid
 from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any
 
 from pydantic import ValidationError
-from temporalio.api.enums.v1 import PendingActivityState, TaskQueueType
+from temporalio.api.common.v1 import WorkflowExecution
+from temporalio.api.enums.v1 import EventType, PendingActivityState, TaskQueueType
 from temporalio.api.taskqueue.v1 import TaskQueue
-from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest
+from temporalio.api.workflowservice.v1 import (
+    DescribeTaskQueueRequest,
+    ResetWorkflowExecutionRequest,
+)
 from temporalio.client import (
     Client,
     WorkflowExecutionStatus,
@@ -365,7 +370,7 @@ class PostlaneClient:
         to: list[str] | None = None,
         lane: str | None = None,
     ) -> bool:
-        """Send a dead-lettered email again, optionally corrected.
+        """Send a dead-lettered email again, optionally corrected, or a failed one again as is.
 
         Args:
             to: new To recipients (the old ones are replaced).
@@ -388,7 +393,36 @@ class PostlaneClient:
             request = RetryRequest(reason=reason, to=to, lane=lane, retry=retry)
         except ValidationError as exc:
             raise invalid_email_from(exc) from None
+        if await self.status(key) == EmailStatus.FAILED:
+            if to or lane:
+                raise InvalidEmail("to", "a failed email is retried as it was; resend corrected")
+            return await self._rerun_failed(key, reason)
         return await self._signal_dead_letter(key, "retry", request)
+
+    async def _rerun_failed(self, key: str, reason: str) -> bool:
+        """Reset a failed email to its first workflow task: same ID, a new run, one more send.
+
+        The workflow ID stays the idempotency key: a later `send` with this key attaches to
+        the new run instead of sending once more.
+        """
+        handle = self.handle(key)._handle
+        first_task = None
+        async for event in handle.fetch_history_events():
+            if event.event_type == EventType.EVENT_TYPE_WORKFLOW_TASK_COMPLETED:
+                first_task = event.event_id
+                break
+        if first_task is None:
+            return False
+        await self.temporal.workflow_service.reset_workflow_execution(
+            ResetWorkflowExecutionRequest(
+                namespace=self.temporal.namespace,
+                workflow_execution=WorkflowExecution(workflow_id=handle.id),
+                reason=reason or "postlane retry of a failed email",
+                workflow_task_finish_event_id=first_task,
+                request_id=str(uuid.uuid4()),
+            )
+        )
+        return True
 
     async def discard(self, key: str, *, reason: str = "") -> bool:
         """Give up on a dead-lettered email; it ends cancelled.

@@ -11,6 +11,7 @@ from temporalio.testing import WorkflowEnvironment
 from postlane.catcher import SmtpCatcher
 from postlane.client import PostlaneClient
 from postlane.config import Settings
+from postlane.errors import PermanentDeliveryError
 from postlane.models import EmailStatus, RetrySettings
 from postlane.testing import running_workers
 from tests.procs import assert_eventually, postlane_env, run_postlane, write_config
@@ -52,3 +53,28 @@ async def test_dlq_list_and_retry_all_deliver_each_once(
     assert sorted(m.message_id for m in smtp.messages) == sorted(r.message_id for r in receipts)
     assert all(r.attempts == 3 for r in receipts)
     assert await pl.status(f"{key}-0") == EmailStatus.SENT
+
+
+async def test_retry_failed_email_after_operator_fixed_cause(
+    dev_env: WorkflowEnvironment, key: str
+) -> None:
+    with SmtpCatcher() as smtp:
+        lane = new_lane(smtp)
+        settings = Settings(lanes=[lane])
+        pl = PostlaneClient(dev_env.client, settings)
+        smtp.reject_recipient("bob@example.test", "550 5.1.1 no such user")
+        async with running_workers(dev_env, settings):
+            handle = await pl.send(an_email(), key=key)
+            with pytest.raises(PermanentDeliveryError):
+                await handle.result()
+            assert await pl.status(key) == EmailStatus.FAILED
+            smtp.clear()  # the operator created the mailbox
+            assert await pl.retry(key, reason="mailbox created") is True
+
+            async def sent() -> bool:
+                return await pl.status(key) == EmailStatus.SENT
+
+            await assert_eventually(sent, within=60, what="the failed email sent on retry")
+            again = await pl.send(an_email(), key=key)  # the key still deduplicates
+            receipt = await asyncio.wait_for(again.result(), 30)
+    assert [m.message_id for m in smtp.messages] == [receipt.message_id]
