@@ -107,7 +107,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.config:
         os.environ["POSTLANE_CONFIG"] = args.config
-    long_running = args.command in ("dev", "worker")
     try:
         rc = asyncio.run(_dispatch(args))
     except KeyboardInterrupt:
@@ -118,8 +117,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         rc = _fail(exc, EXIT_FAILED)
     except (RuntimeError, OSError, RPCError) as exc:
         rc = _fail(exc, EXIT_FAILED)
-    if long_running:
-        return rc
+    # Every command, the worker and the dev stack included, has finished its cleanup inside
+    # the event loop by now; leaving through os._exit avoids the SDK's abort at shutdown.
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(rc)
