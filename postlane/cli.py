@@ -16,11 +16,15 @@ import uuid
 from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from temporalio.service import RPCError
 
 from postlane.errors import ConfigurationError, InvalidEmail, PostlaneError
+
+if TYPE_CHECKING:
+    from postlane.client import PostlaneClient
+    from postlane.config import Settings
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
 
@@ -144,14 +148,13 @@ async def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "worker":
         return await _worker(args)
 
-    from postlane.client import PostlaneClient
     from postlane.config import load_settings
 
     settings = load_settings()
     if args.command == "send":
         email, key = _email_from_args(args)  # validate before touching the network
         send_at = _parse_time(args.send_at) if args.send_at else None
-        pl = await _connect(PostlaneClient, args, settings)
+        pl = await _connect(args, settings)
         handle = await pl.send(email, key=key, priority=args.priority, send_at=send_at)
         print(f"workflow_id={handle.workflow_id} key={key}")
         if args.wait:
@@ -159,7 +162,7 @@ async def _dispatch(args: argparse.Namespace) -> int:
             print(receipt.model_dump_json(indent=2))
         return EXIT_OK
 
-    pl = await _connect(PostlaneClient, args, settings)
+    pl = await _connect(args, settings)
     if args.command == "status":
         report = await pl.describe(args.key)
         print(report.model_dump_json(indent=2, exclude_none=True))
@@ -227,9 +230,13 @@ def _table(rows: Sequence[Sequence[str]]) -> str:
     )
 
 
-async def _connect(cls: Any, args: argparse.Namespace, settings: Any) -> Any:
+async def _connect(args: argparse.Namespace, settings: Settings) -> PostlaneClient:
+    from postlane.client import PostlaneClient
+
     try:
-        return await cls.connect(args.address, namespace=args.namespace, settings=settings)
+        return await PostlaneClient.connect(
+            args.address, namespace=args.namespace, settings=settings
+        )
     except RuntimeError as exc:
         address = args.address or os.environ.get("TEMPORAL_ADDRESS", "localhost:7233")
         raise RuntimeError(f"cannot reach Temporal at {address}: {exc}") from None

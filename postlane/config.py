@@ -242,7 +242,7 @@ def load_settings(path: str | Path | None = None) -> Settings:
         raise ConfigurationError(f"{file}: configuration file not found")
     try:
         merged = _FileSettings(**data)  # type: ignore[arg-type]
-        return Settings(lanes=merged.lanes)
+        return Settings(**dict(merged))  # every field, already merged and validated
     except ValidationError as exc:
         err = exc.errors()[0]
         loc = [str(p) for p in err["loc"]]

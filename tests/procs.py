@@ -13,6 +13,7 @@ import inspect
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -33,6 +34,13 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 POSTLANE_SCRIPT = Path(sys.executable).parent / "postlane"
 
 T = TypeVar("T")
+
+
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 # -- waiting ---------------------------------------------------------------------------------

@@ -9,15 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from tests.procs import free_port
+
 pytestmark = pytest.mark.devserver
 
 POSTLANE = str(Path(sys.executable).parent / "postlane")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def run_dev(state: Path, ports: tuple[int, int, int]) -> subprocess.CompletedProcess[str]:

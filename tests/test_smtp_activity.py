@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import socket
 import ssl
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -32,6 +31,7 @@ from postlane.config import LaneConfig, Settings
 from postlane.errors import ErrorType
 from postlane.ids import email_workflow_id, message_id
 from postlane.models import Attachment, DeliveryReceipt, Email, SmtpSendRequest
+from tests.procs import free_port
 
 LANE = "test"
 SENDER = "app@acme.test"
@@ -91,14 +91,6 @@ async def send_failure(
 def details(err: ApplicationError) -> dict[str, Any]:
     assert err.details and isinstance(err.details[0], dict)
     return err.details[0]
-
-
-def free_port() -> int:
-    """A loopback port nothing listens on (bound, then released)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-    return port
 
 
 def only(catcher: SmtpCatcher) -> CaughtMessage:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 import urllib.parse
@@ -24,7 +23,7 @@ from postlane.connection import data_converter
 from postlane.models import RetrySettings
 from postlane.testing import running_workers
 from tests.conftest import DEV_SERVER_ARGS
-from tests.procs import assert_eventually
+from tests.procs import assert_eventually, free_port
 from tests.test_integration import an_email, new_lane
 
 pytestmark = pytest.mark.devserver
@@ -42,12 +41,6 @@ CHROMIUM_FLAGS = [
     "--window-size=1440,900",
 ]
 SCREENSHOT = Path(__file__).resolve().parent.parent / "docs" / "web-ui-dead-letters.png"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def chromium(*args: str) -> str:
