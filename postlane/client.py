@@ -68,6 +68,7 @@ from postlane.models import (
     SendEmailInput,
     invalid_email_from,
 )
+from postlane.sequence_client import SequenceOperations
 
 _CONTENT_HASH = "postlane_content_hash"
 NON_RETRYABLE_TYPES = (
@@ -116,8 +117,11 @@ class EmailHandle:
         return await self._client.cancel(self.key)
 
 
-class PostlaneClient:
+class PostlaneClient(SequenceOperations):
     """Postlane's Python API, a thin layer over a Temporal client.
+
+    Sequence operations (`start_sequence`, `sequence_status`, `record_reply`, ...) come
+    from `SequenceOperations`.
 
     Use ``async with await PostlaneClient.connect() as pl: ...``.
     """

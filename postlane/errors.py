@@ -8,6 +8,8 @@
     ├── ConfigurationError (also ValueError) postlane.toml / environment is wrong
     ├── IdempotencyConflict                 same key, different content
     ├── EmailNotFound                       no email with that key
+    ├── SequenceNotFound                    no sequence with that key
+    ├── RecipientSuppressed                 the address unsubscribed from this sender
     └── DeliveryError                       the email did not go out
         ├── PermanentDeliveryError          the SMTP server said no (5xx)
         └── EmailCancelled                  an operator cancelled it
@@ -84,6 +86,23 @@ class EmailNotFound(PostlaneError, LookupError):
     def __init__(self, key: str) -> None:
         self.key = key
         super().__init__(f"no email with key {key!r}")
+
+
+class SequenceNotFound(PostlaneError, LookupError):
+    """No sequence (workflow) exists for this key."""
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+        super().__init__(f"no sequence with key {key!r}")
+
+
+class RecipientSuppressed(PostlaneError):
+    """The address unsubscribed from this sender; it is not enrolled again."""
+
+    def __init__(self, sender: str, address: str) -> None:
+        self.sender = sender
+        self.address = address
+        super().__init__(f"{address} unsubscribed from {sender}; not enrolled")
 
 
 class DeliveryError(PostlaneError):

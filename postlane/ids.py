@@ -15,6 +15,8 @@ WORKFLOW_TASK_QUEUE = "postlane"
 LANE_QUEUE_PREFIX = "postlane.lane."
 EMAIL_ID_PREFIX = "email:"
 LANE_ID_PREFIX = "lane:"
+SEQUENCE_ID_PREFIX = "sequence:"
+SUPPRESSION_ID_PREFIX = "suppressed:"
 MAX_KEY_LENGTH = 200
 _KEY_RE = re.compile(r"^[^\s\x00-\x1f\x7f]+$")
 _MESSAGE_ID_RE = re.compile(r"^<pl\.([a-z2-7]+)@[^>]+>$")
@@ -45,6 +47,44 @@ def key_from_workflow_id(workflow_id: str) -> str:
     return workflow_id.removeprefix(EMAIL_ID_PREFIX)
 
 
+def sequence_workflow_id(key: str) -> str:
+    """Workflow ID of the sequence enrolled with this key."""
+    return SEQUENCE_ID_PREFIX + key
+
+
+def sequence_email_key(sequence_key: str, step: str) -> str:
+    """Idempotency key of the email a sequence's step sends."""
+    return f"{sequence_key}:{step}"
+
+
+def sequence_of_email(workflow_id: str) -> str | None:
+    """The sequence workflow that sent an email (``email:K:step`` → ``sequence:K``).
+
+    Standalone emails whose key contains ``:`` also map to a name; no such sequence
+    exists, and signalling it fails harmlessly.
+    """
+    key = workflow_id.removeprefix(EMAIL_ID_PREFIX)
+    if key == workflow_id or ":" not in key:
+        return None
+    return sequence_workflow_id(key.rsplit(":", 1)[0])
+
+
+def suppression_workflow_id(sender: str, address: str) -> str:
+    """Workflow ID that, while running, keeps `address` out of `sender`'s sequences."""
+    return f"{SUPPRESSION_ID_PREFIX}{sender.lower()}/{address.lower()}"
+
+
+def unsubscribe_token(sequence_id: str) -> str:
+    """Opaque, reversible token naming a sequence in unsubscribe links and mailto subjects."""
+    return "pl-" + _b32(sequence_id)
+
+
+def sequence_from_unsubscribe_token(token: str) -> str | None:
+    """Inverse of `unsubscribe_token` (None for anything else)."""
+    match = re.search(r"\bpl-([a-z2-7]+)\b", token.strip().lower())
+    return _unb32(match.group(1)) if match else None
+
+
 def lane_task_queue(lane: str) -> str:
     """Activity task queue of a lane: one per sending account, rate limited by the server."""
     return LANE_QUEUE_PREFIX + lane
@@ -57,8 +97,7 @@ def lane_workflow_id(lane: str) -> str:
 
 def message_id(workflow_id: str, domain: str) -> str:
     """The Message-ID every attempt of this workflow's send carries."""
-    encoded = base64.b32encode(workflow_id.encode()).decode().rstrip("=").lower()
-    return f"<pl.{encoded}@{domain}>"
+    return f"<pl.{_b32(workflow_id)}@{domain}>"
 
 
 def workflow_id_from_message_id(value: str) -> str | None:
@@ -66,8 +105,15 @@ def workflow_id_from_message_id(value: str) -> str | None:
     match = _MESSAGE_ID_RE.match(value.strip())
     if not match:
         return None
-    encoded = match.group(1).upper()
-    encoded += "=" * (-len(encoded) % 8)
+    return _unb32(match.group(1))
+
+
+def _b32(value: str) -> str:
+    return base64.b32encode(value.encode()).decode().rstrip("=").lower()
+
+
+def _unb32(encoded: str) -> str | None:
+    encoded = encoded.upper() + "=" * (-len(encoded) % 8)
     try:
         return base64.b32decode(encoded).decode()
     except (ValueError, UnicodeDecodeError):

@@ -4,8 +4,10 @@ from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxR
 
 from workflows.lane import LaneWorkflow
 from workflows.send_email import SendEmailWorkflow
+from workflows.sequence import SequenceWorkflow
+from workflows.suppression import SuppressionWorkflow
 
-WORKFLOWS: list[type] = [SendEmailWorkflow, LaneWorkflow]
+WORKFLOWS: list[type] = [SendEmailWorkflow, LaneWorkflow, SequenceWorkflow, SuppressionWorkflow]
 
 
 def workflow_runner() -> SandboxedWorkflowRunner:
@@ -21,4 +23,11 @@ def workflow_runner() -> SandboxedWorkflowRunner:
     )
 
 
-__all__ = ["WORKFLOWS", "LaneWorkflow", "SendEmailWorkflow", "workflow_runner"]
+__all__ = [
+    "WORKFLOWS",
+    "LaneWorkflow",
+    "SendEmailWorkflow",
+    "SequenceWorkflow",
+    "SuppressionWorkflow",
+    "workflow_runner",
+]

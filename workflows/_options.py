@@ -37,3 +37,8 @@ ADMIN_RETRY = RetryPolicy(
     initial_interval=timedelta(seconds=1), maximum_interval=timedelta(minutes=1)
 )
 """Lane administration (setting a queue's rate) retries until the server takes it."""
+
+COMPOSE_RETRY = RetryPolicy(
+    initial_interval=timedelta(seconds=2), maximum_interval=timedelta(minutes=1), maximum_attempts=5
+)
+"""An agent (LLM) call: retried a few times, then the sequence fails visibly."""

@@ -1,0 +1,458 @@
+"""Sequence operations of `PostlaneClient`: enroll, inspect, pause, stop, route replies."""
+
+from __future__ import annotations
+
+import hashlib
+from datetime import UTC, datetime
+from typing import Any
+
+from pydantic import ValidationError
+from temporalio.client import (
+    Client,
+    WorkflowExecutionStatus,
+    WorkflowFailureError,
+    WorkflowHandle,
+)
+from temporalio.common import Priority as TemporalPriority
+from temporalio.common import (
+    SearchAttributePair,
+    TypedSearchAttributes,
+    WorkflowIDConflictPolicy,
+    WorkflowIDReusePolicy,
+)
+from temporalio.exceptions import WorkflowAlreadyStartedError
+from temporalio.service import RPCError, RPCStatusCode
+
+from postlane import search_attributes as sa
+from postlane.config import Settings
+from postlane.errors import (
+    IdempotencyConflict,
+    InvalidEmail,
+    RecipientSuppressed,
+    SequenceNotFound,
+    UnknownSender,
+)
+from postlane.ids import (
+    WORKFLOW_TASK_QUEUE,
+    sequence_from_unsubscribe_token,
+    sequence_of_email,
+    sequence_workflow_id,
+    suppression_workflow_id,
+    unsubscribe_token,
+    validate_key,
+    workflow_id_from_message_id,
+)
+from postlane.models import Email, invalid_email_from
+from postlane.sequence_models import (
+    Approval,
+    InboundEvent,
+    InboundKind,
+    SequenceInput,
+    SequenceReport,
+    SequenceStatus,
+    Suppression,
+)
+from postlane.sequence_spec import Recipient, SequenceSpec
+from postlane.templates import render_sequence, render_string, variables_for
+
+_CONTENT_HASH = "postlane_content_hash"
+_SUPPRESSION_TYPE = "Suppression"
+
+
+class SequenceHandle:
+    """An enrolled sequence: ask where it is, pause, resume or stop it."""
+
+    def __init__(self, client: SequenceOperations, key: str) -> None:
+        self.key = key
+        self.workflow_id = sequence_workflow_id(key)
+        self._client = client
+
+    async def status(self) -> SequenceReport:
+        """See `SequenceOperations.sequence_status`."""
+        return await self._client.sequence_status(self.key)
+
+    async def result(self) -> SequenceReport:
+        """Wait until the sequence ends and return its final report."""
+        handle = self._client.temporal.get_workflow_handle(
+            self.workflow_id, result_type=SequenceReport
+        )
+        return SequenceReport.model_validate(await handle.result())
+
+
+class SequenceOperations:
+    """Mixed into `PostlaneClient`; needs its ``temporal`` client and ``settings``."""
+
+    temporal: Client
+    settings: Settings
+
+    def prepare_sequence(
+        self,
+        spec: SequenceSpec,
+        recipient: Recipient,
+        *,
+        key: str | None = None,
+        history_limit: int | None = None,
+    ) -> SequenceInput:
+        """Validate and render a sequence for one recipient, without starting anything.
+
+        Raises:
+            InvalidEmail: a bad key, or a template that does not render for this recipient
+                (the message names the template field), or a rendered email that is invalid.
+            UnknownSender: no lane serves ``spec.sender``.
+        """
+        if not isinstance(spec, SequenceSpec):
+            raise InvalidEmail("spec", f"expected a SequenceSpec, got {type(spec).__name__}")
+        if not isinstance(recipient, Recipient):
+            raise InvalidEmail("recipient", f"expected a Recipient, got {type(recipient).__name__}")
+        key = key if key is not None else f"{spec.name}:{recipient.address.lower()}"
+        try:
+            validate_key(key)
+        except ValueError as exc:
+            raise InvalidEmail("key", str(exc)) from None
+        lane = self.settings.lane_for(spec.sender)
+        if lane is None:
+            raise UnknownSender(spec.sender)
+        token = unsubscribe_token(sequence_workflow_id(key))
+        url = ""
+        if spec.unsubscribe_url:
+            variables = {
+                **variables_for(spec, recipient),
+                "unsubscribe_token": token,
+                "key": key,
+            }
+            url = render_string(spec.unsubscribe_url, variables, field="unsubscribe_url").strip()
+            if not url.startswith("https://"):
+                raise InvalidEmail("unsubscribe_url", f"{url!r} must be an https:// URL")
+        rendered, instructions = render_sequence(spec, recipient, unsubscribe_url=url)
+        mailto = f"<mailto:{spec.sender}?subject=unsubscribe%20{token}>"
+        inp = SequenceInput(
+            key=key,
+            spec=spec,
+            recipient=recipient,
+            lane=lane.name,
+            retry=lane.retry,
+            quota=lane.has_quota,
+            priority=spec.priority,
+            rendered=rendered,
+            instructions=instructions,
+            list_unsubscribe=f"{mailto}, <{url}>" if url else mailto,
+            one_click=bool(url),
+            **({"history_limit": history_limit} if history_limit else {}),
+        )
+        for step, content in rendered.items():
+            _check_email(spec, recipient, inp, step, content.subject, content.text, content.html)
+        return inp
+
+    async def start_sequence(
+        self,
+        spec: SequenceSpec,
+        recipient: Recipient,
+        *,
+        key: str | None = None,
+        history_limit: int | None = None,
+    ) -> SequenceHandle:
+        """Enroll one recipient; idempotent by key (default ``<spec.name>:<address>``).
+
+        Enrolling the same key with the same spec and recipient returns the existing
+        sequence, running or finished: nobody is enrolled twice.
+
+        Raises:
+            InvalidEmail, UnknownSender: see `prepare_sequence`; nothing was started.
+            RecipientSuppressed: the address unsubscribed from this sender.
+            IdempotencyConflict: the key was used for a different spec or recipient.
+        """
+        inp = self.prepare_sequence(spec, recipient, key=key, history_limit=history_limit)
+        digest = hashlib.sha256(
+            (spec.model_dump_json() + "|" + recipient.model_dump_json()).encode()
+        ).hexdigest()
+        workflow_id = sequence_workflow_id(inp.key)
+        existing = await self._existing(workflow_id)
+        if existing is not None:
+            await _check_same(existing, inp.key, digest)
+            return SequenceHandle(self, inp.key)
+        if await self.is_suppressed(spec.sender, recipient.address):
+            raise RecipientSuppressed(spec.sender, recipient.address)
+        try:
+            handle = await self.temporal.start_workflow(
+                "Sequence",
+                inp,
+                id=workflow_id,
+                task_queue=WORKFLOW_TASK_QUEUE,
+                id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
+                id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+                memo={_CONTENT_HASH: digest},
+                search_attributes=TypedSearchAttributes(
+                    [
+                        SearchAttributePair(sa.STATUS, SequenceStatus.ACTIVE.value),
+                        SearchAttributePair(sa.LANE, inp.lane),
+                        SearchAttributePair(
+                            sa.RECIPIENT_DOMAIN, [recipient.address.rsplit("@", 1)[1].lower()]
+                        ),
+                        SearchAttributePair(sa.TAG, [*spec.tags, f"sequence:{spec.name}"][:10]),
+                    ]
+                ),
+                static_summary=f"sequence {spec.name} → {recipient.address}",
+                static_details=f"{len(spec.steps)} steps; lane: {inp.lane}; key: {inp.key}",
+                priority=TemporalPriority(priority_key=spec.priority.key),
+            )
+        except WorkflowAlreadyStartedError:
+            handle = self.temporal.get_workflow_handle(workflow_id)
+        response = getattr(handle, "_start_workflow_response", None)
+        if response is None or not getattr(response, "started", True):
+            await _check_same(handle, inp.key, digest)
+        return SequenceHandle(self, inp.key)
+
+    async def _existing(self, workflow_id: str) -> WorkflowHandle[Any, Any] | None:
+        handle = self.temporal.get_workflow_handle(workflow_id)
+        try:
+            await handle.describe()
+        except RPCError as err:
+            if err.status == RPCStatusCode.NOT_FOUND:
+                return None
+            raise
+        return handle
+
+    def sequence(self, key: str) -> SequenceHandle:
+        """The handle of a sequence enrolled earlier with `key` (not checked to exist)."""
+        return SequenceHandle(self, key)
+
+    async def sequence_status(self, key: str) -> SequenceReport:
+        """Current step, next action and its time, what was sent, why it stopped.
+
+        Raises:
+            SequenceNotFound: no sequence has this key.
+        """
+        handle = self.temporal.get_workflow_handle(
+            sequence_workflow_id(key), result_type=SequenceReport
+        )
+        try:
+            desc = await handle.describe()
+        except RPCError as err:
+            if err.status == RPCStatusCode.NOT_FOUND:
+                raise SequenceNotFound(key) from None
+            raise
+        if desc.status == WorkflowExecutionStatus.COMPLETED:
+            return SequenceReport.model_validate(await handle.result())
+        report: SequenceReport | None
+        try:
+            report = SequenceReport.model_validate(
+                await handle.query("status", result_type=SequenceReport)
+            )
+        except (RPCError, WorkflowFailureError):
+            report = None
+        if desc.status == WorkflowExecutionStatus.RUNNING and report is not None:
+            return report
+        closed = SequenceStatus.CANCELLED
+        if desc.status in (WorkflowExecutionStatus.FAILED, WorkflowExecutionStatus.TIMED_OUT):
+            closed = SequenceStatus.FAILED
+        if report is not None:
+            return report.model_copy(update={"status": closed, "step": None, "next_at": None})
+        return SequenceReport(key=key, status=closed, recipient="")
+
+    async def _signal(self, key: str, signal: str, arg: Any = None) -> bool:
+        """Signal a running sequence; False if it has finished.
+
+        Raises:
+            SequenceNotFound: no sequence has this key.
+        """
+        handle = self.temporal.get_workflow_handle(sequence_workflow_id(key))
+        try:
+            desc = await handle.describe()
+        except RPCError as err:
+            if err.status == RPCStatusCode.NOT_FOUND:
+                raise SequenceNotFound(key) from None
+            raise
+        if desc.status != WorkflowExecutionStatus.RUNNING:
+            return False
+        if arg is None:
+            await handle.signal(signal)
+        else:
+            await handle.signal(signal, arg)
+        return True
+
+    async def pause_sequence(self, key: str) -> bool:
+        """Hold a sequence: nothing is sent until `resume_sequence`. False if finished."""
+        return await self._signal(key, "pause")
+
+    async def resume_sequence(self, key: str) -> bool:
+        """Let a paused sequence go on. False if finished."""
+        return await self._signal(key, "resume")
+
+    async def cancel_sequence(self, key: str) -> bool:
+        """Stop a sequence now (an email already handed to its lane may still go out).
+
+        Returns:
+            False if it had already finished.
+        """
+        handle = self.temporal.get_workflow_handle(sequence_workflow_id(key))
+        try:
+            desc = await handle.describe()
+        except RPCError as err:
+            if err.status == RPCStatusCode.NOT_FOUND:
+                raise SequenceNotFound(key) from None
+            raise
+        if desc.status != WorkflowExecutionStatus.RUNNING:
+            return False
+        await handle.cancel()
+        return True
+
+    async def approve(
+        self,
+        key: str,
+        step: str,
+        *,
+        approved: bool = True,
+        subject: str | None = None,
+        text: str | None = None,
+        html: str | None = None,
+        by: str = "",
+    ) -> bool:
+        """Approve (optionally edited) or reject the draft a compose step holds."""
+        decision = Approval(
+            step=step, approved=approved, subject=subject, text=text, html=html, by=by
+        )
+        return await self._signal(key, "approve", decision)
+
+    async def unsubscribe(self, key: str, *, reason: str = "") -> bool:
+        """Stop the sequence and suppress its recipient for the sender's future sequences.
+
+        Works for a finished sequence too (the suppression is recorded all the same).
+
+        Returns:
+            True if a running sequence was stopped.
+        """
+        if await self._signal(key, "unsubscribe", reason or "by request"):
+            return True
+        inp = await self._input_of(sequence_workflow_id(key))
+        if inp is not None:
+            await self.suppress(
+                inp.spec.sender, inp.recipient.address, reason=reason, source=inp.key
+            )
+        return False
+
+    async def _input_of(self, workflow_id: str) -> SequenceInput | None:
+        handle = self.temporal.get_workflow_handle(workflow_id)
+        async for event in handle.fetch_history_events():
+            attrs = event.workflow_execution_started_event_attributes
+            if attrs.input.payloads:
+                converter = self.temporal.data_converter
+                values = await converter.decode(attrs.input.payloads, [SequenceInput])
+                return values[0] if isinstance(values[0], SequenceInput) else None
+            break
+        return None
+
+    async def suppress(
+        self, sender: str, address: str, *, reason: str = "", source: str = "operator"
+    ) -> None:
+        """Keep `address` out of `sender`'s sequences from now on (idempotent)."""
+        await self.temporal.start_workflow(
+            _SUPPRESSION_TYPE,
+            Suppression(sender=sender, address=address, reason=reason, source=source),
+            id=suppression_workflow_id(sender, address),
+            task_queue=WORKFLOW_TASK_QUEUE,
+            id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE,
+            id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+            search_attributes=TypedSearchAttributes([SearchAttributePair(sa.STATUS, "suppressed")]),
+            static_summary=f"{address} unsubscribed from {sender}",
+        )
+
+    async def is_suppressed(self, sender: str, address: str) -> bool:
+        """True while `address` is suppressed for `sender`."""
+        handle = self.temporal.get_workflow_handle(suppression_workflow_id(sender, address))
+        try:
+            desc = await handle.describe()
+        except RPCError as err:
+            if err.status == RPCStatusCode.NOT_FOUND:
+                return False
+            raise
+        return desc.status == WorkflowExecutionStatus.RUNNING
+
+    async def lift_suppression(self, sender: str, address: str) -> bool:
+        """Allow `sender` to enroll `address` again. False if it was not suppressed."""
+        if not await self.is_suppressed(sender, address):
+            return False
+        handle = self.temporal.get_workflow_handle(suppression_workflow_id(sender, address))
+        await handle.signal("lift", "operator")
+        return True
+
+    async def record_reply(self, message: bytes | str | InboundEvent) -> str | None:
+        """Route an inbound message (raw RFC 5322 bytes, or a parsed event) to its sequence.
+
+        For apps that receive mail by webhook; `postlane inbound` does the same for IMAP.
+        Replies stop the sequence, bounces stop it when hard, auto-replies are only
+        recorded, unsubscribes stop it and suppress the recipient. Idempotent: the same
+        message twice changes nothing.
+
+        Returns:
+            The sequence key it reached, or None if it answers no running sequence.
+        """
+        if isinstance(message, InboundEvent):
+            event: InboundEvent | None = message
+        else:
+            from postlane.inbound import classify
+
+            raw = message.encode() if isinstance(message, str) else message
+            event = classify(raw, received_at=datetime.now(UTC))
+        if event is None:
+            return None
+        target = route(event)
+        if target is None:
+            return None
+        key = target.removeprefix("sequence:")
+        try:
+            if event.kind == InboundKind.UNSUBSCRIBE:
+                await self.unsubscribe(key, reason=f"mail from {event.from_address}".strip())
+            elif not await self._signal(key, "inbound", event):
+                return None
+        except SequenceNotFound:
+            return None
+        return key
+
+
+def route(event: InboundEvent) -> str | None:
+    """The sequence workflow an inbound event belongs to, from the Message-ID it refers to
+    (or, for a mailto unsubscribe, the token in its subject)."""
+    if event.kind == InboundKind.UNSUBSCRIBE:
+        target = sequence_from_unsubscribe_token(event.subject)
+        if target is not None:
+            return target
+    if not event.refers_to:
+        return None
+    workflow_id = workflow_id_from_message_id(event.refers_to)
+    return sequence_of_email(workflow_id) if workflow_id else None
+
+
+def _check_email(
+    spec: SequenceSpec,
+    recipient: Recipient,
+    inp: SequenceInput,
+    step: str,
+    subject: str,
+    text: str | None,
+    html: str | None,
+) -> None:
+    """A rendered step must make a valid email, or nothing starts."""
+    try:
+        Email.model_validate(
+            {
+                "sender": spec.sender,
+                "to": [recipient.address],
+                "reply_to": spec.reply_to,
+                "subject": subject,
+                "text": text,
+                "html": html,
+                "headers": {"List-Unsubscribe": inp.list_unsubscribe},
+                "tags": spec.tags,
+            }
+        )
+    except ValidationError as exc:
+        err = invalid_email_from(exc)
+        raise InvalidEmail(f"steps.{step}.{err.field}", err.reason) from None
+    except InvalidEmail as err:
+        raise InvalidEmail(f"steps.{step}.{err.field}", err.reason) from None
+
+
+async def _check_same(handle: WorkflowHandle[Any, Any], key: str, digest: str) -> None:
+    description = await handle.describe()
+    if (await description.memo()).get(_CONTENT_HASH) != digest:
+        raise IdempotencyConflict(key)
