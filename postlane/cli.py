@@ -58,6 +58,13 @@ def _parser() -> argparse.ArgumentParser:
     w.add_argument("--lanes", help="comma-separated lanes this host serves (default: all)")
     w.add_argument("--no-workflows", action="store_true", help="serve lane sends only")
     w.add_argument("--json-logs", action="store_true", help="log one JSON object per line")
+    w.add_argument(
+        "--agent",
+        action="append",
+        default=[],
+        metavar="MODULE:FUNCTION",
+        help="host a compose-step agent activity (repeatable)",
+    )
 
     s = sub.add_parser("send", help="send one email")
     s.add_argument("--from", dest="sender", required=True)
@@ -243,6 +250,7 @@ async def _connect(args: argparse.Namespace, settings: Settings) -> PostlaneClie
 
 
 async def _worker(args: argparse.Namespace) -> int:
+    from postlane.agent import load_agent
     from postlane.config import load_settings
     from postlane.connection import connect_temporal
     from postlane.logs import configure_logging
@@ -250,9 +258,10 @@ async def _worker(args: argparse.Namespace) -> int:
 
     configure_logging(json=args.json_logs)
     settings = load_settings()
+    agents = [load_agent(spec) for spec in args.agent]
     lanes = [n.strip() for n in args.lanes.split(",") if n.strip()] if args.lanes else None
     client = await connect_temporal(args.address, args.namespace)
-    await run_workers(client, settings, lanes=lanes, workflows=not args.no_workflows)
+    await run_workers(client, settings, lanes=lanes, workflows=not args.no_workflows, agents=agents)
     return EXIT_OK
 
 

@@ -53,19 +53,27 @@ from postlane.sequence_models import (
     Suppression,
 )
 from postlane.sequence_spec import Recipient, SequenceSpec
+from postlane.suppressions import is_suppressed, start_suppression
 from postlane.templates import render_sequence, render_string, variables_for
 
 _CONTENT_HASH = "postlane_content_hash"
-_SUPPRESSION_TYPE = "Suppression"
 
 
 class SequenceHandle:
     """An enrolled sequence: ask where it is, pause, resume or stop it."""
 
-    def __init__(self, client: SequenceOperations, key: str) -> None:
+    def __init__(
+        self,
+        client: SequenceOperations,
+        key: str,
+        handle: WorkflowHandle[Any, Any] | None = None,
+    ) -> None:
         self.key = key
         self.workflow_id = sequence_workflow_id(key)
         self._client = client
+        # The handle start_workflow returned, when there is one: in the time-skipping test
+        # environment only such handles skip time while waiting for the result.
+        self._handle = handle or client.temporal.get_workflow_handle(self.workflow_id)
 
     async def status(self) -> SequenceReport:
         """See `SequenceOperations.sequence_status`."""
@@ -73,10 +81,7 @@ class SequenceHandle:
 
     async def result(self) -> SequenceReport:
         """Wait until the sequence ends and return its final report."""
-        handle = self._client.temporal.get_workflow_handle(
-            self.workflow_id, result_type=SequenceReport
-        )
-        return SequenceReport.model_validate(await handle.result())
+        return SequenceReport.model_validate(await self._handle.result())
 
 
 class SequenceOperations:
@@ -169,7 +174,7 @@ class SequenceOperations:
         existing = await self._existing(workflow_id)
         if existing is not None:
             await _check_same(existing, inp.key, digest)
-            return SequenceHandle(self, inp.key)
+            return SequenceHandle(self, inp.key, existing)
         if await self.is_suppressed(spec.sender, recipient.address):
             raise RecipientSuppressed(spec.sender, recipient.address)
         try:
@@ -200,7 +205,7 @@ class SequenceOperations:
         response = getattr(handle, "_start_workflow_response", None)
         if response is None or not getattr(response, "started", True):
             await _check_same(handle, inp.key, digest)
-        return SequenceHandle(self, inp.key)
+        return SequenceHandle(self, inp.key, handle)
 
     async def _existing(self, workflow_id: str) -> WorkflowHandle[Any, Any] | None:
         handle = self.temporal.get_workflow_handle(workflow_id)
@@ -345,27 +350,12 @@ class SequenceOperations:
         self, sender: str, address: str, *, reason: str = "", source: str = "operator"
     ) -> None:
         """Keep `address` out of `sender`'s sequences from now on (idempotent)."""
-        await self.temporal.start_workflow(
-            _SUPPRESSION_TYPE,
-            Suppression(sender=sender, address=address, reason=reason, source=source),
-            id=suppression_workflow_id(sender, address),
-            task_queue=WORKFLOW_TASK_QUEUE,
-            id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE,
-            id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
-            search_attributes=TypedSearchAttributes([SearchAttributePair(sa.STATUS, "suppressed")]),
-            static_summary=f"{address} unsubscribed from {sender}",
-        )
+        suppression = Suppression(sender=sender, address=address, reason=reason, source=source)
+        await start_suppression(self.temporal, suppression)
 
     async def is_suppressed(self, sender: str, address: str) -> bool:
         """True while `address` is suppressed for `sender`."""
-        handle = self.temporal.get_workflow_handle(suppression_workflow_id(sender, address))
-        try:
-            desc = await handle.describe()
-        except RPCError as err:
-            if err.status == RPCStatusCode.NOT_FOUND:
-                return False
-            raise
-        return desc.status == WorkflowExecutionStatus.RUNNING
+        return await is_suppressed(self.temporal, sender, address)
 
     async def lift_suppression(self, sender: str, address: str) -> bool:
         """Allow `sender` to enroll `address` again. False if it was not suppressed."""
@@ -373,6 +363,7 @@ class SequenceOperations:
             return False
         handle = self.temporal.get_workflow_handle(suppression_workflow_id(sender, address))
         await handle.signal("lift", "operator")
+        await handle.result()  # ends as soon as its worker sees the signal
         return True
 
     async def record_reply(self, message: bytes | str | InboundEvent) -> str | None:

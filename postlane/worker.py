@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import timedelta
+from typing import Any
 
 import structlog
 from temporalio.client import Client
@@ -13,6 +14,7 @@ from temporalio.worker import Worker
 
 from activities.lanes import LaneAdminActivities
 from activities.smtp import SmtpActivities
+from activities.suppression import SuppressionActivities
 from postlane.config import LaneConfig, Settings
 from postlane.errors import ConfigurationError
 from postlane.ids import WORKFLOW_TASK_QUEUE
@@ -44,18 +46,23 @@ def build_workers(
     smtp: SmtpActivities,
     *,
     workflows: bool = True,
+    agents: Sequence[Callable[..., Any]] = (),
 ) -> list[Worker]:
-    """The orchestration worker (if `workflows`) plus one send worker per lane."""
+    """The orchestration worker (if `workflows`) plus one send worker per lane.
+
+    `agents` are compose-step activities (see `postlane.agent`), hosted on ``postlane``.
+    """
     workers: list[Worker] = []
     if workflows:
         admin = LaneAdminActivities(client)
+        suppressions = SuppressionActivities(client)
         workers.append(
             Worker(
                 client,
                 task_queue=WORKFLOW_TASK_QUEUE,
                 workflows=WORKFLOWS,
                 workflow_runner=workflow_runner(),
-                activities=[admin.set_lane_rate],
+                activities=[admin.set_lane_rate, suppressions.suppress_recipient, *agents],
                 graceful_shutdown_timeout=GRACEFUL_SHUTDOWN,
             )
         )
@@ -81,12 +88,14 @@ async def run_workers(
     *,
     lanes: Sequence[str] | None = None,
     workflows: bool = True,
+    agents: Sequence[Callable[..., Any]] = (),
     stop: asyncio.Event | None = None,
     ready: asyncio.Event | None = None,
 ) -> None:
     """Run until `stop` is set (or SIGTERM/SIGINT when `stop` is None), then drain.
 
-    `ready` is set once the lanes' workflows are started and the workers are polling.
+    `agents` are compose-step activities (see `postlane.agent`). `ready` is set once the
+    lanes' workflows are started and the workers are polling.
 
     Raises:
         ConfigurationError: see `select_lanes`.
@@ -98,7 +107,9 @@ async def run_workers(
         # The lane's workflow sets its server-side rate (and keeps it, through backpressure).
         await start_lane_workflow(client, lane)
     smtp = SmtpActivities(settings, client)
-    workers = build_workers(client, settings, served, smtp, workflows=workflows)
+    if agents and not workflows:
+        raise ConfigurationError("--agent needs the workflow worker (drop --no-workflows)")
+    workers = build_workers(client, settings, served, smtp, workflows=workflows, agents=agents)
     if stop is None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

@@ -29,7 +29,6 @@ with workflow.unsafe.imports_passed_through():
         email_workflow_id,
         message_id,
         sequence_email_key,
-        suppression_workflow_id,
     )
     from postlane.models import DeliveryReceipt, Email, EmailStatus, SendEmailInput
     from postlane.sequence_models import (
@@ -58,8 +57,9 @@ with workflow.unsafe.imports_passed_through():
         parse_clock,
     )
     from workflows._calendar import next_local_time, next_opening
-    from workflows._options import COMPOSE_RETRY
+    from workflows._options import ADMIN_RETRY, ADMIN_START_TO_CLOSE, COMPOSE_RETRY
 
+SUPPRESS_ACTIVITY = "suppress_recipient"
 MAX_SEEN = 200
 PERMANENT_SEND_FAILURES = {"SmtpPermanentError"}
 
@@ -249,7 +249,7 @@ class SequenceWorkflow:
             )
         except WorkflowAlreadyStartedError:
             # Sent by an earlier run of this sequence (e.g. before a reset): never twice.
-            self._record(step, key, mid, email, None)
+            self._record(step, key, mid, email)
             return
         self._publish(next_action=f"send {step}")
         await self._wait(None, until=child.done)
@@ -261,7 +261,7 @@ class SequenceWorkflow:
             if self._s.stop_reason is None:
                 self._child_failed(step, err)
             return
-        self._record(step, key, receipt.message_id, email, receipt.sent_at)
+        self._record(step, key, receipt.message_id, email)
 
     def _child_failed(self, step: str, err: BaseException) -> None:
         cause: BaseException | None = err
@@ -303,9 +303,8 @@ class SequenceWorkflow:
         ]
         return [mid for _, mid in sorted(dated, key=lambda pair: pair[0])]
 
-    def _record(
-        self, step: str, key: str, mid: str, email: Email, sent_at: datetime | None
-    ) -> None:
+    def _record(self, step: str, key: str, mid: str, email: Email) -> None:
+        # Workflow time, not the worker's clock: it orders the thread and is virtual in tests.
         self._s.sent.append(
             SentMessage(
                 step=step,
@@ -313,7 +312,7 @@ class SequenceWorkflow:
                 message_id=mid,
                 subject=email.subject,
                 text=(email.text or email.html or "")[:MAX_THREAD_TEXT],
-                sent_at=sent_at or workflow.now(),
+                sent_at=workflow.now(),
             )
         )
 
@@ -423,28 +422,22 @@ class SequenceWorkflow:
         return sorted(messages, key=lambda m: m.at or workflow.now())
 
     async def _suppress(self) -> None:
-        """Keep this address out of the sender's future sequences (a running workflow)."""
+        """Keep this address out of the sender's future sequences."""
         assert self._in is not None
         inp = self._in
-        try:
-            await workflow.start_child_workflow(
-                "Suppression",
-                Suppression(
-                    sender=inp.spec.sender,
-                    address=inp.recipient.address,
-                    reason=self._s.stop_reason or "",
-                    source=workflow.info().workflow_id,
-                ),
-                id=suppression_workflow_id(inp.spec.sender, inp.recipient.address),
-                task_queue=WORKFLOW_TASK_QUEUE,
-                parent_close_policy=ParentClosePolicy.ABANDON,
-                search_attributes=TypedSearchAttributes(
-                    [SearchAttributePair(sa.STATUS, "suppressed")]
-                ),
-                static_summary=f"{inp.recipient.address} unsubscribed from {inp.spec.sender}",
-            )
-        except WorkflowAlreadyStartedError:
-            pass  # already suppressed
+        await workflow.execute_activity(
+            SUPPRESS_ACTIVITY,
+            Suppression(
+                sender=inp.spec.sender,
+                address=inp.recipient.address,
+                reason=self._s.stop_reason or "",
+                source=workflow.info().workflow_id,
+            ),
+            task_queue=WORKFLOW_TASK_QUEUE,
+            start_to_close_timeout=ADMIN_START_TO_CLOSE,
+            retry_policy=ADMIN_RETRY,
+            summary=f"suppress {inp.recipient.address} for {inp.spec.sender}",
+        )
 
     # -- state -------------------------------------------------------------------------
 

@@ -20,10 +20,11 @@ loopback (`SmtpCatcher`) that every lane delivers to and that can be scripted to
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 from temporalio.testing import WorkflowEnvironment
 
@@ -34,6 +35,7 @@ from postlane.config import LaneConfig, Settings
 from postlane.connection import data_converter
 from postlane.models import RetrySettings
 from postlane.setup import ensure_search_attributes
+from postlane.testing.agents import fake_compose
 
 TEST_LANE = "test"
 
@@ -91,12 +93,15 @@ def default_test_lane() -> LaneConfig:
 @asynccontextmanager
 async def postlane_test_env(
     lanes: Sequence[LaneConfig] | None = None,
+    *,
+    agents: Sequence[Callable[..., Any]] = (fake_compose,),
 ) -> AsyncIterator[PostlaneTestEnv]:
     """Start the time-skipping server, an SMTP catcher and Postlane's workers.
 
     Args:
         lanes: the lanes to serve (their SMTP settings are replaced by the catcher's);
             default one lane, ``test``, serving every sender.
+        agents: compose-step activities; default `fake_compose` (no network).
     """
     async with await WorkflowEnvironment.start_time_skipping(
         test_server_existing_path=test_server_path(), data_converter=data_converter()
@@ -106,17 +111,21 @@ async def postlane_test_env(
             settings = Settings(
                 lanes=[catcher_lane(lane, smtp) for lane in (lanes or [default_test_lane()])]
             )
-            async with running_workers(env, settings):
+            async with running_workers(env, settings, agents=agents):
                 yield PostlaneTestEnv(PostlaneClient(env.client, settings), env, smtp, settings)
 
 
 @asynccontextmanager
-async def running_workers(env: WorkflowEnvironment, settings: Settings) -> AsyncIterator[None]:
+async def running_workers(
+    env: WorkflowEnvironment, settings: Settings, *, agents: Sequence[Callable[..., Any]] = ()
+) -> AsyncIterator[None]:
     """Postlane's workers for every lane of `settings`, for the duration of the block."""
     from postlane.worker import run_workers
 
     stop, ready = asyncio.Event(), asyncio.Event()
-    task = asyncio.create_task(run_workers(env.client, settings, stop=stop, ready=ready))
+    task = asyncio.create_task(
+        run_workers(env.client, settings, agents=agents, stop=stop, ready=ready)
+    )
     started = asyncio.create_task(ready.wait())
     await asyncio.wait([task, started], return_when=asyncio.FIRST_COMPLETED)
     if task.done():
@@ -134,6 +143,7 @@ __all__ = [
     "SmtpCatcher",
     "catcher_lane",
     "default_test_lane",
+    "fake_compose",
     "postlane_test_env",
     "running_workers",
 ]
