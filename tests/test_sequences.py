@@ -271,3 +271,65 @@ async def test_sending_hours_hold_a_send_until_the_window_opens(
     assert sent_at - now < DAY + timedelta(hours=1)
     assert sent_at >= now.astimezone(UTC) - timedelta(seconds=1)
     assert isinstance(sent_at, datetime)
+
+
+def compose_spec(**compose: object) -> SequenceSpec:
+    return three_step_spec(
+        steps=[
+            {"type": "send", "id": "intro", "template": "intro"},
+            {"type": "wait_for_reply", "id": "wait1", "timeout": "2d"},
+            {"type": "compose", "id": "nudge", "instructions": "Ask about {{ pitch }}.", **compose},
+        ]
+    )
+
+
+async def test_compose_step_sends_the_agents_draft_in_thread(pl: PostlaneTestEnv, key: str) -> None:
+    handle = await pl.client.start_sequence(compose_spec(), bob(), key=key)
+    final = await handle.result()
+    assert final.status == SequenceStatus.COMPLETED
+    assert [m.step for m in final.sent] == ["intro", "nudge"]
+    nudge = [m for m in pl.outbox if m.recipients == ["bob@example.test"]][-1]
+    assert nudge.subject == "Re: Hello Bob"
+    body = nudge.message.get_content()
+    assert "Hi Bob Stone" in body and "Ask about durable email." in body
+    assert "(draft 1, after 1 messages)" in body  # the agent saw the thread so far
+    assert nudge.message["In-Reply-To"] == final.sent[0].message_id
+
+
+async def test_invalid_draft_is_asked_again_then_held_for_approval(
+    pl: PostlaneTestEnv, key: str
+) -> None:
+    spec = compose_spec(instructions="[[invalid]] Ask about {{ pitch }}.", approval=True)
+    await pl.client.start_sequence(spec, bob(), key=key)
+    await pl.sleep(3 * DAY)
+
+    async def held() -> SequenceReport | None:
+        r = await report(pl, key)
+        return r if r.status == SequenceStatus.AWAITING_APPROVAL else None
+
+    waiting = await assert_eventually(held, what="draft held for approval")
+    assert waiting.draft is not None
+    assert waiting.draft.subject == "Re: Hello Bob"  # the second draft, after the feedback
+    assert "(draft 2," in (waiting.draft.text or "")
+    assert waiting.next_action == "approval of nudge"
+    assert len([m for m in pl.outbox if m.recipients == ["bob@example.test"]]) == 1
+    assert await pl.client.approve(key, "nudge", text="Edited by a person.", by="ops")
+    final = await assert_eventually(lambda: finished(pl, key), what="approved draft sent")
+    assert final.status == SequenceStatus.COMPLETED
+    sent = [m for m in pl.outbox if m.recipients == ["bob@example.test"]][-1]
+    assert sent.message.get_content().strip() == "Edited by a person."
+
+
+async def test_rejected_draft_is_never_sent(pl: PostlaneTestEnv, key: str) -> None:
+    await pl.client.start_sequence(compose_spec(approval=True), bob(), key=key)
+    await pl.sleep(3 * DAY)
+
+    async def held() -> bool:
+        return (await report(pl, key)).status == SequenceStatus.AWAITING_APPROVAL
+
+    await assert_eventually(held, what="draft held for approval")
+    assert await pl.client.approve(key, "nudge", approved=False, by="ops")
+    final = await assert_eventually(lambda: finished(pl, key), what="sequence stopped")
+    assert final.status == SequenceStatus.CANCELLED
+    assert [m.step for m in final.sent] == ["intro"]
+    assert len([m for m in pl.outbox if m.recipients == ["bob@example.test"]]) == 1
