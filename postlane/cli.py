@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from temporalio.service import RPCError
 
+from postlane import cli_sequence
 from postlane.errors import ConfigurationError, InvalidEmail, PostlaneError
 
 if TYPE_CHECKING:
@@ -105,6 +106,8 @@ def _parser() -> argparse.ArgumentParser:
         action.add_argument("--all", action="store_true", help="every dead-lettered email")
         action.add_argument("--lane", help="with --all: only this lane's")
 
+    cli_sequence.add_parser(sub)
+
     lanes = sub.add_parser("lanes", help="per lane: rate, backpressure, caps used, backlog")
     lanes_sub = lanes.add_subparsers(dest="lanes_command", metavar="SUBCOMMAND")
     lane_set = lanes_sub.add_parser("set", help="change a lane's rate live, e.g. --rate 5/s")
@@ -189,6 +192,8 @@ async def _dispatch(args: argparse.Namespace) -> int:
         return EXIT_FAILED
     if args.command == "dlq":
         return await _dlq(pl, args)
+    if args.command == "sequence":
+        return await cli_sequence.run(pl, args)
     if args.command == "lanes":
         if args.lanes_command == "set":
             rate = parse_rate(args.rate)

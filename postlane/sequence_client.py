@@ -67,8 +67,12 @@ class SequenceHandle:
         client: SequenceOperations,
         key: str,
         handle: WorkflowHandle[Any, Any] | None = None,
+        *,
+        created: bool = False,
     ) -> None:
         self.key = key
+        self.created = created
+        """True if this call enrolled the recipient; False if the key was already used."""
         self.workflow_id = sequence_workflow_id(key)
         self._client = client
         # The handle start_workflow returned, when there is one: in the time-skipping test
@@ -203,9 +207,10 @@ class SequenceOperations:
         except WorkflowAlreadyStartedError:
             handle = self.temporal.get_workflow_handle(workflow_id)
         response = getattr(handle, "_start_workflow_response", None)
-        if response is None or not getattr(response, "started", True):
+        created = response is not None and getattr(response, "started", True)
+        if not created:
             await _check_same(handle, inp.key, digest)
-        return SequenceHandle(self, inp.key, handle)
+        return SequenceHandle(self, inp.key, handle, created=created)
 
     async def _existing(self, workflow_id: str) -> WorkflowHandle[Any, Any] | None:
         handle = self.temporal.get_workflow_handle(workflow_id)

@@ -1,0 +1,195 @@
+"""``postlane sequence`` on the real dev server: bulk enrollment, status, pause, unsubscribe,
+and a reply recorded from raw RFC 5322 bytes stopping a sequence before its next send."""
+
+from __future__ import annotations
+
+import uuid
+from email.message import EmailMessage
+from pathlib import Path
+
+import pytest
+from temporalio.testing import WorkflowEnvironment
+
+from postlane.catcher import SmtpCatcher
+from postlane.client import PostlaneClient
+from postlane.config import Settings
+from postlane.errors import SequenceNotFound
+from postlane.sequence_models import SequenceReport, SequenceStatus
+from postlane.sequence_spec import load_spec
+from postlane.testing import running_workers
+from tests.procs import assert_eventually, postlane_env, run_postlane, write_config
+from tests.test_integration import address_of, new_lane
+
+pytestmark = pytest.mark.devserver
+
+SPEC = """
+name = "{name}"
+sender = "ada@it.test"
+timezone = "Europe/Paris"
+
+[templates.intro]
+subject = "A note for {{{{ company }}}}"
+text = "Hi {{{{ first_name }}}}, a question about {{{{ company }}}}."
+
+[[steps]]
+type = "send"
+id = "intro"
+template = "intro"
+
+[[steps]]
+type = "wait_for_reply"
+id = "wait"
+timeout = "3d"
+
+[[steps]]
+type = "send"
+id = "follow"
+subject = "Re: A note"
+text = "Following up."
+"""
+
+
+def files(tmp_path: Path, rows: list[str]) -> tuple[Path, Path, str]:
+    name = f"camp-{uuid.uuid4().hex[:6]}"
+    spec = tmp_path / "spec.toml"
+    spec.write_text(SPEC.format(name=name))
+    people = tmp_path / "people.csv"
+    people.write_text("email,name,timezone,company\n" + "\n".join(rows) + "\n")
+    return spec, people, name
+
+
+ROWS = [
+    "ann@example.test,Ann Lee,America/New_York,Acme",
+    "ben@example.test,Ben Ode,,Globex",
+    "cat@example.test,Cat Ruiz,Asia/Tokyo,Initech",
+]
+
+
+@pytest.mark.timeout(180)
+async def test_bulk_enrollment_validates_first_and_never_enrolls_twice(
+    dev_env: WorkflowEnvironment, tmp_path: Path
+) -> None:
+    with SmtpCatcher() as smtp:
+        lane = new_lane(smtp, senders=["*@it.test"])
+        settings = Settings(lanes=[lane])
+        pl = PostlaneClient(dev_env.client, settings)
+        env = postlane_env(address_of(dev_env), write_config(tmp_path / "postlane.toml", [lane]))
+
+        # One bad row (no company for the template, a made-up zone): nothing starts.
+        spec, people, name = files(
+            tmp_path, [*ROWS, "dan@example.test,Dan,Mars/Olympus,", "not-an-address,X,,Y"]
+        )
+        rc, out, err = await run_postlane(
+            ["sequence", "start", "--spec", str(spec), "--recipients", str(people)], env
+        )
+        assert rc == 2, (out, err)
+        assert f"{people}:5: timezone: 'Mars/Olympus' is not an IANA time zone" in err
+        assert f"{people}:6: address:" in err
+        assert "nothing was enrolled" in err
+        with pytest.raises(SequenceNotFound):
+            await pl.sequence_status(f"{name}:ann@example.test")
+
+        people.write_text("email,name,timezone,company\n" + "\n".join(ROWS) + "\n")
+        async with running_workers(dev_env, settings):
+            for run in range(2):
+                rc, out, err = await run_postlane(
+                    ["sequence", "start", "--spec", str(spec), "--recipients", str(people)], env
+                )
+                assert rc == 0, err
+                if run == 0:
+                    assert "3 enrolled, 0 already enrolled" in out
+                    assert "enrolling [" in err and "3/3" in err
+                else:
+                    assert "0 enrolled, 3 already enrolled" in out
+
+            async def intros() -> bool:
+                return len(smtp.messages) == 3
+
+            await assert_eventually(intros, within=60, what="three intros delivered")
+            assert sorted(m.subject for m in smtp.messages) == [
+                "A note for Acme",
+                "A note for Globex",
+                "A note for Initech",
+            ]
+            count = await dev_env.client.count_workflows(
+                f'WorkflowType="Sequence" AND PostlaneTag="sequence:{name}"'
+            )
+            assert count.count == 3
+
+            key = f"{name}:ben@example.test"
+            rc, out, _ = await run_postlane(["sequence", "status", key], env)
+            assert rc == 0
+            assert "step       wait" in out and "next       wait for a reply at" in out
+            assert "sent" in out and "intro: A note for Globex" in out
+
+            rc, out, _ = await run_postlane(["sequence", "pause", key], env)
+            assert rc == 0 and "pause sent" in out
+
+            async def paused() -> bool:
+                return (await pl.sequence_status(key)).status == SequenceStatus.PAUSED
+
+            await assert_eventually(paused, what="sequence paused")
+            rc, _, _ = await run_postlane(["sequence", "unsubscribe", key], env)
+            assert rc == 0
+            await assert_eventually(
+                lambda: pl.is_suppressed("ada@it.test", "ben@example.test"), what="suppressed"
+            )
+            # A new campaign from the same sender skips Ben.
+            rc, out, err = await run_postlane(
+                [
+                    "sequence",
+                    "start",
+                    "--spec",
+                    str(spec),
+                    "--recipients",
+                    str(people),
+                    "--campaign",
+                    f"{name}-2",
+                ],
+                env,
+            )
+            assert rc == 0, err
+            assert "2 enrolled, 0 already enrolled, 1 suppressed" in out
+            for address in ("ann@example.test", "cat@example.test"):
+                await pl.cancel_sequence(f"{name}:{address}")
+                await pl.cancel_sequence(f"{name}-2:{address}")
+
+
+@pytest.mark.timeout(120)
+async def test_raw_reply_stops_the_sequence_before_its_next_send(
+    dev_env: WorkflowEnvironment, tmp_path: Path
+) -> None:
+    with SmtpCatcher() as smtp:
+        lane = new_lane(smtp, senders=["*@it.test"])
+        settings = Settings(lanes=[lane])
+        pl = PostlaneClient(dev_env.client, settings)
+        spec, _, name = files(tmp_path, [])
+        from postlane.sequence_spec import Recipient
+
+        async with running_workers(dev_env, settings):
+            key = f"{name}:eve@example.test"
+            handle = await pl.start_sequence(
+                load_spec(spec),
+                Recipient(address="eve@example.test", name="Eve", variables={"company": "Umbra"}),
+                key=key,
+            )
+
+            async def waiting() -> SequenceReport | None:
+                r = await pl.sequence_status(key)
+                return r if r.step == "wait" else None
+
+            await assert_eventually(waiting, within=60, what="intro sent, waiting for a reply")
+            [intro] = smtp.messages
+            reply = EmailMessage()
+            reply["From"] = "Eve <eve@example.test>"
+            reply["To"] = "ada@it.test"
+            reply["Subject"] = f"Re: {intro.subject}"
+            reply["Message-ID"] = "<reply-1@example.test>"
+            reply["In-Reply-To"] = intro.message_id
+            reply.set_content("Yes, let's talk on Monday.\n\n> Hi Eve, a question about Umbra.")
+            assert await pl.record_reply(reply.as_bytes()) == key
+            final = await handle.result()
+    assert final.status == SequenceStatus.REPLIED
+    assert [m.step for m in final.sent] == ["intro"]
+    assert final.replies[0].from_address == "eve@example.test"
+    assert len(smtp.messages) == 1
