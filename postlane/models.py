@@ -30,6 +30,7 @@ _LOCAL = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 _ADDRESS_RE = re.compile(rf"^{_LOCAL}@{_LABEL}(?:\.{_LABEL})+$")
 _HEADER_NAME_RE = re.compile(r"^[!-9;-~]+$")
+_SUBFIELD_RE = re.compile(r"^([a-z_][a-z0-9_]*): (.+)$", re.DOTALL)
 _TAG_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 _RESERVED_HEADERS = frozenset(
     h.lower()
@@ -226,6 +227,8 @@ def invalid_email_from(exc: ValidationError) -> InvalidEmail:
     # Whole-model checks name their field as "field: reason".
     if not field and ": " in reason:
         field, reason = reason.split(": ", 1)
+    elif err["type"] == "value_error" and (sub := _SUBFIELD_RE.match(reason)):
+        field, reason = f"{field}.{sub.group(1)}", sub.group(2)
     return InvalidEmail(field or "email", reason)
 
 

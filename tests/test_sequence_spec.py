@@ -1,0 +1,136 @@
+"""Sequence specs, templates and local-time arithmetic: pure, no server."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, time, timedelta
+from pathlib import Path
+
+import pytest
+
+from postlane.client import PostlaneClient
+from postlane.config import LaneConfig, Settings
+from postlane.errors import InvalidEmail, UnknownSender
+from postlane.sequence_spec import Recipient, load_spec, spec_from_dict
+from workflows._calendar import next_local_time, next_opening
+
+EXAMPLES = Path(__file__).parent.parent / "examples"
+
+
+def spec(*steps: dict[str, object], **fields: object) -> dict[str, object]:
+    return {"name": "s", "sender": "ada@acme.test", "steps": list(steps), **fields}
+
+
+SEND = {"type": "send", "id": "a", "subject": "Hi", "text": "Hello"}
+
+
+@pytest.mark.parametrize(
+    ("data", "field", "reason"),
+    [
+        (spec(), "steps", "at least 1"),
+        (spec(SEND, {**SEND, "id": "a"}), "steps.1.id", "used twice"),
+        (spec({**SEND, "next": "a"}), "steps.0.next", "not after this step"),
+        (spec({**SEND, "next": "zz"}), "steps.0.next", "no step 'zz'"),
+        (spec({"type": "send", "id": "a", "template": "nope"}), "steps.0.template", "no template"),
+        (spec({"type": "wait", "id": "w"}), "steps.0.wait.duration", "exactly one"),
+        (
+            spec({"type": "wait", "id": "w", "duration": "soon"}),
+            "steps.0.wait.duration",
+            "duration",
+        ),
+        (spec({"type": "wait", "id": "w", "until": "25:00"}), "steps.0.wait.until", "25:00"),
+        (spec({"type": "wait_for_reply", "id": "r"}), "steps.0.wait_for_reply.timeout", "required"),
+        (spec({"type": "dance", "id": "d"}), "steps.0", "dance"),
+        (spec(SEND, timezone="Mars/Olympus"), "timezone", "IANA"),
+        (spec(SEND, sending_hours="17:00-09:00"), "sending_hours", "end after it starts"),
+        (spec(SEND, sender="nobody"), "sender", "not a valid email address"),
+    ],
+)
+def test_invalid_specs_name_the_field(data: dict[str, object], field: str, reason: str) -> None:
+    with pytest.raises(InvalidEmail) as err:
+        spec_from_dict(data)
+    assert err.value.field == field
+    assert reason in err.value.reason
+
+
+def test_durations_read_like_people_write_them() -> None:
+    s = spec_from_dict(spec(SEND, {"type": "wait", "id": "w", "duration": "2d12h"}))
+    assert s.steps[1].duration == timedelta(days=2, hours=12)  # type: ignore[union-attr]
+
+
+def test_load_spec_names_the_file(tmp_path: Path) -> None:
+    bad = tmp_path / "spec.toml"
+    bad.write_text('name = "s"\nsender = "ada@acme.test"\n[[steps]]\ntype = "wait"\nid = "w"\n')
+    with pytest.raises(InvalidEmail, match=rf"{bad}: steps.0.wait.duration"):
+        load_spec(bad)
+    bad.write_text("name = ")
+    with pytest.raises(InvalidEmail, match=str(bad)):
+        load_spec(bad)
+
+
+def client() -> PostlaneClient:
+    lane = LaneConfig(name="a", senders=["*@acme.test"], smtp_host="127.0.0.1")
+    return PostlaneClient(None, Settings(lanes=[lane]))  # type: ignore[arg-type]
+
+
+def test_example_spec_renders_for_every_example_row() -> None:
+    from postlane.cli_sequence import read_recipients
+
+    example = load_spec(EXAMPLES / "sequence.toml")
+    rows = read_recipients(EXAMPLES / "people.csv")
+    assert len(rows) == 3
+    for _, row in rows:
+        assert isinstance(row, Recipient)
+        inp = client().prepare_sequence(example, row)
+        assert inp.key == f"q4-outreach:{row.address}"
+        assert row.variables["company"] in inp.rendered["intro"].subject
+        assert inp.one_click and "https://acme.test/unsubscribe?t=pl-" in inp.list_unsubscribe
+        assert "Write a short, friendly last note" in inp.instructions["last"]
+
+
+def test_templates_are_sandboxed_and_strict() -> None:
+    templates = {"t": {"subject": "Hi {{ name }}", "text": "{{ ''.__class__.__mro__ }}"}}
+    unsafe = spec_from_dict(spec({"type": "send", "id": "a", "template": "t"}, templates=templates))
+    with pytest.raises(InvalidEmail) as err:
+        client().prepare_sequence(unsafe, Recipient(address="bob@example.test"))
+    assert err.value.field == "templates.t.text"
+    html = {"t": {"subject": "Hi", "html": "<p>{{ company }}</p>"}}
+    escaped = spec_from_dict(spec({"type": "send", "id": "a", "template": "t"}, templates=html))
+    inp = client().prepare_sequence(
+        escaped, Recipient(address="bob@example.test", variables={"company": "<b>A&B</b>"})
+    )
+    assert inp.rendered["a"].html == "<p>&lt;b&gt;A&amp;B&lt;/b&gt;</p>"
+
+
+def test_rendered_email_is_validated_and_sender_needs_a_lane() -> None:
+    templates = {"t": {"subject": "Hi {{ company }}", "text": "x"}}
+    s = spec_from_dict(spec({"type": "send", "id": "a", "template": "t"}, templates=templates))
+    with pytest.raises(InvalidEmail) as err:
+        client().prepare_sequence(
+            s, Recipient(address="bob@example.test", variables={"company": "A\nBcc: x@y.test"})
+        )
+    assert err.value.field == "steps.a.subject"
+    other = spec_from_dict(spec(SEND, sender="ada@elsewhere.test"))
+    with pytest.raises(UnknownSender):
+        client().prepare_sequence(other, Recipient(address="bob@example.test"))
+
+
+def test_next_local_time_follows_the_zone_across_dst() -> None:
+    # Paris leaves summer time on 2026-10-25: 09:00 is 07:00 UTC before, 08:00 UTC after.
+    before = datetime(2026, 10, 24, 12, 0, tzinfo=UTC)
+    assert next_local_time(before, time(9), "Europe/Paris") == datetime(
+        2026, 10, 25, 8, 0, tzinfo=UTC
+    )
+    assert next_local_time(before, time(9), "Europe/Paris", ["mon"]) == datetime(
+        2026, 10, 26, 8, 0, tzinfo=UTC
+    )
+
+
+def test_next_opening_waits_for_the_window_and_days() -> None:
+    window = (time(9), time(17))
+    friday_evening = datetime(2026, 11, 27, 18, 0, tzinfo=UTC)  # 19:00 in Paris
+    assert next_opening(friday_evening, window, "Europe/Paris", ["mon", "tue"]) == datetime(
+        2026, 11, 30, 8, 0, tzinfo=UTC
+    )
+    monday_noon = datetime(2026, 11, 30, 11, 0, tzinfo=UTC)
+    assert next_opening(monday_noon, window, "Europe/Paris", None) == monday_noon
+    assert next_opening(monday_noon, None, "Asia/Tokyo", None) == monday_noon
