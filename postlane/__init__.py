@@ -12,6 +12,8 @@ from postlane.errors import (
     InvalidEmail,
     PermanentDeliveryError,
     PostlaneError,
+    RecipientSuppressed,
+    SequenceNotFound,
     UnknownSender,
 )
 from postlane.models import (
@@ -23,12 +25,26 @@ from postlane.models import (
     Priority,
     RetrySettings,
 )
+from postlane.sequence_client import SequenceHandle
+from postlane.sequence_models import (
+    Approval,
+    ComposeRequest,
+    Draft,
+    InboundEvent,
+    InboundKind,
+    SequenceReport,
+    SequenceStatus,
+)
+from postlane.sequence_spec import Recipient, SequenceSpec, load_spec
 
 __all__ = [
+    "Approval",
     "Attachment",
+    "ComposeRequest",
     "ConfigurationError",
     "DeliveryError",
     "DeliveryReceipt",
+    "Draft",
     "Email",
     "EmailCancelled",
     "EmailHandle",
@@ -37,14 +53,24 @@ __all__ = [
     "EmailStatus",
     "ErrorType",
     "IdempotencyConflict",
+    "InboundEvent",
+    "InboundKind",
     "InvalidEmail",
     "LaneConfig",
     "PermanentDeliveryError",
     "PostlaneClient",
     "PostlaneError",
     "Priority",
+    "Recipient",
+    "RecipientSuppressed",
     "RetrySettings",
+    "SequenceHandle",
+    "SequenceNotFound",
+    "SequenceReport",
+    "SequenceSpec",
+    "SequenceStatus",
     "Settings",
     "UnknownSender",
     "load_settings",
+    "load_spec",
 ]

@@ -5,10 +5,13 @@ from __future__ import annotations
 import postlane
 
 EXPECTED = [
+    "Approval",
     "Attachment",
+    "ComposeRequest",
     "ConfigurationError",
     "DeliveryError",
     "DeliveryReceipt",
+    "Draft",
     "Email",
     "EmailCancelled",
     "EmailHandle",
@@ -17,16 +20,26 @@ EXPECTED = [
     "EmailStatus",
     "ErrorType",
     "IdempotencyConflict",
+    "InboundEvent",
+    "InboundKind",
     "InvalidEmail",
     "LaneConfig",
     "PermanentDeliveryError",
     "PostlaneClient",
     "PostlaneError",
     "Priority",
+    "Recipient",
+    "RecipientSuppressed",
     "RetrySettings",
+    "SequenceHandle",
+    "SequenceNotFound",
+    "SequenceReport",
+    "SequenceSpec",
+    "SequenceStatus",
     "Settings",
     "UnknownSender",
     "load_settings",
+    "load_spec",
 ]
 
 
