@@ -333,3 +333,29 @@ async def test_rejected_draft_is_never_sent(pl: PostlaneTestEnv, key: str) -> No
     assert final.status == SequenceStatus.CANCELLED
     assert [m.step for m in final.sent] == ["intro"]
     assert len([m for m in pl.outbox if m.recipients == ["bob@example.test"]]) == 1
+
+
+async def test_smtp_refusal_of_a_send_ends_the_sequence_bounced(
+    pl: PostlaneTestEnv, key: str
+) -> None:
+    pl.smtp.fail("data", "550 5.1.1 <bob@example.test>: no such user")
+    handle = await pl.client.start_sequence(three_step_spec(), bob(), key=key)
+    final = await handle.result()
+    assert final.status == SequenceStatus.BOUNCED
+    assert "550 5.1.1" in (final.stop_reason or "")
+    assert final.sent == []
+
+
+async def test_cancel_stops_a_waiting_sequence(pl: PostlaneTestEnv, key: str) -> None:
+    await pl.client.start_sequence(three_step_spec(), bob(), key=key)
+    await at_step(pl, key, "wait1", 1)
+    assert await pl.client.cancel_sequence(key)
+
+    async def cancelled() -> SequenceReport | None:
+        r = await report(pl, key)
+        return r if r.status == SequenceStatus.CANCELLED else None
+
+    final = await assert_eventually(cancelled, what="sequence cancelled")
+    assert len(final.sent) == 1
+    assert not await pl.client.cancel_sequence(key)  # already over: nothing changes
+    assert not await pl.client.pause_sequence(key)
