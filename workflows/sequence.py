@@ -496,7 +496,8 @@ class SequenceWorkflow:
             else:
                 self._s.soft_bounces += 1
             return
-        self._s.replies.append(event)
+        # Ordered by when the sequence learned of it: the sender's clock may be anything.
+        self._s.replies.append(event.model_copy(update={"received_at": workflow.now()}))
         if self._s.status.finished:
             return
         step = self._current_step()
