@@ -46,6 +46,9 @@ def add_parser(sub: Any) -> None:
     start.add_argument(
         "--skip-invalid", action="store_true", help="enroll the valid rows, report the rest"
     )
+    listing = seq_sub.add_parser("list", help="enrolled sequences: key and status")
+    listing.add_argument("--campaign", help="only this campaign (spec name)")
+    listing.add_argument("--status", help="only this status, e.g. replied or active")
     for name, helptext in (
         ("status", "current step, next action and time, what was sent"),
         ("pause", "hold a sequence (nothing is sent until resume)"),
@@ -69,6 +72,12 @@ async def run(pl: PostlaneClient, args: argparse.Namespace) -> int:
         return await _start(pl, args)
     if command == "status":
         print(format_report(await pl.sequence_status(args.key)))
+        return EXIT_OK
+    if command == "list":
+        found = await pl.sequences(campaign=args.campaign, status=args.status)
+        for key, status in found:
+            print(f"{status:<18} {key}")
+        print(f"{len(found)} sequence(s)", file=sys.stderr)
         return EXIT_OK
     if command == "approve":
         ok = await pl.approve(

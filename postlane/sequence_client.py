@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 from datetime import UTC, datetime
 from typing import Any
 
@@ -33,6 +34,7 @@ from postlane.errors import (
     UnknownSender,
 )
 from postlane.ids import (
+    SEQUENCE_ID_PREFIX,
     WORKFLOW_TASK_QUEUE,
     sequence_from_unsubscribe_token,
     sequence_of_email,
@@ -57,6 +59,8 @@ from postlane.suppressions import is_suppressed, start_suppression
 from postlane.templates import render_sequence, render_string, variables_for
 
 _CONTENT_HASH = "postlane_content_hash"
+_CAMPAIGN_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_STATUSES = {s.value for s in SequenceStatus}
 
 
 class SequenceHandle:
@@ -258,6 +262,37 @@ class SequenceOperations:
         if report is not None:
             return report.model_copy(update={"status": closed, "step": None, "next_at": None})
         return SequenceReport(key=key, status=closed, recipient="")
+
+    async def sequences(
+        self, *, campaign: str | None = None, status: SequenceStatus | str | None = None
+    ) -> list[tuple[str, SequenceStatus]]:
+        """Enrolled sequences as (key, status), from visibility (needs a real server).
+
+        Args:
+            campaign: only this spec name's (its ``sequence:<name>`` tag).
+            status: only those in this status.
+
+        Raises:
+            InvalidEmail: an unknown status or a campaign name that is not a valid name.
+        """
+        query = 'WorkflowType="Sequence"'
+        if campaign is not None:
+            if not _CAMPAIGN_RE.match(campaign):
+                raise InvalidEmail("campaign", f"{campaign!r} is not a campaign name")
+            query += f' AND PostlaneTag="sequence:{campaign}"'
+        if status is not None:
+            try:
+                query += f' AND PostlaneStatus="{SequenceStatus(status).value}"'
+            except ValueError:
+                raise InvalidEmail("status", f"{status!r} is not a sequence status") from None
+        found: list[tuple[str, SequenceStatus]] = []
+        async for execution in self.temporal.list_workflows(query):
+            stored = execution.typed_search_attributes.get(sa.STATUS)
+            state = SequenceStatus(stored) if stored in _STATUSES else SequenceStatus.ACTIVE
+            if execution.status == WorkflowExecutionStatus.CANCELED:
+                state = SequenceStatus.CANCELLED
+            found.append((execution.id.removeprefix(SEQUENCE_ID_PREFIX), state))
+        return found
 
     async def _signal(self, key: str, signal: str, arg: Any = None) -> bool:
         """Signal a running sequence; False if it has finished.

@@ -129,6 +129,15 @@ async def test_bulk_enrollment_validates_first_and_never_enrolls_twice(
                 return (await pl.sequence_status(key)).status == SequenceStatus.PAUSED
 
             await assert_eventually(paused, what="sequence paused")
+
+            async def listed() -> str | None:
+                rc, out, _ = await run_postlane(
+                    ["sequence", "list", "--campaign", name, "--status", "paused"], env
+                )
+                return out if rc == 0 and key in out else None
+
+            out = await assert_eventually(listed, what="the paused sequence listed")
+            assert out.split() == ["paused", key]
             rc, _, _ = await run_postlane(["sequence", "unsubscribe", key], env)
             assert rc == 0
             await assert_eventually(
