@@ -10,6 +10,7 @@ from typing import Any
 from pydantic import ValidationError
 from temporalio.client import (
     Client,
+    WorkflowExecutionDescription,
     WorkflowExecutionStatus,
     WorkflowFailureError,
     WorkflowHandle,
@@ -236,15 +237,7 @@ class SequenceOperations:
         Raises:
             SequenceNotFound: no sequence has this key.
         """
-        handle = self.temporal.get_workflow_handle(
-            sequence_workflow_id(key), result_type=SequenceReport
-        )
-        try:
-            desc = await handle.describe()
-        except RPCError as err:
-            if err.status == RPCStatusCode.NOT_FOUND:
-                raise SequenceNotFound(key) from None
-            raise
+        handle, desc = await self._describe_sequence(key)
         if desc.status == WorkflowExecutionStatus.COMPLETED:
             return SequenceReport.model_validate(await handle.result())
         report: SequenceReport | None
@@ -294,19 +287,24 @@ class SequenceOperations:
             found.append((execution.id.removeprefix(SEQUENCE_ID_PREFIX), state))
         return found
 
+    async def _describe_sequence(
+        self, key: str
+    ) -> tuple[WorkflowHandle[Any, Any], WorkflowExecutionDescription]:
+        handle = self.temporal.get_workflow_handle(sequence_workflow_id(key))
+        try:
+            return handle, await handle.describe()
+        except RPCError as err:
+            if err.status == RPCStatusCode.NOT_FOUND:
+                raise SequenceNotFound(key) from None
+            raise
+
     async def _signal(self, key: str, signal: str, arg: Any = None) -> bool:
         """Signal a running sequence; False if it has finished.
 
         Raises:
             SequenceNotFound: no sequence has this key.
         """
-        handle = self.temporal.get_workflow_handle(sequence_workflow_id(key))
-        try:
-            desc = await handle.describe()
-        except RPCError as err:
-            if err.status == RPCStatusCode.NOT_FOUND:
-                raise SequenceNotFound(key) from None
-            raise
+        handle, desc = await self._describe_sequence(key)
         if desc.status != WorkflowExecutionStatus.RUNNING:
             return False
         if arg is None:
@@ -329,13 +327,7 @@ class SequenceOperations:
         Returns:
             False if it had already finished.
         """
-        handle = self.temporal.get_workflow_handle(sequence_workflow_id(key))
-        try:
-            desc = await handle.describe()
-        except RPCError as err:
-            if err.status == RPCStatusCode.NOT_FOUND:
-                raise SequenceNotFound(key) from None
-            raise
+        handle, desc = await self._describe_sequence(key)
         if desc.status != WorkflowExecutionStatus.RUNNING:
             return False
         await handle.cancel()
