@@ -283,7 +283,7 @@ class PostlaneClient:
         Raises:
             EmailNotFound: no email has this key.
         """
-        return (await self._describe(key, ask_finished=False)).status
+        return (await self._describe(key, ask_workflow=False)).status
 
     async def describe(self, key: str) -> EmailReport:
         """Status, lane, attempts, last SMTP reply and the recent failed attempts of an email.
@@ -296,9 +296,10 @@ class PostlaneClient:
         Raises:
             EmailNotFound: no email has this key.
         """
-        return await self._describe(key, ask_finished=True)
+        return await self._describe(key, ask_workflow=True)
 
-    async def _describe(self, key: str, *, ask_finished: bool) -> EmailReport:
+    async def _describe(self, key: str, *, ask_workflow: bool) -> EmailReport:
+        """`describe`; the status alone (`ask_workflow` False) needs only the server."""
         handle = self.handle(key)._handle
         try:
             desc = await handle.describe()
@@ -330,7 +331,7 @@ class PostlaneClient:
                 elif pending.attempt > 1:
                     status = EmailStatus.RETRYING
         update: dict[str, Any] = {"status": status, "attempts": attempts, "last_error": last_error}
-        if desc.status != WorkflowExecutionStatus.RUNNING and ask_finished:
+        if desc.status != WorkflowExecutionStatus.RUNNING and ask_workflow:
             # A finished email's workflow still answers (a worker replays it): how it got here.
             finished = await _query_report(handle, rpc_timeout=CLOSED_QUERY_TIMEOUT)
             if finished is not None:
@@ -346,7 +347,7 @@ class PostlaneClient:
                 await handle.result()
             except WorkflowFailureError as err:
                 update["last_error"] = str(_delivery_error(err))
-        elif desc.status == WorkflowExecutionStatus.RUNNING:
+        elif desc.status == WorkflowExecutionStatus.RUNNING and ask_workflow:
             # None: no worker is polling; the search attributes still tell a lot.
             live = await _query_report(handle)
             if live is not None:
