@@ -16,6 +16,7 @@ from postlane.errors import (
 )
 from postlane.models import (
     Attachment,
+    AttemptRecord,
     DeliveryReceipt,
     Email,
     EmailReport,
@@ -26,6 +27,7 @@ from postlane.models import (
 
 __all__ = [
     "Attachment",
+    "AttemptRecord",
     "ConfigurationError",
     "DeliveryError",
     "DeliveryReceipt",

@@ -458,7 +458,12 @@ class PostlaneClient:
     async def _signal_dead_letter(self, key: str, signal: str, request: RetryRequest) -> bool:
         if await self.status(key) != EmailStatus.DEAD_LETTER:
             return False
-        await self.handle(key)._handle.signal(signal, request)
+        try:
+            await self.handle(key)._handle.signal(signal, request)
+        except RPCError as err:
+            if err.status == RPCStatusCode.NOT_FOUND:
+                return False  # it ended meanwhile (another run's retry sent it)
+            raise
         return True
 
     async def dead_letters(
@@ -477,12 +482,8 @@ class PostlaneClient:
             ConfigurationError: no lane has this name.
             InvalidEmail: `since` is not timezone-aware.
         """
-        reports = [await self.describe(key) for key in await self.dead_letter_keys(lane=lane)]
-        if since is not None:
-            since = _aware(since, "since")
-            # Filtered here too: the server filter also lets through emails parked by
-            # workflow code older than `PostlaneParkedAt`, whose time only they can tell.
-            reports = [r for r in reports if r.parked_at is not None and r.parked_at >= since]
+        keys = await self.dead_letter_keys(lane=lane, since=since)
+        reports = [await self.describe(key) for key in keys]
         far_past = datetime.min.replace(tzinfo=UTC)
         return sorted(reports, key=lambda r: r.parked_at or far_past)
 
@@ -491,16 +492,26 @@ class PostlaneClient:
     ) -> list[str]:
         """Keys of the emails parked in the dead-letter state (see `dead_letters`).
 
-        `since` is applied by the server only: emails parked by workflow code older than
-        the `PostlaneParkedAt` search attribute are included whenever they parked.
+        The server filters on `PostlaneParkedAt`. Emails that parked under workflow code
+        older than that search attribute lack it; their own workflow tells when they
+        parked (they are left out if no worker answers).
         """
         query = 'PostlaneStatus="dead_letter" AND ExecutionStatus="Running"'
         if lane is not None:
             self.settings.lane(lane)  # also keeps the name safe inside the query
             query += f' AND PostlaneLane="{lane}"'
-        if since is not None:
-            stamp = _aware(since, "since").astimezone(UTC).isoformat().replace("+00:00", "Z")
-            query += f' AND (PostlaneParkedAt >= "{stamp}" OR PostlaneParkedAt IS NULL)'
+        if since is None:
+            return await self._listed_keys(query)
+        since = _aware(since, "since")
+        stamp = since.astimezone(UTC).isoformat().replace("+00:00", "Z")
+        keys = await self._listed_keys(f'{query} AND PostlaneParkedAt >= "{stamp}"')
+        for key in await self._listed_keys(f"{query} AND PostlaneParkedAt IS NULL"):
+            parked_at = (await self.describe(key)).parked_at
+            if parked_at is not None and parked_at >= since:
+                keys.append(key)
+        return keys
+
+    async def _listed_keys(self, query: str) -> list[str]:
         return [
             key_from_workflow_id(execution.id)
             async for execution in self.temporal.list_workflows(query)

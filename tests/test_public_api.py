@@ -6,6 +6,7 @@ import postlane
 
 EXPECTED = [
     "Attachment",
+    "AttemptRecord",
     "ConfigurationError",
     "DeliveryError",
     "DeliveryReceipt",
