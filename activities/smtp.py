@@ -28,7 +28,7 @@ from activities.smtp_errors import (
 from postlane.config import LaneConfig, Settings
 from postlane.errors import ConfigurationError, ErrorType
 from postlane.ids import lane_workflow_id
-from postlane.models import DeliveryReceipt, SmtpSendRequest, ThrottleReport
+from postlane.models import AttemptRecord, DeliveryReceipt, SmtpSendRequest, ThrottleReport
 
 log = structlog.get_logger(__name__)
 
@@ -62,6 +62,11 @@ class SmtpPool:
                 return smtp, True
             await _close(smtp)
         return await self._connect(), False
+
+    @property
+    def server(self) -> str:
+        """``host:port`` of the lane's SMTP server."""
+        return f"{self._lane.smtp_host}:{self._lane.smtp_port}"
 
     def release(self, smtp: aiosmtplib.SMTP) -> None:
         """Give back a connection whose last transaction completed cleanly."""
@@ -198,9 +203,9 @@ class SmtpActivities:
         try:
             pool = self.pool(req.lane)
         except ConfigurationError as exc:
-            raise ApplicationError(
-                str(exc), type=ErrorType.LANE_UNKNOWN, non_retryable=True
-            ) from exc
+            failure = ApplicationError(str(exc), type=ErrorType.LANE_UNKNOWN, non_retryable=True)
+            await self._report_attempt(req, failure, "")
+            raise failure from exc
         progress = _Progress()
         data = build_message(req.email, req.message_id, datetime.now(UTC)).as_bytes(
             policy=policy.SMTP
@@ -215,6 +220,7 @@ class SmtpActivities:
             except ApplicationError as err:
                 if err.type == ErrorType.SMTP_THROTTLED:
                     await self._report_throttle(req.lane, err)
+                await self._report_attempt(req, err, pool.server)
                 raise
             except asyncio.CancelledError:
                 if progress.details["phase"] in ("data", "accepted"):
@@ -232,6 +238,35 @@ class SmtpActivities:
             attempt=info.attempt,
         )
         return receipt
+
+    async def _report_attempt(
+        self, req: SmtpSendRequest, err: ApplicationError, smtp_server: str
+    ) -> None:
+        """Tell the email's workflow about this failed attempt (best effort).
+
+        Temporal's history keeps only the last failure of a retried activity; the workflow
+        keeps the recent ones for ``postlane status``.
+        """
+        info = activity.info()
+        if self._client is None or info.workflow_id is None:
+            return
+        details = err.details[0] if err.details and isinstance(err.details[0], dict) else {}
+        phase = details.get("phase")
+        record = AttemptRecord(
+            attempt=info.attempt,
+            at=datetime.now(UTC),
+            reply=err.message,
+            smtp_server=smtp_server,
+            worker=self._client.identity,
+            phase=phase if isinstance(phase, str) else None,
+            error_type=err.type,
+        )
+        try:
+            await self._client.get_workflow_handle(
+                info.workflow_id, run_id=info.workflow_run_id
+            ).signal("attempt_failed", record)
+        except RPCError as exc:  # the email goes on (or has ended) regardless
+            log.warning("email.attempt_not_reported", key=req.key, error=str(exc))
 
     async def _report_throttle(self, lane: str, err: ApplicationError) -> None:
         log.warning("lane.throttled", lane=lane, reply=err.message)

@@ -18,6 +18,7 @@ from postlane.errors import (
 )
 from postlane.models import (
     Attachment,
+    AttemptRecord,
     DeliveryReceipt,
     Email,
     EmailReport,
@@ -40,6 +41,7 @@ from postlane.sequence_spec import Recipient, SequenceSpec, load_spec
 __all__ = [
     "Approval",
     "Attachment",
+    "AttemptRecord",
     "ComposeRequest",
     "ConfigurationError",
     "DeliveryError",

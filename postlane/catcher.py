@@ -207,6 +207,12 @@ class SmtpCatcher:
             self._messages.clear()
             self._script = _Script()
 
+    def clear_script(self) -> None:
+        """Forget the script (faults, refused recipients) and keep the caught messages:
+        a provider's outage is over."""
+        with self._cond:
+            self._script = _Script()
+
     def wait_for(self, count: int, timeout: float = 30.0) -> list[CaughtMessage]:
         """Block until at least `count` messages arrived.
 

@@ -11,10 +11,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import re
 import sys
 import uuid
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,10 +23,12 @@ from temporalio.service import RPCError
 
 from postlane import cli_sequence
 from postlane.errors import ConfigurationError, InvalidEmail, PostlaneError
+from postlane.progress import ProgressBar
 
 if TYPE_CHECKING:
     from postlane.client import PostlaneClient
     from postlane.config import Settings
+    from postlane.models import EmailReport
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
 
@@ -90,6 +93,12 @@ def _parser() -> argparse.ArgumentParser:
     ):
         c = sub.add_parser(name, help=helptext)
         c.add_argument("key")
+        if name == "status":
+            c.add_argument(
+                "--attempts",
+                action="store_true",
+                help="a table of the failed attempts (number, time, server, reply) instead of JSON",
+            )
         if name == "retry":
             c.add_argument("--to", action="append", help="replace the To recipients")
             c.add_argument("--lane", help="send through another lane")
@@ -98,13 +107,18 @@ def _parser() -> argparse.ArgumentParser:
 
     dlq = sub.add_parser("dlq", help="dead-lettered emails: list, retry, discard")
     dlq_sub = dlq.add_subparsers(dest="dlq_command", required=True, metavar="SUBCOMMAND")
-    dlq_list = dlq_sub.add_parser("list", help="key, lane, recipients, attempts, last reply")
+    since_help = "parked since: a duration ago (30m, 2h, 3d, 1w) or an ISO time (UTC if no zone)"
+    dlq_list = dlq_sub.add_parser(
+        "list", help="key, lane, recipients, attempts, parked since, last reply"
+    )
     dlq_list.add_argument("--lane")
+    dlq_list.add_argument("--since", help=since_help)
     for name, helptext in (("retry", "send them again"), ("discard", "give up on them")):
         action = dlq_sub.add_parser(name, help=helptext)
         action.add_argument("keys", nargs="*", metavar="KEY")
         action.add_argument("--all", action="store_true", help="every dead-lettered email")
         action.add_argument("--lane", help="with --all: only this lane's")
+        action.add_argument("--since", help=f"with --all: {since_help}")
 
     cli_sequence.add_parser(sub)
 
@@ -175,7 +189,10 @@ async def _dispatch(args: argparse.Namespace) -> int:
     pl = await _connect(args, settings)
     if args.command == "status":
         report = await pl.describe(args.key)
-        print(report.model_dump_json(indent=2, exclude_none=True))
+        if args.attempts:
+            print(format_attempts(report))
+        else:
+            print(report.model_dump_json(indent=2, exclude_none=True))
         return EXIT_OK
     if args.command == "retry":
         to = _split(args.to) if args.to else None
@@ -212,27 +229,119 @@ async def _dispatch(args: argparse.Namespace) -> int:
     raise AssertionError(args.command)  # pragma: no cover
 
 
-async def _dlq(pl: Any, args: argparse.Namespace) -> int:
+async def _dlq(pl: PostlaneClient, args: argparse.Namespace) -> int:
+    now = datetime.now(UTC)
+    since = parse_since(args.since, now) if args.since else None
     if args.dlq_command == "list":
-        rows = [("KEY", "LANE", "RECIPIENTS", "ATTEMPTS", "LAST REPLY")]
-        for r in await pl.dead_letters(lane=args.lane):
-            rows.append(
-                (r.key, r.lane or "-", ", ".join(r.recipients), str(r.attempts), r.last_error or "")
-            )
-        print(_table(rows))
+        print(format_dead_letters(await pl.dead_letters(lane=args.lane, since=since), now))
         return EXIT_OK
     if bool(args.keys) == bool(args.all):
         raise InvalidEmail("keys", "give KEY... or --all, not both")
-    keys = args.keys or [r.key for r in await pl.dead_letters(lane=args.lane)]
-    act = pl.retry if args.dlq_command == "retry" else pl.discard
-    done = 0
-    for n, key in enumerate(keys, 1):
-        ok = await act(key)
-        done += ok
-        state = "done" if ok else "not dead-lettered, unchanged"
-        print(f"[{n}/{len(keys)}] {key}: {state}", flush=True)
-    print(f"{args.dlq_command}: {done} of {len(keys)}")
-    return EXIT_OK
+    if args.keys and (args.lane or since):
+        raise InvalidEmail("keys", "--lane and --since select with --all only")
+    keys = args.keys or await pl.dead_letter_keys(lane=args.lane, since=since)
+    retry = args.dlq_command == "retry"
+    changed_as = "going out again" if retry else "discarded"
+    bar = ProgressBar(len(keys), f"dlq {args.dlq_command}")
+    changed = unchanged = failed = 0
+    for key in keys:
+        try:
+            ok = await (pl.retry(key) if retry else pl.discard(key))
+            result = changed_as if ok else f"unchanged: {await pl.status(key)}"
+        except (PostlaneError, RPCError) as exc:
+            ok, result = False, f"error: {type(exc).__name__}: {exc}"
+            failed += 1
+        else:
+            changed += ok
+            unchanged += not ok
+        bar.step(key, result)
+    bar.close()
+    print(
+        f"{args.dlq_command}: {changed} of {len(keys)} {changed_as}"
+        f" ({unchanged} unchanged, {failed} errors)"
+    )
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+def format_dead_letters(reports: Sequence[EmailReport], now: datetime) -> str:
+    """The ``postlane dlq list`` table; `now` only words how long each has been parked."""
+    rows = [("KEY", "LANE", "RECIPIENTS", "ATTEMPTS", "PARKED SINCE", "LAST REPLY")]
+    for r in reports:
+        parked = "-"
+        if r.parked_at is not None:
+            parked = f"{_utc(r.parked_at)} ({_age(now - r.parked_at)} ago)"
+        rows.append(
+            (
+                r.key,
+                r.lane or "-",
+                ", ".join(r.recipients) or "-",
+                str(r.attempts),
+                parked,
+                r.last_error or "",
+            )
+        )
+    return _table(rows)
+
+
+def format_attempts(report: EmailReport) -> str:
+    """``postlane status KEY --attempts``: the email's state, then one row per failed attempt."""
+    head = f"{report.key}: {report.status}, lane {report.lane or '-'}"
+    lines = [f"{head}, {report.attempts} attempts"]
+    if report.parked_at is not None and report.status == "dead_letter":
+        lines[0] += f", parked since {_utc(report.parked_at)}"
+    rows = [("ATTEMPT", "FAILED AT", "SMTP SERVER", "WORKER", "REPLY")]
+    for a in report.attempt_history:
+        rows.append((str(a.attempt), _utc(a.at), a.smtp_server or "-", a.worker or "-", a.reply))
+    if len(rows) > 1:
+        first = report.attempt_history[0].attempt
+        if first > 1:
+            lines.append(f"(attempts before {first} are no longer kept)")
+        lines.append(_table(rows))
+    else:
+        lines.append("no failed attempts recorded")
+    if report.receipt is not None:
+        r = report.receipt
+        when = _utc(r.sent_at) if r.sent_at else "-"
+        lines.append(f"sent on attempt {r.attempts} at {when}: {r.smtp_reply}")
+    elif report.last_error and report.status != "dead_letter":
+        lines.append(f"last reply: {report.last_error}")
+    return "\n".join(lines)
+
+
+def _utc(when: datetime) -> str:
+    return when.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+def _age(delta: timedelta) -> str:
+    seconds = max(0, int(delta.total_seconds()))
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
+_SINCE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+_SINCE_PART = re.compile(r"(\d+)([smhdw])")
+
+
+def parse_since(value: str, now: datetime) -> datetime:
+    """``30m``, ``2h``, ``3d``, ``1w``, ``1h30m`` before `now`, or an ISO 8601 time (UTC if
+    it names no zone) → an aware datetime.
+
+    Raises:
+        InvalidEmail: anything else (field ``since``).
+    """
+    text = value.strip()
+    if re.fullmatch(r"(?:\d+[smhdw])+", text):
+        seconds = sum(int(n) * _SINCE_UNITS[u] for n, u in _SINCE_PART.findall(text))
+        return now - timedelta(seconds=seconds)
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        raise InvalidEmail(
+            "since", f"{value!r} is neither a duration like 2h, 30m, 3d nor an ISO 8601 time"
+        ) from None
+    return when if when.tzinfo is not None else when.replace(tzinfo=UTC)
 
 
 def _table(rows: Sequence[Sequence[str]]) -> str:

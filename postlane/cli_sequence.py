@@ -18,7 +18,7 @@ from pydantic import ValidationError
 
 from postlane.errors import InvalidEmail, PostlaneError, RecipientSuppressed
 from postlane.models import invalid_email_from
-from postlane.progress import Progress
+from postlane.progress import ProgressBar
 from postlane.sequence_models import SequenceInput, SequenceReport
 from postlane.sequence_spec import Recipient, SequenceSpec, load_spec
 
@@ -166,18 +166,17 @@ async def _start(pl: PostlaneClient, args: argparse.Namespace) -> int:
         )
         return EXIT_INVALID
     counts = {"enrolled": 0, "already enrolled": 0, "suppressed": 0, "failed": 0}
-    progress = Progress(len(prepared), label="enrolling")
+    progress = ProgressBar(len(prepared), "enrolling")
     for inp in prepared:
         try:
             handle = await pl.start_sequence(inp.spec, inp.recipient, key=inp.key)
-            outcome = "enrolled" if handle.created else "already enrolled"
+            outcome = detail = "enrolled" if handle.created else "already enrolled"
         except RecipientSuppressed:
-            outcome = "suppressed"
+            outcome = detail = "suppressed"
         except PostlaneError as exc:
-            outcome = "failed"
-            progress.note(f"{inp.key}: {exc}")
+            outcome, detail = "failed", f"failed: {exc}"
         counts[outcome] += 1
-        progress.advance(f"{inp.key}: {outcome}")
+        progress.step(inp.key, detail)
     progress.close()
     print(", ".join(f"{n} {what}" for what, n in counts.items()) + f", {len(invalid)} invalid")
     return EXIT_FAILED if counts["failed"] else EXIT_OK

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from types import TracebackType
 from typing import Any
 
@@ -21,6 +21,8 @@ from temporalio.client import (
     WorkflowExecutionStatus,
     WorkflowFailureError,
     WorkflowHandle,
+    WorkflowQueryFailedError,
+    WorkflowQueryRejectedError,
 )
 from temporalio.common import Priority as TemporalPriority
 from temporalio.common import (
@@ -77,6 +79,8 @@ NON_RETRYABLE_TYPES = (
     ErrorType.LANE_UNKNOWN,
     ErrorType.CONFIGURATION,
 )
+CLOSED_QUERY_TIMEOUT = timedelta(seconds=10)
+"""How long `describe` waits for a worker to answer about a finished email."""
 _CLOSED_STATUS = {
     WorkflowExecutionStatus.COMPLETED: EmailStatus.SENT,
     WorkflowExecutionStatus.FAILED: EmailStatus.FAILED,
@@ -283,14 +287,23 @@ class PostlaneClient(SequenceOperations):
         Raises:
             EmailNotFound: no email has this key.
         """
-        return (await self.describe(key)).status
+        return (await self._describe(key, ask_workflow=False)).status
 
     async def describe(self, key: str) -> EmailReport:
-        """Status, lane, attempts and last SMTP reply of an email; no worker needs to run.
+        """Status, lane, attempts, last SMTP reply and the recent failed attempts of an email.
+
+        No worker needs to run: without one, the report holds what the server knows (status,
+        lane, parked time, the pending attempt's last failure); with one, the email's
+        workflow adds recipients, its attempt history and, for a finished email, how it got
+        there.
 
         Raises:
             EmailNotFound: no email has this key.
         """
+        return await self._describe(key, ask_workflow=True)
+
+    async def _describe(self, key: str, *, ask_workflow: bool) -> EmailReport:
+        """`describe`; the status alone (`ask_workflow` False) needs only the server."""
         handle = self.handle(key)._handle
         try:
             desc = await handle.describe()
@@ -309,6 +322,7 @@ class PostlaneClient(SequenceOperations):
             status=status,
             lane=desc.typed_search_attributes.get(sa.LANE),
             subject=(await desc.static_summary() or "").split(" → ")[0],
+            parked_at=desc.typed_search_attributes.get(sa.PARKED_AT),
         )
         attempts, last_error = 0, None
         for pending in desc.raw_description.pending_activities:
@@ -321,6 +335,14 @@ class PostlaneClient(SequenceOperations):
                 elif pending.attempt > 1:
                     status = EmailStatus.RETRYING
         update: dict[str, Any] = {"status": status, "attempts": attempts, "last_error": last_error}
+        if desc.status != WorkflowExecutionStatus.RUNNING and ask_workflow:
+            # A finished email's workflow still answers (a worker replays it): how it got here.
+            finished = await _query_report(handle, rpc_timeout=CLOSED_QUERY_TIMEOUT)
+            if finished is not None:
+                update.update(
+                    attempt_history=finished.attempt_history,
+                    parked_at=report.parked_at or finished.parked_at,
+                )
         if desc.status == WorkflowExecutionStatus.COMPLETED:
             receipt = DeliveryReceipt.model_validate(await handle.result())
             update.update(receipt=receipt, attempts=receipt.attempts, recipients=receipt.accepted)
@@ -329,11 +351,9 @@ class PostlaneClient(SequenceOperations):
                 await handle.result()
             except WorkflowFailureError as err:
                 update["last_error"] = str(_delivery_error(err))
-        elif desc.status == WorkflowExecutionStatus.RUNNING:
-            try:
-                live = await handle.query("status", result_type=EmailReport)
-            except RPCError:
-                live = None  # no worker is polling; the search attributes still tell a lot
+        elif desc.status == WorkflowExecutionStatus.RUNNING and ask_workflow:
+            # None: no worker is polling; the search attributes still tell a lot.
+            live = await _query_report(handle)
             if live is not None:
                 update.update(
                     subject=live.subject,
@@ -341,6 +361,9 @@ class PostlaneClient(SequenceOperations):
                     scheduled_for=live.scheduled_for,
                     attempts=max(attempts, live.attempts),
                     last_error=last_error or live.last_error,
+                    # The search attribute is missing for emails parked by older code.
+                    parked_at=report.parked_at or live.parked_at,
+                    attempt_history=live.attempt_history,
                 )
         return report.model_copy(update=update)
 
@@ -439,24 +462,62 @@ class PostlaneClient(SequenceOperations):
     async def _signal_dead_letter(self, key: str, signal: str, request: RetryRequest) -> bool:
         if await self.status(key) != EmailStatus.DEAD_LETTER:
             return False
-        await self.handle(key)._handle.signal(signal, request)
+        try:
+            await self.handle(key)._handle.signal(signal, request)
+        except RPCError as err:
+            if err.status == RPCStatusCode.NOT_FOUND:
+                return False  # it ended meanwhile (another run's retry sent it)
+            raise
         return True
 
-    async def dead_letters(self, *, lane: str | None = None) -> list[EmailReport]:
-        """Emails parked in the dead-letter state (needs a server with visibility).
+    async def dead_letters(
+        self, *, lane: str | None = None, since: datetime | None = None
+    ) -> list[EmailReport]:
+        """Emails parked in the dead-letter state, the longest parked first.
+
+        Needs a server with visibility (the dev server or a cluster, not the time-skipping
+        test server).
 
         Args:
             lane: only this lane's.
+            since: only those parked at or after this aware time.
 
         Raises:
             ConfigurationError: no lane has this name.
+            InvalidEmail: `since` is not timezone-aware.
+        """
+        keys = await self.dead_letter_keys(lane=lane, since=since)
+        reports = [await self.describe(key) for key in keys]
+        far_past = datetime.min.replace(tzinfo=UTC)
+        return sorted(reports, key=lambda r: r.parked_at or far_past)
+
+    async def dead_letter_keys(
+        self, *, lane: str | None = None, since: datetime | None = None
+    ) -> list[str]:
+        """Keys of the emails parked in the dead-letter state (see `dead_letters`).
+
+        The server filters on `PostlaneParkedAt`. Emails that parked under workflow code
+        older than that search attribute lack it; their own workflow tells when they
+        parked (they are left out if no worker answers).
         """
         query = 'PostlaneStatus="dead_letter" AND ExecutionStatus="Running"'
         if lane is not None:
             self.settings.lane(lane)  # also keeps the name safe inside the query
             query += f' AND PostlaneLane="{lane}"'
+        if since is None:
+            return await self._listed_keys(query)
+        since = _aware(since, "since")
+        stamp = since.astimezone(UTC).isoformat().replace("+00:00", "Z")
+        keys = await self._listed_keys(f'{query} AND PostlaneParkedAt >= "{stamp}"')
+        for key in await self._listed_keys(f"{query} AND PostlaneParkedAt IS NULL"):
+            parked_at = (await self.describe(key)).parked_at
+            if parked_at is not None and parked_at >= since:
+                keys.append(key)
+        return keys
+
+    async def _listed_keys(self, query: str) -> list[str]:
         return [
-            await self.describe(key_from_workflow_id(execution.id))
+            key_from_workflow_id(execution.id)
             async for execution in self.temporal.list_workflows(query)
         ]
 
@@ -528,6 +589,25 @@ class PostlaneClient(SequenceOperations):
                     f"lane {name!r} has no running lane workflow; start a worker for it first"
                 ) from None
             raise
+
+
+async def _query_report(
+    handle: WorkflowHandle[Any, Any], *, rpc_timeout: timedelta | None = None
+) -> EmailReport | None:
+    """The email workflow's own report (query ``status``), or None if no worker answered."""
+    try:
+        report: EmailReport = await handle.query(
+            "status", result_type=EmailReport, rpc_timeout=rpc_timeout
+        )
+    except (RPCError, WorkflowQueryFailedError, WorkflowQueryRejectedError):
+        return None
+    return report
+
+
+def _aware(when: datetime, field: str) -> datetime:
+    if when.tzinfo is None or when.utcoffset() is None:
+        raise InvalidEmail(field, "must be timezone-aware, e.g. datetime.now(UTC)")
+    return when
 
 
 def content_hash(request: SendEmailInput) -> str:

@@ -23,6 +23,8 @@ MAX_EMAIL_BYTES = 1_000_000
 MAX_HEADER_LENGTH = 998
 """RFC 5322 line length limit, applied to the subject and each custom header."""
 MAX_TAGS = 10
+MAX_ATTEMPT_HISTORY = 20
+"""Failed attempts an email's workflow remembers (the most recent ones)."""
 
 # An addr-spec in its common dot-atom form; quoted local parts and address literals are
 # legal but so rare in outbound mail that accepting them mostly lets typos through.
@@ -315,6 +317,35 @@ class RetryRequest(BaseModel):
         return v
 
 
+class AttemptRecord(BaseModel):
+    """One failed send attempt: what the SMTP server (or the network) answered, and where.
+
+    The send activity signals one to its email's workflow (``attempt_failed``) on every
+    failed attempt, because Temporal's history keeps only the last failure of a retried
+    activity.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    attempt: int = Field(ge=1)
+    """The email's attempt number, counted across dead-letter retries (1 is the first).
+    The activity sends its own attempt number within the current invocation; the workflow
+    adds the attempts of the invocations before."""
+    at: datetime
+    """When the attempt failed (the worker's clock)."""
+    reply: str
+    """The SMTP reply (``451 4.3.0 ...``) or what went wrong on the way (a refused
+    connection, a timeout)."""
+    smtp_server: str = ""
+    """``host:port`` of the lane's SMTP server."""
+    worker: str = ""
+    """The worker that made the attempt (Temporal identity, ``pid@host``)."""
+    phase: str | None = None
+    """SMTP phase it failed in: connect, mail, rcpt or data."""
+    error_type: str | None = None
+    """The failure's `ErrorType` (``SmtpTransientError``, ...)."""
+
+
 class EmailReport(BaseModel):
     """Everything `PostlaneClient.describe` knows about one email."""
 
@@ -328,6 +359,10 @@ class EmailReport(BaseModel):
     attempts: int = 0
     last_error: str | None = None
     scheduled_for: datetime | None = None
+    parked_at: datetime | None = None
+    """When the email last parked in ``dead_letter`` (workflow time)."""
+    attempt_history: list[AttemptRecord] = Field(default_factory=list)
+    """The last failed attempts (up to `MAX_ATTEMPT_HISTORY`), oldest first."""
     receipt: DeliveryReceipt | None = None
 
 

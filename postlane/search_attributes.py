@@ -12,5 +12,8 @@ STATUS = SearchAttributeKey.for_keyword("PostlaneStatus")
 LANE = SearchAttributeKey.for_keyword("PostlaneLane")
 RECIPIENT_DOMAIN = SearchAttributeKey.for_keyword_list("PostlaneRecipientDomain")
 TAG = SearchAttributeKey.for_keyword_list("PostlaneTag")
+PARKED_AT = SearchAttributeKey.for_datetime("PostlaneParkedAt")
+"""When the email last parked in ``dead_letter`` (workflow time). Emails that parked under
+workflow code older than this attribute do not have it."""
 
-ALL = (STATUS, LANE, RECIPIENT_DOMAIN, TAG)
+ALL = (STATUS, LANE, RECIPIENT_DOMAIN, TAG, PARKED_AT)

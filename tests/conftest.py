@@ -35,6 +35,15 @@ FRAGILE_LANE = LaneConfig(
 """Gives up after 3 attempts, so dead-lettering is quick to reach."""
 
 
+PATIENT_LANE = LaneConfig(
+    name="patient",
+    senders=["*@patient.test"],
+    smtp_host="127.0.0.1",
+    retry=RetrySettings(initial_interval=timedelta(minutes=1), maximum_interval=timedelta(hours=4)),
+)
+"""Retries without an attempt limit until its 72-hour `retry_window` runs out."""
+
+
 CAPPED_LANE = LaneConfig(
     name="capped",
     senders=["*@capped.test"],
@@ -55,7 +64,7 @@ WARM_LANE = LaneConfig(
 TOUCHY_LANE = LaneConfig(
     name="touchy", senders=["*@touchy.test"], smtp_host="127.0.0.1", rate_per_second=8
 )
-LANES = [default_test_lane(), FRAGILE_LANE]
+LANES = [default_test_lane(), FRAGILE_LANE, PATIENT_LANE]
 
 
 @pytest_asyncio.fixture(scope="session")

@@ -7,6 +7,7 @@ import postlane
 EXPECTED = [
     "Approval",
     "Attachment",
+    "AttemptRecord",
     "ComposeRequest",
     "ConfigurationError",
     "DeliveryError",

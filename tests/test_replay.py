@@ -63,12 +63,27 @@ async def _dead_letter_retried(pl: PostlaneTestEnv, key: str) -> None:
     await handle.result()
 
 
+async def _dead_letter_parked_at(pl: PostlaneTestEnv, key: str) -> None:
+    """Since the ``postlane-parked-at`` patch: attempt signals, the marker, PostlaneParkedAt."""
+    pl.smtp.fail("rcpt", "452 4.2.2 mailbox full", times=3)
+    handle = await pl.client.send(_email("ops@fragile.test"), key=key)
+    for _ in range(60):
+        report = await pl.client.describe(key)
+        if report.status == EmailStatus.DEAD_LETTER:
+            break
+        await pl.sleep(timedelta(seconds=30))
+    assert report.parked_at is not None and len(report.attempt_history) == 3
+    assert await pl.client.retry(key)
+    await handle.result()
+
+
 SCENARIOS: dict[str, Callable[[PostlaneTestEnv, str], Awaitable[None]]] = {
     "sent": _sent,
     "scheduled": _scheduled,
     "failed": _failed,
     "cancelled": _cancelled,
     "dead_letter_retried": _dead_letter_retried,
+    "dead_letter_parked_at": _dead_letter_parked_at,
 }
 
 

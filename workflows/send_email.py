@@ -13,6 +13,8 @@ with workflow.unsafe.imports_passed_through():
     from postlane import search_attributes as sa
     from postlane.ids import lane_task_queue, lane_workflow_id, message_id
     from postlane.models import (
+        MAX_ATTEMPT_HISTORY,
+        AttemptRecord,
         DeliveryReceipt,
         EmailReport,
         EmailStatus,
@@ -32,6 +34,8 @@ with workflow.unsafe.imports_passed_through():
 SEND_EMAIL_ACTIVITY = "send_email"
 SLOT_REQUEST_RETRY = timedelta(seconds=30)
 DISCARDED = "EmailDiscarded"
+PARKED_AT_PATCH = "postlane-parked-at"
+"""Workflows that parked before this patch did not upsert `PostlaneParkedAt`."""
 
 
 @workflow.defn(name="SendEmail")
@@ -55,6 +59,8 @@ class SendEmailWorkflow:
         self._slot_granted = False
         self._correction = RetryRequest()
         self._scheduled_for: datetime | None = None
+        self._parked_at: datetime | None = None
+        self._attempt_history: list[AttemptRecord] = []
 
     @workflow.run
     async def run(self, req: SendEmailInput) -> DeliveryReceipt:
@@ -101,7 +107,9 @@ class SendEmailWorkflow:
                         priority_key=req.priority.key,
                         fairness_key=req.email.recipient_domains[0][:64],
                     ),
-                    summary=f"SMTP send via lane {req.lane}",
+                    # Server-side retries within this invocation show as the pending
+                    # activity's attempt counter; N is the email's first attempt in it.
+                    summary=f"SMTP send via lane {req.lane}, attempt {self._attempts + 1}",
                 )
             except ActivityError as err:
                 failure = _application_failure(err)
@@ -157,6 +165,9 @@ class SendEmailWorkflow:
 
     async def _park(self) -> RetryRequest:
         """Dead-letter: wait, durably and visibly, for an operator's retry or discard."""
+        self._parked_at = workflow.now()
+        if workflow.patched(PARKED_AT_PATCH):
+            workflow.upsert_search_attributes([sa.PARKED_AT.value_set(self._parked_at)])
         self._set_status(EmailStatus.DEAD_LETTER)
         workflow.logger.warning("email dead-lettered: %s", self._last_error)
         await workflow.wait_condition(lambda: self._retry_requested or self._discard_requested)
@@ -175,6 +186,8 @@ class SendEmailWorkflow:
         details = f"status: {status}; attempts: {self._attempts}"
         if self._last_error:
             details += f"; last SMTP reply: {self._last_error}"
+        if status == EmailStatus.DEAD_LETTER and self._parked_at is not None:
+            details += f"; parked since {self._parked_at.isoformat(timespec='seconds')}"
         workflow.set_current_details(details)
         if status != self._status:
             self._status = status
@@ -186,6 +199,16 @@ class SendEmailWorkflow:
         if self._status == EmailStatus.DEAD_LETTER:
             self._retry_requested = True
             self._correction = request
+
+    @workflow.signal(name="attempt_failed")
+    def attempt_failed(self, record: AttemptRecord) -> None:
+        """A send attempt failed (signalled by the activity; history keeps only the last).
+
+        The activity numbers attempts within its invocation; invocations before this one
+        (before a dead-letter retry) made `self._attempts` attempts.
+        """
+        numbered = record.model_copy(update={"attempt": self._attempts + record.attempt})
+        self._attempt_history = [*self._attempt_history, numbered][-MAX_ATTEMPT_HISTORY:]
 
     @workflow.signal(name="discard")
     def discard(self, request: RetryRequest) -> None:
@@ -206,6 +229,8 @@ class SendEmailWorkflow:
             attempts=self._receipt.attempts if self._receipt else self._attempts,
             last_error=self._last_error,
             scheduled_for=self._scheduled_for if self._status == EmailStatus.SCHEDULED else None,
+            parked_at=self._parked_at,
+            attempt_history=list(self._attempt_history),
             receipt=self._receipt,
         )
 
