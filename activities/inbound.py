@@ -2,7 +2,8 @@
 
 ``poll_inbox`` opens one IMAP session (aioimaplib), EXAMINEs the folder read-only (no flag
 changes, nothing deleted or moved), lists the UIDs above the cursor, fetches at most
-``max_messages`` of them (``BODY.PEEK[]``, capped in size) and classifies each one. It
+``max_messages`` of them (``BODY.PEEK[]``, capped in size, heartbeating between chunks)
+and classifies each one. It
 returns the events with their sequence and the new cursor; the watcher workflow delivers
 them and keeps the cursor, so the activity itself holds no state.
 """
@@ -39,6 +40,10 @@ log = structlog.get_logger(__name__)
 MAX_MESSAGE_BYTES = 1024 * 1024
 """Bytes of each message fetched: headers, the body's start and a DSN's returned headers
 fit easily; a large attachment is not worth downloading to find a reply."""
+
+FETCH_CHUNK = 10
+"""Messages per FETCH; the poll heartbeats after each, so a dead worker's poll is retried
+elsewhere within the heartbeat timeout however large the batch."""
 
 _UIDVALIDITY_RE = re.compile(rb"\[UIDVALIDITY (\d+)\]")
 _FETCH_START_RE = re.compile(rb"^\d+ FETCH \(")
@@ -145,9 +150,14 @@ async def _poll(imap: _Imap, inbox: InboxConfig, req: PollRequest, bound: Any) -
         bound.warning("inbound.uidvalidity_changed", was=cursor.uidvalidity, now=validity)
     uids = await imap.uids_after(after)
     batch = uids[: req.max_messages]
+    activity.heartbeat(after)
+    fetched: list[tuple[int, bytes, datetime | None]] = []
+    for start in range(0, len(batch), FETCH_CHUNK):
+        fetched += await imap.fetch(batch[start : start + FETCH_CHUNK])
+        activity.heartbeat(fetched[-1][0] if fetched else after)
     items: list[InboundItem] = []
     ignored = 0
-    for uid, raw, received_at in await imap.fetch(batch):
+    for uid, raw, received_at in fetched:
         try:
             event = classify(raw, received_at=received_at)
         except Exception:  # one unreadable message must not stop the inbox

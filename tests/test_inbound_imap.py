@@ -109,16 +109,16 @@ async def test_poll_inbox_classifies_new_mail_and_leaves_it_untouched(
 
 async def test_poll_inbox_reads_a_backlog_in_batches(dovecot: Dovecot, login: None) -> None:
     inbox = inbox_for(dovecot)
-    for n in range(3):
+    for n in range(13):
         mid = message_id(email_workflow_id(f"seq-{n}:first"), "acme.test")
         await dovecot.append(simple_reply(f"In-Reply-To: {mid}"), inbox.folder)
 
-    first = await poll(inbox, max_messages=2)
-    assert [i.uid for i in first.items] == [1, 2] and first.more
-    second = await poll(inbox, first.cursor, max_messages=2)
-    assert [i.uid for i in second.items] == [3] and not second.more
+    first = await poll(inbox, max_messages=12)  # fetched in two chunks
+    assert [i.uid for i in first.items] == list(range(1, 13)) and first.more
+    second = await poll(inbox, first.cursor, max_messages=12)
+    assert [i.uid for i in second.items] == [13] and not second.more
     assert [i.target for i in first.items + second.items] == [
-        sequence_workflow_id(f"seq-{n}") for n in range(3)
+        sequence_workflow_id(f"seq-{n}") for n in range(13)
     ]
 
 

@@ -45,6 +45,8 @@ COMPOSE_RETRY = RetryPolicy(
 
 IMAP_START_TO_CLOSE = timedelta(minutes=5)
 """One poll: connect, log in, list UIDs, fetch at most `max_messages` messages."""
+IMAP_HEARTBEAT = timedelta(minutes=1)
+"""The poll heartbeats after each IMAP step: a killed poller's poll moves on within this."""
 INBOUND_RETRY = RetryPolicy(
     initial_interval=timedelta(seconds=2),
     maximum_interval=timedelta(minutes=1),

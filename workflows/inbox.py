@@ -28,7 +28,12 @@ with workflow.unsafe.imports_passed_through():
         WatcherState,
     )
     from postlane.sequence_models import InboundKind
-    from workflows._options import IMAP_START_TO_CLOSE, INBOUND_RETRY, INBOUND_START_TO_CLOSE
+    from workflows._options import (
+        IMAP_HEARTBEAT,
+        IMAP_START_TO_CLOSE,
+        INBOUND_RETRY,
+        INBOUND_START_TO_CLOSE,
+    )
 
 
 @workflow.defn(name="InboxWatcher")
@@ -82,6 +87,7 @@ class InboxWatcherWorkflow:
                 result_type=PollResult,
                 task_queue=INBOUND_TASK_QUEUE,
                 start_to_close_timeout=IMAP_START_TO_CLOSE,
+                heartbeat_timeout=IMAP_HEARTBEAT,
                 retry_policy=INBOUND_RETRY,
                 summary=f"poll {self._inbox} after UID {self._s.cursor.last_uid}",
             )
