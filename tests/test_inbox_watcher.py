@@ -33,7 +33,7 @@ from postlane.inbound_models import (
 )
 from postlane.inboxes import start_inbox_watcher, watcher_status
 from postlane.sequence_client import route
-from postlane.sequence_models import SequenceReport, SequenceStatus
+from postlane.sequence_models import InboundEvent, SequenceReport, SequenceStatus
 from postlane.sequence_spec import (
     Recipient,
     SendStep,
@@ -358,3 +358,35 @@ async def test_watcher_hard_bounce_stops_sequence(
     assert report.status == SequenceStatus.BOUNCED
     assert report.stop_reason == "bounced 5.1.1"
     assert len(pl.outbox) == 1
+
+
+async def test_watcher_delivers_in_mailbox_order_per_sequence(
+    pl: PostlaneTestEnv, imap: FakeImap, key: str
+) -> None:
+    first = await enroll(pl, CONVERSATION, key)
+    other = await enroll(pl, CONVERSATION, f"{key}-other")
+    inbox = new_inbox(imap)
+    ids = [f"<m{n}@example.test>" for n in range(5)]
+    imap.mailboxes[inbox.name] += [
+        simple_reply(f"In-Reply-To: {first}", subject="Auto: away", message_id=ids[0]),
+        simple_reply(f"In-Reply-To: {other}", message_id=ids[1]),
+        simple_reply(f"In-Reply-To: {first}", message_id=ids[2]),
+        simple_reply(f"In-Reply-To: {first}", subject="Auto: away", message_id=ids[3]),
+        simple_reply(f"In-Reply-To: {other}", subject="Auto: away", message_id=ids[4]),
+    ]
+
+    await start_inbox_watcher(pl.env.client, inbox)
+    await polled(pl, inbox, 1)
+
+    async def received(seq_key: str) -> list[str]:
+        handle = pl.env.client.get_workflow_handle(sequence_workflow_id(seq_key))
+        found = []
+        async for event in handle.fetch_history_events():
+            attrs = event.workflow_execution_signaled_event_attributes
+            if event.HasField("workflow_execution_signaled_event_attributes"):
+                [payload] = await data_converter().decode(attrs.input.payloads, [InboundEvent])
+                found.append(payload.message_id)
+        return found
+
+    assert await received(key) == [ids[0], ids[2], ids[3]]
+    assert await received(f"{key}-other") == [ids[1], ids[4]]

@@ -98,7 +98,16 @@ class InboxWatcherWorkflow:
             )
             self._publish()
             return False
-        delivered = await asyncio.gather(*(self._deliver(item) for item in result.items))
+        # In mailbox order for each sequence (an out-of-office, then the real reply);
+        # different sequences at the same time.
+        by_target: dict[str, list[InboundItem]] = {}
+        for item in result.items:
+            by_target.setdefault(item.target, []).append(item)
+        delivered = [
+            ok
+            for oks in await asyncio.gather(*(self._deliver_all(i) for i in by_target.values()))
+            for ok in oks
+        ]
         # Only now, with every event handed over, does the cursor move past them.
         self._s.cursor = result.cursor
         self._s.polls += 1
@@ -110,6 +119,9 @@ class InboxWatcherWorkflow:
         self._s.last_error = None
         self._publish()
         return result.more
+
+    async def _deliver_all(self, items: list[InboundItem]) -> list[bool]:
+        return [await self._deliver(item) for item in items]
 
     async def _deliver(self, item: InboundItem) -> bool:
         """Signal one event to its sequence. False if it does not exist or has finished."""
