@@ -390,3 +390,29 @@ async def test_watcher_delivers_in_mailbox_order_per_sequence(
 
     assert await received(key) == [ids[0], ids[2], ids[3]]
     assert await received(f"{key}-other") == [ids[1], ids[4]]
+
+
+async def test_record_reply_routes_raw_mail_like_the_watcher(pl: PostlaneTestEnv, key: str) -> None:
+    """The webhook path: an app hands Postlane the raw message it received."""
+    first = await enroll(pl, CONVERSATION, key)
+    ooo = simple_reply(f"In-Reply-To: {first}", subject="Automatic reply: x", message_id="<a@x>")
+    reply = simple_reply(f"In-Reply-To: {first}", message_id="<b@x>")
+
+    assert await pl.client.record_reply(ooo) == key
+    assert await pl.client.record_reply(simple_reply("")) is None  # answers nothing of ours
+    assert await pl.client.record_reply(reply) == key
+    assert await pl.client.record_reply(reply.decode()) == key  # the same again, as str
+
+    async def thanked() -> SequenceReport | None:
+        report = await pl.client.sequence_status(key)
+        return report if report.step == "linger" else None
+
+    report = await assert_eventually(thanked, what="the thanks sent")
+    assert report.auto_replies == 1
+    assert [r.message_id for r in report.replies] == ["<b@x>"]
+    assert [m.step for m in report.sent] == ["first", "thanks"]
+
+    token = unsubscribe_token(sequence_workflow_id(key))
+    assert await pl.client.record_reply(unsubscribe_mail(token)) == key
+    final = await pl.client.sequence(key).result()
+    assert final.status == SequenceStatus.UNSUBSCRIBED
