@@ -230,10 +230,14 @@ async def test_inbound_reply_stops_sequence_ooo_does_not_dsn_bounces(
                 lambda: status_of("bounce", SequenceStatus.BOUNCED), what="bounced"
             )
             assert bounce.stop_reason == "bounced 5.1.1"
-            ooo = await stack.sequence(f"{key}-away")
+
+            async def counted() -> SequenceReport | None:
+                report = await stack.sequence(f"{key}-away")
+                return report if report.auto_replies == 1 and report.step == "pause" else None
+
+            ooo = await assert_eventually(counted, what="the out-of-office counted")
             assert ooo.status == SequenceStatus.ACTIVE  # an out-of-office is not a reply
-            assert ooo.auto_replies == 1 and ooo.replies == []
-            assert ooo.step == "pause"
+            assert ooo.replies == []
             assert len(stack.smtp.messages) == 3  # no follow-up went out
         finally:
             await stack.stop_watcher()
