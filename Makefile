@@ -13,9 +13,10 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # Debian packages the tests need: docker-compose only parses docker-compose.yml (no engine);
-# chromium loads the Temporal Web UI headless.
-$(VENV)/.system: $(STAMP)
-	{ command -v docker-compose && command -v chromium; } >/dev/null || { apt-get update -qq && apt-get install -y -qq --no-install-recommends docker-compose chromium; }
+# chromium loads the Temporal Web UI headless; dovecot is the IMAP server the inbound tests
+# start on loopback (they fail under CI without it).
+$(VENV)/.system: $(STAMP) Makefile
+	{ command -v docker-compose && command -v chromium && test -x /usr/sbin/dovecot; } >/dev/null || { apt-get update -qq && apt-get install -y -qq --no-install-recommends docker-compose chromium dovecot-imapd; }
 	touch $@
 
 dev: $(STAMP)  ## Temporal dev server + Web UI, SMTP catcher, worker, demo email

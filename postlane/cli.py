@@ -61,6 +61,7 @@ def _parser() -> argparse.ArgumentParser:
     w = sub.add_parser("worker", help="run workers for the configured lanes (same as worker.py)")
     w.add_argument("--lanes", help="comma-separated lanes this host serves (default: all)")
     w.add_argument("--no-workflows", action="store_true", help="serve lane sends only")
+    w.add_argument("--no-inbound", action="store_true", help="poll no inbox (see inbound)")
     w.add_argument("--json-logs", action="store_true", help="log one JSON object per line")
     w.add_argument(
         "--agent",
@@ -69,6 +70,14 @@ def _parser() -> argparse.ArgumentParser:
         metavar="MODULE:FUNCTION",
         help="host a compose-step agent activity (repeatable)",
     )
+
+    inbound = sub.add_parser(
+        "inbound",
+        help="watch the configured inboxes (IMAP) for replies, bounces and unsubscribes",
+        description="Start one watcher workflow per [[inboxes]] entry and poll their IMAP "
+        "folders from this host; no sends, no other workflows.",
+    )
+    inbound.add_argument("--json-logs", action="store_true", help="log one JSON object per line")
 
     s = sub.add_parser("send", help="send one email")
     s.add_argument("--from", dest="sender", required=True)
@@ -169,7 +178,7 @@ async def _dispatch(args: argparse.Namespace) -> int:
             smtp_port=args.smtp_port,
         )
         return await stack.run(demo=not args.no_demo, exit_after_demo=args.exit_after_demo)
-    if args.command == "worker":
+    if args.command in ("worker", "inbound"):
         return await _worker(args)
 
     from postlane.config import load_settings
@@ -372,10 +381,23 @@ async def _worker(args: argparse.Namespace) -> int:
 
     configure_logging(json=args.json_logs)
     settings = load_settings()
-    agents = [load_agent(spec) for spec in args.agent]
+    agents = [load_agent(spec) for spec in getattr(args, "agent", [])]
+    if args.command == "inbound":
+        if not settings.inboxes:
+            raise ConfigurationError("no [[inboxes]] configured: nothing to watch")
+        client = await connect_temporal(args.address, args.namespace)
+        await run_workers(client, settings, workflows=False, sends=False, inbound=True)
+        return EXIT_OK
     lanes = [n.strip() for n in args.lanes.split(",") if n.strip()] if args.lanes else None
     client = await connect_temporal(args.address, args.namespace)
-    await run_workers(client, settings, lanes=lanes, workflows=not args.no_workflows, agents=agents)
+    await run_workers(
+        client,
+        settings,
+        lanes=lanes,
+        workflows=not args.no_workflows,
+        inbound=not args.no_inbound,
+        agents=agents,
+    )
     return EXIT_OK
 
 

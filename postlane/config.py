@@ -1,8 +1,10 @@
-"""Configuration: lanes (sending accounts) from ``postlane.toml``, overridden by environment.
+"""Configuration: lanes (sending accounts) and inboxes (watched for replies and bounces)
+from ``postlane.toml``, overridden by environment.
 
 The file is ``$POSTLANE_CONFIG`` or ``./postlane.toml``. ``POSTLANE_*`` variables override
-its top-level fields (``POSTLANE_LANES`` takes a JSON list). SMTP secrets are never in the
-file: a lane names the environment variables that hold them, and only the worker reads them.
+its top-level fields (``POSTLANE_LANES`` and ``POSTLANE_INBOXES`` take JSON lists). SMTP and
+IMAP secrets are never in the file: a lane or inbox names the environment variables that
+hold them, and only the worker reads them.
 Temporal's own variables (``TEMPORAL_ADDRESS``, ``TEMPORAL_NAMESPACE``, ``TEMPORAL_API_KEY``,
 ``TEMPORAL_TLS_*``) are read by `postlane.connection`.
 """
@@ -21,8 +23,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from postlane.errors import ConfigurationError
-from postlane.ids import lane_task_queue
+from postlane.ids import inbox_workflow_id, lane_task_queue
 from postlane.models import LaneLimits, RetrySettings, Warmup, check_address
+from postlane.sequence_spec import Duration
 
 DEFAULT_CONFIG_FILE = "postlane.toml"
 DEV_LANE = "default"
@@ -144,6 +147,82 @@ class LaneConfig(BaseModel):
         return best
 
 
+class InboxConfig(BaseModel):
+    """One mailbox watched over IMAP for replies, bounces and unsubscribes."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    """Names the inbox's watcher workflow, ``inbound:<name>``."""
+    imap_host: str = Field(min_length=1)
+    imap_port: int | None = Field(default=None, ge=1, le=65535)
+    """Default 993 with ``imap_tls = "tls"``, else 143."""
+    imap_tls: Literal["none", "starttls", "tls"] = "tls"
+    imap_verify: bool = True
+    """Verify the server's certificate (turn off only for a test server you trust)."""
+    imap_ca_file: str | None = None
+    """PEM bundle to verify the server against, instead of the system's CAs."""
+    imap_timeout: float = Field(default=30.0, gt=0)
+    """Seconds to wait for each IMAP response."""
+    username_env: str = Field(min_length=1)
+    """Environment variable holding the IMAP login (the value never enters the file)."""
+    password_env: str = Field(min_length=1)
+    folder: str = Field(default="INBOX", min_length=1)
+    poll_interval: Duration = Field(default=timedelta(seconds=60))
+    """How long the watcher waits between polls: ``"30s"``, ``"5m"``, or seconds."""
+    max_messages: int = Field(default=50, ge=1, le=500)
+    """Messages fetched per poll at most; a longer backlog is read in several polls."""
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not _LANE_NAME_RE.match(v):
+            raise ValueError(f"{v!r}: use lower-case letters, digits, '-' and '_'")
+        return v
+
+    @field_validator("poll_interval")
+    @classmethod
+    def _interval(cls, v: timedelta) -> timedelta:
+        if v < timedelta(seconds=1):
+            raise ValueError("must be at least 1 second")
+        return v
+
+    @field_validator("folder")
+    @classmethod
+    def _folder(cls, v: str) -> str:
+        if any(c in v for c in '\r\n\x00"'):
+            raise ValueError(f"{v!r}: no quotes or control characters")
+        return v
+
+    @property
+    def port(self) -> int:
+        """The IMAP port, defaulted by the TLS mode."""
+        if self.imap_port is not None:
+            return self.imap_port
+        return 993 if self.imap_tls == "tls" else 143
+
+    @property
+    def workflow_id(self) -> str:
+        """The inbox's watcher workflow."""
+        return inbox_workflow_id(self.name)
+
+    def credentials(self) -> tuple[str, str]:
+        """Read the IMAP login from the environment (worker side only).
+
+        Raises:
+            ConfigurationError: a named variable is not set.
+        """
+        values = []
+        for var in (self.username_env, self.password_env):
+            value = os.environ.get(var)
+            if not value:
+                raise ConfigurationError(
+                    f"inbox {self.name!r}: environment variable {var} is not set"
+                )
+            values.append(value)
+        return values[0], values[1]
+
+
 def dev_lane(smtp_port: int = 1025) -> LaneConfig:
     """The embedded default: every sender, to the local SMTP catcher."""
     return LaneConfig(
@@ -165,6 +244,8 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="POSTLANE_", extra="forbid", frozen=True)
 
     lanes: list[LaneConfig] = Field(default_factory=lambda: [dev_lane()])
+    inboxes: list[InboxConfig] = Field(default_factory=list)
+    """Mailboxes watched for replies, bounces and unsubscribes (``postlane inbound``)."""
 
     @field_validator("lanes")
     @classmethod
@@ -176,6 +257,26 @@ class Settings(BaseSettings):
         if dupes:
             raise ValueError(f"lane names must be unique; repeated: {', '.join(dupes)}")
         return v
+
+    @field_validator("inboxes")
+    @classmethod
+    def _unique_inboxes(cls, v: list[InboxConfig]) -> list[InboxConfig]:
+        names = [inbox.name for inbox in v]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"inbox names must be unique; repeated: {', '.join(dupes)}")
+        return v
+
+    def inbox(self, name: str) -> InboxConfig:
+        """The inbox called `name`.
+
+        Raises:
+            ConfigurationError: there is none.
+        """
+        for inbox in self.inboxes:
+            if inbox.name == name:
+                return inbox
+        raise ConfigurationError(f"no inbox named {name!r}")
 
     def lane(self, name: str) -> LaneConfig:
         """The lane called `name`.

@@ -38,6 +38,12 @@ class ErrorType(StrEnum):
     """The worker serving the lane has no configuration for it."""
     CONFIGURATION = "ConfigurationError"
     """The worker's lane configuration is unusable (missing login variable, no AUTH offered)."""
+    IMAP_TRANSIENT = "ImapTransientError"
+    """The IMAP server is unreachable, dropped the connection or answered NO/BAD: retried."""
+    IMAP_AUTH = "ImapAuthError"
+    """The IMAP server refused the inbox's login: a configuration problem, not retried."""
+    INBOX_UNKNOWN = "InboxUnknownError"
+    """The worker that took the poll has no such inbox (another host may have it): retried."""
 
 
 class PostlaneError(Exception):

@@ -12,11 +12,15 @@ import re
 WORKFLOW_TASK_QUEUE = "postlane"
 """Task queue of the orchestration workflows (no rate limit: they only decide)."""
 
+INBOUND_TASK_QUEUE = "postlane.inbound"
+"""Activity task queue of the IMAP polls (hosts that run ``postlane inbound``)."""
+
 LANE_QUEUE_PREFIX = "postlane.lane."
 EMAIL_ID_PREFIX = "email:"
 LANE_ID_PREFIX = "lane:"
 SEQUENCE_ID_PREFIX = "sequence:"
 SUPPRESSION_ID_PREFIX = "suppressed:"
+INBOX_ID_PREFIX = "inbound:"
 MAX_KEY_LENGTH = 200
 _KEY_RE = re.compile(r"^[^\s\x00-\x1f\x7f]+$")
 _MESSAGE_ID_RE = re.compile(r"^<pl\.([a-z2-7]+)@[^>]+>$")
@@ -93,6 +97,11 @@ def lane_task_queue(lane: str) -> str:
 def lane_workflow_id(lane: str) -> str:
     """Workflow ID of a lane's quota and backpressure workflow."""
     return LANE_ID_PREFIX + lane
+
+
+def inbox_workflow_id(inbox: str) -> str:
+    """Workflow ID of an inbox's watcher (one durable poller per inbox)."""
+    return INBOX_ID_PREFIX + inbox
 
 
 def message_id(workflow_id: str, domain: str) -> str:

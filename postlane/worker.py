@@ -1,4 +1,5 @@
-"""Running Postlane's workers: the orchestration worker and one send worker per lane."""
+"""Running Postlane's workers: the orchestration worker, one send worker per lane, and the
+IMAP poll worker of the configured inboxes (with their watcher workflows)."""
 
 from __future__ import annotations
 
@@ -12,12 +13,14 @@ import structlog
 from temporalio.client import Client
 from temporalio.worker import Worker
 
+from activities.inbound import InboundActivities
 from activities.lanes import LaneAdminActivities
 from activities.smtp import SmtpActivities
 from activities.suppression import SuppressionActivities
-from postlane.config import LaneConfig, Settings
+from postlane.config import InboxConfig, LaneConfig, Settings
 from postlane.errors import ConfigurationError
-from postlane.ids import WORKFLOW_TASK_QUEUE
+from postlane.ids import INBOUND_TASK_QUEUE, WORKFLOW_TASK_QUEUE
+from postlane.inboxes import start_inbox_watcher
 from postlane.lanes import start_lane_workflow
 from workflows import WORKFLOWS, workflow_runner
 
@@ -39,6 +42,17 @@ def select_lanes(settings: Settings, names: Sequence[str] | None) -> list[LaneCo
     return lanes
 
 
+def select_inboxes(settings: Settings) -> list[InboxConfig]:
+    """The inboxes this host polls (all configured); every login must be present.
+
+    Raises:
+        ConfigurationError: a missing credential variable.
+    """
+    for inbox in settings.inboxes:
+        inbox.credentials()
+    return list(settings.inboxes)
+
+
 def build_workers(
     client: Client,
     settings: Settings,
@@ -47,8 +61,10 @@ def build_workers(
     *,
     workflows: bool = True,
     agents: Sequence[Callable[..., Any]] = (),
+    inbound: InboundActivities | None = None,
 ) -> list[Worker]:
-    """The orchestration worker (if `workflows`) plus one send worker per lane.
+    """The orchestration worker (if `workflows`), one send worker per lane, and the IMAP
+    poll worker on ``postlane.inbound`` (if `inbound`).
 
     `agents` are compose-step activities (see `postlane.agent`), hosted on ``postlane``.
     """
@@ -79,6 +95,17 @@ def build_workers(
                 graceful_shutdown_timeout=GRACEFUL_SHUTDOWN,
             )
         )
+    if inbound is not None:
+        workers.append(
+            Worker(
+                client,
+                task_queue=INBOUND_TASK_QUEUE,
+                activities=[inbound.poll_inbox, inbound.record_unsubscribe],
+                # One poll per inbox at a time (the watcher waits for it), plus unsubscribes.
+                max_concurrent_activities=len(settings.inboxes) + 2,
+                graceful_shutdown_timeout=GRACEFUL_SHUTDOWN,
+            )
+        )
     return workers
 
 
@@ -89,27 +116,39 @@ async def run_workers(
     lanes: Sequence[str] | None = None,
     workflows: bool = True,
     agents: Sequence[Callable[..., Any]] = (),
+    sends: bool = True,
+    inbound: bool = True,
     stop: asyncio.Event | None = None,
     ready: asyncio.Event | None = None,
 ) -> None:
     """Run until `stop` is set (or SIGTERM/SIGINT when `stop` is None), then drain.
 
-    `agents` are compose-step activities (see `postlane.agent`). `ready` is set once the
-    lanes' workflows are started and the workers are polling.
+    `ready` is set once the lanes' and inboxes' workflows are started and the workers are
+    polling. `sends=False` serves no lane; `inbound=False` polls no inbox. `agents` are
+    compose-step activities (see `postlane.agent`).
 
     Raises:
-        ConfigurationError: see `select_lanes`.
+        ConfigurationError: see `select_lanes` and `select_inboxes`.
     """
-    served = select_lanes(settings, lanes)
-    if not served and not workflows:
-        raise ConfigurationError("this worker would serve nothing: no lanes and no workflows")
+    served = select_lanes(settings, lanes) if sends else []
+    inboxes = select_inboxes(settings) if inbound else []
+    if not served and not workflows and not inboxes:
+        raise ConfigurationError(
+            "this worker would serve nothing: no lanes, no workflows and no inboxes"
+        )
     for lane in served:
         # The lane's workflow sets its server-side rate (and keeps it, through backpressure).
         await start_lane_workflow(client, lane)
+    for inbox in inboxes:
+        # One watcher per inbox, however many hosts start it; it gets the current settings.
+        await start_inbox_watcher(client, inbox)
     smtp = SmtpActivities(settings, client)
     if agents and not workflows:
         raise ConfigurationError("--agent needs the workflow worker (drop --no-workflows)")
-    workers = build_workers(client, settings, served, smtp, workflows=workflows, agents=agents)
+    reader = InboundActivities(settings, client) if inboxes else None
+    workers = build_workers(
+        client, settings, served, smtp, workflows=workflows, agents=agents, inbound=reader
+    )
     if stop is None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -119,6 +158,7 @@ async def run_workers(
         "worker.started",
         namespace=client.namespace,
         lanes=[lane.name for lane in served],
+        inboxes=[inbox.name for inbox in inboxes],
         workflows=workflows,
     )
     runs = [asyncio.create_task(w.run()) for w in workers]

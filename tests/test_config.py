@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -151,3 +152,98 @@ def test_lane_with_caps_or_warmup_asks_for_slots(tmp_path: Path) -> None:
     a, b = load_settings(path).lanes
     assert a.has_quota and a.limits().warmup is not None
     assert not b.has_quota
+
+
+# -- inboxes -----------------------------------------------------------------------------------
+
+LANE = '[[lanes]]\nname = "acme"\nsenders = ["*"]\nsmtp_host = "smtp.acme.test"\n\n'
+INBOX = """\
+[[inboxes]]
+name = "replies"
+imap_host = "imap.acme.test"
+imap_tls = "starttls"
+username_env = "ACME_IMAP_USER"
+password_env = "ACME_IMAP_PASS"
+poll_interval = "30s"
+"""
+
+
+def test_load_settings_inbox_with_defaults(tmp_path: Path) -> None:
+    settings = load_settings(write(tmp_path, LANE + INBOX))
+    inbox = settings.inbox("replies")
+    assert inbox.folder == "INBOX"
+    assert inbox.port == 143  # starttls: the plain IMAP port
+    assert inbox.poll_interval == timedelta(seconds=30)
+    assert inbox.workflow_id == "inbound:replies"
+    tls = inbox.model_copy(update={"imap_tls": "tls"})
+    assert tls.port == 993
+    with pytest.raises(ConfigurationError, match="no inbox named 'nope'"):
+        settings.inbox("nope")
+
+
+def test_load_settings_without_inboxes_watches_nothing(tmp_path: Path) -> None:
+    assert load_settings(write(tmp_path, LANE)).inboxes == []
+
+
+@pytest.mark.parametrize(
+    ("replace", "line", "fragment"),
+    [
+        ('imap_tls = "starttls"', 9, "inboxes.0.imap_tls: Input should be 'none'"),
+        ('poll_interval = "30s"', 12, "inboxes.0.poll_interval: must be at least 1 second"),
+        ('name = "replies"', 7, "inboxes.0.name: 'Replies!': use lower-case"),
+        ('folder = "INBOX"', 13, "inboxes.0.password: Extra inputs"),
+    ],
+)
+def test_load_settings_bad_inbox_field_names_file_line_field(
+    tmp_path: Path, replace: str, line: int, fragment: str
+) -> None:
+    bad = {
+        'imap_tls = "starttls"': 'imap_tls = "ssl"',
+        'poll_interval = "30s"': "poll_interval = 0",
+        'name = "replies"': 'name = "Replies!"',
+        # a secret written into the file is refused, and the message does not repeat it
+        'folder = "INBOX"': 'password = "hunter2"',
+    }[replace]
+    path = write(tmp_path, LANE + (INBOX + 'folder = "INBOX"\n').replace(replace, bad))
+    with pytest.raises(ConfigurationError) as caught:
+        load_settings(path)
+    message = str(caught.value)
+    assert message.startswith(f"{path}:{line}: "), message
+    assert fragment in message
+    assert "hunter2" not in message
+
+
+def test_load_settings_inbox_without_credential_variables_rejected(tmp_path: Path) -> None:
+    path = write(tmp_path, LANE + INBOX.replace('password_env = "ACME_IMAP_PASS"\n', ""))
+    with pytest.raises(ConfigurationError) as caught:
+        load_settings(path)
+    assert str(caught.value).startswith(f"{path}:6: inboxes.0.password_env: Field required")
+
+
+def test_load_settings_duplicate_inbox_names_rejected(tmp_path: Path) -> None:
+    with pytest.raises(ConfigurationError, match="inbox names must be unique; repeated: replies"):
+        load_settings(write(tmp_path, LANE + INBOX + "\n" + INBOX))
+
+
+def test_inbox_credentials_read_from_environment_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    inbox = load_settings(write(tmp_path, LANE + INBOX)).inbox("replies")
+    monkeypatch.setenv("ACME_IMAP_USER", "agent")
+    monkeypatch.delenv("ACME_IMAP_PASS", raising=False)
+    with pytest.raises(ConfigurationError, match="ACME_IMAP_PASS is not set"):
+        inbox.credentials()
+    monkeypatch.setenv("ACME_IMAP_PASS", "s3cret")
+    assert inbox.credentials() == ("agent", "s3cret")
+    assert "s3cret" not in inbox.model_dump_json()
+
+
+def test_load_settings_inboxes_from_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(
+        "POSTLANE_INBOXES",
+        '[{"name": "env", "imap_host": "h", "username_env": "U", "password_env": "P"}]',
+    )
+    settings = load_settings(write(tmp_path, LANE + INBOX))
+    assert [inbox.name for inbox in settings.inboxes] == ["env"]

@@ -2,12 +2,19 @@
 
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
+from workflows.inbox import InboxWatcherWorkflow
 from workflows.lane import LaneWorkflow
 from workflows.send_email import SendEmailWorkflow
 from workflows.sequence import SequenceWorkflow
 from workflows.suppression import SuppressionWorkflow
 
-WORKFLOWS: list[type] = [SendEmailWorkflow, LaneWorkflow, SequenceWorkflow, SuppressionWorkflow]
+WORKFLOWS: list[type] = [
+    SendEmailWorkflow,
+    LaneWorkflow,
+    SequenceWorkflow,
+    SuppressionWorkflow,
+    InboxWatcherWorkflow,
+]
 
 
 def workflow_runner() -> SandboxedWorkflowRunner:
@@ -25,6 +32,7 @@ def workflow_runner() -> SandboxedWorkflowRunner:
 
 __all__ = [
     "WORKFLOWS",
+    "InboxWatcherWorkflow",
     "LaneWorkflow",
     "SendEmailWorkflow",
     "SequenceWorkflow",

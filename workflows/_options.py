@@ -42,3 +42,17 @@ COMPOSE_RETRY = RetryPolicy(
     initial_interval=timedelta(seconds=2), maximum_interval=timedelta(minutes=1), maximum_attempts=5
 )
 """An agent (LLM) call: retried a few times, then the sequence fails visibly."""
+
+IMAP_START_TO_CLOSE = timedelta(minutes=5)
+"""One poll: connect, log in, list UIDs, fetch at most `max_messages` messages."""
+IMAP_HEARTBEAT = timedelta(minutes=1)
+"""The poll heartbeats after each IMAP step: a killed poller's poll moves on within this."""
+INBOUND_RETRY = RetryPolicy(
+    initial_interval=timedelta(seconds=2),
+    maximum_interval=timedelta(minutes=1),
+    maximum_attempts=5,
+    non_retryable_error_types=[str(ErrorType.IMAP_AUTH), str(ErrorType.CONFIGURATION)],
+)
+"""A poll (or an unsubscribe of a finished sequence) is retried a few times; then the
+watcher records the error, waits its poll interval and tries again, for ever."""
+INBOUND_START_TO_CLOSE = timedelta(seconds=30)

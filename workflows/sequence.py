@@ -501,6 +501,13 @@ class SequenceWorkflow:
         if self._s.status.finished:
             return
         step = self._current_step()
+        if self._answers_current_send(step, event):
+            # A reply to the email this step is sending (it went out; its child workflow
+            # has not reported back yet) belongs to the step that follows.
+            assert self._in is not None
+            position = self._s.position + 1
+            steps = self._in.spec.steps
+            step = steps[position] if position < len(steps) else None
         if isinstance(step, WaitForReplyStep) and step.on_reply != STOP:
             self._s.reply_branch = True
         else:
@@ -531,6 +538,15 @@ class SequenceWorkflow:
         step = self._current_step()
         if isinstance(step, ComposeStep) and step.id == decision.step and self._s.draft:
             self._s.approval = decision
+
+    def _answers_current_send(self, step: object | None, event: InboundEvent) -> bool:
+        if not isinstance(step, SendStep | ComposeStep) or self._in is None:
+            return False
+        if step.next is not None:
+            return False  # the step after it is not simply the following one
+        key = sequence_email_key(self._in.key, step.id)
+        domain = self._in.spec.sender.rsplit("@", 1)[1]
+        return event.refers_to == message_id(email_workflow_id(key), domain)
 
     def _current_step(self) -> object | None:
         if self._in is None or self._s.position >= len(self._in.spec.steps):

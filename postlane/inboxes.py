@@ -1,0 +1,48 @@
+"""Starting and inspecting the inbox watchers (one workflow per configured inbox)."""
+
+from __future__ import annotations
+
+from temporalio.client import Client
+from temporalio.common import WorkflowIDConflictPolicy
+
+from postlane.config import InboxConfig
+from postlane.ids import WORKFLOW_TASK_QUEUE, inbox_workflow_id
+from postlane.inbound_models import WatcherConfig, WatcherInput, WatcherReport
+
+
+def watcher_config(inbox: InboxConfig) -> WatcherConfig:
+    """What the watcher needs to know of an inbox (no host, no login: the worker has those)."""
+    return WatcherConfig(poll_interval=inbox.poll_interval, max_messages=inbox.max_messages)
+
+
+async def start_inbox_watcher(
+    client: Client, inbox: InboxConfig, *, history_limit: int | None = None
+) -> None:
+    """Start the inbox's watcher if it is not running, and hand it the inbox's settings.
+
+    Idempotent: every worker that serves inbound mail calls it at start (signal-with-start
+    of ``configure``), so one watcher polls each inbox however many hosts run, and a
+    restarted worker applies an edited ``poll_interval``.
+    """
+    config = watcher_config(inbox)
+    inp = WatcherInput(inbox=inbox.name, config=config)
+    if history_limit is not None:
+        inp = inp.model_copy(update={"history_limit": history_limit})
+    await client.start_workflow(
+        "InboxWatcher",
+        inp,
+        id=inbox_workflow_id(inbox.name),
+        task_queue=WORKFLOW_TASK_QUEUE,
+        id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+        start_signal="configure",
+        start_signal_args=[config],
+        static_summary=f"Inbox {inbox.name}: replies, bounces and unsubscribes",
+        static_details=f"folder {inbox.folder} on {inbox.imap_host}:{inbox.port}",
+    )
+
+
+async def watcher_status(client: Client, inbox: str) -> WatcherReport:
+    """The ``status`` query of an inbox's watcher: cursor, polls, deliveries, last error."""
+    handle = client.get_workflow_handle(inbox_workflow_id(inbox))
+    report = await handle.query("status", result_type=WatcherReport)
+    return WatcherReport.model_validate(report)
