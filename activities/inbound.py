@@ -33,6 +33,7 @@ from postlane.inbound_models import (
     PollResult,
     UnsubscribeRequest,
 )
+from postlane.inboxes import mark_finished
 from postlane.sequence_client import route
 
 log = structlog.get_logger(__name__)
@@ -92,7 +93,7 @@ class InboundActivities:
         bound = log.bind(inbox=inbox.name, folder=inbox.folder)
         try:
             async with _session(inbox, username, password) as imap:
-                return await _poll(imap, inbox, req, bound)
+                result = await _poll(imap, inbox, req, bound)
         except ImapLoginRefused:
             raise ApplicationError(
                 f"inbox {inbox.name}: the IMAP server refused the login of ${inbox.username_env}",
@@ -109,6 +110,9 @@ class InboundActivities:
             raise ApplicationError(
                 f"inbox {inbox.name}: {type(exc).__name__}: {exc}", type=ErrorType.IMAP_TRANSIENT
             ) from None
+        if self._client is None:
+            return result
+        return result.model_copy(update={"items": await mark_finished(self._client, result.items)})
 
     @activity.defn(name="record_unsubscribe")
     async def record_unsubscribe(self, req: UnsubscribeRequest) -> bool:

@@ -41,6 +41,9 @@ class InboundItem(BaseModel):
     event: InboundEvent
     target: str
     """The sequence workflow it goes to (``sequence:<key>``)."""
+    running: bool = True
+    """The target was running when the poll read this message; a finished or unknown one
+    is not signalled (a signal to it could only fail)."""
 
 
 class PollResult(BaseModel):

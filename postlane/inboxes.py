@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from temporalio.client import Client
+from temporalio.client import Client, WorkflowExecutionStatus
 from temporalio.common import WorkflowIDConflictPolicy
+from temporalio.service import RPCError, RPCStatusCode
 
 from postlane.config import InboxConfig
 from postlane.ids import WORKFLOW_TASK_QUEUE, inbox_workflow_id
-from postlane.inbound_models import WatcherConfig, WatcherInput, WatcherReport
+from postlane.inbound_models import InboundItem, WatcherConfig, WatcherInput, WatcherReport
 
 
 def watcher_config(inbox: InboxConfig) -> WatcherConfig:
@@ -46,3 +47,18 @@ async def watcher_status(client: Client, inbox: str) -> WatcherReport:
     handle = client.get_workflow_handle(inbox_workflow_id(inbox))
     report = await handle.query("status", result_type=WatcherReport)
     return WatcherReport.model_validate(report)
+
+
+async def mark_finished(client: Client, items: list[InboundItem]) -> list[InboundItem]:
+    """The items, each marked whether its sequence is running (one describe per sequence)."""
+    running: dict[str, bool] = {}
+    for target in {item.target for item in items}:
+        try:
+            desc = await client.get_workflow_handle(target).describe()
+        except RPCError as err:
+            if err.status != RPCStatusCode.NOT_FOUND:
+                raise
+            running[target] = False
+        else:
+            running[target] = desc.status == WorkflowExecutionStatus.RUNNING
+    return [item.model_copy(update={"running": running[item.target]}) for item in items]

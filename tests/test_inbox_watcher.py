@@ -14,7 +14,7 @@ from datetime import timedelta
 
 import pytest_asyncio
 from temporalio import activity
-from temporalio.client import WorkflowExecutionStatus
+from temporalio.client import Client, WorkflowExecutionStatus
 from temporalio.exceptions import ApplicationError
 from temporalio.worker import Replayer, Worker
 
@@ -31,7 +31,7 @@ from postlane.inbound_models import (
     UnsubscribeRequest,
     WatcherReport,
 )
-from postlane.inboxes import start_inbox_watcher, watcher_status
+from postlane.inboxes import mark_finished, start_inbox_watcher, watcher_status
 from postlane.sequence_client import route
 from postlane.sequence_models import InboundEvent, SequenceReport, SequenceStatus
 from postlane.sequence_spec import (
@@ -88,6 +88,7 @@ class FakeImap:
     failures: dict[str, list[ApplicationError]] = field(default_factory=dict)
     polls: list[PollRequest] = field(default_factory=list)
     unsubscribes: list[UnsubscribeRequest] = field(default_factory=list)
+    client: Client | None = None
 
     @activity.defn(name="poll_inbox")
     async def poll_inbox(self, req: PollRequest) -> PollResult:
@@ -104,6 +105,8 @@ class FakeImap:
             target = route(event) if event else None
             if event is not None and target is not None:
                 items.append(InboundItem(uid=uid, event=event, target=target))
+        assert self.client is not None
+        items = await mark_finished(self.client, items)  # as the real activity does
         return PollResult(
             cursor=InboxCursor(uidvalidity=1, last_uid=batch[-1] if batch else start),
             items=items,
@@ -122,7 +125,7 @@ class FakeImap:
 async def imap(pl: PostlaneTestEnv) -> AsyncIterator[FakeImap]:
     """The fake IMAP activities on ``postlane.inbound`` for one test; every watcher the
     test started is terminated afterwards (left running, it would hold time still)."""
-    fake = FakeImap()
+    fake = FakeImap(client=pl.env.client)
     worker = Worker(
         pl.env.client,
         task_queue=INBOUND_TASK_QUEUE,

@@ -130,12 +130,14 @@ class InboxWatcherWorkflow:
         unsubscribe = event.kind == InboundKind.UNSUBSCRIBE
         reason = f"mail from {event.from_address}".strip()
         try:
+            if not item.running:
+                raise _NotRunning(item.target)
             if unsubscribe:
                 await handle.signal("unsubscribe", reason)
             else:
                 await handle.signal("inbound", event)
             return True
-        except FailureError as err:
+        except (FailureError, _NotRunning) as err:
             workflow.logger.info(
                 "inbox %s: %s for %s not delivered (finished or unknown): %s",
                 self._inbox,
@@ -204,3 +206,7 @@ class InboxWatcherWorkflow:
             last_error=s.last_error,
             runs=s.runs,
         )
+
+
+class _NotRunning(Exception):
+    """The poll found the target sequence finished or unknown: no signal is sent."""
