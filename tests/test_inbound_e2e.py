@@ -28,7 +28,7 @@ from postlane.inbound_models import WatcherReport
 from postlane.inboxes import watcher_status
 from postlane.models import RetrySettings
 from postlane.sequence_models import InboundEvent, SequenceReport, SequenceStatus
-from postlane.sequence_spec import Recipient, SendStep, SequenceSpec, WaitForReplyStep, WaitStep
+from postlane.sequence_spec import Recipient, SequenceSpec
 from postlane.testing import catcher_lane
 from tests.imap import Dovecot
 from tests.procs import (
@@ -42,33 +42,12 @@ from tests.procs import (
 )
 from tests.test_inbound import EXCHANGE_OOO, FIRST, POSTFIX_DSN, simple_reply
 from tests.test_inbound import FOLLOW_UP as RETURNED_ID
+from tests.test_inbox_watcher import CONVERSATION, SENDER
+from tests.test_inbox_watcher import FOLLOW_UP as STOP_ON_REPLY
 
 pytestmark = pytest.mark.devserver
 
-SENDER = "agent@acme.test"
 USER_ENV, PASS_ENV = "E2E_IMAP_USER", "E2E_IMAP_PASS"
-
-STOP_ON_REPLY = SequenceSpec(
-    name="trial",
-    sender=SENDER,
-    steps=[
-        SendStep(id="first", subject="Your trial", text="How is it going?"),
-        WaitStep(id="pause", duration=timedelta(hours=1)),
-        SendStep(id="follow-up", subject="Your trial", text="Any thoughts?"),
-    ],
-)
-CONVERSATION = SequenceSpec(
-    name="chat",
-    sender=SENDER,
-    steps=[
-        SendStep(id="first", subject="Your trial", text="How is it going?"),
-        WaitForReplyStep(id="listen", timeout=timedelta(hours=1), on_reply="thanks"),
-        SendStep(id="nudge", subject="Your trial", text="Any thoughts?", next="stop"),
-        SendStep(id="thanks", subject="Thanks", text="Thanks for your answer!"),
-        WaitStep(id="linger", duration=timedelta(days=30)),
-    ],
-)
-"""Goes on after a reply, so a reply applied twice would show in its status."""
 
 
 @pytest.fixture(scope="module")
