@@ -126,8 +126,11 @@ async def test_hourly_cap_survives_worker_restart_without_over_sending(
             first.kill()
         with WorkerProcess.start(env, tmp_path, "--lanes", lane.name, name="second") as second:
             await wait_for_pollers(client, lane.task_queue, [second])
+            # The first query waits out the dead worker's sticky queue; slow on a busy box.
             await assert_eventually(
-                lambda: two_waiting(pl, lane.name), what="the quota state after the restart"
+                lambda: two_waiting(pl, lane.name),
+                within=90,
+                what="the quota state after the restart",
             )
             statuses = [await pl.status(f"{key}-{n}") for n in range(5)]
             rc, out, err = await run_postlane(["lanes"], env)
