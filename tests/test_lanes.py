@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from datetime import datetime, timedelta
+from functools import partial
 
+import pytest
 import pytest_asyncio
 from temporalio.service import RPCError
 
@@ -15,6 +17,7 @@ from postlane.models import DeliveryReceipt, EmailReport, LaneStatus
 from postlane.testing import PostlaneTestEnv, postlane_test_env
 from tests.conftest import CAPPED_LANE, TINY_LANE, TOUCHY_LANE, WARM_LANE
 from tests.procs import assert_eventually
+from workflows import lane as lane_module
 
 
 @pytest_asyncio.fixture
@@ -99,18 +102,69 @@ async def test_cap_grants_next_window_in_priority_order(pl: PostlaneTestEnv, key
         await pl.client.send(email("tiny.test", n), key=f"{key}-bulk{n}", priority="bulk")
         for n in range(2)
     ]
+
+    async def told_next_window() -> bool:
+        plans = {(await pl.client.describe(h.key)).scheduled_for for h in bulk}
+        return None not in plans and len(plans) == 1
+
+    await assert_eventually(told_next_window, what="both bulk emails to be told the next window")
     high = await pl.client.send(email("tiny.test", 9), key=f"{key}-high", priority="high")
     await assert_eventually(
         lambda: _is_scheduled(pl, f"{key}-high"), what="the high email to be scheduled"
     )
+
+    async def pushed_back() -> datetime | None:
+        """The time the second bulk email is told once the high one is ahead of it."""
+        high_plan, last_plan = [(await pl.client.describe(k)).scheduled_for for k in plan_keys]
+        if high_plan is None or last_plan is None:
+            return None
+        return last_plan if last_plan - high_plan > timedelta(minutes=30) else None
+
+    plan_keys = [f"{key}-high", f"{key}-bulk1"]
+    told = await assert_eventually(pushed_back, what="the last bulk email to be told it waits")
     high_receipt = await high.result()
     bulk_receipts = [await h.result() for h in bulk]
     high_at, bulk_at = high_receipt.dispatched_at, [r.dispatched_at for r in bulk_receipts]
     assert high_at is not None and None not in bulk_at
     assert abs(high_at - bulk_at[0]) < timedelta(minutes=1)  # type: ignore[operator]  # next window
     assert bulk_at[1] - high_at > timedelta(minutes=30)  # type: ignore[operator]  # the one after
+    assert abs(bulk_at[1] - told) < timedelta(minutes=2)  # type: ignore[operator]  # as told
     status = await lane_status(pl, "tiny")
     assert status.used_last_hour <= 2
+
+
+async def test_lane_continuing_as_new_mid_window_keeps_granting(
+    pl: PostlaneTestEnv, key: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A lane that continues as new with slots still free fills them at once, not an hour later.
+
+    The lane normally continues as new every few thousand events; here it does after every
+    pass and grants one slot per pass, so a window of two spans a continue-as-new.
+    """
+    monkeypatch.setattr(lane_module, "MAX_HISTORY", 0)
+    monkeypatch.setattr(lane_module, "SIGNALS_PER_TASK", 1)
+    for n in range(2):
+        await pl.client.send(email("tiny.test", n), key=f"{key}-now{n}")
+    # Not asking the lane: here it continues as new all the time, and the test server
+    # mishandles a query that meets a continue-as-new (time stops skipping for good).
+    await assert_eventually(lambda: len(pl.outbox) == 2, what="the first two to take the hour")
+    waiting = [
+        await pl.client.send(email("tiny.test", n), key=f"{key}-next{n}", priority="bulk")
+        for n in range(2)
+    ]
+
+    async def planned(k: str) -> bool:
+        report = await pl.client.describe(k)
+        return report.status == EmailStatus.SCHEDULED and report.scheduled_for is not None
+
+    for h in waiting:
+        await assert_eventually(partial(planned, h.key), what=f"{h.key} to be told its time")
+    await pl.sleep(timedelta(minutes=70))
+    await assert_eventually(lambda: len(pl.outbox) == 4, what="both to go in the next window")
+    with pl.env.auto_time_skipping_disabled():  # both are done: nothing to skip time for
+        went = [(await h.result()).dispatched_at for h in waiting]
+    assert went[0] is not None and went[1] is not None
+    assert abs(went[1] - went[0]) < timedelta(minutes=1)
 
 
 async def test_warmup_ramps_daily_cap(pl: PostlaneTestEnv, key: str) -> None:
