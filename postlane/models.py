@@ -452,6 +452,11 @@ class LaneState(BaseModel):
     """Requests not yet looked at when the workflow continued as new."""
     unplanned: list[str] = Field(default_factory=list)
     """Waiting emails not yet told when to expect their slot."""
+    planned: dict[str, datetime] = Field(default_factory=dict)
+    """The slot time each waiting email was last told (to tell it again if that moves)."""
+    more_to_do: bool = False
+    """The run before continued as new with work left for at once (free slots, emails not
+    yet told, a rate not yet applied): the next run does it first instead of waiting."""
     throttled_at: datetime | None = None
     last_throttle: str | None = None
     recover_at: datetime | None = None

@@ -48,8 +48,8 @@ CAPPED_LANE = LaneConfig(
     name="capped",
     senders=["*@capped.test"],
     smtp_host="127.0.0.1",
-    rate_per_second=50,
-    hourly_cap=50,
+    rate_per_second=100,
+    hourly_cap=500,
 )
 TINY_LANE = LaneConfig(
     name="tiny", senders=["*@tiny.test"], smtp_host="127.0.0.1", rate_per_second=1, hourly_cap=2

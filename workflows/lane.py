@@ -36,6 +36,9 @@ RECOVERY_STEP = timedelta(minutes=1)
 MIN_RATE_FRACTION = 1 / 16
 MAX_HISTORY = 4000
 SIGNALS_PER_TASK = 100
+PLAN_SLACK = timedelta(minutes=5)
+"""A waiting email is told again when its expected slot moves by more than this."""
+RETELL_PATCH = "retell-moved-plans"
 
 
 @workflow.defn(name="Lane")
@@ -47,7 +50,11 @@ class LaneWorkflow:
         # Handlers may run before `run`, so the state must exist from construction on.
         self._s = state
         self._arrived, state.arrived = list(state.arrived), []
-        self._dirty = False
+        # A run that continued as new in the middle of a burst (slots still free, emails not
+        # yet told) picks up where it left off; waiting for the next opening would leave the
+        # free slots unused for an hour. Runs started before this flag existed wait as before.
+        self._dirty, state.more_to_do = state.more_to_do, False
+        self._replan = False
 
     @property
     def state(self) -> LaneState:
@@ -78,6 +85,7 @@ class LaneWorkflow:
                 await workflow.wait_condition(workflow.all_handlers_finished)
                 s.buckets = quota.prune(s.buckets, workflow.now())
                 s.arrived = self._arrived  # requests that came in meanwhile go along
+                s.more_to_do = self._dirty
                 workflow.continue_as_new(s)
 
     def _next_wakeup(self) -> timedelta | None:
@@ -139,25 +147,46 @@ class LaneWorkflow:
         # Bounded work per workflow task keeps each task short however large the burst.
         room = min(quota.capacity(s.buckets, s.limits, s.warmup_started, now), SIGNALS_PER_TASK)
         go, s.waiting = s.waiting[:room], s.waiting[room:]
+        # Counted before they are told, so `status` never shows a grant in flight as neither
+        # waiting nor used; an email found gone gives its slot back.
+        key = quota.bucket_key(now)
+        if go:
+            s.buckets[key] = s.buckets.get(key, 0) + len(go)
         granted = await self._tell([(r, SlotGrant(at=now)) for r in go])
-        if granted:
-            key = quota.bucket_key(now)
-            s.buckets[key] = s.buckets.get(key, 0) + granted
+        if granted < len(go):
+            s.buckets[key] -= len(go) - granted
+            if not s.buckets[key]:
+                del s.buckets[key]
+        for r in go:
+            s.planned.pop(r.workflow_id, None)
         unplanned = set(s.unplanned)
         s.unplanned = []
         budget = SIGNALS_PER_TASK - len(go)
-        if s.waiting and unplanned:
+        # Emails ahead in priority (or new limits) push waiting ones back: tell those whose
+        # slot moved as well as the new ones. Runs recorded before this did not: the patch
+        # keeps their replay as it was.
+        replan = (
+            bool(s.waiting) and (bool(fresh) or self._replan) and workflow.patched(RETELL_PATCH)
+        )
+        self._replan = False
+        if s.waiting and (unplanned or replan):
             times = quota.slot_times(s.buckets, s.limits, s.warmup_started, now, len(s.waiting))
             plans = [
                 (r, SlotGrant(at=at, planned=True))
                 for r, at in zip(s.waiting, times, strict=True)
-                if r.workflow_id in unplanned
+                if r.workflow_id in unplanned or (replan and self._moved(r.workflow_id, at))
             ]
-            await self._tell(plans[:budget])
+            told = plans[:budget]
+            await self._tell(told)
+            s.planned.update((r.workflow_id, grant.at) for r, grant in told)
             s.unplanned = [r.workflow_id for r, _ in plans[budget:]]
         more_room = quota.capacity(s.buckets, s.limits, s.warmup_started, now) > 0
         if s.unplanned or (s.waiting and more_room):
             self._dirty = True  # more to do: next task, right away
+
+    def _moved(self, workflow_id: str, at: datetime) -> bool:
+        told = self.state.planned.get(workflow_id)
+        return told is None or abs(at - told) > PLAN_SLACK
 
     async def _tell(self, grants: list[tuple[SlotRequest, SlotGrant]]) -> int:
         """Signal each email; returns how many were reached (a cancelled one is skipped)."""
@@ -191,6 +220,7 @@ class LaneWorkflow:
         if limits.warmup is not None and s.warmup_started is None:
             s.warmup_started = workflow.now()
         self._dirty = True
+        self._replan = True  # other caps move the waiting emails' slots
 
     @workflow.signal(name="set_rate")
     def set_rate(self, change: RateChange) -> None:

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
+from temporalio.api.testservice.v1 import SleepRequest
 from temporalio.testing import WorkflowEnvironment
 
 from postlane.binaries import test_server_path
@@ -38,6 +39,8 @@ from postlane.setup import ensure_search_attributes
 from postlane.testing.agents import fake_compose
 
 TEST_LANE = "test"
+SLEEP_RPC_TIMEOUT = timedelta(minutes=10)
+"""How long `PostlaneTestEnv.sleep` waits for the work that falls due while it skips time."""
 
 
 @dataclass
@@ -55,8 +58,18 @@ class PostlaneTestEnv:
         return self.smtp.messages
 
     async def sleep(self, duration: timedelta) -> None:
-        """Skip `duration` of virtual time (timers fire, scheduled sends go out)."""
-        await self.env.sleep(duration)
+        """Skip `duration` of virtual time (timers fire, scheduled sends go out).
+
+        Virtual time only moves at wall-clock speed while workflow tasks or sends are
+        running, so this returns once the work that fell due has run. That can take longer
+        than the SDK's 30-second deadline for the call (e.g. a window of hundreds of sends on
+        a busy machine), hence the longer one.
+        """
+        request = SleepRequest()
+        request.duration.FromTimedelta(duration)
+        await self.env.client.test_service.unlock_time_skipping_with_sleep(
+            request, timeout=SLEEP_RPC_TIMEOUT
+        )
 
     async def now(self) -> datetime:
         """The environment's current (virtual) time."""
