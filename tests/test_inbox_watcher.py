@@ -16,7 +16,7 @@ import pytest_asyncio
 from temporalio import activity
 from temporalio.client import Client, WorkflowExecutionStatus
 from temporalio.exceptions import ApplicationError
-from temporalio.worker import Replayer, Worker
+from temporalio.worker import Worker
 
 from postlane.config import InboxConfig
 from postlane.connection import data_converter
@@ -45,7 +45,6 @@ from postlane.testing import PostlaneTestEnv
 from tests.procs import assert_eventually
 from tests.test_inbound import FOLLOW_UP as RETURNED_ID
 from tests.test_inbound import POSTFIX_DSN, simple_reply, unsubscribe_mail
-from workflows import WORKFLOWS, workflow_runner
 
 SENDER = "agent@acme.test"
 
@@ -323,28 +322,6 @@ async def test_watcher_start_is_idempotent_and_takes_new_settings(
     await assert_eventually(reconfigured, what="the new poll interval")
     report = await status(pl, inbox)
     assert report.runs == 1 and report.polls == 1  # the same watcher, cursor kept
-
-
-async def test_watcher_continues_as_new_carrying_cursor_and_counts(
-    pl: PostlaneTestEnv, imap: FakeImap
-) -> None:
-    inbox = new_inbox(imap).model_copy(update={"max_messages": 1})
-    imap.mailboxes[inbox.name] = [simple_reply("") for _ in range(12)]  # a backlog
-
-    await start_inbox_watcher(pl.env.client, inbox, history_limit=50)
-    report = await polled(pl, inbox, 12)
-
-    assert report.runs >= 2
-    assert report.cursor.last_uid == 12 and report.ignored == 12
-    # every poll asked from where the previous one (in any run) ended
-    assert [p.cursor.last_uid for p in imap.polls[:12]] == list(range(12))
-
-    # and the history replays against today's code
-    handle = pl.env.client.get_workflow_handle(f"inbound:{inbox.name}")
-    history = await handle.fetch_history()
-    await Replayer(
-        workflows=WORKFLOWS, data_converter=data_converter(), workflow_runner=workflow_runner()
-    ).replay_workflow(history)
 
 
 async def test_watcher_hard_bounce_stops_sequence(

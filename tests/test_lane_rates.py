@@ -107,8 +107,10 @@ async def test_high_priority_overtakes_bulk_backlog(
             with WorkerProcess.start(env, tmp_path, "--lanes", lane.name, "--no-workflows") as w:
                 await wait_for_pollers(client, lane.task_queue, [w])
                 await asyncio.wait_for(high.result(), 60)
+    # It goes out in the first wave: the worker's first `max_concurrent` sends run at
+    # once and may land in any order; the 1,000 bulk ones queued before it wait.
     subjects = [m.subject for m in sorted(smtp.messages, key=lambda m: m.received_at)]
-    assert "verification code" in subjects[:3], subjects[:10]
+    assert "verification code" in subjects[: lane.max_concurrent], subjects[:10]
 
 
 @pytest.mark.timeout(180)
