@@ -22,11 +22,9 @@ import argparse
 import asyncio
 import json
 import os
-import signal
 import statistics
 import sys
 import tempfile
-import traceback
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -49,10 +47,9 @@ from throughput import (
     WARMUP,
     Bench,
     CpuMeter,
-    _on_sigterm,
     breakdown,
     code_digest,
-    stop_leftovers,
+    run_script,
 )  # noqa: E402
 
 Start = Callable[[str], Awaitable[Any]]
@@ -239,14 +236,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    signal.signal(signal.SIGTERM, _on_sigterm)
-    try:
-        rc = main()
-    except BaseException:
-        traceback.print_exc()
-        rc = 1
-    finally:
-        stop_leftovers()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(rc)  # the SDK can abort at interpreter shutdown (sdk-python#300)
+    run_script(main)

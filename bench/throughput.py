@@ -810,7 +810,8 @@ def main() -> int:
     return 0
 
 
-if __name__ == "__main__":
+def run_script(main: Callable[[], int]) -> None:
+    """Run a benchmark's `main`, always stop its servers and workers, then leave."""
     signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         rc = main()
@@ -822,3 +823,7 @@ if __name__ == "__main__":
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(rc)  # the SDK can abort at interpreter shutdown (sdk-python#300)
+
+
+if __name__ == "__main__":
+    run_script(main)
