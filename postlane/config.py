@@ -17,7 +17,7 @@ import re
 import tomllib
 from datetime import timedelta
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Protocol, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
@@ -273,10 +273,7 @@ class Settings(BaseSettings):
         Raises:
             ConfigurationError: there is none.
         """
-        for inbox in self.inboxes:
-            if inbox.name == name:
-                return inbox
-        raise ConfigurationError(f"no inbox named {name!r}")
+        return _named(self.inboxes, name, "inbox")
 
     def lane(self, name: str) -> LaneConfig:
         """The lane called `name`.
@@ -284,15 +281,27 @@ class Settings(BaseSettings):
         Raises:
             ConfigurationError: there is none.
         """
-        for lane in self.lanes:
-            if lane.name == name:
-                return lane
-        raise ConfigurationError(f"no lane named {name!r}")
+        return _named(self.lanes, name, "lane")
 
     def lane_for(self, sender: str) -> LaneConfig | None:
         """The lane that serves `sender` most specifically, or None."""
         ranked = sorted(self.lanes, key=lambda lane: lane.serves(sender), reverse=True)
         return ranked[0] if ranked and ranked[0].serves(sender) else None
+
+
+class _Named(Protocol):
+    @property
+    def name(self) -> str: ...
+
+
+_T = TypeVar("_T", bound=_Named)
+
+
+def _named(items: list[_T], name: str, what: str) -> _T:
+    for item in items:
+        if item.name == name:
+            return item
+    raise ConfigurationError(f"no {what} named {name!r}")
 
 
 class _FileSettings(Settings):
