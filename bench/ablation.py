@@ -52,6 +52,8 @@ from throughput import (
     run_script,
 )  # noqa: E402
 
+from postlane.idempotency import CONTENT_HASH  # noqa: E402
+
 Start = Callable[[str], Awaitable[Any]]
 
 _SA = TypedSearchAttributes(
@@ -88,7 +90,7 @@ def baseline_start(client: Client, variant: dict[str, bool]) -> Start:
         if variant.get("options"):
             extra = {
                 "search_attributes": _SA,
-                "memo": {"postlane_content_hash": "0" * 64},
+                "memo": {CONTENT_HASH: "0" * 64},
                 "static_summary": f"Postlane bench {key} → inbox@example.test",
                 "static_details": f"lane: bench; priority: normal; key: {key}",
                 "priority": Priority(priority_key=3),

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import uuid
 from datetime import UTC, datetime, timedelta
 from types import TracebackType
@@ -42,11 +41,16 @@ from postlane.errors import (
     EmailCancelled,
     EmailNotFound,
     ErrorType,
-    IdempotencyConflict,
     InvalidEmail,
     PermanentDeliveryError,
     PostlaneError,
     UnknownSender,
+)
+from postlane.idempotency import (
+    CONTENT_HASH,
+    check_same_content,
+    content_digest,
+    started_new,
 )
 from postlane.ids import (
     WORKFLOW_TASK_QUEUE,
@@ -72,7 +76,6 @@ from postlane.models import (
 )
 from postlane.sequence_client import SequenceOperations
 
-_CONTENT_HASH = "postlane_content_hash"
 NON_RETRYABLE_TYPES = (
     ErrorType.SMTP_PERMANENT,
     ErrorType.SMTP_TLS,
@@ -208,7 +211,7 @@ class PostlaneClient(SequenceOperations):
                 task_queue=WORKFLOW_TASK_QUEUE,
                 id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
                 id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
-                memo={_CONTENT_HASH: digest},
+                memo={CONTENT_HASH: digest},
                 search_attributes=TypedSearchAttributes(
                     [
                         SearchAttributePair(sa.STATUS, status.value),
@@ -225,11 +228,10 @@ class PostlaneClient(SequenceOperations):
         except WorkflowAlreadyStartedError:
             # A closed email with this key: REJECT_DUPLICATE keeps it from sending again.
             handle = self.temporal.get_workflow_handle(workflow_id, result_type=DeliveryReceipt)
-            await self._check_same_content(handle, key, digest)
+            await check_same_content(handle, key, digest)
             return EmailHandle(self, key, handle)
-        response = getattr(handle, "_start_workflow_response", None)
-        if response is None or not getattr(response, "started", True):
-            await self._check_same_content(handle, key, digest)
+        if not started_new(handle):
+            await check_same_content(handle, key, digest)
         return EmailHandle(self, key, handle)
 
     def _prepare(
@@ -265,14 +267,6 @@ class PostlaneClient(SequenceOperations):
         if size > MAX_EMAIL_BYTES:
             raise InvalidEmail("attachments", f"the email is {size} bytes, over {MAX_EMAIL_BYTES}")
         return request
-
-    async def _check_same_content(
-        self, handle: WorkflowHandle[Any, Any], key: str, digest: str
-    ) -> None:
-        description = await handle.describe()
-        existing = (await description.memo()).get(_CONTENT_HASH)
-        if existing != digest:
-            raise IdempotencyConflict(key)
 
     def handle(self, key: str) -> EmailHandle:
         """The handle of an email sent earlier with `key` (not checked to exist)."""
@@ -612,8 +606,7 @@ def _aware(when: datetime, field: str) -> datetime:
 
 def content_hash(request: SendEmailInput) -> str:
     """What makes two sends with one key "the same email": content and schedule."""
-    payload = request.email.model_dump_json() + "|" + str(request.send_at)
-    return hashlib.sha256(payload.encode()).hexdigest()
+    return content_digest(request.email.model_dump_json(), str(request.send_at))
 
 
 def _delivery_error(err: WorkflowFailureError) -> PostlaneError:

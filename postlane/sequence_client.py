@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import re
 from datetime import UTC, datetime
 from typing import Any
@@ -28,11 +27,16 @@ from temporalio.service import RPCError, RPCStatusCode
 from postlane import search_attributes as sa
 from postlane.config import Settings
 from postlane.errors import (
-    IdempotencyConflict,
     InvalidEmail,
     RecipientSuppressed,
     SequenceNotFound,
     UnknownSender,
+)
+from postlane.idempotency import (
+    CONTENT_HASH,
+    check_same_content,
+    content_digest,
+    started_new,
 )
 from postlane.ids import (
     SEQUENCE_ID_PREFIX,
@@ -59,7 +63,6 @@ from postlane.sequence_spec import Recipient, SequenceSpec
 from postlane.suppressions import is_suppressed, start_suppression
 from postlane.templates import render_sequence, render_string, variables_for
 
-_CONTENT_HASH = "postlane_content_hash"
 _CAMPAIGN_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _STATUSES = {s.value for s in SequenceStatus}
 
@@ -176,13 +179,11 @@ class SequenceOperations:
             IdempotencyConflict: the key was used for a different spec or recipient.
         """
         inp = self.prepare_sequence(spec, recipient, key=key, history_limit=history_limit)
-        digest = hashlib.sha256(
-            (spec.model_dump_json() + "|" + recipient.model_dump_json()).encode()
-        ).hexdigest()
+        digest = content_digest(spec.model_dump_json(), recipient.model_dump_json())
         workflow_id = sequence_workflow_id(inp.key)
         existing = await self._existing(workflow_id)
         if existing is not None:
-            await _check_same(existing, inp.key, digest)
+            await check_same_content(existing, inp.key, digest)
             return SequenceHandle(self, inp.key, existing)
         if await self.is_suppressed(spec.sender, recipient.address):
             raise RecipientSuppressed(spec.sender, recipient.address)
@@ -194,7 +195,7 @@ class SequenceOperations:
                 task_queue=WORKFLOW_TASK_QUEUE,
                 id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
                 id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
-                memo={_CONTENT_HASH: digest},
+                memo={CONTENT_HASH: digest},
                 search_attributes=TypedSearchAttributes(
                     [
                         SearchAttributePair(sa.STATUS, SequenceStatus.ACTIVE.value),
@@ -211,10 +212,9 @@ class SequenceOperations:
             )
         except WorkflowAlreadyStartedError:
             handle = self.temporal.get_workflow_handle(workflow_id)
-        response = getattr(handle, "_start_workflow_response", None)
-        created = response is not None and getattr(response, "started", True)
+        created = started_new(handle)
         if not created:
-            await _check_same(handle, inp.key, digest)
+            await check_same_content(handle, inp.key, digest)
         return SequenceHandle(self, inp.key, handle, created=created)
 
     async def _existing(self, workflow_id: str) -> WorkflowHandle[Any, Any] | None:
@@ -473,9 +473,3 @@ def _check_email(
         raise InvalidEmail(f"steps.{step}.{err.field}", err.reason) from None
     except InvalidEmail as err:
         raise InvalidEmail(f"steps.{step}.{err.field}", err.reason) from None
-
-
-async def _check_same(handle: WorkflowHandle[Any, Any], key: str, digest: str) -> None:
-    description = await handle.describe()
-    if (await description.memo()).get(_CONTENT_HASH) != digest:
-        raise IdempotencyConflict(key)
