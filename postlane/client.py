@@ -25,8 +25,6 @@ from temporalio.client import (
 )
 from temporalio.common import Priority as TemporalPriority
 from temporalio.common import (
-    SearchAttributePair,
-    TypedSearchAttributes,
     WorkflowIDConflictPolicy,
     WorkflowIDReusePolicy,
 )
@@ -202,7 +200,6 @@ class PostlaneClient(SequenceOperations):
         status = (
             EmailStatus.SCHEDULED if send_at and send_at > datetime.now(UTC) else EmailStatus.QUEUED
         )
-        recipients = ", ".join(email.recipients[:3]) + (" …" if len(email.recipients) > 3 else "")
         try:
             handle = await self.temporal.start_workflow(
                 "SendEmail",
@@ -212,15 +209,8 @@ class PostlaneClient(SequenceOperations):
                 id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
                 id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
                 memo={CONTENT_HASH: digest},
-                search_attributes=TypedSearchAttributes(
-                    [
-                        SearchAttributePair(sa.STATUS, status.value),
-                        SearchAttributePair(sa.LANE, request.lane),
-                        SearchAttributePair(sa.RECIPIENT_DOMAIN, email.recipient_domains),
-                        SearchAttributePair(sa.TAG, list(email.tags)),
-                    ]
-                ),
-                static_summary=f"{email.subject} → {recipients}",
+                search_attributes=sa.email_attributes(email, request.lane, status.value),
+                static_summary=sa.email_summary(email),
                 static_details=f"lane: {request.lane}; priority: {request.priority}; key: {key}",
                 priority=TemporalPriority(priority_key=request.priority.key),
                 result_type=DeliveryReceipt,

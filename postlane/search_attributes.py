@@ -6,7 +6,9 @@ cluster). A workflow that upserts an unregistered attribute fails its workflow t
 
 from __future__ import annotations
 
-from temporalio.common import SearchAttributeKey
+from temporalio.common import SearchAttributeKey, SearchAttributePair, TypedSearchAttributes
+
+from postlane.models import Email
 
 STATUS = SearchAttributeKey.for_keyword("PostlaneStatus")
 LANE = SearchAttributeKey.for_keyword("PostlaneLane")
@@ -17,3 +19,21 @@ PARKED_AT = SearchAttributeKey.for_datetime("PostlaneParkedAt")
 workflow code older than this attribute do not have it."""
 
 ALL = (STATUS, LANE, RECIPIENT_DOMAIN, TAG, PARKED_AT)
+
+
+def email_attributes(email: Email, lane: str, status: str) -> TypedSearchAttributes:
+    """The attributes an email workflow starts with (a client's send or a sequence's step)."""
+    return TypedSearchAttributes(
+        [
+            SearchAttributePair(STATUS, status),
+            SearchAttributePair(LANE, lane),
+            SearchAttributePair(RECIPIENT_DOMAIN, email.recipient_domains),
+            SearchAttributePair(TAG, list(email.tags)),
+        ]
+    )
+
+
+def email_summary(email: Email) -> str:
+    """The Web UI's one-line summary of an email: ``subject → first recipients``."""
+    shown = ", ".join(email.recipients[:3]) + (" …" if len(email.recipients) > 3 else "")
+    return f"{email.subject} → {shown}"

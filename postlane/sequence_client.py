@@ -6,7 +6,6 @@ import re
 from datetime import UTC, datetime
 from typing import Any
 
-from pydantic import ValidationError
 from temporalio.client import (
     Client,
     WorkflowExecutionDescription,
@@ -49,15 +48,16 @@ from postlane.ids import (
     validate_key,
     workflow_id_from_message_id,
 )
-from postlane.models import Email, invalid_email_from
 from postlane.sequence_models import (
     Approval,
     InboundEvent,
     InboundKind,
+    RenderedMessage,
     SequenceInput,
     SequenceReport,
     SequenceStatus,
     Suppression,
+    sequence_email,
 )
 from postlane.sequence_spec import Recipient, SequenceSpec
 from postlane.suppressions import is_suppressed, start_suppression
@@ -157,7 +157,7 @@ class SequenceOperations:
             **({"history_limit": history_limit} if history_limit else {}),
         )
         for step, content in rendered.items():
-            _check_email(spec, recipient, inp, step, content.subject, content.text, content.html)
+            _check_email(inp, step, content)
         return inp
 
     async def start_sequence(
@@ -445,31 +445,9 @@ def route(event: InboundEvent) -> str | None:
     return sequence_of_email(workflow_id) if workflow_id else None
 
 
-def _check_email(
-    spec: SequenceSpec,
-    recipient: Recipient,
-    inp: SequenceInput,
-    step: str,
-    subject: str,
-    text: str | None,
-    html: str | None,
-) -> None:
+def _check_email(inp: SequenceInput, step: str, content: RenderedMessage) -> None:
     """A rendered step must make a valid email, or nothing starts."""
     try:
-        Email.model_validate(
-            {
-                "sender": spec.sender,
-                "to": [recipient.address],
-                "reply_to": spec.reply_to,
-                "subject": subject,
-                "text": text,
-                "html": html,
-                "headers": {"List-Unsubscribe": inp.list_unsubscribe},
-                "tags": spec.tags,
-            }
-        )
-    except ValidationError as exc:
-        err = invalid_email_from(exc)
-        raise InvalidEmail(f"steps.{step}.{err.field}", err.reason) from None
+        sequence_email(inp, content)
     except InvalidEmail as err:
         raise InvalidEmail(f"steps.{step}.{err.field}", err.reason) from None

@@ -11,7 +11,7 @@ from enum import StrEnum
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from postlane.models import Priority, RetrySettings
+from postlane.models import MAX_HEADER_LENGTH, Email, Priority, RetrySettings
 from postlane.sequence_spec import Recipient, SequenceSpec
 
 MAX_THREAD_TEXT = 4000
@@ -231,3 +231,44 @@ class Suppression(BaseModel):
     reason: str = ""
     source: str = ""
     """The sequence (or operator) that asked for it."""
+
+
+def sequence_email(
+    inp: SequenceInput, content: RenderedMessage, thread_ids: list[str] | tuple[str, ...] = ()
+) -> Email:
+    """The email a sequence step sends: its content, the unsubscribe headers, and, when
+    `thread_ids` (the conversation so far, oldest first) is given, the threading headers.
+
+    Raises:
+        InvalidEmail: the content does not make a valid email.
+    """
+    headers = {"List-Unsubscribe": inp.list_unsubscribe} if inp.list_unsubscribe else {}
+    if inp.one_click:
+        headers["List-Unsubscribe-Post"] = "List-Unsubscribe=One-Click"
+    if thread_ids:
+        headers["In-Reply-To"] = thread_ids[-1]
+        headers["References"] = " ".join(references(list(thread_ids)))
+    return Email(
+        sender=inp.spec.sender,
+        to=[inp.recipient.address],
+        reply_to=inp.spec.reply_to,
+        subject=content.subject,
+        text=content.text,
+        html=content.html,
+        headers=headers,
+        tags=list(inp.spec.tags),
+    )
+
+
+def references(thread_ids: list[str]) -> list[str]:
+    """The References of a follow-up within one header line: the first message (the
+    thread's root) and as many of the latest as fit (RFC 5322, section 3.6.4)."""
+    root, latest = thread_ids[0], thread_ids[-1]
+    kept = [latest]
+    for mid in reversed(thread_ids[1:-1]):  # the middle, newest first
+        if len(" ".join([root, mid, *kept])) > MAX_HEADER_LENGTH:
+            break
+        kept.insert(0, mid)
+    if root != latest and len(" ".join([root, *kept])) <= MAX_HEADER_LENGTH:
+        kept.insert(0, root)
+    return kept

@@ -10,6 +10,8 @@ import pytest
 from postlane.client import PostlaneClient
 from postlane.config import LaneConfig, Settings
 from postlane.errors import InvalidEmail, UnknownSender
+from postlane.models import MAX_HEADER_LENGTH
+from postlane.sequence_models import references, sequence_email
 from postlane.sequence_spec import Recipient, load_spec, spec_from_dict
 from workflows._calendar import next_local_time, next_opening
 
@@ -134,3 +136,23 @@ def test_next_opening_waits_for_the_window_and_days() -> None:
     monday_noon = datetime(2026, 11, 30, 11, 0, tzinfo=UTC)
     assert next_opening(monday_noon, window, "Europe/Paris", None) == monday_noon
     assert next_opening(monday_noon, None, "Asia/Tokyo", None) == monday_noon
+
+
+def test_references_keep_root_and_latest_within_one_header_line() -> None:
+    ids = [f"<pl.{'x' * 90}{n:03d}@acme.test>" for n in range(30)]
+    kept = references(ids)
+    assert kept[0] == ids[0] and kept[-1] == ids[-1]
+    assert kept[1:] == ids[len(ids) - len(kept) + 1 :]  # the newest, in order
+    assert len(" ".join(kept)) <= MAX_HEADER_LENGTH < len(" ".join(ids))
+    assert references(ids[:3]) == ids[:3]
+    assert references(ids[:1]) == ids[:1]
+
+
+def test_a_long_thread_still_makes_a_valid_email() -> None:
+    s = spec_from_dict(spec(SEND))
+    inp = client().prepare_sequence(s, Recipient(address="bob@example.test"))
+    ids = [f"<pl.{'y' * 90}{n:03d}@acme.test>" for n in range(30)]
+    email = sequence_email(inp, inp.rendered["a"], ids)
+    assert email.headers["In-Reply-To"] == ids[-1]
+    assert email.headers["References"].split()[0] == ids[0]
+    assert email.headers["List-Unsubscribe"] == inp.list_unsubscribe

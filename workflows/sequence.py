@@ -9,8 +9,6 @@ from datetime import datetime
 from temporalio import workflow
 from temporalio.common import Priority as TemporalPriority
 from temporalio.common import (
-    SearchAttributePair,
-    TypedSearchAttributes,
     WorkflowIDReusePolicy,
 )
 from temporalio.exceptions import (
@@ -46,6 +44,7 @@ with workflow.unsafe.imports_passed_through():
         SequenceStatus,
         Suppression,
         ThreadMessage,
+        sequence_email,
     )
     from postlane.sequence_spec import (
         STOP,
@@ -235,15 +234,8 @@ class SequenceWorkflow:
                 result_type=DeliveryReceipt,
                 id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
                 parent_close_policy=ParentClosePolicy.REQUEST_CANCEL,
-                search_attributes=TypedSearchAttributes(
-                    [
-                        SearchAttributePair(sa.STATUS, EmailStatus.QUEUED.value),
-                        SearchAttributePair(sa.LANE, inp.lane),
-                        SearchAttributePair(sa.RECIPIENT_DOMAIN, email.recipient_domains),
-                        SearchAttributePair(sa.TAG, list(email.tags)),
-                    ]
-                ),
-                static_summary=f"{email.subject} → {inp.recipient.address}",
+                search_attributes=sa.email_attributes(email, inp.lane, EmailStatus.QUEUED.value),
+                static_summary=sa.email_summary(email),
                 static_details=f"sequence {inp.key}, step {step}; lane: {inp.lane}",
                 priority=TemporalPriority(priority_key=inp.priority.key),
             )
@@ -274,24 +266,7 @@ class SequenceWorkflow:
 
     def _email(self, content: RenderedMessage, *, thread: bool) -> Email:
         assert self._in is not None
-        inp = self._in
-        headers = {"List-Unsubscribe": inp.list_unsubscribe} if inp.list_unsubscribe else {}
-        if inp.one_click:
-            headers["List-Unsubscribe-Post"] = "List-Unsubscribe=One-Click"
-        chain = self._thread_ids()
-        if thread and chain:
-            headers["In-Reply-To"] = chain[-1]
-            headers["References"] = " ".join(chain[-20:])
-        return Email(
-            sender=inp.spec.sender,
-            to=[inp.recipient.address],
-            reply_to=inp.spec.reply_to,
-            subject=content.subject,
-            text=content.text,
-            html=content.html,
-            headers=headers,
-            tags=list(inp.spec.tags),
-        )
+        return sequence_email(self._in, content, self._thread_ids() if thread else [])
 
     def _thread_ids(self) -> list[str]:
         """Message-IDs of the conversation so far, oldest first (ours and their replies)."""
