@@ -10,7 +10,13 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from postlane.errors import IdempotencyConflict, InvalidEmail, RecipientSuppressed, SequenceNotFound
+from postlane.errors import (
+    EmailNotFound,
+    IdempotencyConflict,
+    InvalidEmail,
+    RecipientSuppressed,
+    SequenceNotFound,
+)
 from postlane.ids import sequence_email_key
 from postlane.sequence_models import InboundEvent, InboundKind, SequenceReport, SequenceStatus
 from postlane.sequence_spec import Recipient, SequenceSpec, spec_from_dict
@@ -119,7 +125,7 @@ async def test_reply_on_day_5_stops_before_step_3(pl: PostlaneTestEnv, key: str)
     assert [m.step for m in final.sent] == ["intro", "follow"]
     assert final.replies[0].text == "Sounds good, let's talk."
     assert len([m for m in pl.outbox if m.recipients == ["bob@example.test"]]) == 2
-    with pytest.raises(Exception):  # noqa: B017 - the last step's email never existed
+    with pytest.raises(EmailNotFound):  # the last step's email never existed
         await pl.client.describe(sequence_email_key(key, "last"))
 
 
