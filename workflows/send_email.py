@@ -112,7 +112,7 @@ class SendEmailWorkflow:
                     summary=f"SMTP send via lane {req.lane}, attempt {self._attempts + 1}",
                 )
             except ActivityError as err:
-                failure = _application_failure(err)
+                failure = application_failure(err)
                 self._attempts += _attempts_of(failure)
                 self._last_error = failure.message if failure else str(err.cause or err)
                 if failure is not None and (failure.non_retryable or failure.type in NON_RETRYABLE):
@@ -247,7 +247,7 @@ def _corrected(req: SendEmailInput, correction: RetryRequest) -> SendEmailInput:
     return req.model_copy(update=update) if update else req
 
 
-def _application_failure(err: BaseException) -> ApplicationError | None:
+def application_failure(err: BaseException) -> ApplicationError | None:
     """The outermost ApplicationError under an activity failure (a timeout wraps the last one)."""
     cause: BaseException | None = err
     while cause is not None:

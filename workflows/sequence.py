@@ -21,7 +21,7 @@ from temporalio.workflow import ParentClosePolicy
 
 with workflow.unsafe.imports_passed_through():
     from postlane import search_attributes as sa
-    from postlane.errors import InvalidEmail
+    from postlane.errors import ErrorType, InvalidEmail
     from postlane.ids import (
         WORKFLOW_TASK_QUEUE,
         email_workflow_id,
@@ -57,10 +57,10 @@ with workflow.unsafe.imports_passed_through():
     )
     from workflows._calendar import next_local_time, next_opening
     from workflows._options import ADMIN_RETRY, ADMIN_START_TO_CLOSE, COMPOSE_RETRY
+    from workflows.send_email import application_failure
 
 SUPPRESS_ACTIVITY = "suppress_recipient"
 MAX_SEEN = 200
-PERMANENT_SEND_FAILURES = {"SmtpPermanentError"}
 
 
 @workflow.defn(name="Sequence")
@@ -256,13 +256,11 @@ class SequenceWorkflow:
         self._record(step, key, receipt.message_id, email)
 
     def _child_failed(self, step: str, err: BaseException) -> None:
-        cause: BaseException | None = err
-        while cause is not None:
-            if isinstance(cause, ApplicationError) and cause.type in PERMANENT_SEND_FAILURES:
-                self._finish(SequenceStatus.BOUNCED, f"step {step}: refused: {cause.message}")
-                return
-            cause = cause.__cause__ or getattr(cause, "cause", None)
-        self._finish(SequenceStatus.FAILED, f"step {step}: email not sent: {err}")
+        failure = application_failure(err)
+        if failure is not None and failure.type == ErrorType.SMTP_PERMANENT:
+            self._finish(SequenceStatus.BOUNCED, f"step {step}: refused: {failure.message}")
+        else:
+            self._finish(SequenceStatus.FAILED, f"step {step}: email not sent: {err}")
 
     def _email(self, content: RenderedMessage, *, thread: bool) -> Email:
         assert self._in is not None
