@@ -25,7 +25,7 @@ from temporalio.exceptions import ApplicationError
 
 from postlane.config import InboxConfig, Settings
 from postlane.errors import ConfigurationError, ErrorType, SequenceNotFound
-from postlane.inbound import classify
+from postlane.inbound import classify, route
 from postlane.inbound_models import (
     InboundItem,
     InboxCursor,
@@ -34,7 +34,6 @@ from postlane.inbound_models import (
     UnsubscribeRequest,
 )
 from postlane.inboxes import mark_finished
-from postlane.sequence_client import route
 
 log = structlog.get_logger(__name__)
 

@@ -34,6 +34,7 @@ from postlane.ids import (
     EMAIL_ID_PREFIX,
     SEQUENCE_ID_PREFIX,
     sequence_from_unsubscribe_token,
+    sequence_of_email,
     workflow_id_from_message_id,
 )
 from postlane.sequence_models import MAX_THREAD_TEXT, InboundEvent, InboundKind
@@ -399,3 +400,16 @@ def _synthetic_id(raw: bytes) -> str:
     """A stable stand-in for a message without a Message-ID: the same bytes, the same ID,
     so a message fetched twice is still recognised as one."""
     return f"<sha256.{hashlib.sha256(raw).hexdigest()[:32]}@postlane.invalid>"
+
+
+def route(event: InboundEvent) -> str | None:
+    """The sequence workflow an inbound event belongs to, from the Message-ID it refers to
+    (or, for a mailto unsubscribe, the token in its subject)."""
+    if event.kind == InboundKind.UNSUBSCRIBE:
+        target = sequence_from_unsubscribe_token(event.subject)
+        if target is not None:
+            return target
+    if not event.refers_to:
+        return None
+    workflow_id = workflow_id_from_message_id(event.refers_to)
+    return sequence_of_email(workflow_id) if workflow_id else None

@@ -40,14 +40,12 @@ from postlane.idempotency import (
 from postlane.ids import (
     SEQUENCE_ID_PREFIX,
     WORKFLOW_TASK_QUEUE,
-    sequence_from_unsubscribe_token,
-    sequence_of_email,
     sequence_workflow_id,
     suppression_workflow_id,
     unsubscribe_token,
     validate_key,
-    workflow_id_from_message_id,
 )
+from postlane.inbound import classify, route
 from postlane.sequence_models import (
     Approval,
     InboundEvent,
@@ -412,8 +410,6 @@ class SequenceOperations:
         if isinstance(message, InboundEvent):
             event: InboundEvent | None = message
         else:
-            from postlane.inbound import classify
-
             raw = message.encode() if isinstance(message, str) else message
             event = classify(raw, received_at=datetime.now(UTC))
         if event is None:
@@ -430,19 +426,6 @@ class SequenceOperations:
         except SequenceNotFound:
             return None
         return key
-
-
-def route(event: InboundEvent) -> str | None:
-    """The sequence workflow an inbound event belongs to, from the Message-ID it refers to
-    (or, for a mailto unsubscribe, the token in its subject)."""
-    if event.kind == InboundKind.UNSUBSCRIBE:
-        target = sequence_from_unsubscribe_token(event.subject)
-        if target is not None:
-            return target
-    if not event.refers_to:
-        return None
-    workflow_id = workflow_id_from_message_id(event.refers_to)
-    return sequence_of_email(workflow_id) if workflow_id else None
 
 
 def _check_email(inp: SequenceInput, step: str, content: RenderedMessage) -> None:

@@ -8,8 +8,7 @@ from datetime import UTC, datetime
 import pytest
 
 from postlane.ids import email_workflow_id, message_id, sequence_workflow_id, unsubscribe_token
-from postlane.inbound import classify, strip_quoted
-from postlane.sequence_client import route
+from postlane.inbound import classify, route, strip_quoted
 from postlane.sequence_models import MAX_THREAD_TEXT, InboundKind
 
 FIRST = message_id(email_workflow_id("trial-zoe:first"), "acme.test")

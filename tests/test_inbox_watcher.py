@@ -22,7 +22,7 @@ from postlane.config import InboxConfig
 from postlane.connection import data_converter
 from postlane.errors import ErrorType
 from postlane.ids import INBOUND_TASK_QUEUE, sequence_workflow_id, unsubscribe_token
-from postlane.inbound import classify
+from postlane.inbound import classify, route
 from postlane.inbound_models import (
     InboundItem,
     InboxCursor,
@@ -32,7 +32,6 @@ from postlane.inbound_models import (
     WatcherReport,
 )
 from postlane.inboxes import mark_finished, start_inbox_watcher, watcher_status
-from postlane.sequence_client import route
 from postlane.sequence_models import InboundEvent, SequenceReport, SequenceStatus
 from postlane.sequence_spec import (
     Recipient,
