@@ -134,7 +134,7 @@ async def test_hourly_cap_survives_worker_restart_without_over_sending(
                 within=90,
                 what="the quota state after the restart",
             )
-            statuses = [await pl.status(f"{key}-{n}") for n in range(5)]
+            statuses = await settled_statuses(pl, key)
             rc, out, err = await run_postlane(["lanes"], env)
     assert len(smtp.messages) == 3
     assert sorted(statuses) == sorted(["sent"] * 3 + ["scheduled"] * 2)
@@ -198,7 +198,7 @@ async def test_hourly_cap_survives_server_restart_without_over_sending(
                 await assert_eventually(
                     lambda: two_waiting(pl, lane.name), within=60, what="state after the restart"
                 )
-                statuses = [await pl.status(f"{key}-{n}") for n in range(5)]
+                statuses = await settled_statuses(pl, key)
             finally:
                 await second.shutdown()
     assert len(smtp.messages) == 3
@@ -211,6 +211,18 @@ async def fill_the_hour(pl: PostlaneClient, smtp: SmtpCatcher, lane: str, key: s
         await pl.send(an_email(f"#{n}"), key=f"{key}-{n}")
     await smtp.wait_for_async(3, 60)
     await assert_eventually(lambda: two_waiting(pl, lane), what="three sent, two waiting")
+
+
+async def settled_statuses(pl: PostlaneClient, key: str) -> list[str]:
+    """The five emails' statuses once the lane has told the two waiting ones their planned
+    times (the lane counts them as waiting just before its signals reach them)."""
+    expected = sorted(["sent"] * 3 + ["scheduled"] * 2)
+
+    async def statuses() -> list[str] | None:
+        seen = sorted([str(await pl.status(f"{key}-{n}")) for n in range(5)])
+        return seen if seen == expected else None
+
+    return await assert_eventually(statuses, within=60, what="three sent, two scheduled")
 
 
 async def two_waiting(pl: PostlaneClient, lane: str) -> bool:
