@@ -394,6 +394,14 @@ class SlotRequest(BaseModel):
 
     workflow_id: str
     priority: Priority = Priority.NORMAL
+    since: datetime | None = None
+    """When the email first asked (its place in line within its priority). None: an email
+    from before asks were repeated, which asks once and must be kept in the lane's window."""
+    asked_at: datetime | None = None
+    """When this request was sent (a lane drops requests too old to be trusted)."""
+    recheck_at: datetime | None = None
+    """The `SlotGrant.recheck_at` this email was told last, on the request that follows it
+    (the lane stops counting it among the emails due back then)."""
 
 
 class SlotGrant(BaseModel):
@@ -403,6 +411,8 @@ class SlotGrant(BaseModel):
 
     at: datetime
     planned: bool = False
+    recheck_at: datetime | None = None
+    """For a planned grant: when to ask again if no slot was granted by then."""
 
 
 class ThrottleReport(BaseModel):
@@ -460,6 +470,17 @@ class LaneState(BaseModel):
     throttled_at: datetime | None = None
     last_throttle: str | None = None
     recover_at: datetime | None = None
+    deferred: dict[str, int] = Field(default_factory=dict)
+    """Emails beyond the window, told to ask again later: ``"<priority key>|<ISO minute of
+    recheck_at>"`` → count. Bounded by time buckets, not by the backlog."""
+    granted_recently: dict[str, str] = Field(default_factory=dict)
+    """ISO minute → concatenated 8-hex digests of the emails granted in it (the last few
+    minutes), so a repeated ask never takes a second slot."""
+    ceiling: float | None = None
+    """Backpressure: the rate the lane recovers to after repeated throttles (a fraction of
+    the rate that was throttled); None recovers to the configured rate."""
+    ceiling_until: datetime | None = None
+    """When the ceiling is forgotten if no throttle came meanwhile."""
 
 
 class LaneStatus(BaseModel):
@@ -480,6 +501,10 @@ class LaneStatus(BaseModel):
     used_last_day: int = 0
     waiting: int = 0
     next_slot_at: datetime | None = None
+    window: int = 0
+    """Waiting emails the lane holds by ID (bounded); the rest are counted, not listed."""
+    ceiling: float | None = None
+    """The rate backpressure recovers to after repeated throttles (None: configured)."""
 
 
 class LaneReport(BaseModel):

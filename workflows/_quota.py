@@ -6,6 +6,7 @@ so the caps hold for every rolling hour and day, not just clock-aligned ones.
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from datetime import datetime, timedelta
 
 from postlane.models import LaneLimits
@@ -90,3 +91,112 @@ def slot_times(
 def prune(buckets: dict[str, int], now: datetime) -> dict[str, int]:
     """Drop buckets that no window can see any more."""
     return {k: n for k, n in buckets.items() if datetime.fromisoformat(k) + MINUTE + DAY > now}
+
+
+class Planner:
+    """Slot arithmetic for a lane with a backlog: cheap enough for one workflow task.
+
+    `times` books the slots it plans, so use a fresh planner for each question.
+
+    Buckets are parsed once and kept sorted with running sums, so the slots used in any
+    window cost a binary search rather than a pass over every bucket. Planning walks the
+    openings (moments a window frees slots) up to `max_openings` and extrapolates past them
+    at the binding cap's steady pace, so a position deep in the backlog costs no more than
+    one near the front.
+    """
+
+    def __init__(
+        self,
+        buckets: dict[str, int],
+        limits: LaneLimits,
+        warmup_started: datetime | None,
+        now: datetime,
+    ) -> None:
+        self._limits, self._warmup, self._now = limits, warmup_started, now
+        items = sorted((datetime.fromisoformat(k), n) for k, n in buckets.items())
+        self._starts = [start for start, _ in items]
+        self._sums = [0]
+        for _, n in items:
+            self._sums.append(self._sums[-1] + n)
+
+    def _used(self, at: datetime, span: timedelta) -> int:
+        # A bucket counts while `start + MINUTE > at - span`, i.e. start > at - span - MINUTE.
+        first = bisect_right(self._starts, at - span - MINUTE)
+        return self._sums[-1] - self._sums[first]
+
+    def capacity(self, at: datetime) -> int:
+        """Slots free at `at` (same rule as `capacity`)."""
+        room = UNLIMITED
+        if self._limits.hourly_cap is not None:
+            room = min(room, self._limits.hourly_cap - self._used(at, HOUR))
+        cap = daily_cap(self._limits, self._warmup, at)
+        if cap is not None:
+            room = min(room, cap - self._used(at, DAY))
+        return max(0, room)
+
+    def _take(self, at: datetime, n: int) -> None:
+        start = at.replace(second=0, microsecond=0)
+        if self._starts and self._starts[-1] == start:
+            self._sums[-1] += n
+        else:
+            self._starts.append(start)
+            self._sums.append(self._sums[-1] + n)
+
+    def next_opening(self, at: datetime) -> datetime:
+        """The earliest time after `at` with a free slot (same rule as `next_opening`)."""
+        hour_from = bisect_right(self._starts, at - MINUTE - HOUR)
+        day_from = bisect_right(self._starts, at - MINUTE - DAY)
+        hour = [s + MINUTE + HOUR for s in self._starts[hour_from:]]
+        day = [s + MINUTE + DAY for s in self._starts[day_from:]]
+        if self._limits.warmup is not None and self._warmup is not None:
+            day.append(self._warmup + ((at - self._warmup) // DAY + 1) * DAY)
+        for candidate in sorted(c for c in [*hour, *day] if c > at):
+            if self.capacity(candidate) > 0:
+                return candidate
+        return at + DAY  # unreachable with positive caps; a safe, visible fallback
+
+    def pace(self) -> tuple[int, timedelta]:
+        """The binding cap's steady pace: this many slots per this period."""
+        hourly, daily = self._limits.hourly_cap, daily_cap(self._limits, self._warmup, self._now)
+        options = []
+        if hourly is not None:
+            options.append((hourly, HOUR + MINUTE))
+        if daily is not None:
+            options.append((daily, DAY + MINUTE))
+        if not options:
+            return UNLIMITED, DAY
+        return min(options, key=lambda o: o[0] / (o[1] / MINUTE))
+
+    def times(self, positions: list[int], max_openings: int = 200) -> list[datetime]:
+        """When the slots at these 0-based backlog positions are expected (nothing else asking).
+
+        Args:
+            positions: sorted ascending.
+            max_openings: openings simulated before extrapolating at the steady pace.
+
+        Returns:
+            One time per position.
+        """
+        out: list[datetime] = []
+        at, granted, openings = self._now, 0, 0
+        i = 0
+        while i < len(positions):
+            room = self.capacity(at)
+            if room > 0:
+                while i < len(positions) and positions[i] < granted + room:
+                    out.append(at)
+                    i += 1
+                take = min(room, max(positions[-1] + 1 - granted, 0))
+                self._take(at, take)
+                granted += take
+                if i == len(positions):
+                    break
+            openings += 1
+            if openings > max_openings:
+                per, period = self.pace()
+                while i < len(positions):
+                    out.append(at + -(-(positions[i] + 1 - granted) // per) * period)
+                    i += 1
+                break
+            at = self.next_opening(at)
+        return out

@@ -10,6 +10,8 @@ is this workflow's, carried through continue-as-new.
 from __future__ import annotations
 
 import asyncio
+import hashlib
+from collections import deque
 from datetime import datetime, timedelta
 
 from temporalio import workflow
@@ -40,6 +42,47 @@ PLAN_SLACK = timedelta(minutes=5)
 """A waiting email is told again when its expected slot moves by more than this."""
 RETELL_PATCH = "retell-moved-plans"
 
+WINDOW_PATCH = "lane-bounded-window"
+"""Runs from this patch on hold at most `WINDOW` waiting emails by ID and count the rest."""
+WINDOW = 500
+"""Waiting emails held by ID, planned precisely (more of them only from emails that ask once)."""
+ARRIVED_CARRY = 1000
+"""Requests not yet looked at that a continue-as-new carries; the rest ask again."""
+BUSY_HISTORY = 20_000
+"""With requests still to answer, a run grows to this many events before continuing as new."""
+GRANT_MEMORY = timedelta(minutes=15)
+"""How long a grant is remembered, so a repeated ask does not take a second slot."""
+STALE_REQUEST = timedelta(minutes=10)
+"""A request older than this is dropped: its email asks again if it still waits (and a
+request older than `GRANT_MEMORY` could come from an email already granted)."""
+WINDOW_RECHECK = timedelta(minutes=10)
+"""An email in the window asks again this long after its planned time if not granted."""
+DEFER_GRACE = timedelta(minutes=15)
+"""Counts of deferred emails that did not ask again by their recheck time + this are dropped."""
+
+AIMD_PATCH = "lane-aimd-backoff"
+"""Runs from this patch recover to a ceiling below a rate that was throttled again."""
+CEILING_FRACTION = 0.75
+"""After a repeated throttle the lane recovers to this fraction of the throttled rate."""
+CEILING_MEMORY = timedelta(hours=1)
+"""A throttle this soon after the previous one is a repeat; a ceiling held this long
+without a throttle is forgotten (the lane probes toward its configured rate again)."""
+ADDITIVE_STEPS = 4
+"""Above half its target, the rate recovers in steps of target / ADDITIVE_STEPS."""
+
+
+def _digest(workflow_id: str) -> str:
+    return hashlib.blake2b(workflow_id.encode(), digest_size=4).hexdigest()
+
+
+def _deferred_key(request: SlotRequest, recheck_at: datetime) -> str:
+    return f"{request.priority.key}|{quota.bucket_key(recheck_at)}"
+
+
+def _order(request: SlotRequest) -> tuple[int, float]:
+    # Emails that ask once (no `since`) were in line before any that repeat their ask.
+    return request.priority.key, request.since.timestamp() if request.since else float("-inf")
+
 
 @workflow.defn(name="Lane")
 class LaneWorkflow:
@@ -49,12 +92,14 @@ class LaneWorkflow:
     def __init__(self, state: LaneState) -> None:
         # Handlers may run before `run`, so the state must exist from construction on.
         self._s = state
-        self._arrived, state.arrived = list(state.arrived), []
+        self._arrived, state.arrived = deque(state.arrived), []
         # A run that continued as new in the middle of a burst (slots still free, emails not
         # yet told) picks up where it left off; waiting for the next opening would leave the
         # free slots unused for an hour. Runs started before this flag existed wait as before.
         self._dirty, state.more_to_do = state.more_to_do, False
         self._replan = False
+        self._windowed = False
+        self._recent: set[str] | None = None
 
     @property
     def state(self) -> LaneState:
@@ -67,6 +112,7 @@ class LaneWorkflow:
         s = self.state
         if s.warmup_started is None and s.limits.warmup is not None:
             s.warmup_started = workflow.now()
+        self._windowed = workflow.patched(WINDOW_PATCH)
         while True:
             try:
                 await workflow.wait_condition(
@@ -77,21 +123,36 @@ class LaneWorkflow:
             self._dirty = False
             self._recover_if_due()
             await self._apply_rate()
-            await self._grant()
-            if (
-                workflow.info().is_continue_as_new_suggested()
-                or workflow.info().get_current_history_length() > MAX_HISTORY
-            ):
+            if self._windowed:
+                await self._grant_windowed()
+            else:
+                await self._grant()
+            if self._should_continue_as_new():
                 await workflow.wait_condition(workflow.all_handlers_finished)
                 s.buckets = quota.prune(s.buckets, workflow.now())
-                s.arrived = self._arrived  # requests that came in meanwhile go along
+                # Requests that came in meanwhile go along, as many as keep the input small;
+                # the others' emails ask again when no answer comes.
+                s.arrived = list(self._arrived)[: ARRIVED_CARRY if self._windowed else None]
                 s.more_to_do = self._dirty
                 workflow.continue_as_new(s)
+
+    def _should_continue_as_new(self) -> bool:
+        info = workflow.info()
+        if not (
+            info.is_continue_as_new_suggested() or info.get_current_history_length() > MAX_HISTORY
+        ):
+            return False
+        # Answering a flood of requests beats carrying it: the input stays small.
+        busy = self._windowed and bool(self._arrived)
+        return not busy or info.get_current_history_length() > BUSY_HISTORY
 
     def _next_wakeup(self) -> timedelta | None:
         s, now = self.state, workflow.now()
         wakeups: list[datetime] = []
-        if s.waiting:
+        if s.waiting and self._windowed:
+            planner = quota.Planner(s.buckets, s.limits, s.warmup_started, now)
+            wakeups.append(planner.next_opening(now))
+        elif s.waiting:
             wakeups.append(quota.next_opening(s.buckets, s.limits, s.warmup_started, now))
         if s.recover_at is not None:
             wakeups.append(s.recover_at)
@@ -101,7 +162,15 @@ class LaneWorkflow:
 
     def _recover_if_due(self) -> None:
         s, now = self.state, workflow.now()
+        if s.ceiling is not None and s.ceiling_until is not None and now >= s.ceiling_until:
+            # A whole quiet stretch at the ceiling: probe toward the configured rate again.
+            s.ceiling, s.ceiling_until = None, None
+            if s.recover_at is None and s.effective_rate < s.limits.rate_per_second:
+                s.recover_at = now
         if s.recover_at is None or now < s.recover_at:
+            return
+        if workflow.patched(AIMD_PATCH):
+            self._recover_step(now)
             return
         s.effective_rate = min(s.limits.rate_per_second, s.effective_rate * 2)
         if s.effective_rate < s.limits.rate_per_second:
@@ -109,6 +178,29 @@ class LaneWorkflow:
         else:
             s.recover_at = None
             s.last_throttle = None
+        workflow.logger.info("lane %s recovering: rate %.3g/s", s.name, s.effective_rate)
+
+    def _recover_step(self, now: datetime) -> None:
+        """Double back to half the target, then add target / `ADDITIVE_STEPS` per quiet step.
+
+        The target is the ceiling a repeated throttle left (below the rate that was
+        throttled), or the configured rate.
+        """
+        s = self.state
+        target = min(s.limits.rate_per_second, s.ceiling or s.limits.rate_per_second)
+        if s.effective_rate * 2 <= target:
+            s.effective_rate *= 2
+        else:
+            s.effective_rate = min(target, s.effective_rate + target / ADDITIVE_STEPS)
+        if s.effective_rate < target:
+            s.recover_at = now + RECOVERY_STEP
+        else:
+            s.effective_rate = max(s.effective_rate, target)
+            s.recover_at = None
+            if s.ceiling is None:
+                s.last_throttle = None
+            else:
+                s.ceiling_until = now + CEILING_MEMORY
         workflow.logger.info("lane %s recovering: rate %.3g/s", s.name, s.effective_rate)
 
     def _wanted(self) -> LaneRateRequest:
@@ -138,7 +230,7 @@ class LaneWorkflow:
 
     async def _grant(self) -> None:
         s, now = self.state, workflow.now()
-        arrived, self._arrived = self._arrived, []
+        arrived, self._arrived = self._arrived, deque()
         queued = {r.workflow_id for r in s.waiting}
         fresh = [r for r in arrived if r.workflow_id not in queued]
         # Stable sort: priority first, then arrival order.
@@ -183,6 +275,157 @@ class LaneWorkflow:
         more_room = quota.capacity(s.buckets, s.limits, s.warmup_started, now) > 0
         if s.unplanned or (s.waiting and more_room):
             self._dirty = True  # more to do: next task, right away
+
+    async def _grant_windowed(self) -> None:
+        """Grant, plan and defer with state bounded by `WINDOW`, whatever the backlog.
+
+        The first `WINDOW` waiting emails (priority, then first ask) are held by ID and told
+        their slot precisely. Emails behind them are told a planned time computed from their
+        place in line and when to ask again (`SlotGrant.recheck_at`); the lane keeps only
+        their count per priority and recheck minute. Every answer is one signal, at most
+        `SIGNALS_PER_TASK` per workflow task.
+        """
+        s, now = self.state, workflow.now()
+        self._forget_old(now)
+        budget = SIGNALS_PER_TASK
+        window_ids = {r.workflow_id for r in s.waiting}
+        recent = self._recent_digests()
+        taken: list[SlotRequest] = []
+        retell: list[str] = []
+        while self._arrived and len(taken) + len(retell) < budget:
+            r = self._arrived.popleft()
+            if r.recheck_at is not None:
+                key = _deferred_key(r, r.recheck_at)
+                if s.deferred.get(key, 0) > 1:
+                    s.deferred[key] -= 1
+                else:
+                    s.deferred.pop(key, None)
+            if r.asked_at is not None and now - r.asked_at > STALE_REQUEST:
+                continue  # it asks again if it still waits
+            if r.workflow_id in window_ids:
+                retell.append(r.workflow_id)  # asked again: tell it its slot again
+                continue
+            if _digest(r.workflow_id) in recent:
+                continue  # granted already: never a second slot
+            taken.append(r)
+            window_ids.add(r.workflow_id)
+        s.waiting = sorted([*s.waiting, *taken], key=_order)
+        s.unplanned += [r.workflow_id for r in taken]
+        for workflow_id in retell:
+            s.planned.pop(workflow_id, None)
+            if workflow_id not in s.unplanned:
+                s.unplanned.append(workflow_id)
+
+        # Counted before they are told, so `status` never shows a grant in flight as neither
+        # waiting nor used; an email found gone gives its slot back.
+        room = min(quota.capacity(s.buckets, s.limits, s.warmup_started, now), budget)
+        go, s.waiting = s.waiting[:room], s.waiting[room:]
+        key = quota.bucket_key(now)
+        if go:
+            s.buckets[key] = s.buckets.get(key, 0) + len(go)
+            digests = "".join(_digest(r.workflow_id) for r in go)
+            s.granted_recently[key] = s.granted_recently.get(key, "") + digests
+            recent.update(digests[i : i + 8] for i in range(0, len(digests), 8))
+        granted = await self._tell([(r, SlotGrant(at=now)) for r in go])
+        if granted < len(go):
+            s.buckets[key] -= len(go) - granted
+            if not s.buckets[key]:
+                del s.buckets[key]
+        gone = {r.workflow_id for r in go}
+        budget -= len(go)
+
+        # Beyond the window: told a planned time and when to ask again, then only counted.
+        # Emails that ask only once (from before this patch) stay, or they would never go.
+        over = [r for r in s.waiting[WINDOW:] if r.since is not None]
+        if over:
+            held = {r.workflow_id for r in over}
+            s.waiting = [r for r in s.waiting if r.workflow_id not in held]
+            gone |= held
+            told, later = over[:budget], over[budget:]
+            # Answered in the next task, as a request neither stale nor counted as deferred.
+            self._arrived.extendleft(
+                r.model_copy(update={"asked_at": None, "recheck_at": None}) for r in reversed(later)
+            )
+            await self._defer(told, now)
+            budget -= len(told)
+        if gone:
+            s.unplanned = [i for i in s.unplanned if i not in gone]
+            for workflow_id in gone:
+                s.planned.pop(workflow_id, None)
+
+        # The window's emails: told their slot when new, asked again, or moved.
+        replan, self._replan = bool(taken) or self._replan, False
+        unplanned = set(s.unplanned)
+        if s.waiting and (unplanned or replan) and budget > 0:
+            planner = quota.Planner(s.buckets, s.limits, s.warmup_started, now)
+            times = planner.times(list(range(len(s.waiting))))
+            plans = [
+                (r, SlotGrant(at=at, planned=True, recheck_at=at + WINDOW_RECHECK))
+                for r, at in zip(s.waiting, times, strict=True)
+                if r.workflow_id in unplanned or (replan and self._moved(r.workflow_id, at))
+            ]
+            told_now = plans[:budget]
+            await self._tell(told_now)
+            s.planned.update((r.workflow_id, grant.at) for r, grant in told_now)
+            s.unplanned = [r.workflow_id for r, _ in plans[budget:]]
+        more_room = quota.capacity(s.buckets, s.limits, s.warmup_started, now) > 0
+        if self._arrived or s.unplanned or (s.waiting and more_room):
+            self._dirty = True  # more to do: next task, right away
+
+    async def _defer(self, over: list[SlotRequest], now: datetime) -> None:
+        """Tell emails behind the window when to expect their slot and to ask again then."""
+        s = self.state
+        if not over:
+            return
+        ahead_by_priority: dict[int, int] = {}
+        for key, n in s.deferred.items():
+            prio = int(key.split("|", 1)[0])
+            ahead_by_priority[prio] = ahead_by_priority.get(prio, 0) + n
+        positions = []
+        for i, r in enumerate(over):
+            ahead = len(s.waiting) + i
+            ahead += sum(n for p, n in ahead_by_priority.items() if p < r.priority.key)
+            if r.recheck_at is None:
+                ahead += ahead_by_priority.get(r.priority.key, 0)
+            else:  # it was in line before those told to come back after it
+                mine = quota.bucket_key(r.recheck_at)
+                for key, n in s.deferred.items():
+                    key_priority, minute = key.split("|", 1)
+                    if int(key_priority) == r.priority.key and minute <= mine:
+                        ahead += n
+            positions.append(ahead)
+        wanted = sorted(set(positions))
+        planner = quota.Planner(s.buckets, s.limits, s.warmup_started, now)
+        at_position = dict(zip(wanted, planner.times(wanted), strict=True))
+        grants = []
+        for r, position in zip(over, positions, strict=True):
+            at = at_position[position]
+            recheck = max(at, now + quota.MINUTE)
+            key = _deferred_key(r, recheck)
+            s.deferred[key] = s.deferred.get(key, 0) + 1
+            grants.append((r, SlotGrant(at=at, planned=True, recheck_at=recheck)))
+        await self._tell(grants)
+
+    def _forget_old(self, now: datetime) -> None:
+        s = self.state
+        old = [k for k in s.granted_recently if datetime.fromisoformat(k) + GRANT_MEMORY < now]
+        for k in old:
+            del s.granted_recently[k]
+        if old:
+            self._recent = None
+        for key in [
+            k for k in s.deferred if k.split("|", 1)[1] < quota.bucket_key(now - DEFER_GRACE)
+        ]:
+            del s.deferred[key]  # those emails are gone, or will ask again anyway
+
+    def _recent_digests(self) -> set[str]:
+        if self._recent is None:
+            self._recent = {
+                digests[i : i + 8]
+                for digests in self.state.granted_recently.values()
+                for i in range(0, len(digests), 8)
+            }
+        return self._recent
 
     def _moved(self, workflow_id: str, at: datetime) -> bool:
         told = self.state.planned.get(workflow_id)
@@ -230,6 +473,7 @@ class LaneWorkflow:
         s.effective_rate = change.rate_per_second
         s.recover_at = None
         s.last_throttle = None
+        s.ceiling, s.ceiling_until = None, None
         self._dirty = True
 
     @workflow.signal(name="throttled")
@@ -240,6 +484,12 @@ class LaneWorkflow:
         quiet = max(RECOVERY_STEP, report.retry_after or RECOVERY_STEP)
         if s.throttled_at is None or now - s.throttled_at >= BACKOFF_COALESCE:
             floor = s.limits.rate_per_second * MIN_RATE_FRACTION
+            repeat = s.throttled_at is not None and now - s.throttled_at < CEILING_MEMORY
+            if (repeat or s.ceiling is not None) and workflow.patched(AIMD_PATCH):
+                # Throttled again: the budget is below this rate, so never recover to it.
+                limit = max(floor, s.effective_rate * CEILING_FRACTION)
+                s.ceiling = min(s.ceiling or limit, limit)
+                s.ceiling_until = None
             s.effective_rate = max(floor, s.effective_rate / 2)
             s.throttled_at = now
             workflow.logger.warning(
@@ -253,8 +503,9 @@ class LaneWorkflow:
         """Rates, backpressure, cap usage and waiting emails."""
         s, now = self.state, workflow.now()
         next_slot = None
-        if s.waiting:
-            next_slot = quota.next_opening(s.buckets, s.limits, s.warmup_started, now)
+        if s.waiting or s.deferred:
+            planner = quota.Planner(s.buckets, s.limits, s.warmup_started, now)
+            next_slot = planner.next_opening(now)
         return LaneStatus(
             name=s.name,
             configured_rate=s.limits.rate_per_second,
@@ -266,6 +517,8 @@ class LaneWorkflow:
             daily_cap=quota.daily_cap(s.limits, s.warmup_started, now),
             used_last_hour=quota.used(s.buckets, now, quota.HOUR),
             used_last_day=quota.used(s.buckets, now, quota.DAY),
-            waiting=len(s.waiting),
+            waiting=len(s.waiting) + sum(s.deferred.values()),
             next_slot_at=next_slot,
+            window=len(s.waiting),
+            ceiling=s.ceiling,
         )

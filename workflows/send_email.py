@@ -36,6 +36,14 @@ SLOT_REQUEST_RETRY = timedelta(seconds=30)
 DISCARDED = "EmailDiscarded"
 PARKED_AT_PATCH = "postlane-parked-at"
 """Workflows that parked before this patch did not upsert `PostlaneParkedAt`."""
+SLOT_REASK_PATCH = "postlane-slot-reask"
+"""Emails from this patch on ask their lane again until granted (before: once)."""
+RETRY_LANE_QUOTA_PATCH = "postlane-retry-lane-quota"
+"""From this patch on, a dead-letter retry moved to another lane asks that lane for a slot."""
+SLOT_REASK = timedelta(minutes=3)
+"""An email with no answer from its lane asks again after this (plus up to `SLOT_REASK_JITTER`)."""
+SLOT_REASK_JITTER = 120
+"""Seconds of spread, fixed per email, so a recovering lane is not asked by all at once."""
 
 
 @workflow.defn(name="SendEmail")
@@ -57,6 +65,7 @@ class SendEmailWorkflow:
         self._retry_requested = False
         self._discard_requested = False
         self._slot_granted = False
+        self._slot_plan: SlotGrant | None = None
         self._correction = RetryRequest()
         self._scheduled_for: datetime | None = None
         self._parked_at: datetime | None = None
@@ -126,9 +135,13 @@ class SendEmailWorkflow:
                 correction = await self._park()
                 if correction.lane and correction.lane != req.lane:
                     workflow.upsert_search_attributes([sa.LANE.value_set(correction.lane)])
+                moved = bool(correction.lane and correction.lane != req.lane)
                 req = _corrected(req, correction)
                 request = request.model_copy(update={"email": req.email, "lane": req.lane})
                 self._input = req
+                if moved and workflow.patched(RETRY_LANE_QUOTA_PATCH):
+                    # The new lane's caps hold too: ask it (a lane without caps grants at once).
+                    await self._wait_for_slot(req)
                 continue
             self._receipt = receipt.model_copy(
                 update={
@@ -140,25 +153,77 @@ class SendEmailWorkflow:
             return self._receipt
 
     async def _wait_for_slot(self, req: SendEmailInput) -> None:
-        """Ask the lane's quota workflow for a send slot; wait (``scheduled``) until granted."""
+        """Ask the lane's quota workflow for a send slot; wait (``scheduled``) until granted.
+
+        The email asks again whenever its lane's answer is overdue: `SLOT_REASK` after an
+        ask that got no answer, or at the ``recheck_at`` a planned answer named. A lane that
+        was reset or terminated (and restarted by a worker) so hears from every waiting
+        email within minutes; the lane never grants one email twice.
+        """
         lane = workflow.get_external_workflow_handle(lane_workflow_id(req.lane))
-        request = SlotRequest(workflow_id=workflow.info().workflow_id, priority=req.priority)
-        while True:
+        if not workflow.patched(SLOT_REASK_PATCH):
+            request = SlotRequest(workflow_id=workflow.info().workflow_id, priority=req.priority)
+            while True:
+                try:
+                    await lane.signal("request_slot", request)
+                    break
+                except Exception:  # the lane's workflow is not running yet: a worker starts it
+                    self._last_error = f"waiting for lane {req.lane!r} quota workflow"
+                    self._set_status(EmailStatus.SCHEDULED)
+                    await workflow.sleep(SLOT_REQUEST_RETRY)
+            await workflow.wait_condition(lambda: self._slot_granted)
+            self._scheduled_for = None
+            return
+        workflow_id = workflow.info().workflow_id
+        jitter = (
+            int.from_bytes(workflow_id.encode()[-4:].rjust(4, b"\0"), "big") % SLOT_REASK_JITTER
+        )
+        reask = SLOT_REASK + timedelta(seconds=jitter)
+        self._slot_granted, self._slot_plan = False, None
+        since = workflow.now()
+        while not self._slot_granted:
+            told, self._slot_plan = self._slot_plan, None
+            request = SlotRequest(
+                workflow_id=workflow_id,
+                priority=req.priority,
+                since=since,
+                asked_at=workflow.now(),
+                recheck_at=told.recheck_at if told else None,
+            )
             try:
                 await lane.signal("request_slot", request)
-                break
             except Exception:  # the lane's workflow is not running yet: a worker starts it
                 self._last_error = f"waiting for lane {req.lane!r} quota workflow"
                 self._set_status(EmailStatus.SCHEDULED)
                 await workflow.sleep(SLOT_REQUEST_RETRY)
-        await workflow.wait_condition(lambda: self._slot_granted)
+                continue
+            due = workflow.now() + reask
+            while not self._slot_granted:
+                answered = self._slot_plan
+
+                def news(answered: SlotGrant | None = answered) -> bool:
+                    return self._slot_granted or self._slot_plan is not answered
+
+                try:
+                    await workflow.wait_condition(
+                        news, timeout=max(due - workflow.now(), timedelta(seconds=1))
+                    )
+                except TimeoutError:
+                    break  # overdue: ask again
+                plan = self._slot_plan
+                if plan is not None and plan is not answered:
+                    # A lane from before `recheck_at` tells none: ask again a while after.
+                    due = plan.recheck_at or plan.at + reask
         self._scheduled_for = None
 
     @workflow.signal(name="slot_granted")
     def slot_granted(self, grant: SlotGrant) -> None:
         """The lane's answer: go now, or (``planned``) the time a slot is expected."""
+        if self._slot_granted:
+            return  # a late plan after the grant changes nothing
         if grant.planned:
             self._scheduled_for = grant.at
+            self._slot_plan = grant
             self._set_status(EmailStatus.SCHEDULED)
         else:
             self._slot_granted = True
