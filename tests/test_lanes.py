@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 from datetime import datetime, timedelta
 from functools import partial
@@ -10,14 +11,18 @@ from functools import partial
 import pytest
 import pytest_asyncio
 from temporalio.api.enums.v1 import EventType
+from temporalio.client import WorkflowHistory
 from temporalio.service import RPCError
 
+from bench import lane_scale
 from postlane import Email, EmailStatus
 from postlane import search_attributes as sa
+from postlane.config import LaneConfig
 from postlane.ids import email_workflow_id, lane_workflow_id
-from postlane.models import EmailReport, LaneStatus
+from postlane.lanes import start_lane_workflow
+from postlane.models import EmailReport, LaneStatus, SlotRequest, ThrottleReport
 from postlane.testing import PostlaneTestEnv, postlane_test_env
-from tests.conftest import CAPPED_LANE, TINY_LANE, TOUCHY_LANE, WARM_LANE
+from tests.conftest import CAPPED_LANE, FRAGILE_LANE, TINY_LANE, TOUCHY_LANE, WARM_LANE
 from tests.procs import assert_eventually
 from workflows import lane as lane_module
 
@@ -325,3 +330,195 @@ async def test_throttle_reply_slows_whole_lane_then_recovers(pl: PostlaneTestEnv
     assert not recovered.backing_off
     receipt = await handle.result()
     assert receipt.attempts == 2
+
+
+async def _planned(pl: PostlaneTestEnv, key: str) -> bool:
+    report = await pl.client.describe(key)
+    return report.status == EmailStatus.SCHEDULED and report.scheduled_for is not None
+
+
+async def _fill_tiny_hour(pl: PostlaneTestEnv, key: str) -> None:
+    for n in range(2):
+        await pl.client.send(email("tiny.test", n), key=f"{key}-now{n}")
+    await assert_eventually(lambda: len(pl.outbox) == 2, what="the hour's two slots to be used")
+
+
+def _grants_to(history: WorkflowHistory, workflow_id: str) -> int:
+    """Go-now `slot_granted` signals the lane sent to this email (its history, not its word)."""
+    grants = 0
+    for e in history.events:
+        if e.event_type != _SIGNAL_SENT:
+            continue
+        sig = e.signal_external_workflow_execution_initiated_event_attributes
+        if sig.workflow_execution.workflow_id == workflow_id and sig.signal_name == "slot_granted":
+            grants += not json.loads(sig.input.payloads[0].data).get("planned")
+    return grants
+
+
+async def test_lane_lost_and_restarted_hears_again_from_waiting_emails(
+    pl: PostlaneTestEnv, key: str
+) -> None:
+    """A lane terminated (its state gone) and started afresh still sends every waiting email.
+
+    The waiting emails were told their slot; when it passes without a grant they ask the
+    new lane, which grants them. Emails that asked only once would wait forever.
+    """
+    await _fill_tiny_hour(pl, key)
+    waiting = [
+        await pl.client.send(email("tiny.test", n), key=f"{key}-next{n}", priority="bulk")
+        for n in range(2)
+    ]
+    for h in waiting:
+        await assert_eventually(partial(_planned, pl, h.key), what=f"{h.key} to be told its slot")
+    lane = pl.client.temporal.get_workflow_handle(lane_workflow_id("tiny"))
+    await lane.terminate("test: the lane's state is lost")
+    await start_lane_workflow(pl.client.temporal, pl.settings.lane("tiny"))  # a worker restart
+    fresh = await lane_status(pl, "tiny")
+    assert (fresh.waiting, fresh.used_last_hour) == (0, 0)  # it knows of no one
+
+    await pl.sleep(timedelta(minutes=75))  # past their slot and the time to ask again
+    await assert_eventually(lambda: len(pl.outbox) == 4, what="both waiting emails to be sent")
+    history = await pl.client.temporal.get_workflow_handle(lane_workflow_id("tiny")).fetch_history()
+    assert [_grants_to(history, email_workflow_id(h.key)) for h in waiting] == [1, 1]
+
+
+async def test_repeated_slot_request_never_takes_a_second_slot(
+    pl: PostlaneTestEnv, key: str
+) -> None:
+    """An email that asks again after its grant (a late re-ask) gets no second slot."""
+    pl.smtp.fail("data", "451 4.3.0 try later", times=2)  # granted, then still running
+    first = await pl.client.send(email("tiny.test", 0), key=f"{key}-0")
+    lane = pl.client.temporal.get_workflow_handle(lane_workflow_id("tiny"))
+
+    async def granted_once() -> bool:
+        return _grants_to(await lane.fetch_history(), email_workflow_id(first.key)) == 1
+
+    await assert_eventually(granted_once, what="the first email's grant")
+    now = await pl.now()
+    late = SlotRequest(workflow_id=email_workflow_id(first.key), since=now, asked_at=now)
+    for _ in range(2):
+        await lane.signal("request_slot", late)
+    # The hour's second slot is still free: the next email takes it, a third one waits.
+    second = await pl.client.send(email("tiny.test", 1), key=f"{key}-1")
+    third = await pl.client.send(email("tiny.test", 2), key=f"{key}-2")
+    await assert_eventually(partial(_planned, pl, third.key), what="the third to be planned")
+    await assert_eventually(lambda: len(pl.outbox) == 2, what="the first two to be sent")
+    history = await lane.fetch_history()
+    counts = [_grants_to(history, email_workflow_id(h.key)) for h in (first, second, third)]
+    assert counts == [1, 1, 0]
+    assert sorted(m.message_id for m in pl.outbox) == sorted(
+        [(await first.result()).message_id, (await second.result()).message_id]
+    )
+
+
+async def test_dead_letter_retry_moved_to_a_capped_lane_waits_for_its_slot(key: str) -> None:
+    """A parked email retried through a capped lane obeys that lane's cap."""
+    async with postlane_test_env([FRAGILE_LANE, TINY_LANE]) as pl:
+        await _fill_tiny_hour(pl, key)
+        opening = await pl.now() + timedelta(hours=1)
+        pl.smtp.fail("data", "451 4.3.0 try later", times=3)
+        moved = await pl.client.send(
+            Email(sender="ops@fragile.test", to=["bob@example.test"], subject="x", text="x"),
+            key=f"{key}-moved",
+        )
+
+        async def parked() -> bool:
+            if await pl.client.status(moved.key) == EmailStatus.DEAD_LETTER:
+                return True
+            await pl.sleep(timedelta(seconds=30))
+            return False
+
+        await assert_eventually(parked, what="the email to park")
+        assert await pl.client.retry(moved.key, lane="tiny")
+        await assert_eventually(partial(_planned, pl, moved.key), what="it to wait for tiny")
+        assert len(pl.outbox) == 2  # not sent over the cap
+        report = await pl.client.describe(moved.key)
+        assert report.scheduled_for is not None and report.scheduled_for >= opening
+        await pl.sleep(timedelta(minutes=70))
+        await assert_eventually(lambda: len(pl.outbox) == 3, what="it to go in the next hour")
+        with pl.env.auto_time_skipping_disabled():
+            receipt = await moved.result()
+        assert receipt.lane == "tiny"
+        assert receipt.dispatched_at is not None and receipt.dispatched_at >= opening
+        lane = pl.client.temporal.get_workflow_handle(lane_workflow_id("tiny"))
+        assert _grants_to(await lane.fetch_history(), email_workflow_id(moved.key)) == 1
+
+
+async def _applied_rates(pl: PostlaneTestEnv, lane: str) -> list[float]:
+    """The rates the lane set on the server: its `set_lane_rate` activity inputs, in order."""
+    history = await pl.client.temporal.get_workflow_handle(lane_workflow_id(lane)).fetch_history()
+    return [
+        json.loads(e.activity_task_scheduled_event_attributes.input.payloads[0].data)[
+            "rate_per_second"
+        ]
+        for e in history.events
+        if e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED
+        and e.activity_task_scheduled_event_attributes.activity_type.name == "set_lane_rate"
+    ]
+
+
+async def test_repeated_throttling_settles_below_the_budget(pl: PostlaneTestEnv) -> None:
+    """A provider that throttles at 3/s and above: the 8/s lane ends below 3/s and stays.
+
+    Every 15 s of virtual time the test plays the provider: if the rate the lane applies
+    is at or over the budget, it reports a throttle. Halving and doubling back (as before)
+    saws around the budget and is throttled again every minute or two.
+    """
+    budget, step = 3.0, timedelta(seconds=15)
+    lane = pl.client.temporal.get_workflow_handle(lane_workflow_id("touchy"))
+    throttled_at: list[datetime] = []
+    start = await pl.now()
+    for _ in range(180):  # 45 minutes
+        status = await lane_status(pl, "touchy")
+        if status.effective_rate >= budget:
+            await lane.signal("throttled", ThrottleReport(reply="421 4.7.0 slow down"))
+            throttled_at.append(await pl.now())
+        await pl.sleep(step)
+    rates = await _applied_rates(pl, "touchy")
+    assert rates[:3] == [8, 4, 2]  # configured, then halved on each throttle
+    assert all(at - start < timedelta(minutes=10) for at in throttled_at), throttled_at
+    assert 3 <= len(throttled_at) <= 4
+    settled = (await lane_status(pl, "touchy")).effective_rate
+    assert budget / 2 <= settled < budget
+    assert rates[-1] == settled
+    # After the second throttle the lane never went back up to a rate that was throttled.
+    assert max(rates[3:]) < 4
+
+
+@pytest.mark.timeout(900)  # a few minutes on 2 idle cores; the margin is for a busy machine
+async def test_backlog_of_2500_on_a_capped_lane_keeps_the_lane_small(key: str) -> None:
+    """2,500 emails queued at once on a 500/h lane: each granted once, in five windows.
+
+    The emails are `bench.lane_scale.SlotOnlyEmail` stand-ins: the real slot protocol of
+    `SendEmailWorkflow` (inherited), without SMTP. Everything asserted is read from the
+    lane's histories on the server: its grant signals, and the size of every run's input.
+    Holding every waiting email (about 190 B each) would carry 2,000 of them, ~380 KB.
+    """
+    total, cap = 2500, 500
+    lane = LaneConfig(
+        name="scale",
+        senders=["*@scale.test"],
+        smtp_host="127.0.0.1",
+        rate_per_second=100,
+        hourly_cap=cap,
+    )
+    tally = lane_scale.Tally()
+    async with postlane_test_env([lane]) as pl, lane_scale.stand_in_worker(pl.env.client, tally):
+        ids = await lane_scale.start_stand_ins(pl.env.client, lane, total, prefix=key)
+        took = await lane_scale.drive(
+            pl.sleep, tally, total, step=timedelta(minutes=5), horizon=timedelta(hours=6)
+        )
+        facts = lane_scale.lane_facts(await lane_scale.lane_histories(pl.env.client, "scale"))
+    assert took < timedelta(hours=5)  # no stall: the fifth window opens after 4 h
+    assert sorted(facts.grants) == sorted(ids)
+    assert set(facts.grants.values()) == {1}
+    assert sorted(i for i, _ in tally.grants) == sorted(ids)
+    assert lane_scale.worst_rolling(facts.grant_times, timedelta(hours=1)) == cap
+    assert [len(w) for w in windows(facts.grant_times)] == [cap] * 5
+    assert facts.runs > 1 and facts.max_input_bytes <= 256 * 1024
+    # High priority first: the highs queued after the first hour's slots were gone (1 in
+    # 20) all went in the second window, ahead of 2,000 bulk emails queued before them.
+    highs = {i for n, i in enumerate(ids) if n % 20 == 19}
+    granted_at = dict(tally.grants)
+    second_window_end = windows(facts.grant_times)[1][-1]
+    assert all(granted_at[i] <= second_window_end for i in highs)

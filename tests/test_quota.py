@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import random
 from datetime import UTC, datetime, timedelta
+
+import pytest
 
 from postlane.models import LaneLimits, Warmup
 from workflows import _quota as quota
@@ -50,3 +53,43 @@ def test_no_caps_means_no_waiting() -> None:
 def test_prune_keeps_only_what_a_window_can_see() -> None:
     buckets = {quota.bucket_key(T0): 1, quota.bucket_key(T0 - timedelta(days=2)): 5}
     assert quota.prune(buckets, T0) == {quota.bucket_key(T0): 1}
+
+
+def _random_buckets(rng: random.Random, span: timedelta) -> dict[str, int]:
+    minutes = int(span / timedelta(minutes=1))
+    return {
+        quota.bucket_key(T0 - timedelta(minutes=rng.randrange(minutes))): rng.randint(1, 4)
+        for _ in range(rng.randint(0, 40))
+    }
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_planner_agrees_with_the_slot_by_slot_simulation(seed: int) -> None:
+    """The planner's capacity, openings and slot times are the simple functions' answers."""
+    rng = random.Random(seed)
+    limits = LaneLimits(
+        rate_per_second=5,
+        hourly_cap=rng.choice([None, 3, 10, 25]),
+        daily_cap=rng.choice([None, 40, 90]),
+        warmup=rng.choice([None, Warmup(start_per_day=30, factor=2)]),
+    )
+    if limits.hourly_cap is None and limits.daily_cap is None and limits.warmup is None:
+        limits = HOURLY
+    started = T0 - timedelta(hours=rng.randrange(60)) if limits.warmup else None
+    buckets = _random_buckets(rng, timedelta(days=1))
+    planner = quota.Planner(buckets, limits, started, T0)
+    assert planner.capacity(T0) == quota.capacity(buckets, limits, started, T0)
+    assert planner.next_opening(T0) == quota.next_opening(buckets, limits, started, T0)
+    expected = quota.slot_times(buckets, limits, started, T0, 120)
+    positions = sorted(rng.sample(range(120), 30))
+    assert planner.times(positions) == [expected[p] for p in positions]
+
+
+def test_planner_extrapolates_far_positions_at_the_cap_pace() -> None:
+    """Deep in a backlog the plan costs a few openings: then whole periods at the cap."""
+    planner = quota.Planner({}, HOURLY, None, T0)
+    far = planner.times([0, 9, 10, 50_000], max_openings=3)
+    assert far[:3] == [T0, T0, T0.replace(second=0) + timedelta(hours=1, minutes=1)]
+    # 5,000 hours of 10: about 5,000 periods of an hour and a minute later, never sooner.
+    assert far[3] - T0 >= timedelta(hours=4_999, minutes=4_999)
+    assert far[3] - T0 <= timedelta(hours=5_001, minutes=5_001)

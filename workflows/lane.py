@@ -46,10 +46,12 @@ WINDOW_PATCH = "lane-bounded-window"
 """Runs from this patch on hold at most `WINDOW` waiting emails by ID and count the rest."""
 WINDOW = 500
 """Waiting emails held by ID, planned precisely (more of them only from emails that ask once)."""
-ARRIVED_CARRY = 1000
+ARRIVED_CARRY = 500
 """Requests not yet looked at that a continue-as-new carries; the rest ask again."""
-BUSY_HISTORY = 20_000
-"""With requests still to answer, a run grows to this many events before continuing as new."""
+RUN_HISTORY = 1000
+"""Runs from `WINDOW_PATCH` on continue as new after this many events: a workflow task that
+must replay its run (after a worker restart, a cache eviction, or a continue-as-new refused
+because a signal came in meanwhile) replays at most this much, well within a second."""
 GRANT_MEMORY = timedelta(minutes=15)
 """How long a grant is remembered, so a repeated ask does not take a second slot."""
 STALE_REQUEST = timedelta(minutes=10)
@@ -57,6 +59,13 @@ STALE_REQUEST = timedelta(minutes=10)
 request older than `GRANT_MEMORY` could come from an email already granted)."""
 WINDOW_RECHECK = timedelta(minutes=10)
 """An email in the window asks again this long after its planned time if not granted."""
+DEFER_RECHECK = timedelta(seconds=30)
+"""Deferred emails ask again this long after their planned time (plus `DEFER_SPREAD`): the
+window's emails, ahead of them, take the opening's slots first, and the lane's own timer
+has fired by then."""
+DEFER_SPREAD = 60
+"""Seconds over which one opening's deferred emails ask again (fixed per email), so the lane
+takes them in as a stream, not as one burst."""
 DEFER_GRACE = timedelta(minutes=15)
 """Counts of deferred emails that did not ask again by their recheck time + this are dropped."""
 
@@ -138,13 +147,8 @@ class LaneWorkflow:
 
     def _should_continue_as_new(self) -> bool:
         info = workflow.info()
-        if not (
-            info.is_continue_as_new_suggested() or info.get_current_history_length() > MAX_HISTORY
-        ):
-            return False
-        # Answering a flood of requests beats carrying it: the input stays small.
-        busy = self._windowed and bool(self._arrived)
-        return not busy or info.get_current_history_length() > BUSY_HISTORY
+        limit = min(MAX_HISTORY, RUN_HISTORY) if self._windowed else MAX_HISTORY
+        return info.is_continue_as_new_suggested() or info.get_current_history_length() > limit
 
     def _next_wakeup(self) -> timedelta | None:
         s, now = self.state, workflow.now()
@@ -400,7 +404,8 @@ class LaneWorkflow:
         grants = []
         for r, position in zip(over, positions, strict=True):
             at = at_position[position]
-            recheck = max(at, now + quota.MINUTE)
+            spread = int(_digest(r.workflow_id), 16) % DEFER_SPREAD
+            recheck = max(at, now) + DEFER_RECHECK + timedelta(seconds=spread)
             key = _deferred_key(r, recheck)
             s.deferred[key] = s.deferred.get(key, 0) + 1
             grants.append((r, SlotGrant(at=at, planned=True, recheck_at=recheck)))
