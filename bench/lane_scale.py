@@ -55,9 +55,16 @@ class SlotOnlyEmail(SendEmailWorkflow):
 
     @workflow.run
     async def run(self, req: SendEmailInput) -> datetime:  # type: ignore[override]
-        """Ask for a slot until granted; record the grant; end."""
+        """Ask for a slot until granted; record the first answer and the grant; end."""
         self._input = req
-        await self._wait_for_slot(req)
+        waiting = asyncio.ensure_future(self._wait_for_slot(req))
+        await workflow.wait_condition(lambda: self._slot_granted or self._slot_plan is not None)
+        await workflow.execute_local_activity(
+            "lane_scale_granted",
+            f"A {workflow.info().workflow_id}",
+            start_to_close_timeout=timedelta(seconds=30),
+        )
+        await waiting
         granted = workflow.now()
         await workflow.execute_local_activity(
             "lane_scale_granted",
@@ -73,6 +80,7 @@ class Tally:
 
     path: Path | None = None
     grants: list[tuple[str, datetime]] = field(default_factory=list)
+    answered: int = 0
 
     @activity.defn(name="lane_scale_granted")
     async def granted(self, record: str) -> None:
@@ -83,13 +91,16 @@ class Tally:
             self._add(record)
 
     def _add(self, record: str) -> None:
+        if record.startswith("A "):
+            self.answered += 1
+            return
         workflow_id, at = record.split("|", 1)
         self.grants.append((workflow_id, datetime.fromisoformat(at)))
 
     def read(self) -> int:
         """Take in what the worker process wrote; returns how many grants so far."""
         if self.path is not None and self.path.exists():
-            self.grants = []
+            self.grants, self.answered = [], 0
             for line in self.path.read_text().splitlines():
                 self._add(line)
         return len(self.grants)
@@ -150,7 +161,7 @@ async def start_stand_ins(
     *,
     high_every: int = 20,
     batch: int = 500,
-    pause: float = 1.0,
+    tally: Tally | None = None,
     prefix: str = "",
 ) -> list[str]:
     """Start `count` stand-ins (every `high_every`-th high), `batch` at a time.
@@ -178,7 +189,13 @@ async def start_stand_ins(
     for first in range(0, count, batch):
         started = range(first, min(first + batch, count))
         await asyncio.gather(*(one(n) for n in started))
-        await asyncio.sleep(pause)
+        for _ in range(1200):  # the next batch once the lane answered this one
+            if tally is None:
+                break
+            tally.read()
+            if tally.answered >= started.stop:
+                break
+            await asyncio.sleep(0.25)
         await lane_settled(client, lane.name)
     return ids
 
@@ -210,6 +227,10 @@ class LaneFacts:
     max_task: timedelta
     task_count: int
     max_input_bytes: int
+    max_first_try: timedelta = timedelta(0)
+    """The longest task that was not a retry (a retry replays the run from its start)."""
+    slow: list[tuple[float, int]] = field(default_factory=list)
+    """(seconds, attempt) of every task over 1 s."""
 
 
 def lane_facts(runs: list[WorkflowHistory]) -> LaneFacts:
@@ -217,8 +238,10 @@ def lane_facts(runs: list[WorkflowHistory]) -> LaneFacts:
     grants: Counter[str] = Counter()
     grant_times: list[datetime] = []
     plans, tasks, max_task, max_input, events = 0, 0, timedelta(0), 0, 0
+    max_first_try, slow = timedelta(0), list[tuple[float, int]]()
     for history in runs:
         started_at: datetime | None = None
+        attempt = 1
         events += len(history.events)
         for e in history.events:
             kind = e.event_type
@@ -228,6 +251,8 @@ def lane_facts(runs: list[WorkflowHistory]) -> LaneFacts:
             elif kind == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_CONTINUED_AS_NEW:
                 can = e.workflow_execution_continued_as_new_event_attributes
                 max_input = max(max_input, sum(p.ByteSize() for p in can.input.payloads))
+            elif kind == EventType.EVENT_TYPE_WORKFLOW_TASK_SCHEDULED:
+                attempt = e.workflow_task_scheduled_event_attributes.attempt
             elif kind == EventType.EVENT_TYPE_WORKFLOW_TASK_STARTED:
                 started_at = e.event_time.ToDatetime()
             elif kind == EventType.EVENT_TYPE_WORKFLOW_TASK_COMPLETED and started_at is not None:
@@ -235,6 +260,10 @@ def lane_facts(runs: list[WorkflowHistory]) -> LaneFacts:
                 # its Started (a failed or timed-out one has no Completed).
                 took = e.event_time.ToDatetime() - started_at
                 max_task, tasks = max(max_task, took), tasks + 1
+                if attempt <= 1:
+                    max_first_try = max(max_first_try, took)
+                if took > timedelta(seconds=1):
+                    slow.append((round(took.total_seconds(), 2), attempt))
                 started_at = None
             elif kind == EventType.EVENT_TYPE_SIGNAL_EXTERNAL_WORKFLOW_EXECUTION_INITIATED:
                 sig = e.signal_external_workflow_execution_initiated_event_attributes
@@ -255,6 +284,8 @@ def lane_facts(runs: list[WorkflowHistory]) -> LaneFacts:
         max_task=max_task,
         task_count=tasks,
         max_input_bytes=max_input,
+        max_first_try=max_first_try,
+        slow=slow,
     )
 
 
@@ -382,6 +413,8 @@ async def _run(
         "lane_events": facts.events,
         "lane_workflow_tasks": facts.task_count,
         "max_workflow_task_s": round(facts.max_task.total_seconds(), 3),
+        "max_first_try_task_s": round(facts.max_first_try.total_seconds(), 3),
+        "tasks_over_1s": facts.slow,
         "max_lane_input_bytes": facts.max_input_bytes,
         "start_all_s": round(started_s, 1),
         "batch": args.batch,

@@ -504,7 +504,7 @@ async def test_backlog_of_2500_on_a_capped_lane_keeps_the_lane_small(key: str) -
     )
     tally = lane_scale.Tally()
     async with postlane_test_env([lane]) as pl, lane_scale.stand_in_worker(pl.env.client, tally):
-        ids = await lane_scale.start_stand_ins(pl.env.client, lane, total, prefix=key)
+        ids = await lane_scale.start_stand_ins(pl.env.client, lane, total, tally=tally, prefix=key)
         took = await lane_scale.drive(
             pl.sleep, tally, total, step=timedelta(minutes=5), horizon=timedelta(hours=6)
         )

@@ -48,7 +48,7 @@ WINDOW = 500
 """Waiting emails held by ID, planned precisely (more of them only from emails that ask once)."""
 ARRIVED_CARRY = 500
 """Requests not yet looked at that a continue-as-new carries; the rest ask again."""
-RUN_HISTORY = 1000
+RUN_HISTORY = 600
 """Runs from `WINDOW_PATCH` on continue as new after this many events: a workflow task that
 must replay its run (after a worker restart, a cache eviction, or a continue-as-new refused
 because a signal came in meanwhile) replays at most this much, well within a second."""
@@ -138,6 +138,12 @@ class LaneWorkflow:
                 await self._grant()
             if self._should_continue_as_new():
                 await workflow.wait_condition(workflow.all_handlers_finished)
+                if self._windowed and self._arrived and not self._must_continue_as_new():
+                    # Requests came in, maybe failing an attempt to continue as new (a
+                    # signal during that task fails it, and the retry replays the run):
+                    # answer them first, and continue as new in a quiet task.
+                    self._dirty = True
+                    continue
                 s.buckets = quota.prune(s.buckets, workflow.now())
                 # Requests that came in meanwhile go along, as many as keep the input small;
                 # the others' emails ask again when no answer comes.
@@ -149,6 +155,10 @@ class LaneWorkflow:
         info = workflow.info()
         limit = min(MAX_HISTORY, RUN_HISTORY) if self._windowed else MAX_HISTORY
         return info.is_continue_as_new_suggested() or info.get_current_history_length() > limit
+
+    def _must_continue_as_new(self) -> bool:
+        """Past this, continue as new even with requests waiting (they go along, bounded)."""
+        return workflow.info().get_current_history_length() > MAX_HISTORY
 
     def _next_wakeup(self) -> timedelta | None:
         s, now = self.state, workflow.now()
