@@ -49,9 +49,10 @@ WINDOW = 500
 ARRIVED_CARRY = 500
 """Requests not yet looked at that a continue-as-new carries; the rest ask again."""
 RUN_HISTORY = 600
-"""Runs from `WINDOW_PATCH` on continue as new after this many events: a workflow task that
-must replay its run (after a worker restart, a cache eviction, or a continue-as-new refused
-because a signal came in meanwhile) replays at most this much, well within a second."""
+"""Runs from `WINDOW_PATCH` on continue as new after this many events (once no request waits
+to be answered, or past `MAX_HISTORY`), so a workflow task that must replay its run (after a
+worker restart, a cache eviction, or a continue-as-new refused because a signal came in
+meanwhile) has little to replay."""
 GRANT_MEMORY = timedelta(minutes=15)
 """How long a grant is remembered, so a repeated ask does not take a second slot."""
 STALE_REQUEST = timedelta(minutes=10)

@@ -66,6 +66,7 @@ class SendEmailWorkflow:
         self._discard_requested = False
         self._slot_granted = False
         self._slot_plan: SlotGrant | None = None
+        self._slot_reasking = False
         self._correction = RetryRequest()
         self._scheduled_for: datetime | None = None
         self._parked_at: datetime | None = None
@@ -141,7 +142,8 @@ class SendEmailWorkflow:
                 self._input = req
                 if moved and workflow.patched(RETRY_LANE_QUOTA_PATCH):
                     # The new lane's caps hold too: ask it (a lane without caps grants at once).
-                    await self._wait_for_slot(req)
+                    self._slot_granted = False
+                    await self._wait_for_slot(req, if_running=True)
                 continue
             self._receipt = receipt.model_copy(
                 update={
@@ -152,8 +154,11 @@ class SendEmailWorkflow:
             self._set_status(EmailStatus.SENT)
             return self._receipt
 
-    async def _wait_for_slot(self, req: SendEmailInput) -> None:
+    async def _wait_for_slot(self, req: SendEmailInput, *, if_running: bool = False) -> None:
         """Ask the lane's quota workflow for a send slot; wait (``scheduled``) until granted.
+
+        With `if_running` (a retry moved to a lane that may have no caps), a lane whose
+        workflow is not running is taken to have none: the email goes without a slot.
 
         The email asks again whenever its lane's answer is overdue: `SLOT_REASK` after an
         ask that got no answer, or at the ``recheck_at`` a planned answer named. A lane that
@@ -179,7 +184,7 @@ class SendEmailWorkflow:
             int.from_bytes(workflow_id.encode()[-4:].rjust(4, b"\0"), "big") % SLOT_REASK_JITTER
         )
         reask = SLOT_REASK + timedelta(seconds=jitter)
-        self._slot_granted, self._slot_plan = False, None
+        self._slot_granted, self._slot_plan, self._slot_reasking = False, None, True
         since = workflow.now()
         while not self._slot_granted:
             told, self._slot_plan = self._slot_plan, None
@@ -193,6 +198,8 @@ class SendEmailWorkflow:
             try:
                 await lane.signal("request_slot", request)
             except Exception:  # the lane's workflow is not running yet: a worker starts it
+                if if_running and told is None:
+                    return
                 self._last_error = f"waiting for lane {req.lane!r} quota workflow"
                 self._set_status(EmailStatus.SCHEDULED)
                 await workflow.sleep(SLOT_REQUEST_RETRY)
@@ -219,7 +226,7 @@ class SendEmailWorkflow:
     @workflow.signal(name="slot_granted")
     def slot_granted(self, grant: SlotGrant) -> None:
         """The lane's answer: go now, or (``planned``) the time a slot is expected."""
-        if self._slot_granted:
+        if self._slot_granted and self._slot_reasking:
             return  # a late plan after the grant changes nothing
         if grant.planned:
             self._scheduled_for = grant.at
