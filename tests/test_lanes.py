@@ -199,7 +199,9 @@ async def test_hourly_cap_spreads_2000_sends_over_four_hours(pl: PostlaneTestEnv
                 plans[k] = report.scheduled_for
         assert status.next_slot_at is not None
         until_open = max(status.next_slot_at - await pl.now(), timedelta(0))
-        await pl.sleep(until_open + timedelta(seconds=1))
+        # Past the opening and the minute over which the emails behind the lane's window
+        # come back for their slots (`lane.DEFER_RECHECK` + `lane.DEFER_SPREAD`).
+        await pl.sleep(until_open + timedelta(minutes=2))
         status = await assert_eventually(
             window_used, within=120, interval=0.3, what="the window to be used"
         )
