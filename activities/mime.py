@@ -135,10 +135,12 @@ def _address_field(name: str, addresses: list[str], email: Email) -> str:
     items: list[str] = []
     for i, address in enumerate(addresses):
         words = _phrase(email.display_names.get(address))
-        last = f"<{address}>" if words else address
+        words.append(f"<{address}>" if words else address)
         if i < len(addresses) - 1:
-            last += ","
-        items.extend([*words, last])
+            words[-1] += ","
+        whole = " ".join(words)
+        # A mailbox folds inside (between its words) only when it cannot fit on a line.
+        items.extend([whole] if len(whole) < MAX_LINE else words)
     return fold(name, items, break_after_name=True)
 
 
@@ -156,7 +158,8 @@ def _phrase(name: str | None) -> list[str]:
 
 def _unstructured(name: str, value: str) -> str:
     """An unstructured field (RFC 5322, section 3.2.5), folded before white space so that
-    unfolding gives back the text exactly."""
+    unfolding gives back the text (leading and trailing white space of an ASCII value
+    dropped; encoded-words keep everything)."""
     text = value.strip()
     if not text:
         return f"{name}:"
@@ -164,7 +167,7 @@ def _unstructured(name: str, value: str) -> str:
     if not text.isascii() or any(len(name) + 2 + len(t) > HARD_MAX_LINE for t in tokens):
         # Non-ASCII, or a word no line could hold: encoded-words carry the text exactly
         # (RFC 2047, section 5 (1)).
-        return fold(name, _encoded_words(text), break_after_name=True)
+        return fold(name, _encoded_words(value), break_after_name=True)
     lines: list[str] = []
     line = f"{name}: {tokens[0]}"
     for token in tokens[1:]:
