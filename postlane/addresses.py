@@ -107,6 +107,27 @@ def normalise_address(value: str, *, original: str | None = None) -> str:
     return address
 
 
+def normalise_sender_pattern(pattern: str) -> str:
+    """A lane's sender pattern (``*``, ``*@domain``, ``*@*.domain`` or an address) with any
+    internationalised domain label in A-labels, as senders are (`normalise_address`).
+
+    Raises:
+        ValueError: an address pattern is not a valid address, or a label is not valid IDNA.
+    """
+    if pattern == "*":
+        return pattern
+    if not pattern.startswith("*@"):
+        return normalise_address(pattern)
+    domain = pattern[2:]
+    if domain.isascii():
+        return pattern
+    labels = [
+        label if label.isascii() else _idna(pattern, label)
+        for label in encodings.idna.dots.split(domain)
+    ]
+    return "*@" + ".".join(labels)
+
+
 def _idna(shown: str, domain: str) -> str:
     """The A-label form of an internationalised domain (IDNA, RFC 3490 mapping)."""
     labels = encodings.idna.dots.split(domain)

@@ -22,15 +22,17 @@ from activities.mime import render_message
 from activities.smtp import SmtpActivities
 from postlane import wire
 from postlane.catcher import CaughtMessage, SmtpCatcher
+from postlane.client import content_hash
 from postlane.config import LaneConfig, Settings
 from postlane.errors import ErrorType, InvalidEmail
+from postlane.idempotency import content_digest
 from postlane.ids import (
     email_workflow_id,
     message_id,
     sequence_from_unsubscribe_token,
     workflow_id_from_message_id,
 )
-from postlane.models import Attachment, Email, EmailStatus, SmtpSendRequest
+from postlane.models import Attachment, Email, EmailStatus, SendEmailInput, SmtpSendRequest
 from postlane.sequence_models import references
 from postlane.sequence_spec import Recipient, spec_from_dict
 from postlane.testing import PostlaneTestEnv
@@ -427,3 +429,36 @@ async def test_sequence_follow_up_threads_on_the_wire(pl: PostlaneTestEnv) -> No
 
 def _workflow_of(message: CaughtMessage) -> str:
     return workflow_id_from_message_id(message.header("Message-ID")) or ""
+
+
+# -- every caller sees the bare address -----------------------------------------------------
+
+
+def test_content_hash_of_an_unnamed_email_is_unchanged_by_the_new_field() -> None:
+    request = SendEmailInput(email=email(), key="k", lane="test")
+    legacy = request.email.model_dump_json(exclude={"display_names"})
+    assert content_hash(request) == content_digest(legacy, "None")
+    named = SendEmailInput(email=email(sender="Ada <ada@acme.test>"), key="k", lane="test")
+    assert content_hash(named) != content_hash(request)
+
+
+def test_lane_patterns_with_idna_domains_match_normalised_senders() -> None:
+    lane = LaneConfig(name="intl", senders=["*@bücher.example", "zoë@acme.test"], smtp_host="h")
+    settings = Settings(lanes=[lane])
+    assert lane.senders == ["*@xn--bcher-kva.example", "zoë@acme.test"]
+    for sender in ("Ada <ada@Bücher.example>", "zoë@acme.test"):
+        assert settings.lane_for(email(sender=sender).sender) == lane
+
+
+async def test_display_name_sender_picks_its_lane_and_message_id_domain(
+    pl: PostlaneTestEnv, key: str
+) -> None:
+    e = email(sender='"Ops Team" <ops@fragile.test>', to=["Bob Stone <bob@example.test>"])
+    receipt = await (await pl.client.send(e, key=key)).result()
+    assert receipt.lane == "fragile"
+    assert receipt.message_id.endswith("@fragile.test>")
+    assert (await pl.client.describe(key)).recipients == ["bob@example.test"]
+    (caught,) = [m for m in pl.outbox if m.header("Message-ID") == receipt.message_id]
+    assert (caught.sender, caught.recipients) == ("ops@fragile.test", ["bob@example.test"])
+    assert caught.headers("From") == [b" Ops Team <ops@fragile.test>"]
+    assert caught.headers("To") == [b" Bob Stone <bob@example.test>"]
