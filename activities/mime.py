@@ -117,11 +117,13 @@ def fold(name: str, items: list[str], *, separator: str = "", break_after_name: 
             colon, so a first item too long for the first line may start on the next.
     """
     pieces = [item + separator for item in items[:-1]] + items[-1:]
+    # RFC 2047, section 2: a line that holds an encoded-word stays within 76 characters.
+    limit = MAX_LINE - 2 if any("=?" in piece for piece in pieces) else MAX_LINE
     lines: list[str] = []
     line = f"{name}:"
     first = True
     for piece in pieces:
-        fits = len(line) + 1 + len(piece) <= MAX_LINE
+        fits = len(line) + 1 + len(piece) <= limit
         if not fits and (not first or break_after_name):
             lines.append(line)
             line = ""
@@ -148,12 +150,28 @@ def _phrase(name: str | None) -> list[str]:
     """A display name as words that may be folded between (RFC 5322 phrase)."""
     if not name:
         return []
-    if not name.isascii():
-        return _encoded_words(name)
     if _ATOM_RUN_RE.match(name):
         return name.split(" ")
-    quoted = '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    return [quoted]
+    if name.isascii():
+        quoted = '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        if len(quoted) <= _ENCODED_WORD_MAX:
+            return [quoted]
+        # A quoted string does not fold; a long one goes as encoded-words, which do.
+    # Words that are atoms stay readable; runs of the others become encoded-words, with
+    # the spaces inside them, since a decoder drops white space between encoded-words.
+    words: list[str] = []
+    run: list[str] = []
+    for word in name.split(" "):
+        if _ATOM_RUN_RE.match(word) and word.isascii():
+            if run:
+                words.extend(_encoded_words(" ".join(run)))
+                run = []
+            words.append(word)
+        else:
+            run.append(word)
+    if run:
+        words.extend(_encoded_words(" ".join(run)))
+    return words
 
 
 def _unstructured(name: str, value: str) -> str:
@@ -196,20 +214,35 @@ def _custom_field(name: str, value: str) -> str:
 
 def _encoded_words(text: str) -> list[str]:
     """`text` as UTF-8 "Q" encoded-words of at most `_ENCODED_WORD_MAX` characters each,
-    never splitting a character (RFC 2047, sections 2 and 5)."""
-    words: list[str] = []
+    never splitting a character, and split after a space where one is near (RFC 2047,
+    sections 2 and 5): decoders that keep the white space between encoded-words then
+    still see whole words."""
     prefix, suffix = "=?utf-8?q?", "?="
     budget = _ENCODED_WORD_MAX - len(prefix) - len(suffix)
+    chunks: list[str] = []
     current = ""
-    for char in text:
-        encoded = "".join(
-            "_" if b == 0x20 else chr(b) if b in _Q_SAFE else f"={b:02X}"
-            for b in char.encode("utf-8")
-        )
+    for word in re.findall(r"[^ ]* ?|[^ ]+", text):
+        if not word:
+            continue
+        encoded = _q(word)
         if current and len(current) + len(encoded) > budget:
-            words.append(prefix + current + suffix)
+            chunks.append(current)
             current = ""
-        current += encoded
-    if current or not words:
-        words.append(prefix + current + suffix)
-    return words
+        if len(encoded) <= budget:
+            current += encoded
+            continue
+        for char in word:  # a word longer than one encoded-word: split between characters
+            piece = _q(char)
+            if current and len(current) + len(piece) > budget:
+                chunks.append(current)
+                current = ""
+            current += piece
+    if current or not chunks:
+        chunks.append(current)
+    return [prefix + chunk + suffix for chunk in chunks]
+
+
+def _q(text: str) -> str:
+    return "".join(
+        "_" if b == 0x20 else chr(b) if b in _Q_SAFE else f"={b:02X}" for b in text.encode()
+    )

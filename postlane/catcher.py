@@ -131,9 +131,12 @@ class _Handler:
         login = auth.login.decode() if isinstance(auth, LoginPassword) else None
         options = tuple(str(o) for o in envelope.mail_options)
         upper = {o.upper() for o in options}
-        problems = wire.check_message(
-            raw, smtputf8="SMTPUTF8" in upper, eight_bit="BODY=8BITMIME" in upper
-        )
+        try:
+            problems = wire.check_message(
+                raw, smtputf8="SMTPUTF8" in upper, eight_bit="BODY=8BITMIME" in upper
+            )
+        except Exception as exc:  # a checker bug must not look like a server fault
+            problems = [f"the wire checker failed: {exc!r}"]
         self._catcher._accept(
             CaughtMessage(
                 str(envelope.mail_from),

@@ -221,6 +221,9 @@ def _check_field(f: Field, report: _Report, *, smtputf8: bool) -> None:
             if len(line) > RECOMMENDED_LINE and _foldable(line):
                 report.add(where, f"a {len(line)}-character line that could fold: {line[:60]!r}")
     encoded = _ENCODED_WORD_ANYWHERE.findall(value)
+    for line in f.lines if encoded else []:
+        if len(line) > 76 and _ENCODED_WORD_ANYWHERE.search(line.decode("utf-8", "replace")):
+            report.add(where, f"a {len(line)}-character line with an encoded-word, over 76")
     if name == "date":
         _check_date(value, report)
     elif name == "message-id":
@@ -355,7 +358,7 @@ def _check_phrase(where: str, phrase: str, report: _Report) -> None:
         if not word:
             continue
         if word.startswith('"'):
-            if len(word) < 2 or not word.endswith('"') or word.endswith('\\"') and len(word) == 2:
+            if len(word) < 2 or not word.endswith('"'):
                 report.add(where, f"{word!r}: an unclosed quoted string")
             elif "=?" in word and _ENCODED_WORD_ANYWHERE.search(word):
                 report.add(where, f"{word!r}: an encoded-word inside a quoted string")

@@ -9,7 +9,9 @@ import threading
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime
 from email import message_from_bytes, policy
+from email.header import decode_header, make_header
 from email.message import EmailMessage
+from email.utils import getaddresses
 from urllib.parse import unquote
 
 import aiosmtplib
@@ -65,6 +67,14 @@ def rendered(e: Email, mid: str = LONG_ID) -> bytes:
 def field_lines(raw: bytes, name: str) -> list[bytes]:
     (found,) = wire.headers(raw, name)
     return found.lines
+
+
+def display_names(raw: bytes, name: str) -> list[str]:
+    """The decoded display names of an address field, read as RFC 2047 section 6.2 says:
+    white space between adjacent encoded-words is dropped. (Python 3.11's
+    `policy.default` address parser keeps it, so it is not used here.)"""
+    (found,) = wire.headers(raw, name)
+    return [str(make_header(decode_header(n))) for n, _ in getaddresses([found.value])]
 
 
 def decoded(raw: bytes) -> EmailMessage:
@@ -462,3 +472,21 @@ async def test_display_name_sender_picks_its_lane_and_message_id_domain(
     assert (caught.sender, caught.recipients) == ("ops@fragile.test", ["bob@example.test"])
     assert caught.headers("From") == [b" Ops Team <ops@fragile.test>"]
     assert caught.headers("To") == [b" Bob Stone <bob@example.test>"]
+
+
+@pytest.mark.parametrize("length", [1, 20, 60, 63, 64, 65, 70, 77, 78, 79, 120, 256])
+@pytest.mark.parametrize("alphabet", ["Ada Lovelace ", "Lovelace, Ada. ", "Zoë Ünal "])
+def test_any_display_name_and_subject_is_valid_on_the_wire_and_round_trips(
+    length: int, alphabet: str
+) -> None:
+    name = " ".join((alphabet * 30)[:length].split())
+    subject = (alphabet.strip() + "x" * length + " ") * 3
+    to = [f'"{name}" <ann{i}@example.test>' for i in range(3)]
+    e = email(sender=f'"{name}" <ada@acme.test>', to=to, subject=subject.strip())
+    raw = rendered(e)
+    assert decoded(raw)["Subject"] == e.subject
+    assert display_names(raw, "From") == [name]
+    assert display_names(raw, "To") == [name] * 3
+    for line in raw.split(b"\r\n\r\n", 1)[0].split(b"\r\n"):
+        body = line.split(b":", 1)[1] if line[:1] not in b" " else line
+        assert len(line) <= 78 or b" " not in body.strip(), line
