@@ -142,7 +142,8 @@ def _address_field(name: str, addresses: list[str], email: Email) -> str:
             words[-1] += ","
         whole = " ".join(words)
         # A mailbox folds inside (between its words) only when it cannot fit on a line.
-        items.extend([whole] if len(whole) < MAX_LINE else words)
+        room = (MAX_LINE - 2 if "=?" in whole else MAX_LINE) - 1  # a continuation line
+        items.extend([whole] if len(whole) <= room else words)
     return fold(name, items, break_after_name=True)
 
 
@@ -150,6 +151,8 @@ def _phrase(name: str | None) -> list[str]:
     """A display name as words that may be folded between (RFC 5322 phrase)."""
     if not name:
         return []
+    if "=?" in name:  # text that reads as an encoded-word must be encoded (RFC 2047, 5)
+        return _encoded_words(name)
     if _ATOM_RUN_RE.match(name):
         return name.split(" ")
     if name.isascii():
@@ -182,9 +185,13 @@ def _unstructured(name: str, value: str) -> str:
     if not text:
         return f"{name}:"
     tokens = re.findall(r"[ \t]*[^ \t]+", text)
-    if not text.isascii() or any(len(name) + 2 + len(t) > HARD_MAX_LINE for t in tokens):
-        # Non-ASCII, or a word no line could hold: encoded-words carry the text exactly
-        # (RFC 2047, section 5 (1)).
+    if (
+        not text.isascii()
+        or "=?" in text
+        or any(len(name) + 2 + len(t) > HARD_MAX_LINE for t in tokens)
+    ):
+        # Non-ASCII, text a reader would take for an encoded-word, or a word no line could
+        # hold: encoded-words carry the text exactly (RFC 2047, section 5 (1)).
         return fold(name, _encoded_words(value), break_after_name=True)
     lines: list[str] = []
     line = f"{name}: {tokens[0]}"

@@ -4,6 +4,7 @@ the strict checker in `postlane.wire`, never through a decoding parser."""
 from __future__ import annotations
 
 import asyncio
+import random
 import re
 import threading
 from collections.abc import AsyncIterator, Iterator
@@ -357,7 +358,7 @@ async def test_non_ascii_local_part_goes_with_smtputf8(
     e = email(sender="Zoë <zoë@acme.test>", to=["ünal@bücher.example"])
     await ActivityEnvironment().run(acts.send_email, request(e))
     (caught,) = utf8_catcher.messages
-    assert "SMTPUTF8" in caught.mail_options
+    assert caught.mail_options == ("SMTPUTF8", "BODY=8BITMIME")
     assert caught.sender == "zoë@acme.test"
     assert caught.recipients == ["ünal@xn--bcher-kva.example"]
     assert caught.headers("From") == [" =?utf-8?q?Zo=C3=AB?= <zoë@acme.test>".encode()]
@@ -475,7 +476,9 @@ async def test_display_name_sender_picks_its_lane_and_message_id_domain(
 
 
 @pytest.mark.parametrize("length", [1, 20, 60, 63, 64, 65, 70, 77, 78, 79, 120, 256])
-@pytest.mark.parametrize("alphabet", ["Ada Lovelace ", "Lovelace, Ada. ", "Zoë Ünal "])
+@pytest.mark.parametrize(
+    "alphabet", ["Ada Lovelace ", "Lovelace, Ada. ", "Zoë Ünal ", "=?x?q?y?= "]
+)
 def test_any_display_name_and_subject_is_valid_on_the_wire_and_round_trips(
     length: int, alphabet: str
 ) -> None:
@@ -490,3 +493,33 @@ def test_any_display_name_and_subject_is_valid_on_the_wire_and_round_trips(
     for line in raw.split(b"\r\n\r\n", 1)[0].split(b"\r\n"):
         body = line.split(b":", 1)[1] if line[:1] not in b" " else line
         assert len(line) <= 78 or b" " not in body.strip(), line
+
+
+@pytest.mark.parametrize(
+    "subject", ["x" * 998, "a  b\tc", " leading and trailing ", "=?utf-8?q?not-encoded?="]
+)
+def test_subjects_no_line_can_hold_still_fit_the_wire(subject: str) -> None:
+    raw = rendered(email(subject=subject, headers={"X-Note": "y" * 990}))
+    assert all(len(line) <= 998 for line in raw.split(b"\r\n"))
+    assert decoded(raw)["Subject"] in (subject, subject.strip())
+
+
+def test_many_generated_emails_are_valid_on_the_wire_and_round_trip() -> None:
+    rng = random.Random(20261127)
+    pool = "abcXYZ09 .,;:@\"'()<>[]\\-_=?!#äöüßéñ中文😀\t"
+    for n in range(300):
+        names = ["".join(rng.choice(pool) for _ in range(rng.randint(0, 90))) for _ in range(4)]
+        names = [" ".join(name.replace('"', "").replace("\\", "").split()) for name in names]
+        to = [
+            f'"{name}" <r{n}.{i}@example.test>' if name else f"r{n}.{i}@example.test"
+            for i, name in enumerate(names[1:])
+        ]
+        subject = "".join(rng.choice(pool) for _ in range(rng.randint(0, 200))).strip()
+        e = email(
+            sender=f'"{names[0]}" <ada@acme.test>' if names[0] else "ada@acme.test",
+            to=to,
+            subject=subject.replace("\t", " "),
+        )
+        raw = rendered(e)
+        assert display_names(raw, "To") == [e.display_names.get(a, "") for a in e.to]
+        assert decoded(raw)["Subject"] == e.subject
