@@ -34,6 +34,8 @@ class CaughtMessage:
     sender: str
     recipients: list[str]
     raw: bytes
+    """The bytes the server received after DATA, exactly (only the SMTP dot-stuffing of the
+    transfer undone): assert on these, or on `headers`, for what went over the wire."""
     received_at: float
     """`time.time()` when DATA was accepted."""
     tls: bool = False
@@ -62,7 +64,8 @@ class CaughtMessage:
 
     @property
     def message(self) -> EmailMessage:
-        """The parsed message."""
+        """The message as Python's email package decodes it (encoded-words decoded,
+        folding undone): convenient for content, blind to how the headers were written."""
         parsed = message_from_bytes(self.raw, policy=policy.default)
         assert isinstance(parsed, EmailMessage)
         return parsed

@@ -8,7 +8,7 @@ import random
 import re
 import threading
 from collections.abc import AsyncIterator, Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from email import message_from_bytes, policy
 from email.header import decode_header, make_header
 from email.message import EmailMessage
@@ -523,3 +523,30 @@ def test_many_generated_emails_are_valid_on_the_wire_and_round_trip() -> None:
         raw = rendered(e)
         assert display_names(raw, "To") == [e.display_names.get(a, "") for a in e.to]
         assert decoded(raw)["Subject"] == e.subject
+
+
+def test_names_of_addresses_replaced_later_are_ignored_not_invalid() -> None:
+    # A dead-letter retry replaces `to` with model_copy; the worker re-validates the email.
+    e = email(to=["Ann Lee <ann@example.test>"]).model_copy(update={"to": ["carol@example.test"]})
+    again = Email.model_validate_json(e.model_dump_json())
+    assert again.to == ["carol@example.test"]
+    assert field_lines(rendered(again), "To") == [b"To: carol@example.test"]
+
+
+async def test_dead_letter_retry_to_a_new_recipient_keeps_the_senders_name(
+    pl: PostlaneTestEnv, key: str
+) -> None:
+    pl.smtp.reject_recipient("bob@example.test", "450 4.2.1 mailbox busy")
+    e = email(sender="Ops Team <ops@fragile.test>", to=["Bob Stone <bob@example.test>"])
+    handle = await pl.client.send(e, key=key)
+    for _ in range(60):  # the fragile lane gives up after 3 attempts, 1 s apart
+        if await pl.client.status(key) == EmailStatus.DEAD_LETTER:
+            break
+        await pl.sleep(timedelta(seconds=30))
+    assert await pl.client.status(key) == EmailStatus.DEAD_LETTER
+    assert await pl.client.retry(key, to=["carol@example.test"], lane="test") is True
+    receipt = await handle.result()
+    (caught,) = [m for m in pl.outbox if m.header("Message-ID") == receipt.message_id]
+    assert caught.recipients == ["carol@example.test"]
+    assert caught.headers("From") == [b" Ops Team <ops@fragile.test>"]
+    assert caught.headers("To") == [b" carol@example.test"]
