@@ -176,7 +176,9 @@ class Email(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     sender: str
-    """From address; must be served by a configured lane."""
+    """From address; must be served by a configured lane. ``ada@acme.test``,
+    ``Ada Lovelace <ada@acme.test>`` or ``"Lovelace, Ada" <ada@acme.test>`` (as for every
+    address field): the field keeps the bare address, `display_names` the name."""
     to: list[str] = Field(min_length=1)
     subject: str
     text: str | None = None
@@ -224,8 +226,8 @@ class Email(BaseModel):
                     _mailbox(item, f"{field}[{i}]", names) if isinstance(item, str) else item
                     for i, item in enumerate(value)
                 ]
-        if names or given is not None:
-            data["display_names"] = names
+        if isinstance(given, dict) or (given is None and names):
+            data["display_names"] = names  # otherwise pydantic reports the bad type
         return data
 
     @field_validator("display_names")
