@@ -35,9 +35,11 @@ HARD_MAX_LINE = 998
 _ENCODED_WORD_MAX = 66
 """Characters of one encoded-word: ``Subject: `` plus one stays within 76 (RFC 2047, 2)."""
 
-_BODY_POLICY = policy.SMTP.clone(cte_type="7bit")
+_BODY_POLICY = policy.SMTP.clone(cte_type="7bit", max_line_length=76)
 """Bodies are encoded 7-bit clean (quoted-printable or base64 for non-ASCII text): the
-activity does not negotiate 8BITMIME, and RFC 6152 forbids 8-bit data without it."""
+activity does not negotiate 8BITMIME, and RFC 6152 forbids 8-bit data without it. The
+package writes quoted-printable lines as long as `max_line_length`, and RFC 2045 (6.7)
+allows 76."""
 
 _ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
 _ATOM_RUN_RE = re.compile(rf"^{_ATOM}(?: {_ATOM})*$")

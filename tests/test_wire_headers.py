@@ -550,3 +550,11 @@ async def test_dead_letter_retry_to_a_new_recipient_keeps_the_senders_name(
     assert caught.recipients == ["carol@example.test"]
     assert caught.headers("From") == [b" Ops Team <ops@fragile.test>"]
     assert caught.headers("To") == [b" carol@example.test"]
+
+
+def test_quoted_printable_lines_stay_within_76() -> None:
+    # Python's email package wrote 78-character quoted-printable lines under policy.SMTP.
+    raw = rendered(email(text="Hi " * 60, html="<p>Any thoughts?</p>" * 20))
+    assert b"Content-Transfer-Encoding: quoted-printable" in raw
+    body = raw.split(b"\r\n\r\n", 1)[1]
+    assert max(len(line) for line in body.split(b"\r\n")) <= 76
