@@ -79,6 +79,7 @@ NON_RETRYABLE_TYPES = (
     ErrorType.SMTP_TLS,
     ErrorType.LANE_UNKNOWN,
     ErrorType.CONFIGURATION,
+    ErrorType.SMTPUTF8_UNSUPPORTED,
 )
 CLOSED_QUERY_TIMEOUT = timedelta(seconds=10)
 """How long `describe` waits for a worker to answer about a finished email."""

@@ -27,7 +27,7 @@ from postlane import wire
 from postlane.catcher import CaughtMessage, SmtpCatcher
 from postlane.client import content_hash
 from postlane.config import LaneConfig, Settings
-from postlane.errors import ErrorType, InvalidEmail
+from postlane.errors import ErrorType, InvalidEmail, PermanentDeliveryError
 from postlane.idempotency import content_digest
 from postlane.ids import (
     email_workflow_id,
@@ -384,7 +384,7 @@ async def test_email_needing_smtputf8_ends_failed_not_retried(
     pl: PostlaneTestEnv, key: str
 ) -> None:
     handle = await pl.client.send(email(to=["ünal@example.test"]), key=key)
-    with pytest.raises(Exception):  # noqa: B017 (the workflow's failure; the status is the point)
+    with pytest.raises(PermanentDeliveryError, match="SmtpUtf8UnsupportedError: ünal@example"):
         await handle.result()
     report = await pl.client.describe(key)
     assert report.status == EmailStatus.FAILED
