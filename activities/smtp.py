@@ -7,7 +7,6 @@ import contextlib
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
-from email import policy
 from typing import Any
 
 import aiosmtplib
@@ -17,7 +16,7 @@ from temporalio.client import Client
 from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError
 
-from activities.mime import build_message
+from activities.mime import render_message
 from activities.smtp_errors import (
     StartTlsUnavailable,
     classify,
@@ -28,7 +27,13 @@ from activities.smtp_errors import (
 from postlane.config import LaneConfig, Settings
 from postlane.errors import ConfigurationError, ErrorType
 from postlane.ids import lane_workflow_id
-from postlane.models import AttemptRecord, DeliveryReceipt, SmtpSendRequest, ThrottleReport
+from postlane.models import (
+    AttemptRecord,
+    DeliveryReceipt,
+    Email,
+    SmtpSendRequest,
+    ThrottleReport,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -207,9 +212,7 @@ class SmtpActivities:
             await self._report_attempt(req, failure, "")
             raise failure from exc
         progress = _Progress()
-        data = build_message(req.email, req.message_id, datetime.now(UTC)).as_bytes(
-            policy=policy.SMTP
-        )
+        data = render_message(req.email, req.message_id, datetime.now(UTC))
         async with progress.beating():
             transaction = asyncio.create_task(
                 self._deliver(pool, req, data, progress, info.attempt)
@@ -324,13 +327,14 @@ class SmtpActivities:
         attempt: int,
     ) -> DeliveryReceipt:
         progress.set("mail")
-        await smtp.mail(req.email.sender)
+        options, encoding = await smtputf8_options(smtp, req.email, attempt=attempt)
+        await smtp.mail(req.email.sender, options=options, encoding=encoding)
         progress.set("rcpt")
         accepted: list[str] = []
         rejected: dict[str, str] = {}
         for rcpt in envelope_recipients(req.email.recipients):
             try:
-                await smtp.rcpt(rcpt)
+                await smtp.rcpt(rcpt, encoding=encoding)
                 accepted.append(rcpt)
             except aiosmtplib.SMTPRecipientRefused as exc:
                 if exc.code == 421 or not smtp.is_connected:
@@ -362,6 +366,35 @@ class SmtpActivities:
         )
         progress.set("accepted", receipt=receipt.model_dump(mode="json"))
         return receipt
+
+
+async def smtputf8_options(
+    smtp: aiosmtplib.SMTP, email: Email, *, attempt: int
+) -> tuple[list[str], str]:
+    """MAIL FROM options and address encoding: ``SMTPUTF8`` (and ``BODY=8BITMIME``) and
+    UTF-8 when an address has a non-ASCII local part (RFC 6531), nothing and ASCII otherwise.
+
+    Raises:
+        ApplicationError: `ErrorType.SMTPUTF8_UNSUPPORTED`, not retryable, naming the
+            address, when the server does not offer SMTPUTF8.
+    """
+    address = email.smtputf8_address
+    if address is None:
+        return [], "ascii"
+    if smtp.is_ehlo_or_helo_needed:
+        await smtp.ehlo()
+    if not smtp.supports_extension("smtputf8"):
+        raise ApplicationError(
+            f"{address}: a non-ASCII local part needs SMTPUTF8, which"
+            f" {smtp.hostname}:{smtp.port} does not offer",
+            {"attempt": attempt, "phase": "mail"},
+            type=ErrorType.SMTPUTF8_UNSUPPORTED,
+            non_retryable=True,
+        )
+    # The UTF-8 octets in the header are 8-bit data: declare them as Python's smtplib does
+    # (a server offering SMTPUTF8 must offer 8BITMIME too, RFC 6531 section 3.1).
+    body = ["BODY=8BITMIME"] if smtp.supports_extension("8bitmime") else []
+    return ["SMTPUTF8", *body], "utf-8"
 
 
 def envelope_recipients(addresses: list[str]) -> list[str]:

@@ -21,6 +21,9 @@ from typing import Any, Literal
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
+from postlane import wire
+from postlane.wire import InvalidWireMessage
+
 Phase = Literal["mail", "rcpt", "data"]
 
 
@@ -31,16 +34,38 @@ class CaughtMessage:
     sender: str
     recipients: list[str]
     raw: bytes
+    """The bytes the server received after DATA, exactly (only the SMTP dot-stuffing of the
+    transfer undone): assert on these, or on `headers`, for what went over the wire."""
     received_at: float
     """`time.time()` when DATA was accepted."""
     tls: bool = False
     """The message came over an encrypted connection (implicit TLS or STARTTLS)."""
     login: str | None = None
     """The user name the client authenticated as (AUTH), if it did."""
+    mail_options: tuple[str, ...] = ()
+    """The MAIL FROM parameters, e.g. ``("SMTPUTF8",)``."""
+    wire_problems: tuple[str, ...] = ()
+    """What `postlane.wire.check_message` found wrong with `raw` (empty: valid)."""
+
+    def headers(self, name: str) -> list[bytes]:
+        """The raw values of the header fields named `name`, exactly as received: the bytes
+        after the colon, folding (CRLF + white space) included."""
+        return [f.raw for f in wire.headers(self.raw, name)]
+
+    def header(self, name: str) -> str:
+        """The one field named `name`, unfolded (CRLFs removed) but not decoded.
+
+        Raises:
+            AssertionError: the message has no such field, or more than one.
+        """
+        found = wire.headers(self.raw, name)
+        assert len(found) == 1, f"{len(found)} {name} fields in {self.message_id}"
+        return found[0].value
 
     @property
     def message(self) -> EmailMessage:
-        """The parsed message."""
+        """The message as Python's email package decodes it (encoded-words decoded,
+        folding undone): convenient for content, blind to how the headers were written."""
         parsed = message_from_bytes(self.raw, policy=policy.default)
         assert isinstance(parsed, EmailMessage)
         return parsed
@@ -107,6 +132,14 @@ class _Handler:
         tls = transport is not None and transport.get_extra_info("ssl_object") is not None
         auth = session.auth_data
         login = auth.login.decode() if isinstance(auth, LoginPassword) else None
+        options = tuple(str(o) for o in envelope.mail_options)
+        upper = {o.upper() for o in options}
+        try:
+            problems = wire.check_message(
+                raw, smtputf8="SMTPUTF8" in upper, eight_bit="BODY=8BITMIME" in upper
+            )
+        except Exception as exc:  # a checker bug must not look like a server fault
+            problems = [f"the wire checker failed: {exc!r}"]
         self._catcher._accept(
             CaughtMessage(
                 str(envelope.mail_from),
@@ -115,6 +148,8 @@ class _Handler:
                 time.time(),
                 tls=tls,
                 login=login,
+                mail_options=options,
+                wire_problems=tuple(problems),
             )
         )
         return "250 2.0.0 OK: queued"
@@ -133,6 +168,11 @@ class SmtpCatcher:
         starttls_context: offer STARTTLS with this context.
         logins: if set, offer AUTH (PLAIN, LOGIN; also without TLS) for these
             user name → password pairs; the login is recorded on each `CaughtMessage`.
+        smtputf8: offer SMTPUTF8 (RFC 6531); off by default, like a conservative server.
+        strict: every accepted message is checked on the wire (`postlane.wire`); reading
+            the messages (`messages`, `wait_for`), `clear` and `stop` raise
+            `InvalidWireMessage` for each invalid one not reported yet, so the test that
+            sent it fails. Off, the problems are only recorded (`wire_problems`).
     """
 
     def __init__(
@@ -145,6 +185,8 @@ class SmtpCatcher:
         tls_context: Any = None,
         starttls_context: Any = None,
         logins: dict[str, str] | None = None,
+        smtputf8: bool = False,
+        strict: bool = True,
     ) -> None:
         self.host = host
         self.port = port
@@ -154,6 +196,9 @@ class SmtpCatcher:
         self._starttls_context = starttls_context
         self._logins = dict(logins) if logins is not None else None
         self._messages: list[CaughtMessage] = []
+        self._smtputf8 = smtputf8
+        self._strict = strict
+        self._unreported: list[CaughtMessage] = []
         self._script = _Script()
         self._cond = threading.Condition()
         self._controller: Controller | None = None
@@ -177,35 +222,67 @@ class SmtpCatcher:
         if self._logins is not None:
             kwargs["authenticator"] = self._authenticate
             kwargs["auth_require_tls"] = False
+        kwargs["enable_SMTPUTF8"] = self._smtputf8  # aiosmtpd's Controller would say True
         self._controller = Controller(_Handler(self), ready_timeout=10, **kwargs)
         self._controller.start()
         return self
 
     def stop(self) -> None:
-        """Stop serving."""
+        """Stop serving.
+
+        Raises:
+            InvalidWireMessage: (strict) a message broke the wire rules and no read of
+                the messages has reported it yet.
+        """
         if self._controller is not None:
             self._controller.stop()
             self._controller = None
+        self._report_invalid()
 
     def __enter__(self) -> SmtpCatcher:
         return self.start()
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        if exc_type is not None:
+            with self._cond:
+                self._unreported.clear()  # the block's own error says more
         self.stop()
+
+    def _report_invalid(self) -> None:
+        with self._cond:
+            invalid, self._unreported = self._unreported, []
+        if invalid:
+            raise InvalidWireMessage(
+                "\n".join(
+                    f"message {m.message_id!s} to {', '.join(m.recipients)} is invalid on the"
+                    f" wire:\n  " + "\n  ".join(m.wire_problems)
+                    for m in invalid
+                )
+            )
 
     # -- what was caught -------------------------------------------------------------------
 
     @property
     def messages(self) -> list[CaughtMessage]:
-        """Every accepted message so far, oldest first."""
+        """Every accepted message so far, oldest first.
+
+        Raises:
+            InvalidWireMessage: (strict) one of them broke the wire rules.
+        """
+        self._report_invalid()
         with self._cond:
             return list(self._messages)
 
     def clear(self) -> None:
-        """Forget the caught messages and the script."""
+        """Forget the caught messages and the script.
+
+        Raises:
+            InvalidWireMessage: (strict) one of them broke the wire rules unreported.
+        """
         with self._cond:
             self._messages.clear()
             self._script = _Script()
+        self._report_invalid()
 
     def clear_script(self) -> None:
         """Forget the script (faults, refused recipients) and keep the caught messages:
@@ -222,7 +299,7 @@ class SmtpCatcher:
         with self._cond:
             if not self._cond.wait_for(lambda: len(self._messages) >= count, timeout):
                 raise TimeoutError(f"{len(self._messages)} of {count} messages after {timeout}s")
-            return list(self._messages)
+        return self.messages
 
     async def wait_for_async(
         self,
@@ -292,6 +369,8 @@ class SmtpCatcher:
             (self._maildir / f"{stamp}-{slug}.eml").write_bytes(caught.raw)
         with self._cond:
             self._messages.append(caught)
+            if caught.wire_problems and self._strict:
+                self._unreported.append(caught)
             self._cond.notify_all()
         if self._on_message is not None:
             self._on_message(caught)

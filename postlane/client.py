@@ -79,6 +79,7 @@ NON_RETRYABLE_TYPES = (
     ErrorType.SMTP_TLS,
     ErrorType.LANE_UNKNOWN,
     ErrorType.CONFIGURATION,
+    ErrorType.SMTPUTF8_UNSUPPORTED,
 )
 CLOSED_QUERY_TIMEOUT = timedelta(seconds=10)
 """How long `describe` waits for a worker to answer about a finished email."""
@@ -596,7 +597,10 @@ def _aware(when: datetime, field: str) -> datetime:
 
 def content_hash(request: SendEmailInput) -> str:
     """What makes two sends with one key "the same email": content and schedule."""
-    return content_digest(request.email.model_dump_json(), str(request.send_at))
+    # An email without display names hashes as it did before the field existed, so a send
+    # repeated across an upgrade is still "the same email".
+    unnamed = {"display_names"} if not request.email.display_names else None
+    return content_digest(request.email.model_dump_json(exclude=unnamed), str(request.send_at))
 
 
 def _delivery_error(err: WorkflowFailureError) -> PostlaneError:

@@ -22,9 +22,10 @@ from typing import Literal, Protocol, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from postlane.addresses import normalise_sender_pattern
 from postlane.errors import ConfigurationError
 from postlane.ids import inbox_workflow_id, lane_task_queue
-from postlane.models import LaneLimits, RetrySettings, Warmup, check_address
+from postlane.models import LaneLimits, RetrySettings, Warmup
 from postlane.sequence_spec import Duration
 
 DEFAULT_CONFIG_FILE = "postlane.toml"
@@ -73,11 +74,8 @@ class LaneConfig(BaseModel):
     @field_validator("senders")
     @classmethod
     def _senders(cls, v: list[str]) -> list[str]:
-        for pattern in v:
-            if pattern == "*" or pattern.startswith("*@"):
-                continue
-            check_address(pattern)
-        return v
+        # Senders arrive with internationalised domains in A-labels: so must the patterns.
+        return [normalise_sender_pattern(pattern) for pattern in v]
 
     @model_validator(mode="after")
     def _consistent(self) -> LaneConfig:

@@ -38,6 +38,9 @@ class ErrorType(StrEnum):
     """The worker serving the lane has no configuration for it."""
     CONFIGURATION = "ConfigurationError"
     """The worker's lane configuration is unusable (missing login variable, no AUTH offered)."""
+    SMTPUTF8_UNSUPPORTED = "SmtpUtf8UnsupportedError"
+    """An address has a non-ASCII local part and the server does not offer SMTPUTF8: not
+    retried (the email ends `failed`)."""
     IMAP_TRANSIENT = "ImapTransientError"
     """The IMAP server is unreachable, dropped the connection or answered NO/BAD: retried."""
     IMAP_AUTH = "ImapAuthError"
