@@ -32,20 +32,30 @@ SEND_EMAIL_WORKFLOW = "SendEmail"
 JSON_ENCODING = b"json/plain"
 """The payload encoding Postlane's inputs and results use (Temporal's JSON converter)."""
 
-SCHEMAS: dict[str, type[BaseModel]] = {
+INPUTS: dict[str, type[BaseModel]] = {
     "SendEmailInput": SendEmailInput,
+    "RetryRequest": RetryRequest,
+}
+"""What a client sends: ``SendEmail``'s input, the ``retry``/``discard`` signals' input."""
+RESULTS: dict[str, type[BaseModel]] = {
     "DeliveryReceipt": DeliveryReceipt,
     "EmailReport": EmailReport,
-    "RetryRequest": RetryRequest,
     "AttemptRecord": AttemptRecord,
 }
-"""What `postlane schema` prints: the ``SendEmail`` input and result, the ``status`` query's
-result, the ``retry``/``discard`` signals' input and the ``attempt_failed`` signal's input."""
+"""What a client reads: ``SendEmail``'s result, the ``status`` query's result and the
+failed attempts it lists."""
 
 
 def schemas() -> dict[str, dict[str, Any]]:
-    """JSON Schemas of the wire models, by name (validation mode: what a sender may send)."""
-    return {name: model.model_json_schema() for name, model in SCHEMAS.items()}
+    """JSON Schemas of the wire models, by name, as `postlane schema` prints them.
+
+    Inputs are described as they are accepted (validation mode), results as they are
+    written (serialization mode).
+    """
+    found = {name: model.model_json_schema() for name, model in INPUTS.items()}
+    for name, model in RESULTS.items():
+        found[name] = model.model_json_schema(mode="serialization")
+    return found
 
 
 def parse_send_email_input(
