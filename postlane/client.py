@@ -82,6 +82,7 @@ NON_RETRYABLE_TYPES = (
     ErrorType.LANE_UNKNOWN,
     ErrorType.CONFIGURATION,
 )
+REFUSED_INPUT_TYPES = (ErrorType.INVALID_EMAIL, ErrorType.UNKNOWN_SENDER, ErrorType.UNKNOWN_LANE)
 CLOSED_QUERY_TIMEOUT = timedelta(seconds=10)
 """How long `describe` waits for a worker to answer about a finished email."""
 _CLOSED_STATUS = {
@@ -108,6 +109,8 @@ class EmailHandle:
         Raises:
             PermanentDeliveryError: the server refused it for good (5xx) or TLS failed.
             EmailCancelled: it was cancelled or discarded.
+            InvalidEmail: the workers refused its input (e.g. a lane they do not have, or
+                bad input from another client), naming the field.
         """
         try:
             result = await self._handle.result()
@@ -638,6 +641,9 @@ def _delivery_error(err: WorkflowFailureError) -> PostlaneError:
                 cause.details[0] if cause.details and isinstance(cause.details[0], dict) else {}
             )
             code = details.get("smtp_code")
+            if cause.type in REFUSED_INPUT_TYPES:  # the workers refused what it was started with
+                field, reason = details.get("field"), details.get("reason")
+                return InvalidEmail(str(field or "input"), str(reason or cause.message))
             if cause.type in NON_RETRYABLE_TYPES:
                 return PermanentDeliveryError(
                     f"{cause.type}: {cause.message}",

@@ -31,7 +31,7 @@ from postlane.catcher import SmtpCatcher
 from postlane.client import PostlaneClient
 from postlane.config import LaneConfig, Settings
 from postlane.connection import data_converter
-from postlane.errors import IdempotencyConflict
+from postlane.errors import IdempotencyConflict, InvalidEmail
 from postlane.idempotency import CONTENT_HASH
 from postlane.ids import email_workflow_id, message_id
 from postlane.models import Email, EmailStatus, RetrySettings
@@ -179,6 +179,8 @@ async def test_typescript_client_gets_the_workers_lane_checks_and_visibility(
             }
             assert await pl.status(f"{key}-2") == EmailStatus.SCHEDULED
             await waiting.cancel()
+            with pytest.raises(InvalidEmail) as refused:  # what a Python caller sees of it
+                await pl.handle(f"{key}-lane").result()
 
     # The SMTP server got the first email once, and nothing of the second (over the cap).
     assert len(sent) == 1, [m.subject for m in sent]
@@ -235,6 +237,8 @@ async def test_typescript_client_gets_the_workers_lane_checks_and_visibility(
         assert got_message.startswith(message), got_message
         desc = await client.get_workflow_handle(workflow_id).describe()
         assert desc.status == WorkflowExecutionStatus.FAILED
+
+    assert refused.value.field == "lane" and "'no-such-lane'" in refused.value.reason
 
     # Today's code replays what it recorded; record with POSTLANE_RECORD_HISTORIES=1.
     for name, history in histories.items():
