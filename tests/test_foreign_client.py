@@ -17,7 +17,7 @@ import json
 import os
 import shutil
 import uuid
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -132,6 +132,9 @@ async def test_typescript_client_gets_the_workers_lane_checks_and_visibility(
                     "tags": ["ts-example"],
                 },
                 "priority": "bulk",
+                # Worker-owned fields a caller might set: overridden by the lane's own.
+                "quota": False,
+                "retry": {"maximum_attempts": 99},
             }
             second = await ts_send(env, f"{key}-2", "--input", json.dumps(second_input), wait=False)
             assert second["status"] == "started", second
@@ -258,3 +261,31 @@ async def test_replay_recorded_foreign_history(name: str) -> None:
     path = HISTORIES / f"send_email_foreign_{name}.json"
     assert path.exists(), f"record {path.name}: see tests/test_replay.py's docstring"
     await replay(WorkflowHistory.from_json("email:recorded", path.read_text()))
+
+
+async def test_python_send_matches_a_foreign_start_no_worker_has_seen(
+    dev_env: WorkflowEnvironment, key: str
+) -> None:
+    """Before any worker wrote the memo, the hash comes from the start's own input."""
+    client = dev_env.client
+    content = {"sender": SENDER, "to": ["bob@example.test"], "subject": "Hi", "text": "x"}
+    # A task queue nobody polls: the workflow never runs, so it never writes its memo.
+    foreign = await client.start_workflow(
+        "SendEmail",
+        {"email": content, "send_at": "2030-01-01T10:00:00+01:00"},
+        id=email_workflow_id(key),
+        task_queue=f"nobody-{uuid.uuid4().hex[:6]}",
+    )
+    try:
+        assert CONTENT_HASH not in await (await foreign.describe()).memo()
+        lane = LaneConfig(name="any", senders=["*"], smtp_host="127.0.0.1")
+        pl = PostlaneClient(client, Settings(lanes=[lane]))
+        at = datetime(2030, 1, 1, 9, tzinfo=UTC)
+        same = await pl.send(Email(**content), key=key, send_at=at)  # type: ignore[arg-type]
+        assert same.workflow_id == foreign.id
+        with pytest.raises(IdempotencyConflict):
+            await pl.send(Email(**{**content, "text": "y"}), key=key, send_at=at)  # type: ignore[arg-type]
+        with pytest.raises(IdempotencyConflict):  # another send time is another email
+            await pl.send(Email(**content), key=key)  # type: ignore[arg-type]
+    finally:
+        await foreign.terminate("test over")
