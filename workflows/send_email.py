@@ -165,10 +165,11 @@ class SendEmailWorkflow:
             # No Postlane client started it: no static summary either, so say it here.
             self._headline = sa.email_summary(req.email) + "\n"
         wanted = sa.email_attributes(req.email, req.lane, self._status.value)
+        # An empty keyword list is not stored: absent and [] are the same.
         updates = [
             pair.key.value_set(pair.value)
             for pair in wanted.search_attributes
-            if given.get(pair.key) != pair.value
+            if (given.get(pair.key) or None) != (pair.value or None)
         ]
         if updates:
             workflow.upsert_search_attributes(updates)
