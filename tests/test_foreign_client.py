@@ -24,18 +24,20 @@ from typing import Any
 import pytest
 from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client, WorkflowExecutionStatus, WorkflowHistory
+from temporalio.common import SearchAttributePair, TypedSearchAttributes
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Replayer
 
+from postlane import search_attributes as sa
 from postlane.catcher import SmtpCatcher
 from postlane.client import PostlaneClient
 from postlane.config import LaneConfig, Settings
 from postlane.connection import data_converter
 from postlane.errors import IdempotencyConflict, InvalidEmail
 from postlane.idempotency import CONTENT_HASH
-from postlane.ids import email_workflow_id, message_id
-from postlane.models import Email, EmailStatus, RetrySettings
-from postlane.testing import catcher_lane
+from postlane.ids import WORKFLOW_TASK_QUEUE, email_workflow_id, message_id
+from postlane.models import DeliveryReceipt, Email, EmailStatus, RetrySettings
+from postlane.testing import PostlaneTestEnv, catcher_lane
 from tests.procs import (
     REPO_ROOT,
     WorkerProcess,
@@ -47,8 +49,6 @@ from tests.procs import (
 )
 from tests.test_integration import address_of
 from workflows import WORKFLOWS, workflow_runner
-
-pytestmark = pytest.mark.devserver
 
 EXAMPLE = REPO_ROOT / "examples" / "typescript"
 SEND_JS = EXAMPLE / "dist" / "send.js"
@@ -106,6 +106,7 @@ async def failure_of(client: Client, workflow_id: str) -> tuple[str, str, int]:
     return failure.application_failure_info.type, failure.message, task_failures
 
 
+@pytest.mark.devserver
 @pytest.mark.timeout(300)
 async def test_typescript_client_gets_the_workers_lane_checks_and_visibility(
     dev_env: WorkflowEnvironment, key: str, tmp_path: Path
@@ -263,6 +264,7 @@ async def test_replay_recorded_foreign_history(name: str) -> None:
     await replay(WorkflowHistory.from_json("email:recorded", path.read_text()))
 
 
+@pytest.mark.devserver
 async def test_python_send_matches_a_foreign_start_no_worker_has_seen(
     dev_env: WorkflowEnvironment, key: str
 ) -> None:
@@ -289,3 +291,40 @@ async def test_python_send_matches_a_foreign_start_no_worker_has_seen(
             await pl.send(Email(**content), key=key)  # type: ignore[arg-type]
     finally:
         await foreign.terminate("test over")
+
+
+async def test_foreign_start_with_odd_search_attributes_still_sends(
+    pl: PostlaneTestEnv, key: str
+) -> None:
+    """A status no Postlane client sets, and a wrong lane, are put right, not fatal."""
+    handle = await pl.client.temporal.start_workflow(
+        "SendEmail",
+        {
+            "email": {
+                "sender": "agent@acme.test",
+                "to": ["bob@example.test"],
+                "subject": "s",
+                "text": "t",
+            }
+        },
+        id=email_workflow_id(key),
+        task_queue=WORKFLOW_TASK_QUEUE,
+        search_attributes=TypedSearchAttributes(
+            [SearchAttributePair(sa.STATUS, "bogus"), SearchAttributePair(sa.LANE, "elsewhere")]
+        ),
+    )
+    receipt = DeliveryReceipt.model_validate(await handle.result())
+    assert receipt.lane == "test" and len(pl.outbox) == 1
+    attributes = (await handle.describe()).typed_search_attributes
+    assert (attributes.get(sa.STATUS), attributes.get(sa.LANE)) == ("sent", "test")
+
+
+async def test_foreign_start_without_any_input_fails_at_once(pl: PostlaneTestEnv, key: str) -> None:
+    handle = await pl.client.temporal.start_workflow(
+        "SendEmail", id=email_workflow_id(key), task_queue=WORKFLOW_TASK_QUEUE
+    )
+    with pytest.raises(InvalidEmail) as caught:
+        await pl.client.handle(key).result()
+    assert caught.value.field == "input"
+    assert (await handle.describe()).typed_search_attributes.get(sa.STATUS) == "failed"
+    assert pl.outbox == []

@@ -93,9 +93,7 @@ class SendEmailWorkflow:
             ApplicationError: ``InvalidEmail``, ``UnknownSender`` or ``UnknownLane`` (bad
                 input, at once), or the send's own failure.
         """
-        self._status = EmailStatus(
-            workflow.info().typed_search_attributes.get(sa.STATUS) or EmailStatus.QUEUED
-        )
+        self._status = _started_status()
         if workflow.patched(WORKER_AUTHORITY_PATCH):
             req = await self._accept(raw)
         else:
@@ -329,6 +327,16 @@ class SendEmailWorkflow:
             attempt_history=list(self._attempt_history),
             receipt=self._receipt,
         )
+
+
+def _started_status() -> EmailStatus:
+    """The status the starter gave (``PostlaneStatus``); ``queued`` if none, or one that no
+    Postlane client would set (another client's typo must not fail every workflow task)."""
+    given = workflow.info().typed_search_attributes.get(sa.STATUS)
+    try:
+        return EmailStatus(given or EmailStatus.QUEUED)
+    except ValueError:
+        return EmailStatus.QUEUED
 
 
 def _corrected(req: SendEmailInput, correction: RetryRequest) -> SendEmailInput:
