@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 from temporalio.api.enums.v1 import EventType
+from temporalio.api.sdk.v1 import WorkflowMetadata
 from temporalio.client import Client, WorkflowExecutionStatus, WorkflowHistory
 from temporalio.common import SearchAttributePair, TypedSearchAttributes
 from temporalio.testing import WorkflowEnvironment
@@ -317,6 +318,9 @@ async def test_foreign_start_with_odd_search_attributes_still_sends(
     assert receipt.lane == "test" and len(pl.outbox) == 1
     attributes = (await handle.describe()).typed_search_attributes
     assert (attributes.get(sa.STATUS), attributes.get(sa.LANE)) == ("sent", "test")
+    # No static summary from this start: the Web UI's current details carry the headline.
+    metadata = await handle.query("__temporal_workflow_metadata", result_type=WorkflowMetadata)
+    assert metadata.current_details.startswith("s → bob@example.test\nstatus: sent")
 
 
 async def test_foreign_start_without_any_input_fails_at_once(pl: PostlaneTestEnv, key: str) -> None:
