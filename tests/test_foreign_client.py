@@ -318,6 +318,25 @@ async def test_foreign_start_with_odd_search_attributes_still_sends(
     assert receipt.lane == "test" and len(pl.outbox) == 1
     attributes = (await handle.describe()).typed_search_attributes
     assert (attributes.get(sa.STATUS), attributes.get(sa.LANE)) == ("sent", "test")
+
+
+async def test_plain_foreign_start_gets_attributes_memo_and_headline(
+    pl: PostlaneTestEnv, key: str
+) -> None:
+    email = {"sender": "agent@acme.test", "to": ["bob@example.test"], "subject": "s", "text": "t"}
+    handle = await pl.client.temporal.start_workflow(
+        "SendEmail",
+        {"email": {**email, "tags": ["t1"]}},
+        id=email_workflow_id(key),
+        task_queue=WORKFLOW_TASK_QUEUE,
+    )
+    await handle.result()
+    desc = await handle.describe()
+    attributes = desc.typed_search_attributes
+    assert attributes.get(sa.STATUS) == "sent" and attributes.get(sa.LANE) == "test"
+    assert attributes.get(sa.RECIPIENT_DOMAIN) == ["example.test"]
+    assert attributes.get(sa.TAG) == ["t1"]
+    assert CONTENT_HASH in await desc.memo()
     # No static summary from this start: the Web UI's current details carry the headline.
     metadata = await handle.query("__temporal_workflow_metadata", result_type=WorkflowMetadata)
     assert metadata.current_details.startswith("s → bob@example.test\nstatus: sent")
