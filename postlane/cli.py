@@ -113,6 +113,10 @@ def _parser() -> argparse.ArgumentParser:
             c.add_argument("--lane", help="send through another lane")
 
     sub.add_parser("setup", help="create the namespace (30-day retention) and search attributes")
+    schema = sub.add_parser(
+        "schema", help="JSON Schemas of SendEmail's input and results (docs/contract.md)"
+    )
+    schema.add_argument("model", nargs="?", help="one of them, e.g. SendEmailInput (default all)")
 
     dlq = sub.add_parser("dlq", help="dead-lettered emails: list, retry, discard")
     dlq_sub = dlq.add_subparsers(dest="dlq_command", required=True, metavar="SUBCOMMAND")
@@ -161,6 +165,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     os._exit(rc)
 
 
+def _schema(model: str | None) -> int:
+    """Print the wire models' JSON Schemas (all, keyed by name, or the one named)."""
+    import json
+
+    from postlane.contract import schemas
+
+    found = schemas()
+    if model is not None:
+        if model not in found:
+            raise InvalidEmail("model", f"{model!r} is not one of {', '.join(found)}")
+        print(json.dumps(found[model], indent=2))
+        return EXIT_OK
+    print(json.dumps(found, indent=2))
+    return EXIT_OK
+
+
 def _fail(exc: BaseException, rc: int) -> int:
     message = " ".join(str(exc).split()) or repr(exc)
     print(f"error: {type(exc).__name__}: {message}", file=sys.stderr)
@@ -180,6 +200,8 @@ async def _dispatch(args: argparse.Namespace) -> int:
         return await stack.run(demo=not args.no_demo, exit_after_demo=args.exit_after_demo)
     if args.command in ("worker", "inbound"):
         return await _worker(args)
+    if args.command == "schema":
+        return _schema(args.model)
 
     from postlane.config import load_settings
 

@@ -25,6 +25,7 @@ from temporalio.client import (
 )
 from temporalio.common import Priority as TemporalPriority
 from temporalio.common import (
+    RawValue,
     WorkflowIDConflictPolicy,
     WorkflowIDReusePolicy,
 )
@@ -34,6 +35,7 @@ from temporalio.service import RPCError, RPCStatusCode
 from postlane import search_attributes as sa
 from postlane.config import Settings, load_settings
 from postlane.connection import connect_temporal
+from postlane.contract import SEND_EMAIL_WORKFLOW, parse_send_email_input
 from postlane.errors import (
     ConfigurationError,
     EmailCancelled,
@@ -47,7 +49,7 @@ from postlane.errors import (
 from postlane.idempotency import (
     CONTENT_HASH,
     check_same_content,
-    content_digest,
+    email_digest,
     started_new,
 )
 from postlane.ids import (
@@ -81,6 +83,7 @@ NON_RETRYABLE_TYPES = (
     ErrorType.CONFIGURATION,
     ErrorType.SMTPUTF8_UNSUPPORTED,
 )
+REFUSED_INPUT_TYPES = (ErrorType.INVALID_EMAIL, ErrorType.UNKNOWN_SENDER, ErrorType.UNKNOWN_LANE)
 CLOSED_QUERY_TIMEOUT = timedelta(seconds=10)
 """How long `describe` waits for a worker to answer about a finished email."""
 _CLOSED_STATUS = {
@@ -107,6 +110,8 @@ class EmailHandle:
         Raises:
             PermanentDeliveryError: the server refused it for good (5xx) or TLS failed.
             EmailCancelled: it was cancelled or discarded.
+            InvalidEmail: the workers refused its input (e.g. a lane they do not have, or
+                bad input from another client), naming the field.
         """
         try:
             result = await self._handle.result()
@@ -203,7 +208,7 @@ class PostlaneClient(SequenceOperations):
         )
         try:
             handle = await self.temporal.start_workflow(
-                "SendEmail",
+                SEND_EMAIL_WORKFLOW,
                 request,
                 id=workflow_id,
                 task_queue=WORKFLOW_TASK_QUEUE,
@@ -219,11 +224,36 @@ class PostlaneClient(SequenceOperations):
         except WorkflowAlreadyStartedError:
             # A closed email with this key: REJECT_DUPLICATE keeps it from sending again.
             handle = self.temporal.get_workflow_handle(workflow_id, result_type=DeliveryReceipt)
-            await check_same_content(handle, key, digest)
+            await self._check_same_email(handle, key, digest)
             return EmailHandle(self, key, handle)
         if not started_new(handle):
-            await check_same_content(handle, key, digest)
+            await self._check_same_email(handle, key, digest)
         return EmailHandle(self, key, handle)
+
+    async def _check_same_email(
+        self, handle: WorkflowHandle[Any, DeliveryReceipt], key: str, digest: str
+    ) -> None:
+        """`check_same_content`, also for an email another client started without a memo."""
+
+        async def digest_of_start() -> str | None:
+            async for event in handle.fetch_history_events():
+                payloads = list(event.workflow_execution_started_event_attributes.input.payloads)
+                break
+            else:
+                return None
+            if not payloads:
+                return None
+            [raw] = await self.temporal.data_converter.decode(payloads[:1], [RawValue])
+            payload = raw.payload
+            try:
+                started = parse_send_email_input(
+                    payload.data, payload.metadata.get("encoding"), handle.id
+                )
+            except InvalidEmail:
+                return None
+            return email_digest(started.email, started.send_at)
+
+        await check_same_content(handle, key, digest, digest_of_start=digest_of_start)
 
     def _prepare(
         self, email: Email, *, key: str, priority: Priority | str, send_at: datetime | None
@@ -597,10 +627,7 @@ def _aware(when: datetime, field: str) -> datetime:
 
 def content_hash(request: SendEmailInput) -> str:
     """What makes two sends with one key "the same email": content and schedule."""
-    # An email without display names hashes as it did before the field existed, so a send
-    # repeated across an upgrade is still "the same email".
-    unnamed = {"display_names"} if not request.email.display_names else None
-    return content_digest(request.email.model_dump_json(exclude=unnamed), str(request.send_at))
+    return email_digest(request.email, request.send_at)
 
 
 def _delivery_error(err: WorkflowFailureError) -> PostlaneError:
@@ -615,6 +642,9 @@ def _delivery_error(err: WorkflowFailureError) -> PostlaneError:
                 cause.details[0] if cause.details and isinstance(cause.details[0], dict) else {}
             )
             code = details.get("smtp_code")
+            if cause.type in REFUSED_INPUT_TYPES:  # the workers refused what it was started with
+                field, reason = details.get("field"), details.get("reason")
+                return InvalidEmail(str(field or "input"), str(reason or cause.message))
             if cause.type in NON_RETRYABLE_TYPES:
                 return PermanentDeliveryError(
                     f"{cause.type}: {cause.message}",

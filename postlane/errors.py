@@ -47,6 +47,12 @@ class ErrorType(StrEnum):
     """The IMAP server refused the inbox's login: a configuration problem, not retried."""
     INBOX_UNKNOWN = "InboxUnknownError"
     """The worker that took the poll has no such inbox (another host may have it): retried."""
+    INVALID_EMAIL = "InvalidEmail"
+    """A `SendEmail` input is invalid (from any client): failed at once, naming the field."""
+    UNKNOWN_SENDER = "UnknownSender"
+    """No lane in the workers' configuration serves the email's sender: failed at once."""
+    UNKNOWN_LANE = "UnknownLane"
+    """The input names a lane the workers' configuration does not have: failed at once."""
 
 
 class PostlaneError(Exception):

@@ -332,19 +332,50 @@ class RetrySettings(BaseModel):
 
 
 class SendEmailInput(BaseModel):
-    """Input of `SendEmailWorkflow`. Holds no credentials: the lane is only a name."""
+    """Input of `SendEmailWorkflow` (workflow type ``SendEmail``). Holds no credentials.
+
+    Any Temporal client may start it (see docs/contract.md): the workflow validates it and
+    takes the lane's retry policy and caps from the workers' configuration.
+    """
 
     model_config = ConfigDict(frozen=True)
 
     email: Email
-    key: str
-    lane: str
+    key: str = ""
+    """The idempotency key; empty means the one in the workflow ID ``email:<key>``."""
+    lane: str = ""
+    """The lane (sending account) by name; empty means the lane that serves the sender."""
     priority: Priority = Priority.NORMAL
     send_at: datetime | None = None
-    """Aware UTC datetime; None sends immediately."""
+    """Timezone-aware datetime; None sends immediately."""
+    retry: RetrySettings = RetrySettings()
+    """Ignored by current workers, which use the lane's configured retry policy."""
+    quota: bool = False
+    """Ignored by current workers, which know whether the lane has caps or a warm-up."""
+
+
+class LaneQuery(BaseModel):
+    """Input of the ``resolve_lane`` local activity: which lane sends for this sender?"""
+
+    model_config = ConfigDict(frozen=True)
+
+    sender: str
+    lane: str = ""
+    """A lane the caller named (checked to exist), or empty to pick the sender's lane."""
+
+
+class LaneResolution(BaseModel):
+    """The workers' answer to a `LaneQuery`: the lane and its settings, or why there is none."""
+
+    model_config = ConfigDict(frozen=True)
+
+    lane: str = ""
     retry: RetrySettings = RetrySettings()
     quota: bool = False
-    """The lane has hourly/daily caps: ask its quota workflow for a slot before sending."""
+    """The lane has hourly/daily caps or a warm-up: sends ask its lane workflow for a slot."""
+    error_type: str | None = None
+    """``UnknownSender`` or ``UnknownLane`` when there is no lane to send through."""
+    error: str = ""
 
 
 class SmtpSendRequest(BaseModel):

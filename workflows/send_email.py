@@ -4,13 +4,19 @@ from __future__ import annotations
 
 import asyncio
 from datetime import datetime, timedelta
+from typing import NoReturn
 
 from temporalio import workflow
+from temporalio.api.common.v1 import Payload
 from temporalio.common import Priority as TemporalPriority
+from temporalio.common import RawValue, RetryPolicy
 from temporalio.exceptions import ActivityError, ApplicationError
 
 with workflow.unsafe.imports_passed_through():
     from postlane import search_attributes as sa
+    from postlane.contract import parse_send_email_input
+    from postlane.errors import ErrorType, InvalidEmail
+    from postlane.idempotency import CONTENT_HASH, email_digest
     from postlane.ids import lane_task_queue, lane_workflow_id, message_id
     from postlane.models import (
         MAX_ATTEMPT_HISTORY,
@@ -18,6 +24,8 @@ with workflow.unsafe.imports_passed_through():
         DeliveryReceipt,
         EmailReport,
         EmailStatus,
+        LaneQuery,
+        LaneResolution,
         RetryRequest,
         SendEmailInput,
         SlotGrant,
@@ -36,6 +44,17 @@ SLOT_REQUEST_RETRY = timedelta(seconds=30)
 DISCARDED = "EmailDiscarded"
 PARKED_AT_PATCH = "postlane-parked-at"
 """Workflows that parked before this patch did not upsert `PostlaneParkedAt`."""
+WORKER_AUTHORITY_PATCH = "postlane-worker-authority"
+"""Since this patch the workflow checks its own input, takes the lane, its retry policy and
+caps from the workers (``resolve_lane``), and sets its search attributes and memo itself.
+Workflows started before it trusted the caller's `SendEmailInput`."""
+RESOLVE_LANE_ACTIVITY = "resolve_lane"
+RESOLVE_START_TO_CLOSE = timedelta(seconds=10)
+RESOLVE_RETRY = RetryPolicy(maximum_interval=timedelta(minutes=1))
+"""Resolution reads the worker's settings in memory; a failure is a bug, retried visibly."""
+NO_INPUT = RawValue(Payload())
+"""What `run` sees when a client started it with no argument at all."""
+_REJECTED_FIELD = {ErrorType.UNKNOWN_SENDER: "email.sender", ErrorType.UNKNOWN_LANE: "lane"}
 
 
 @workflow.defn(name="SendEmail")
@@ -61,14 +80,25 @@ class SendEmailWorkflow:
         self._scheduled_for: datetime | None = None
         self._parked_at: datetime | None = None
         self._attempt_history: list[AttemptRecord] = []
+        self._headline = ""
 
     @workflow.run
-    async def run(self, req: SendEmailInput) -> DeliveryReceipt:
-        """Wait for `send_at`, then send until sent, refused or discarded."""
+    async def run(self, raw: RawValue = NO_INPUT) -> DeliveryReceipt:
+        """Check the input, wait for `send_at`, then send until sent, refused or discarded.
+
+        Args:
+            raw: a `SendEmailInput` as JSON, from any Temporal client (see docs/contract.md).
+
+        Raises:
+            ApplicationError: ``InvalidEmail``, ``UnknownSender`` or ``UnknownLane`` (bad
+                input, at once), or the send's own failure.
+        """
+        self._status = _started_status()
+        if workflow.patched(WORKER_AUTHORITY_PATCH):
+            req = await self._accept(raw)
+        else:
+            req = SendEmailInput.model_validate_json(raw.payload.data)
         self._input = req
-        self._status = EmailStatus(
-            workflow.info().typed_search_attributes.get(sa.STATUS) or EmailStatus.QUEUED
-        )
         try:
             if req.send_at is not None and req.send_at > workflow.now():
                 self._scheduled_for = req.send_at
@@ -80,6 +110,70 @@ class SendEmailWorkflow:
         except asyncio.CancelledError:
             self._set_status(EmailStatus.CANCELLED)
             raise
+
+    async def _accept(self, raw: RawValue) -> SendEmailInput:
+        """The input as the workers' configuration completes it, or a failed workflow.
+
+        Whoever started the email, the lane is resolved (or the named one checked) by the
+        workers' ``resolve_lane``, and its retry policy and caps replace the caller's.
+        """
+        payload = raw.payload
+        try:
+            req = parse_send_email_input(
+                payload.data if payload.metadata else None,
+                payload.metadata.get("encoding"),
+                workflow.info().workflow_id,
+            )
+        except InvalidEmail as exc:
+            self._reject(ErrorType.INVALID_EMAIL, exc.field, exc.reason)
+        self._input = req
+        resolution: LaneResolution = await workflow.execute_local_activity(
+            RESOLVE_LANE_ACTIVITY,
+            LaneQuery(sender=req.email.sender, lane=req.lane),
+            result_type=LaneResolution,
+            start_to_close_timeout=RESOLVE_START_TO_CLOSE,
+            retry_policy=RESOLVE_RETRY,
+        )
+        if resolution.error_type is not None:
+            kind = ErrorType(resolution.error_type)
+            self._reject(kind, _REJECTED_FIELD.get(kind, "lane"), resolution.error)
+        req = req.model_copy(
+            update={"lane": resolution.lane, "retry": resolution.retry, "quota": resolution.quota}
+        )
+        self._input = req
+        self._publish_start(req)
+        return req
+
+    def _reject(self, kind: ErrorType, field: str, reason: str) -> NoReturn:
+        """End the email at once as ``failed``: its input can never be sent."""
+        self._last_error = f"{kind}: {field}: {reason}"
+        self._set_status(EmailStatus.FAILED)
+        raise ApplicationError(
+            f"{field}: {reason}", {"field": field, "reason": reason}, type=kind, non_retryable=True
+        )
+
+    def _publish_start(self, req: SendEmailInput) -> None:
+        """Search attributes, memo and headline an email started by any client carries.
+
+        What the Python client (or a sequence) already set at start is left alone, so its
+        emails get no extra commands; one started elsewhere gets them all here.
+        """
+        given = workflow.info().typed_search_attributes
+        if given.get(sa.STATUS) is None:
+            # No Postlane client started it: no static summary either, so say it here.
+            self._headline = sa.email_summary(req.email) + "\n"
+        wanted = sa.email_attributes(req.email, req.lane, self._status.value)
+        # An empty keyword list is not stored: absent and [] are the same.
+        updates = [
+            pair.key.value_set(pair.value)
+            for pair in wanted.search_attributes
+            if (given.get(pair.key) or None) != (pair.value or None)
+        ]
+        if updates:
+            workflow.upsert_search_attributes(updates)
+        if workflow.memo_value(CONTENT_HASH, None) is None:
+            workflow.upsert_memo({CONTENT_HASH: email_digest(req.email, req.send_at)})
+        self._set_status(self._status)
 
     async def _send_until_done(self, req: SendEmailInput) -> DeliveryReceipt:
         domain = req.email.sender.rsplit("@", 1)[1]
@@ -183,7 +277,7 @@ class SendEmailWorkflow:
         return correction
 
     def _set_status(self, status: EmailStatus) -> None:
-        details = f"status: {status}; attempts: {self._attempts}"
+        details = f"{self._headline}status: {status}; attempts: {self._attempts}"
         if self._last_error:
             details += f"; last SMTP reply: {self._last_error}"
         if status == EmailStatus.DEAD_LETTER and self._parked_at is not None:
@@ -233,6 +327,16 @@ class SendEmailWorkflow:
             attempt_history=list(self._attempt_history),
             receipt=self._receipt,
         )
+
+
+def _started_status() -> EmailStatus:
+    """The status the starter gave (``PostlaneStatus``); ``queued`` if none, or one that no
+    Postlane client would set (another client's typo must not fail every workflow task)."""
+    given = workflow.info().typed_search_attributes.get(sa.STATUS)
+    try:
+        return EmailStatus(given or EmailStatus.QUEUED)
+    except ValueError:
+        return EmailStatus.QUEUED
 
 
 def _corrected(req: SendEmailInput, correction: RetryRequest) -> SendEmailInput:
