@@ -34,7 +34,7 @@ _LOCAL = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 _ADDRESS_RE = re.compile(rf"^{_LOCAL}@{_LABEL}(?:\.{_LABEL})+$")
 _HEADER_NAME_RE = re.compile(r"^[!-9;-~]+$")
-_SUBFIELD_RE = re.compile(r"^([a-z_][a-z0-9_]*): (.+)$", re.DOTALL)
+_SUBFIELD_RE = re.compile(r"^([a-z_][a-z0-9_]*(?:\[\d+\])?): (.+)$", re.DOTALL)
 MSG_ID_HEADERS = frozenset({"in-reply-to", "references"})
 """Headers that hold one or more ``<msg-id>`` (RFC 5322, section 3.6.4)."""
 URI_LIST_HEADERS = frozenset(

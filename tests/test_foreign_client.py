@@ -228,7 +228,7 @@ async def test_typescript_client_gets_the_workers_lane_checks_and_visibility(
         "UnknownSender",
     ]
     expected = {
-        "bad-to": ("InvalidEmail", "email.to: item 0: 'not-an-address' is not a valid email"),
+        "bad-to": ("InvalidEmail", "email.to[0]: 'not-an-address' is not a valid email"),
         "no-to": ("InvalidEmail", "email.to: Field required"),
         "lane": ("UnknownLane", "lane: no lane named 'no-such-lane' is configured"),
         "sender": ("UnknownSender", "email.sender: no lane serves 'agent@nowhere.test'"),
