@@ -241,8 +241,9 @@ class SendEmailWorkflow:
     def _publish_details(self, status: EmailStatus) -> None:
         """The Web UI's current details; the same attempt count and reply as `status`."""
         details = f"status: {status}; attempts: {self._attempt_count()}"
-        if self._last_error:
-            details += f"; last SMTP reply: {self._last_error}"
+        reply = self._receipt.smtp_reply if self._receipt is not None else self._last_error
+        if reply:
+            details += f"; last SMTP reply: {reply}"
         if status == EmailStatus.DEAD_LETTER and self._parked_at is not None:
             details += f"; parked since {self._parked_at.isoformat(timespec='seconds')}"
         workflow.set_current_details(details)
