@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from temporalio.api.enums.v1 import EventType
+from temporalio.client import WorkflowHistory
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Replayer
 
@@ -347,3 +348,14 @@ async def test_cancel_of_a_sequence_whose_email_is_at_data_records_it_sent(
             assert raw_message_ids(smtp.messages) == [receipt.message_id]
             await retry_all_sends_nothing(env, lane, smtp, smtp.messages)
             await replays(pl, seq.workflow_id)
+
+
+async def test_history_of_a_cancel_parked_by_older_code_still_replays() -> None:
+    """Recorded before the cancel patches: a cancel while retrying parked the email in
+    dead_letter (reply "Cancelled"), then an operator discarded it. Today's code must
+    replay it unchanged; the patches keep that behaviour for such histories only."""
+    path = Path(__file__).parent / "histories" / "send_email_cancel_parked_v0.json"
+    history = WorkflowHistory.from_json("email:cancel-parked-v0", path.read_text())
+    await Replayer(
+        workflows=WORKFLOWS, data_converter=data_converter(), workflow_runner=workflow_runner()
+    ).replay_workflow(history)
