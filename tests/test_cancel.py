@@ -8,6 +8,7 @@ history is also replayed against today's workflow code.
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import Sequence
 from datetime import timedelta
@@ -77,11 +78,27 @@ async def parked_ever(pl: PostlaneClient, workflow_id: str) -> bool:
     )
 
 
-async def replays(pl: PostlaneClient, workflow_id: str) -> None:
+HISTORIES = Path(__file__).parent / "histories"
+RECORDED = {
+    "send_email_cancel_while_retrying": "email:cancel-while-retrying",
+    "send_email_cancel_at_data_sent": "email:cancel-at-data-sent",
+    "send_email_cancel_waiting_for_slot": "email:cancel-waiting-for-slot",
+    "send_email_cancel_sequence_child": "email:cancel-sequence-child",
+    "sequence_unsubscribed_child_cancelled": "sequence:unsubscribed-child-cancelled",
+    "sequence_cancelled_child_sent": "sequence:cancelled-child-sent",
+}
+"""Histories of today's cancel paths, replayed by `test_recorded_cancel_histories_replay`.
+Record again with ``POSTLANE_RECORD_HISTORIES=1`` (only for a deliberate, patched change)."""
+
+
+async def replays(pl: PostlaneClient, workflow_id: str, record_as: str) -> None:
+    """Replay the workflow's history against today's code (and record it if asked)."""
     history = await pl.temporal.get_workflow_handle(workflow_id).fetch_history()
     await Replayer(
         workflows=WORKFLOWS, data_converter=data_converter(), workflow_runner=workflow_runner()
     ).replay_workflow(history)
+    if os.environ.get("POSTLANE_RECORD_HISTORIES"):
+        (HISTORIES / f"{record_as}.json").write_text(history.to_json())
 
 
 async def retry_all_sends_nothing(
@@ -129,7 +146,7 @@ async def test_cancel_during_retry_backoff_ends_cancelled(
 
             rc, out, err = await run_postlane(["cancel", key], env)  # twice: says so, rc 0
             assert (rc, out.strip()) == (0, f"{key}: already cancelled"), err
-            await replays(pl, workflow_id)
+            await replays(pl, workflow_id, "send_email_cancel_while_retrying")
 
 
 @pytest.mark.timeout(120)
@@ -167,7 +184,7 @@ async def test_cancel_during_slow_data_that_the_server_accepts_ends_sent(
                 True,
                 receipt,
             )
-            await replays(pl, handle.workflow_id)
+            await replays(pl, handle.workflow_id, "send_email_cancel_at_data_sent")
 
 
 @pytest.mark.timeout(120)
@@ -183,24 +200,31 @@ async def test_cancel_of_an_email_waiting_on_a_capped_lane_ends_cancelled(
         env = cli_env(dev_env, tmp_path, [tiny])
         keys = [f"capped-{uuid.uuid4().hex[:8]}-{n}" for n in range(3)]
         async with running_workers(dev_env, pl.settings):
-            handles = [await pl.send(an_email(f"#{n}"), key=k) for n, k in enumerate(keys)]
-            sent = [await h.result() for h in handles[:2]]
+            for n, k in enumerate(keys):
+                await pl.send(an_email(f"#{n}"), key=k)
+            await smtp.wait_for_async(2)  # the lane lets any two of the three go first
 
-            async def waiting_for_slot() -> bool:
-                report = await pl.describe(keys[2])
-                return report.status == EmailStatus.SCHEDULED and report.scheduled_for is not None
+            async def waiting_for_slot() -> str | None:
+                for k in keys:
+                    report = await pl.describe(k)
+                    if report.status == EmailStatus.SCHEDULED and report.scheduled_for:
+                        return k
+                return None
 
-            await assert_eventually(waiting_for_slot, within=60, what="third waits for its slot")
+            waiting = await assert_eventually(
+                waiting_for_slot, within=60, what="the third waits for its slot"
+            )
+            sent = [await pl.handle(k).result() for k in keys if k != waiting]
 
-            result = await pl.cancel(keys[2])
+            result = await pl.cancel(waiting)
             assert (result.outcome, result.already) == (CancelOutcome.CANCELLED, False)
-            assert await pl.status(keys[2]) == EmailStatus.CANCELLED
-            assert await closing_event(pl, handles[2].workflow_id) == (
+            assert await pl.status(waiting) == EmailStatus.CANCELLED
+            assert await closing_event(pl, email_workflow_id(waiting)) == (
                 EventType.EVENT_TYPE_WORKFLOW_EXECUTION_CANCELED
             )
             assert sorted(raw_message_ids(smtp.messages)) == sorted(r.message_id for r in sent)
             await retry_all_sends_nothing(env, tiny, smtp, smtp.messages)
-            await replays(pl, handles[2].workflow_id)
+            await replays(pl, email_workflow_id(waiting), "send_email_cancel_waiting_for_slot")
 
 
 @pytest.mark.timeout(120)
@@ -304,8 +328,8 @@ async def test_unsubscribe_of_a_sequence_whose_email_is_retrying_cancels_the_ema
             assert not await parked_ever(pl, email_workflow_id(child))
             assert smtp.messages == []
             await retry_all_sends_nothing(env, lane, smtp, [])
-            await replays(pl, email_workflow_id(child))
-            await replays(pl, seq.workflow_id)
+            await replays(pl, email_workflow_id(child), "send_email_cancel_sequence_child")
+            await replays(pl, seq.workflow_id, "sequence_unsubscribed_child_cancelled")
 
 
 @pytest.mark.timeout(120)
@@ -347,14 +371,24 @@ async def test_cancel_of_a_sequence_whose_email_is_at_data_records_it_sent(
             assert [m.message_id for m in report.sent] == [receipt.message_id]
             assert raw_message_ids(smtp.messages) == [receipt.message_id]
             await retry_all_sends_nothing(env, lane, smtp, smtp.messages)
-            await replays(pl, seq.workflow_id)
+            await replays(pl, seq.workflow_id, "sequence_cancelled_child_sent")
+
+
+@pytest.mark.parametrize("name", sorted(RECORDED))
+async def test_recorded_cancel_histories_replay(name: str) -> None:
+    path = HISTORIES / f"{name}.json"
+    assert path.exists(), f"record {path.name}: see RECORDED"
+    history = WorkflowHistory.from_json(RECORDED[name], path.read_text())
+    await Replayer(
+        workflows=WORKFLOWS, data_converter=data_converter(), workflow_runner=workflow_runner()
+    ).replay_workflow(history)
 
 
 async def test_history_of_a_cancel_parked_by_older_code_still_replays() -> None:
     """Recorded before the cancel patches: a cancel while retrying parked the email in
     dead_letter (reply "Cancelled"), then an operator discarded it. Today's code must
     replay it unchanged; the patches keep that behaviour for such histories only."""
-    path = Path(__file__).parent / "histories" / "send_email_cancel_parked_v0.json"
+    path = HISTORIES / "send_email_cancel_parked_v0.json"
     history = WorkflowHistory.from_json("email:cancel-parked-v0", path.read_text())
     await Replayer(
         workflows=WORKFLOWS, data_converter=data_converter(), workflow_runner=workflow_runner()
