@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from datetime import datetime, timedelta
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from temporalio import workflow
 from temporalio.api.common.v1 import Payload
 from temporalio.common import Priority as TemporalPriority
 from temporalio.common import RawValue, RetryPolicy
-from temporalio.exceptions import ActivityError, ApplicationError
+from temporalio.exceptions import ActivityError, ApplicationError, is_cancelled_exception
+from temporalio.workflow import ActivityCancellationType, ActivityHandle
 
 with workflow.unsafe.imports_passed_through():
     from postlane import search_attributes as sa
@@ -55,6 +57,10 @@ RESOLVE_RETRY = RetryPolicy(maximum_interval=timedelta(minutes=1))
 NO_INPUT = RawValue(Payload())
 """What `run` sees when a client started it with no argument at all."""
 _REJECTED_FIELD = {ErrorType.UNKNOWN_SENDER: "email.sender", ErrorType.UNKNOWN_LANE: "lane"}
+CANCEL_WAITS_PATCH = "postlane-cancel-waits-for-send"
+"""Since this patch a workflow cancel waits for the send in flight, whose receipt wins."""
+CANCEL_ENDS_CANCELLED_PATCH = "postlane-cancel-ends-cancelled"
+"""Before this patch a cancelled send was taken for a failure and parked the email."""
 
 
 @workflow.defn(name="SendEmail")
@@ -64,7 +70,11 @@ class SendEmailWorkflow:
     Statuses (search attribute `PostlaneStatus`): ``scheduled`` while waiting for
     ``send_at``, ``queued`` while the lane works on it, then ``sent``, ``failed`` (the server
     refused it for good), ``dead_letter`` (transient failures outlasted the retry policy;
-    waits for a ``retry`` or ``discard`` signal) or ``cancelled``.
+    waits for a ``retry`` or ``discard``) or ``cancelled``.
+
+    A workflow cancel ends the email ``cancelled`` wherever it waits (scheduled, for a lane
+    slot, between attempts, parked), except that a transaction already at DATA is let
+    finish: if the server accepted it the email ends ``sent`` with its receipt.
     """
 
     def __init__(self) -> None:
@@ -81,6 +91,9 @@ class SendEmailWorkflow:
         self._parked_at: datetime | None = None
         self._attempt_history: list[AttemptRecord] = []
         self._headline = ""
+        self._failed_in_send = 0
+        """Failed attempts reported (``attempt_failed``) by the send activity now running."""
+        self._cancelling = False
 
     @workflow.run
     async def run(self, raw: RawValue = NO_INPUT) -> DeliveryReceipt:
@@ -186,37 +199,55 @@ class SendEmailWorkflow:
         while True:
             self._set_status(EmailStatus.QUEUED)
             dispatched_at = workflow.now()
+            waits = workflow.patched(CANCEL_WAITS_PATCH)
+            send: ActivityHandle[DeliveryReceipt] = workflow.start_activity(
+                SEND_EMAIL_ACTIVITY,
+                request,
+                result_type=DeliveryReceipt,
+                task_queue=lane_task_queue(req.lane),
+                start_to_close_timeout=SMTP_START_TO_CLOSE,
+                schedule_to_close_timeout=req.retry.retry_window,
+                heartbeat_timeout=SMTP_HEARTBEAT,
+                retry_policy=smtp_retry(req.retry),
+                # Every send carries a fairness key: keyless tasks would all share one.
+                priority=TemporalPriority(
+                    priority_key=req.priority.key,
+                    fairness_key=req.email.recipient_domains[0][:64],
+                ),
+                # Server-side retries within this invocation show as the pending
+                # activity's attempt counter; N is the email's first attempt in it.
+                summary=f"SMTP send via lane {req.lane}, attempt {self._attempts + 1}",
+                cancellation_type=(
+                    ActivityCancellationType.WAIT_CANCELLATION_COMPLETED
+                    if waits
+                    else ActivityCancellationType.TRY_CANCEL
+                ),
+            )
             try:
-                receipt: DeliveryReceipt = await workflow.execute_activity(
-                    SEND_EMAIL_ACTIVITY,
-                    request,
-                    result_type=DeliveryReceipt,
-                    task_queue=lane_task_queue(req.lane),
-                    start_to_close_timeout=SMTP_START_TO_CLOSE,
-                    schedule_to_close_timeout=req.retry.retry_window,
-                    heartbeat_timeout=SMTP_HEARTBEAT,
-                    retry_policy=smtp_retry(req.retry),
-                    # Every send carries a fairness key: keyless tasks would all share one.
-                    priority=TemporalPriority(
-                        priority_key=req.priority.key,
-                        fairness_key=req.email.recipient_domains[0][:64],
-                    ),
-                    # Server-side retries within this invocation show as the pending
-                    # activity's attempt counter; N is the email's first attempt in it.
-                    summary=f"SMTP send via lane {req.lane}, attempt {self._attempts + 1}",
-                )
+                receipt = await (self._outcome(send) if waits else send)
             except ActivityError as err:
                 failure = application_failure(err)
+                if is_cancelled_exception(err) and workflow.patched(CANCEL_ENDS_CANCELLED_PATCH):
+                    # Cancelled by this workflow's cancel, before anything was delivered.
+                    self._attempts += self._failed_in_send
+                    self._failed_in_send = 0
+                    self._set_status(EmailStatus.CANCELLED)
+                    raise
                 self._attempts += _attempts_of(failure)
+                self._failed_in_send = 0
                 self._last_error = failure.message if failure else str(err.cause or err)
                 if failure is not None and (failure.non_retryable or failure.type in NON_RETRYABLE):
                     self._set_status(EmailStatus.FAILED)
                     raise ApplicationError(
                         self._last_error,
-                        *failure.details,
+                        *_with_attempts(failure.details, self._attempts),
                         type=failure.type,
                         non_retryable=True,
                     ) from err
+                if self._cancelling:
+                    # The send failed while the cancel waited for it: stop, do not park.
+                    self._set_status(EmailStatus.CANCELLED)
+                    raise asyncio.CancelledError("cancelled while its send failed") from err
                 correction = await self._park()
                 if correction.lane and correction.lane != req.lane:
                     workflow.upsert_search_attributes([sa.LANE.value_set(correction.lane)])
@@ -224,14 +255,31 @@ class SendEmailWorkflow:
                 request = request.model_copy(update={"email": req.email, "lane": req.lane})
                 self._input = req
                 continue
+            self._attempts += receipt.attempts
+            self._failed_in_send = 0
             self._receipt = receipt.model_copy(
-                update={
-                    "attempts": self._attempts + receipt.attempts,
-                    "dispatched_at": dispatched_at,
-                }
+                update={"attempts": self._attempts, "dispatched_at": dispatched_at}
             )
             self._set_status(EmailStatus.SENT)
             return self._receipt
+
+    async def _outcome(self, send: ActivityHandle[DeliveryReceipt]) -> DeliveryReceipt:
+        """The send's result; a workflow cancel asks the send to stop and waits for it.
+
+        The send activity lets a transaction already at DATA finish, so a cancel that comes
+        too late returns the receipt (the email was delivered) instead of a cancellation.
+        """
+        try:
+            # Shielded: the workflow's cancel must not cancel the send before we look.
+            return await asyncio.shield(send)
+        except asyncio.CancelledError:
+            self._cancelling = True
+            # A result that came with the cancel resolves once every ready task has run,
+            # which is when conditions are checked: then it is not thrown away.
+            await workflow.wait_condition(lambda: True)
+            if not send.done():
+                send.cancel()
+            return await send
 
     async def _wait_for_slot(self, req: SendEmailInput) -> None:
         """Ask the lane's quota workflow for a send slot; wait (``scheduled``) until granted."""
@@ -277,22 +325,46 @@ class SendEmailWorkflow:
         return correction
 
     def _set_status(self, status: EmailStatus) -> None:
-        details = f"{self._headline}status: {status}; attempts: {self._attempts}"
-        if self._last_error:
-            details += f"; last SMTP reply: {self._last_error}"
-        if status == EmailStatus.DEAD_LETTER and self._parked_at is not None:
-            details += f"; parked since {self._parked_at.isoformat(timespec='seconds')}"
-        workflow.set_current_details(details)
+        self._publish_details(status)
         if status != self._status:
             self._status = status
             workflow.upsert_search_attributes([sa.STATUS.value_set(status.value)])
 
+    def _publish_details(self, status: EmailStatus) -> None:
+        """The Web UI's current details; the same attempt count and reply as `status`."""
+        details = f"{self._headline}status: {status}; attempts: {self._attempt_count()}"
+        reply = self._receipt.smtp_reply if self._receipt is not None else self._last_error
+        if reply:
+            details += f"; last SMTP reply: {reply}"
+        if status == EmailStatus.DEAD_LETTER and self._parked_at is not None:
+            details += f"; parked since {self._parked_at.isoformat(timespec='seconds')}"
+        workflow.set_current_details(details)
+
+    def _attempt_count(self) -> int:
+        """Attempts made so far: earlier sends' plus the failed ones of the send running."""
+        if self._receipt is not None:
+            return self._receipt.attempts
+        return self._attempts + self._failed_in_send
+
     @workflow.signal(name="retry")
     def retry(self, request: RetryRequest) -> None:
-        """Send a dead-lettered email again (ignored in any other state)."""
+        """Send a dead-lettered email again (ignored in any other state).
+
+        Kept for older clients and the Web UI's signal dialog; clients use the update.
+        """
         if self._status == EmailStatus.DEAD_LETTER:
             self._retry_requested = True
             self._correction = request
+
+    @workflow.update(name="retry")
+    def retry_update(self, request: RetryRequest) -> None:
+        """Send a dead-lettered email again, optionally corrected; refused in any other state."""
+        self._retry_requested = True
+        self._correction = request
+
+    @retry_update.validator
+    def _validate_retry(self, request: RetryRequest) -> None:
+        self._refuse_unless_parked("retry")
 
     @workflow.signal(name="attempt_failed")
     def attempt_failed(self, record: AttemptRecord) -> None:
@@ -303,12 +375,42 @@ class SendEmailWorkflow:
         """
         numbered = record.model_copy(update={"attempt": self._attempts + record.attempt})
         self._attempt_history = [*self._attempt_history, numbered][-MAX_ATTEMPT_HISTORY:]
+        self._failed_in_send = max(self._failed_in_send, record.attempt)
+        self._last_error = record.reply
+        self._publish_details(self._status)
 
     @workflow.signal(name="discard")
     def discard(self, request: RetryRequest) -> None:
-        """Give up on a dead-lettered email (ignored in any other state)."""
+        """Give up on a dead-lettered email (ignored in any other state).
+
+        Kept for older clients and the Web UI's signal dialog; clients use the update.
+        """
         if self._status == EmailStatus.DEAD_LETTER:
             self._discard_requested = True
+
+    @workflow.update(name="discard")
+    def discard_update(self, request: RetryRequest) -> None:
+        """Give up on a dead-lettered email (it ends cancelled); refused in any other state."""
+        self._discard_requested = True
+
+    @discard_update.validator
+    def _validate_discard(self, request: RetryRequest) -> None:
+        self._refuse_unless_parked("discard")
+
+    def _refuse_unless_parked(self, action: str) -> None:
+        """Reject an operator's `action` (update validator) unless the email is parked."""
+        if self._retry_requested or self._discard_requested:
+            raise ApplicationError(
+                "the email is already leaving dead_letter (a retry or discard was taken)",
+                type=ErrorType.ACTION_REFUSED,
+                non_retryable=True,
+            )
+        if self._status != EmailStatus.DEAD_LETTER:
+            raise ApplicationError(
+                f"cannot {action}: the email is {self._status}, not dead_letter",
+                type=ErrorType.ACTION_REFUSED,
+                non_retryable=True,
+            )
 
     @workflow.query(name="status")
     def status(self) -> EmailReport:
@@ -320,7 +422,7 @@ class SendEmailWorkflow:
             lane=req.lane if req else None,
             subject=req.email.subject if req else "",
             recipients=req.email.recipients if req else [],
-            attempts=self._receipt.attempts if self._receipt else self._attempts,
+            attempts=self._attempt_count(),
             last_error=self._last_error,
             scheduled_for=self._scheduled_for if self._status == EmailStatus.SCHEDULED else None,
             parked_at=self._parked_at,
@@ -359,6 +461,13 @@ def application_failure(err: BaseException) -> ApplicationError | None:
             return cause
         cause = cause.__cause__ or getattr(cause, "cause", None)
     return None
+
+
+def _with_attempts(details: Sequence[Any], attempts: int) -> list[Any]:
+    """`details` with the email's attempts so far (a client reads them without a worker)."""
+    if details and isinstance(details[0], dict):
+        return [{**details[0], "attempts": attempts}, *details[1:]]
+    return [{"attempts": attempts}, *details]
 
 
 def _attempts_of(failure: ApplicationError | None) -> int:
