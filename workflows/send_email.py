@@ -36,6 +36,8 @@ SLOT_REQUEST_RETRY = timedelta(seconds=30)
 DISCARDED = "EmailDiscarded"
 PARKED_AT_PATCH = "postlane-parked-at"
 """Workflows that parked before this patch did not upsert `PostlaneParkedAt`."""
+DELIVERY_ACCEPTED_PATCH = "postlane-delivery-accepted"
+"""Before this patch an attempt that failed after ``delivery_accepted`` was not sent."""
 
 
 @workflow.defn(name="SendEmail")
@@ -47,6 +49,9 @@ class SendEmailWorkflow:
     refused it for good), ``dead_letter`` (transient failures outlasted the retry policy;
     waits for a ``retry`` or ``discard`` signal) or ``cancelled``.
     """
+
+    _accepted: DeliveryReceipt | None = None
+    """What the SMTP server accepted, as the activity signalled it (``delivery_accepted``)."""
 
     def __init__(self) -> None:
         self._input: SendEmailInput | None = None
@@ -112,6 +117,18 @@ class SendEmailWorkflow:
                     summary=f"SMTP send via lane {req.lane}, attempt {self._attempts + 1}",
                 )
             except ActivityError as err:
+                accepted = self._accepted
+                if accepted is not None and workflow.patched(DELIVERY_ACCEPTED_PATCH):
+                    # The server accepted DATA and the attempt then died without a retry
+                    # left (or was cancelled): the email went out, so it is sent.
+                    self._receipt = accepted.model_copy(
+                        update={
+                            "attempts": self._attempts + accepted.attempts,
+                            "dispatched_at": dispatched_at,
+                        }
+                    )
+                    self._set_status(EmailStatus.SENT)
+                    return self._receipt
                 failure = application_failure(err)
                 self._attempts += _attempts_of(failure)
                 self._last_error = failure.message if failure else str(err.cause or err)
@@ -209,6 +226,21 @@ class SendEmailWorkflow:
         """
         numbered = record.model_copy(update={"attempt": self._attempts + record.attempt})
         self._attempt_history = [*self._attempt_history, numbered][-MAX_ATTEMPT_HISTORY:]
+
+    @workflow.signal(name="delivery_accepted")
+    def delivery_accepted(self, receipt: DeliveryReceipt) -> None:
+        """The SMTP server accepted DATA (signalled by the activity before it completes).
+
+        It makes the acceptance durable: a retry of the activity finds this signal in the
+        history and returns the receipt instead of sending again.
+        """
+        if self._accepted is None:
+            self._accepted = receipt
+
+    @workflow.query(name="accepted_receipt")
+    def accepted_receipt(self) -> DeliveryReceipt | None:
+        """The receipt of the DATA the server accepted, once the activity signalled it."""
+        return self._accepted
 
     @workflow.signal(name="discard")
     def discard(self, request: RetryRequest) -> None:
