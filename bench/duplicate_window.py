@@ -1,0 +1,308 @@
+"""Duplicates per worker kill: emails that reached the SMTP server twice because the worker
+that sent them was SIGKILLed after the server accepted DATA.
+
+Run from the repository root::
+
+    .venv/bin/python bench/duplicate_window.py [--emails 1000] [--kill-every 2]
+
+For each code version ("before": the branch point with main, read from git; "after": this
+working tree) it starts a fresh Temporal dev server, an SMTP sink in this process (the
+`SmtpCatcher`) and ``--workers`` worker processes (``python worker.py`` of that version,
+each hosting the workflows and the one lane). It starts ``--emails`` emails at once and,
+while they go out, SIGKILLs a random worker every ``--kill-every`` seconds (jittered
+±50 %) and starts a fresh one in its place. When every email's workflow has finished it
+counts the copies of each Message-ID the sink received. A copy beyond the first is a
+duplicate; the figure is duplicates per kill. See bench/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import random
+import signal
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from collections import Counter
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from temporalio.testing import WorkflowEnvironment  # noqa: E402
+
+from postlane import search_attributes as sa  # noqa: E402
+from postlane.binaries import dev_server_path  # noqa: E402
+from postlane.catcher import SmtpCatcher  # noqa: E402
+from postlane.client import PostlaneClient  # noqa: E402
+from postlane.config import LaneConfig, Settings  # noqa: E402
+from postlane.connection import data_converter  # noqa: E402
+from postlane.dev import SERVER_TUNING  # noqa: E402
+from postlane.models import Email, RetrySettings  # noqa: E402
+from tests.procs import activity_pollers, lanes_toml  # noqa: E402
+
+LANE = "dup"
+ACCEPTED_SIGNAL = "delivery_accepted"
+
+
+def checkout(ref: str, into: Path) -> Path:
+    """The tree of git `ref`, extracted into `into` (workers run from there)."""
+    archive = subprocess.run(
+        ["git", "-C", str(REPO), "archive", "--format=tar", ref],
+        check=True,
+        capture_output=True,
+    ).stdout
+    into.mkdir(parents=True)
+    tar = into.parent / f"{into.name}.tar"
+    tar.write_bytes(archive)
+    with tarfile.open(tar) as t:
+        t.extractall(into, filter="data")
+    return into
+
+
+def git(*args: str) -> str:
+    return subprocess.run(
+        ["git", "-C", str(REPO), *args], check=True, capture_output=True, text=True
+    ).stdout.strip()
+
+
+class Workers:
+    """``python worker.py`` processes of one code tree; SIGKILLed and replaced on demand."""
+
+    def __init__(self, tree: Path, env: dict[str, str], logs: Path, count: int) -> None:
+        self._tree, self._env, self._logs = tree, env, logs
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.started = 0
+        for _ in range(count):
+            self.procs.append(self._start())
+
+    def _start(self) -> subprocess.Popen[bytes]:
+        self.started += 1
+        with (self._logs / f"worker-{self.started}.log").open("wb") as log:
+            return subprocess.Popen(
+                [sys.executable, "worker.py", "--no-inbound"],
+                cwd=self._tree,
+                env=self._env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+
+    def kill_one(self, rng: random.Random) -> None:
+        i = rng.randrange(len(self.procs))
+        self.procs[i].send_signal(signal.SIGKILL)
+        self.procs[i].wait()
+        self.procs[i] = self._start()
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self.procs:
+            try:
+                proc.wait(40)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+async def run_version(
+    name: str, tree: Path, args: argparse.Namespace, work: Path
+) -> dict[str, Any]:
+    """One full run (fresh server, sink and workers) of the code in `tree`, in `work`."""
+    env = await WorkflowEnvironment.start_local(
+        dev_server_existing_path=dev_server_path(),
+        data_converter=data_converter(),
+        search_attributes=list(sa.ALL),
+        dev_server_extra_args=[*SERVER_TUNING, "--db-filename", str(work / "temporal.db")],
+    )
+    workers: Workers | None = None
+    try:
+        with SmtpCatcher() as sink:
+            lane = LaneConfig(
+                name=LANE,
+                senders=["*"],
+                smtp_host=sink.host,
+                smtp_port=sink.port,
+                smtp_tls="none",
+                rate_per_second=1000,
+                max_concurrent=args.concurrency,
+                retry=RetrySettings(
+                    initial_interval=timedelta(seconds=1), maximum_interval=timedelta(seconds=5)
+                ),
+            )
+            config = work / "postlane.toml"
+            config.write_text(lanes_toml([lane]))
+            worker_env = {
+                k: v for k, v in os.environ.items() if not k.startswith(("TEMPORAL_", "POSTLANE_"))
+            }
+            worker_env.update(
+                TEMPORAL_ADDRESS=env.client.service_client.config.target_host,
+                TEMPORAL_NAMESPACE=env.client.namespace,
+                POSTLANE_CONFIG=str(config),
+                PYTHONUNBUFFERED="1",
+            )
+            workers = Workers(tree, worker_env, work, args.workers)
+            client = env.client
+            deadline = time.monotonic() + 120
+            while len(await activity_pollers(client, lane.task_queue)) < args.workers:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{name}: workers did not start; see {work}")
+                await asyncio.sleep(0.5)
+
+            pl = PostlaneClient(client, Settings(lanes=[lane]))
+            rng = random.Random(args.seed)
+            started_at = time.monotonic()
+            handles = []
+            for i in range(0, args.emails, 100):
+                batch = range(i, min(i + 100, args.emails))
+                handles += await asyncio.gather(
+                    *(
+                        pl.send(
+                            Email(
+                                sender="app@dup.test",
+                                to=[f"r{n}@example.test"],
+                                subject=f"#{n}",
+                                text="x",
+                            ),
+                            key=f"{name}-{n}",
+                        )
+                        for n in batch
+                    )
+                )
+            kills = 0
+            done = asyncio.gather(*(h.result() for h in handles), return_exceptions=True)
+            while not done.done():
+                pause = args.kill_every * rng.uniform(0.5, 1.5)
+                try:
+                    await asyncio.wait_for(asyncio.shield(done), pause)
+                except TimeoutError:
+                    # Kill only while mail is still going out.
+                    if len({m.message_id for m in sink.messages}) < args.emails:
+                        workers.kill_one(rng)
+                        kills += 1
+            results = done.result()
+            elapsed = time.monotonic() - started_at
+            failures = [r for r in results if isinstance(r, BaseException)]
+            copies = Counter(m.message_id for m in sink.messages)
+            duplicated = {mid: n for mid, n in copies.items() if n > 1}
+            signalled = 0
+            if name == "after":
+                for h in handles:
+                    history = await client.get_workflow_handle(h.workflow_id).fetch_history()
+                    signalled += sum(
+                        1
+                        for e in history.events
+                        if e.HasField("workflow_execution_signaled_event_attributes")
+                        and e.workflow_execution_signaled_event_attributes.signal_name
+                        == ACCEPTED_SIGNAL
+                    )
+            sessions = len(sink.sessions)
+    finally:
+        if workers is not None:
+            workers.stop()
+        await env.shutdown()
+    duplicates = sum(n - 1 for n in duplicated.values())
+    return {
+        "version": name,
+        "emails": args.emails,
+        "kills": kills,
+        "worker_processes_started": workers.started if workers else 0,
+        "seconds": round(elapsed, 1),
+        "emails_per_second": round(args.emails / elapsed, 1),
+        "failed_workflows": len(failures),
+        "distinct_message_ids_received": len(copies),
+        "copies_received": sum(copies.values()),
+        "duplicates": duplicates,
+        "emails_duplicated": len(duplicated),
+        "duplicates_per_kill": round(duplicates / kills, 3) if kills else None,
+        "delivery_accepted_signals": signalled if name == "after" else None,
+        "smtp_sessions": sessions,
+    }
+
+
+def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+    lines = [
+        "# Duplicates per worker kill",
+        "",
+        f"{meta['when']}; {meta['machine']}; {meta['emails']} emails per version, "
+        f"{meta['workers']} worker processes (workflows + lane, max_concurrent "
+        f"{meta['concurrency']}), one SIGKILLed every {meta['kill_every']} s ± 50 % "
+        f"(and replaced) while mail was going out. Before = `{meta['before_ref']}`, "
+        f"after = `{meta['after_ref']}`. `bench/duplicate_window.py`.",
+        "",
+        "| version | kills | duplicates | duplicates per kill | emails/s | failed | "
+        "distinct Message-IDs | SMTP sessions |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['version']} | {r['kills']} | {r['duplicates']} | {r['duplicates_per_kill']} "
+            f"| {r['emails_per_second']} | {r['failed_workflows']} "
+            f"| {r['distinct_message_ids_received']} / {r['emails']} | {r['smtp_sessions']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--emails", type=int, default=1000)
+    parser.add_argument("--workers", type=int, default=3)
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--kill-every", type=float, default=2.0)
+    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--before", default=None, help="git ref (default: merge-base with main)")
+    parser.add_argument("--only", choices=["before", "after"], default=None)
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
+    args = parser.parse_args()
+    before_ref = args.before or git("merge-base", "HEAD", "main")
+    after_ref = git("rev-parse", "--short", "HEAD") + (
+        " + working tree" if git("status", "--porcelain", "--", "activities", "workflows") else ""
+    )
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="pl-dup-") as tmp:
+        work = Path(tmp)
+        versions = [("before", checkout(before_ref, work / "before-tree")), ("after", REPO)]
+        for name, tree in versions:
+            if args.only and name != args.only:
+                continue
+            (work / name).mkdir()
+            row = asyncio.run(run_version(name, tree, args, work / name))
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    meta = {
+        "when": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": f"{os.cpu_count()} cores, {platform.python_version()}",
+        "emails": args.emails,
+        "workers": args.workers,
+        "concurrency": args.concurrency,
+        "kill_every": args.kill_every,
+        "before_ref": before_ref[:10],
+        "after_ref": after_ref,
+    }
+    stem = "duplicate_window" if not args.only else f"duplicate_window-{args.only}"
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"{stem}.json").write_text(
+        json.dumps({"meta": meta, "runs": rows}, indent=2) + "\n"
+    )
+    (args.out / f"{stem}.md").write_text(markdown(rows, meta))
+    print(markdown(rows, meta))
+    return 0
+
+
+if __name__ == "__main__":
+    code = 1
+    try:
+        code = main()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)  # the SDK can abort at interpreter shutdown (sdk-python#300)
