@@ -46,6 +46,7 @@ from postlane.client import PostlaneClient  # noqa: E402
 from postlane.config import LaneConfig, Settings  # noqa: E402
 from postlane.connection import data_converter  # noqa: E402
 from postlane.dev import SERVER_TUNING  # noqa: E402
+from postlane.ids import message_id  # noqa: E402
 from postlane.models import Email, RetrySettings  # noqa: E402
 from tests.procs import activity_pollers, lanes_toml  # noqa: E402
 
@@ -194,11 +195,15 @@ async def run_version(
             failures = [r for r in results if isinstance(r, BaseException)]
             copies = Counter(m.message_id for m in sink.messages)
             duplicated = {mid: n for mid, n in copies.items() if n > 1}
-            signalled = 0
+            # Per email: how many acceptances reached its history as a signal. A duplicate
+            # whose every copy was signalled would mean a retry sent after a recorded
+            # acceptance (a bug); one copy fewer means the kill fell between the
+            # server's 250 and the signal (the window that remains).
+            signals: dict[str, int] = {}
             if name == "after":
                 for h in handles:
                     history = await client.get_workflow_handle(h.workflow_id).fetch_history()
-                    signalled += sum(
+                    signals[message_id(h.workflow_id, "dup.test")] = sum(
                         1
                         for e in history.events
                         if e.HasField("workflow_execution_signaled_event_attributes")
@@ -224,7 +229,11 @@ async def run_version(
         "duplicates": duplicates,
         "emails_duplicated": len(duplicated),
         "duplicates_per_kill": round(duplicates / kills, 3) if kills else None,
-        "delivery_accepted_signals": signalled if name == "after" else None,
+        "delivery_accepted_signals": sum(signals.values()) if signals else None,
+        "duplicates_after_recorded_acceptance": (
+            sum(1 for mid, n in duplicated.items() if signals.get(mid, 0) >= n) if signals else None
+        ),
+        "load_average_1m": round(os.getloadavg()[0], 1),
         "smtp_sessions": sessions,
     }
 
@@ -239,15 +248,18 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         f"(and replaced) while mail was going out. Before = `{meta['before_ref']}`, "
         f"after = `{meta['after_ref']}`. `bench/duplicate_window.py`.",
         "",
-        "| version | kills | duplicates | duplicates per kill | emails/s | failed | "
-        "distinct Message-IDs | SMTP sessions |",
-        "|---|---|---|---|---|---|---|---|",
+        "| version | kills | duplicates | duplicates per kill | of which after a recorded "
+        "acceptance | emails/s | failed | distinct Message-IDs | SMTP sessions | load (1 min) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        recorded = r["duplicates_after_recorded_acceptance"]
         lines.append(
             f"| {r['version']} | {r['kills']} | {r['duplicates']} | {r['duplicates_per_kill']} "
+            f"| {'n/a' if recorded is None else recorded} "
             f"| {r['emails_per_second']} | {r['failed_workflows']} "
-            f"| {r['distinct_message_ids_received']} / {r['emails']} | {r['smtp_sessions']} |"
+            f"| {r['distinct_message_ids_received']} / {r['emails']} | {r['smtp_sessions']} "
+            f"| {r['load_average_1m']} |"
         )
     return "\n".join(lines) + "\n"
 
