@@ -14,14 +14,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 from collections.abc import AsyncIterator
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
-from temporalio.client import Client
+from temporalio.client import Client, WorkflowHistory
 from temporalio.testing import WorkflowEnvironment
-from temporalio.worker import Worker
+from temporalio.worker import Replayer, Worker
 
 from activities.smtp import ACCEPTED_SIGNAL, SmtpActivities
 from postlane.catcher import CaughtMessage, SmtpCatcher
@@ -32,6 +34,12 @@ from postlane.ids import WORKFLOW_TASK_QUEUE
 from postlane.models import Email, RetrySettings
 from postlane.testing import catcher_lane
 from postlane.worker import build_workers
+from workflows import WORKFLOWS, workflow_runner
+
+HISTORIES = Path(__file__).parent / "histories"
+LOST_AFTER_ACCEPTED = HISTORIES / "send_email_accepted_attempt_lost.json"
+"""An attempt that signalled ``delivery_accepted`` and then timed out with no retry left
+(record again with ``POSTLANE_RECORD_HISTORIES=1``)."""
 
 pytestmark = pytest.mark.devserver
 
@@ -190,3 +198,17 @@ async def test_send_accepted_data_is_never_sent_again(
         assert completed == ["survivor"], completed
     else:
         assert started == [1] and completed == [], (started, completed)
+    await replay(history)
+    if os.environ.get("POSTLANE_RECORD_HISTORIES") and maximum_attempts == 1:
+        LOST_AFTER_ACCEPTED.write_text(history.to_json())
+
+
+async def replay(history: WorkflowHistory) -> None:
+    await Replayer(
+        workflows=WORKFLOWS, data_converter=data_converter(), workflow_runner=workflow_runner()
+    ).replay_workflow(history)
+
+
+async def test_replay_recorded_accepted_attempt_lost() -> None:
+    assert LOST_AFTER_ACCEPTED.exists(), f"record {LOST_AFTER_ACCEPTED.name}: see its docstring"
+    await replay(WorkflowHistory.from_json("email:recorded", LOST_AFTER_ACCEPTED.read_text()))
