@@ -6,8 +6,8 @@ Run from the repository root::
     .venv/bin/python bench/duplicate_window.py [--emails 1000] [--kill-every 2]
 
 For each code version ("before": the branch point with main, read from git; "after": this
-working tree) it starts a fresh Temporal dev server, an SMTP sink in this process (the
-`SmtpCatcher`) and ``--workers`` worker processes (``python worker.py`` of that version,
+working tree) it starts a fresh Temporal dev server, an SMTP sink in a process of its own
+(the `SmtpCatcher`) and ``--workers`` worker processes (``python worker.py`` of that version,
 each hosting the workflows and the one lane). It starts ``--emails`` emails at once and,
 while they go out, SIGKILLs a random worker every ``--kill-every`` seconds (jittered
 ±50 %) and starts a fresh one in its place. When every email's workflow has finished it
@@ -41,14 +41,13 @@ from temporalio.testing import WorkflowEnvironment  # noqa: E402
 
 from postlane import search_attributes as sa  # noqa: E402
 from postlane.binaries import dev_server_path  # noqa: E402
-from postlane.catcher import SmtpCatcher  # noqa: E402
 from postlane.client import PostlaneClient  # noqa: E402
 from postlane.config import LaneConfig, Settings  # noqa: E402
 from postlane.connection import data_converter  # noqa: E402
 from postlane.dev import SERVER_TUNING  # noqa: E402
 from postlane.ids import message_id  # noqa: E402
 from postlane.models import Email, RetrySettings  # noqa: E402
-from tests.procs import activity_pollers, lanes_toml  # noqa: E402
+from tests.procs import activity_pollers, free_port, lanes_toml  # noqa: E402
 
 LANE = "dup"
 ACCEPTED_SIGNAL = "delivery_accepted"
@@ -67,6 +66,66 @@ def checkout(ref: str, into: Path) -> Path:
     with tarfile.open(tar) as t:
         t.extractall(into, filter="data")
     return into
+
+
+SINK_SCRIPT = """
+import signal, sys, threading
+from postlane.catcher import SmtpCatcher
+out = open(sys.argv[2], "a", buffering=1)
+lock = threading.Lock()
+def caught(message):
+    with lock:
+        out.write(f"M {message.message_id} {message.received_at}\\n")
+stop = threading.Event()
+signal.signal(signal.SIGTERM, lambda *_: stop.set())
+with SmtpCatcher(port=int(sys.argv[1]), on_message=caught) as sink:
+    out.write("READY\\n")
+    stop.wait()
+    with lock:
+        out.write(f"S {len(sink.sessions)}\\n")
+"""
+
+
+class Sink:
+    """The SMTP sink (`SmtpCatcher`) in a process of its own, so that it answers 250 as
+    soon as it has stored a message, however busy this process is."""
+
+    def __init__(self, tree: Path, work: Path) -> None:
+        self.port = free_port()
+        self._log = work / "sink.log"
+        self._proc = subprocess.Popen(
+            [sys.executable, "-c", SINK_SCRIPT, str(self.port), str(self._log)],
+            cwd=tree,
+            stdin=subprocess.DEVNULL,
+        )
+
+    def _lines(self) -> list[str]:
+        return self._log.read_text().splitlines() if self._log.exists() else []
+
+    async def ready(self) -> None:
+        while "READY" not in self._lines():
+            if self._proc.poll() is not None:
+                raise RuntimeError("the SMTP sink exited")
+            await asyncio.sleep(0.1)
+
+    def message_ids(self) -> list[str]:
+        return [line.split()[1] for line in self._lines() if line.startswith("M ")]
+
+    def first_accepted(self) -> dict[str, float]:
+        """Message-ID → when the sink first stored it (`time.time()`)."""
+        first: dict[str, float] = {}
+        for line in self._lines():
+            if line.startswith("M "):
+                _, mid, at = line.split()
+                first.setdefault(mid, float(at))
+        return first
+
+    def stop(self) -> int:
+        """Stop the sink; the number of SMTP sessions it saw."""
+        self._proc.terminate()
+        self._proc.wait(30)
+        counts = [int(line[2:]) for line in self._lines() if line.startswith("S ")]
+        return counts[-1] if counts else -1
 
 
 def git(*args: str) -> str:
@@ -126,94 +185,111 @@ async def run_version(
         dev_server_extra_args=[*SERVER_TUNING, "--db-filename", str(work / "temporal.db")],
     )
     workers: Workers | None = None
+    sink = Sink(REPO, work)
     try:
-        with SmtpCatcher() as sink:
-            lane = LaneConfig(
-                name=LANE,
-                senders=["*"],
-                smtp_host=sink.host,
-                smtp_port=sink.port,
-                smtp_tls="none",
-                rate_per_second=1000,
-                max_concurrent=args.concurrency,
-                retry=RetrySettings(
-                    initial_interval=timedelta(seconds=1), maximum_interval=timedelta(seconds=5)
-                ),
-            )
-            config = work / "postlane.toml"
-            config.write_text(lanes_toml([lane]))
-            worker_env = {
-                k: v for k, v in os.environ.items() if not k.startswith(("TEMPORAL_", "POSTLANE_"))
-            }
-            worker_env.update(
-                TEMPORAL_ADDRESS=env.client.service_client.config.target_host,
-                TEMPORAL_NAMESPACE=env.client.namespace,
-                POSTLANE_CONFIG=str(config),
-                PYTHONUNBUFFERED="1",
-            )
-            workers = Workers(tree, worker_env, work, args.workers)
-            client = env.client
-            deadline = time.monotonic() + 120
-            while len(await activity_pollers(client, lane.task_queue)) < args.workers:
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"{name}: workers did not start; see {work}")
-                await asyncio.sleep(0.5)
+        await sink.ready()
+        lane = LaneConfig(
+            name=LANE,
+            senders=["*"],
+            smtp_host="127.0.0.1",
+            smtp_port=sink.port,
+            smtp_tls="none",
+            rate_per_second=1000,
+            max_concurrent=args.concurrency,
+            retry=RetrySettings(
+                initial_interval=timedelta(seconds=1), maximum_interval=timedelta(seconds=5)
+            ),
+        )
+        config = work / "postlane.toml"
+        config.write_text(lanes_toml([lane]))
+        worker_env = {
+            k: v for k, v in os.environ.items() if not k.startswith(("TEMPORAL_", "POSTLANE_"))
+        }
+        worker_env.update(
+            TEMPORAL_ADDRESS=env.client.service_client.config.target_host,
+            TEMPORAL_NAMESPACE=env.client.namespace,
+            POSTLANE_CONFIG=str(config),
+            PYTHONUNBUFFERED="1",
+        )
+        workers = Workers(tree, worker_env, work, args.workers)
+        client = env.client
+        deadline = time.monotonic() + 120
+        while len(await activity_pollers(client, lane.task_queue)) < args.workers:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{name}: workers did not start; see {work}")
+            await asyncio.sleep(0.5)
 
-            pl = PostlaneClient(client, Settings(lanes=[lane]))
-            rng = random.Random(args.seed)
-            started_at = time.monotonic()
-            handles = []
-            for i in range(0, args.emails, 100):
-                batch = range(i, min(i + 100, args.emails))
-                handles += await asyncio.gather(
-                    *(
-                        pl.send(
-                            Email(
-                                sender="app@dup.test",
-                                to=[f"r{n}@example.test"],
-                                subject=f"#{n}",
-                                text="x",
-                            ),
-                            key=f"{name}-{n}",
-                        )
-                        for n in batch
+        pl = PostlaneClient(client, Settings(lanes=[lane]))
+        rng = random.Random(args.seed)
+        started_at = time.monotonic()
+        handles = []
+        for i in range(0, args.emails, 100):
+            batch = range(i, min(i + 100, args.emails))
+            handles += await asyncio.gather(
+                *(
+                    pl.send(
+                        Email(
+                            sender="app@dup.test",
+                            to=[f"r{n}@example.test"],
+                            subject=f"#{n}",
+                            text="x",
+                        ),
+                        key=f"{name}-{n}",
                     )
+                    for n in batch
                 )
-            kills = 0
-            done = asyncio.gather(*(h.result() for h in handles), return_exceptions=True)
-            while not done.done():
-                pause = args.kill_every * rng.uniform(0.5, 1.5)
-                try:
-                    await asyncio.wait_for(asyncio.shield(done), pause)
-                except TimeoutError:
-                    # Kill only while mail is still going out.
-                    if len({m.message_id for m in sink.messages}) < args.emails:
-                        workers.kill_one(rng)
-                        kills += 1
-            results = done.result()
-            elapsed = time.monotonic() - started_at
-            failures = [r for r in results if isinstance(r, BaseException)]
-            copies = Counter(m.message_id for m in sink.messages)
-            duplicated = {mid: n for mid, n in copies.items() if n > 1}
-            # Per email: how many acceptances reached its history as a signal. A duplicate
-            # whose every copy was signalled would mean a retry sent after a recorded
-            # acceptance (a bug); one copy fewer means the kill fell between the
-            # server's 250 and the signal (the window that remains).
-            signals: dict[str, int] = {}
+            )
+        kills = 0
+        done = asyncio.gather(*(h.result() for h in handles), return_exceptions=True)
+        while not done.done():
+            pause = args.kill_every * rng.uniform(0.5, 1.5)
+            try:
+                await asyncio.wait_for(asyncio.shield(done), pause)
+            except TimeoutError:
+                # Kill only while mail is still going out.
+                if len(set(sink.message_ids())) < args.emails:
+                    workers.kill_one(rng)
+                    kills += 1
+        results = done.result()
+        elapsed = time.monotonic() - started_at
+        failures = [r for r in results if isinstance(r, BaseException)]
+        copies = Counter(sink.message_ids())
+        duplicated = {mid: n for mid, n in copies.items() if n > 1}
+        # Per email: how many acceptances reached its history as a signal. A duplicate
+        # whose every copy was signalled would mean a retry sent after a recorded
+        # acceptance (a bug); one copy fewer means the kill fell between the
+        # server's 250 and the signal (the window that remains).
+        signals: dict[str, int] = {}
+        # How long, per email sent once, from the sink storing it to Temporal holding a
+        # record of it: the signal (after) and the activity's completion (both).
+        to_signal: list[float] = []
+        to_completion: list[float] = []
+        stored = sink.first_accepted()
+        for h in handles:
+            history = await client.get_workflow_handle(h.workflow_id).fetch_history()
+            mid = message_id(h.workflow_id, "dup.test")
+            signalled = [
+                e.event_time.ToDatetime(UTC).timestamp()
+                for e in history.events
+                if e.HasField("workflow_execution_signaled_event_attributes")
+                and e.workflow_execution_signaled_event_attributes.signal_name == ACCEPTED_SIGNAL
+            ]
+            completed = [
+                e.event_time.ToDatetime(UTC).timestamp()
+                for e in history.events
+                if e.HasField("activity_task_completed_event_attributes")
+            ]
             if name == "after":
-                for h in handles:
-                    history = await client.get_workflow_handle(h.workflow_id).fetch_history()
-                    signals[message_id(h.workflow_id, "dup.test")] = sum(
-                        1
-                        for e in history.events
-                        if e.HasField("workflow_execution_signaled_event_attributes")
-                        and e.workflow_execution_signaled_event_attributes.signal_name
-                        == ACCEPTED_SIGNAL
-                    )
-            sessions = len(sink.sessions)
+                signals[mid] = len(signalled)
+            if copies.get(mid) == 1 and mid in stored:
+                if signalled:
+                    to_signal.append(signalled[0] - stored[mid])
+                if completed:
+                    to_completion.append(completed[0] - stored[mid])
     finally:
         if workers is not None:
             workers.stop()
+        sessions = sink.stop()
         await env.shutdown()
     duplicates = sum(n - 1 for n in duplicated.values())
     return {
@@ -234,8 +310,22 @@ async def run_version(
             sum(1 for mid, n in duplicated.items() if signals.get(mid, 0) >= n) if signals else None
         ),
         "load_average_1m": round(os.getloadavg()[0], 1),
+        "stored_to_signal_ms": percentiles(to_signal),
+        "stored_to_completion_ms": percentiles(to_completion),
         "smtp_sessions": sessions,
     }
+
+
+def percentiles(seconds: list[float]) -> dict[str, float] | None:
+    """p50/p90/p99/max in ms (nearest rank) of `seconds`."""
+    if not seconds:
+        return None
+    ordered = sorted(seconds)
+
+    def rank(p: float) -> float:
+        return round(1000 * ordered[min(len(ordered) - 1, int(p * len(ordered)))], 1)
+
+    return {"p50": rank(0.5), "p90": rank(0.9), "p99": rank(0.99), "max": rank(1.0)}
 
 
 def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
@@ -261,6 +351,23 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
             f"| {r['distinct_message_ids_received']} / {r['emails']} | {r['smtp_sessions']} "
             f"| {r['load_average_1m']} |"
         )
+    lines += [
+        "",
+        "Time from the sink storing a message to Temporal holding a record of it (emails "
+        "sent once; server event time minus sink time, same host), ms:",
+        "",
+        "| version | record | p50 | p90 | p99 | max |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        for label, key in (
+            ("signal", "stored_to_signal_ms"),
+            ("completion", "stored_to_completion_ms"),
+        ):
+            p = r.get(key)
+            if p:
+                cells = " | ".join(str(p[k]) for k in ("p50", "p90", "p99", "max"))
+                lines.append(f"| {r['version']} | {label} | {cells} |")
     return "\n".join(lines) + "\n"
 
 
@@ -274,6 +381,7 @@ def main() -> int:
     parser.add_argument("--before", default=None, help="git ref (default: merge-base with main)")
     parser.add_argument("--only", choices=["before", "after"], default=None)
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
+    parser.add_argument("--tag", default="", help="suffix of the result files' names")
     args = parser.parse_args()
     before_ref = args.before or git("merge-base", "HEAD", "main")
     after_ref = git("rev-parse", "--short", "HEAD") + (
@@ -300,7 +408,7 @@ def main() -> int:
         "before_ref": before_ref[:10],
         "after_ref": after_ref,
     }
-    stem = "duplicate_window" if not args.only else f"duplicate_window-{args.only}"
+    stem = "-".join(filter(None, ["duplicate_window", args.only, args.tag]))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{stem}.json").write_text(
         json.dumps({"meta": meta, "runs": rows}, indent=2) + "\n"
