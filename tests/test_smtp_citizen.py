@@ -1,6 +1,7 @@
 """A good SMTP citizen under throttling, end to end: a real worker process (``python
-worker.py``), the real Temporal dev server, and an SMTP server that counts sessions and
-commands at the socket level and says ``450 4.7.1`` at MAIL, as a throttling Postfix does.
+worker.py``), the real Temporal dev server, and SMTP servers that say ``450 4.7.1`` at
+MAIL: the `SmtpCatcher` (counting sessions and commands at the socket level) and a real,
+private Postfix throttled by its own client rate limit (read from its log).
 """
 
 from __future__ import annotations
@@ -21,7 +22,14 @@ from postlane.client import PostlaneClient
 from postlane.config import LaneConfig, Settings
 from postlane.models import Email, RetrySettings
 from postlane.testing import catcher_lane
-from tests.procs import WorkerProcess, postlane_env, wait_for_pollers, write_config
+from tests.postfix import Postfix
+from tests.procs import (
+    WorkerProcess,
+    assert_eventually,
+    postlane_env,
+    wait_for_pollers,
+    write_config,
+)
 
 pytestmark = pytest.mark.devserver
 
@@ -141,3 +149,45 @@ async def test_throttled_attempt_logs_one_line_without_traceback(
             for field in (f"lane={lane.name}", f"key={key}", f"attempt={attempt}", "reply="):
                 assert field in line, (field, line)
             assert THROTTLE in line
+
+
+async def test_throttling_postfix_sees_few_sessions_each_ending_with_quit(
+    dev_env: WorkflowEnvironment, tmp_path: Path
+) -> None:
+    # Postfix's own client rate limit: more than 10 messages in 2 s from 127.0.0.1 gets
+    # "450 4.7.1 Error: too much mail from 127.0.0.1" at MAIL.
+    with Postfix(
+        smtpd_client_message_rate_limit="10",
+        anvil_rate_time_unit="2s",
+        smtpd_client_event_limit_exceptions="",
+    ) as postfix:
+        lane = LaneConfig(
+            name=f"postfix-{uuid.uuid4().hex[:6]}",
+            senders=["*@citizen.test"],
+            smtp_host="127.0.0.1",
+            smtp_port=postfix.port,
+            smtp_tls="none",
+            rate_per_second=50,
+            max_concurrent=4,
+            retry=RetrySettings(
+                initial_interval=timedelta(seconds=1), maximum_interval=timedelta(seconds=2)
+            ),
+        )
+
+        keys, _ = await send_all(dev_env, tmp_path, lane, 60)
+
+        await assert_eventually(
+            lambda: len(postfix.sessions()) == postfix.connections(),
+            what="every session ended in postfix's log",
+        )
+        sessions = postfix.sessions()
+        queued = postfix.queued()
+        throttled = postfix.count("Message delivery request rate limit exceeded")
+
+    assert len(queued) == len(keys) and set(queued.values()) == {1}, queued
+    assert throttled > 0, "postfix never throttled: the test proves nothing"
+    refused = sum(s.refused("mail") for s in sessions)
+    assert refused == throttled
+    assert sum(s.sent("rset") for s in sessions) == refused
+    assert len(sessions) <= lane.max_concurrent, [s.counts for s in sessions]
+    assert [s.sent("quit") for s in sessions] == [1] * len(sessions)
