@@ -242,12 +242,12 @@ async def run_version(
         kills = 0
         done = asyncio.gather(*(h.result() for h in handles), return_exceptions=True)
         while not done.done():
-            pause = args.kill_every * rng.uniform(0.5, 1.5)
+            pause = (args.kill_every or 1.0) * rng.uniform(0.5, 1.5)
             try:
                 await asyncio.wait_for(asyncio.shield(done), pause)
             except TimeoutError:
                 # Kill only while mail is still going out.
-                if len(set(sink.message_ids())) < args.emails:
+                if args.kill_every > 0 and len(set(sink.message_ids())) < args.emails:
                     workers.kill_one(rng)
                     kills += 1
         results = done.result()
@@ -312,6 +312,8 @@ async def run_version(
         "load_average_1m": round(os.getloadavg()[0], 1),
         "stored_to_signal_ms": percentiles(to_signal),
         "stored_to_completion_ms": percentiles(to_completion),
+        "_to_signal": to_signal,
+        "_to_completion": to_completion,
         "smtp_sessions": sessions,
     }
 
@@ -328,24 +330,70 @@ def percentiles(seconds: list[float]) -> dict[str, float] | None:
     return {"p50": rank(0.5), "p90": rank(0.9), "p99": rank(0.99), "max": rank(1.0)}
 
 
-def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+def summarise(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per version, over its rounds: kills, duplicates and the pooled latencies."""
+    totals: dict[str, dict[str, Any]] = {}
+    for name in dict.fromkeys(r["version"] for r in rows):
+        mine = [r for r in rows if r["version"] == name]
+        kills = sum(r["kills"] for r in mine)
+        duplicates = sum(r["duplicates"] for r in mine)
+        recorded = [r["duplicates_after_recorded_acceptance"] for r in mine]
+        totals[name] = {
+            "rounds": len(mine),
+            "emails": sum(r["emails"] for r in mine),
+            "kills": kills,
+            "duplicates": duplicates,
+            "duplicates_per_kill": round(duplicates / kills, 3) if kills else None,
+            "duplicates_after_recorded_acceptance": (
+                None if None in recorded else sum(x for x in recorded if x is not None)
+            ),
+            "failed_workflows": sum(r["failed_workflows"] for r in mine),
+            "emails_per_second_median": sorted(r["emails_per_second"] for r in mine)[
+                len(mine) // 2
+            ],
+            "stored_to_signal_ms": percentiles([x for r in mine for x in r["_to_signal"]]),
+            "stored_to_completion_ms": percentiles([x for r in mine for x in r["_to_completion"]]),
+        }
+    return totals
+
+
+def markdown(
+    rows: list[dict[str, Any]], totals: dict[str, dict[str, Any]], meta: dict[str, Any]
+) -> str:
     lines = [
         "# Duplicates per worker kill",
         "",
-        f"{meta['when']}; {meta['machine']}; {meta['emails']} emails per version, "
+        f"{meta['when']}; {meta['machine']}; {meta['rounds']} rounds of {meta['emails']} "
+        "emails per version (order alternating), "
         f"{meta['workers']} worker processes (workflows + lane, max_concurrent "
         f"{meta['concurrency']}), one SIGKILLed every {meta['kill_every']} s ± 50 % "
         f"(and replaced) while mail was going out. Before = `{meta['before_ref']}`, "
         f"after = `{meta['after_ref']}`. `bench/duplicate_window.py`.",
         "",
-        "| version | kills | duplicates | duplicates per kill | of which after a recorded "
+        "| version | emails | kills | duplicates | duplicates per kill | of which after a "
+        "recorded acceptance | failed | emails/s (median round) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, t in totals.items():
+        recorded = t["duplicates_after_recorded_acceptance"]
+        lines.append(
+            f"| {name} | {t['emails']} | {t['kills']} | {t['duplicates']} "
+            f"| {t['duplicates_per_kill']} | {'n/a' if recorded is None else recorded} "
+            f"| {t['failed_workflows']} | {t['emails_per_second_median']} |"
+        )
+    lines += [
+        "",
+        "Each run:",
+        "",
+        "| version | round | kills | duplicates | duplicates per kill | of which after a recorded "
         "acceptance | emails/s | failed | distinct Message-IDs | SMTP sessions | load (1 min) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         recorded = r["duplicates_after_recorded_acceptance"]
         lines.append(
-            f"| {r['version']} | {r['kills']} | {r['duplicates']} | {r['duplicates_per_kill']} "
+            f"| {r['version']} | {r['round']} | {r['kills']} | {r['duplicates']} "
+            f"| {r['duplicates_per_kill']} "
             f"| {'n/a' if recorded is None else recorded} "
             f"| {r['emails_per_second']} | {r['failed_workflows']} "
             f"| {r['distinct_message_ids_received']} / {r['emails']} | {r['smtp_sessions']} "
@@ -354,20 +402,20 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     lines += [
         "",
         "Time from the sink storing a message to Temporal holding a record of it (emails "
-        "sent once; server event time minus sink time, same host), ms:",
+        "sent once, all rounds; server event time minus sink time, same host), ms:",
         "",
         "| version | record | p50 | p90 | p99 | max |",
         "|---|---|---|---|---|---|",
     ]
-    for r in rows:
+    for name, t in totals.items():
         for label, key in (
             ("signal", "stored_to_signal_ms"),
             ("completion", "stored_to_completion_ms"),
         ):
-            p = r.get(key)
+            p = t.get(key)
             if p:
                 cells = " | ".join(str(p[k]) for k in ("p50", "p90", "p99", "max"))
-                lines.append(f"| {r['version']} | {label} | {cells} |")
+                lines.append(f"| {name} | {label} | {cells} |")
     return "\n".join(lines) + "\n"
 
 
@@ -378,6 +426,7 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--kill-every", type=float, default=2.0)
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--before", default=None, help="git ref (default: merge-base with main)")
     parser.add_argument("--only", choices=["before", "after"], default=None)
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
@@ -391,13 +440,16 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="pl-dup-") as tmp:
         work = Path(tmp)
         versions = [("before", checkout(before_ref, work / "before-tree")), ("after", REPO)]
-        for name, tree in versions:
-            if args.only and name != args.only:
-                continue
-            (work / name).mkdir()
-            row = asyncio.run(run_version(name, tree, args, work / name))
-            print(json.dumps(row), flush=True)
-            rows.append(row)
+        versions = [(n, t) for n, t in versions if not args.only or n == args.only]
+        for r in range(args.rounds):
+            # Alternate the order, so that drifting foreign load hits both versions alike.
+            for name, tree in versions if r % 2 == 0 else versions[::-1]:
+                (work / f"{name}-{r}").mkdir()
+                row = asyncio.run(run_version(name, tree, args, work / f"{name}-{r}"))
+                row["round"] = r + 1
+                print(json.dumps({k: v for k, v in row.items() if k[0] != "_"}), flush=True)
+                rows.append(row)
+    totals = summarise(rows)
     meta = {
         "when": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": f"{os.cpu_count()} cores, {platform.python_version()}",
@@ -405,16 +457,18 @@ def main() -> int:
         "workers": args.workers,
         "concurrency": args.concurrency,
         "kill_every": args.kill_every,
+        "rounds": args.rounds,
         "before_ref": before_ref[:10],
         "after_ref": after_ref,
     }
     stem = "-".join(filter(None, ["duplicate_window", args.only, args.tag]))
     args.out.mkdir(parents=True, exist_ok=True)
+    runs = [{k: v for k, v in row.items() if k[0] != "_"} for row in rows]
     (args.out / f"{stem}.json").write_text(
-        json.dumps({"meta": meta, "runs": rows}, indent=2) + "\n"
+        json.dumps({"meta": meta, "totals": totals, "runs": runs}, indent=2) + "\n"
     )
-    (args.out / f"{stem}.md").write_text(markdown(rows, meta))
-    print(markdown(rows, meta))
+    (args.out / f"{stem}.md").write_text(markdown(runs, totals, meta))
+    print(markdown(runs, totals, meta))
     return 0
 
 
