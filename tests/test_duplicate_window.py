@@ -31,7 +31,7 @@ from postlane.client import PostlaneClient
 from postlane.config import LaneConfig, Settings
 from postlane.connection import data_converter
 from postlane.ids import WORKFLOW_TASK_QUEUE
-from postlane.models import Email, RetrySettings
+from postlane.models import DeliveryReceipt, Email, RetrySettings
 from postlane.testing import catcher_lane
 from postlane.worker import build_workers
 from workflows import WORKFLOWS, workflow_runner
@@ -183,7 +183,9 @@ async def test_send_accepted_data_is_never_sent_again(
                     receipt = await asyncio.wait_for(handle.result(), 90)
                 except TimeoutError:
                     pytest.fail(f"the email did not end as sent: {await handle.status()}")
-            history = await client.get_workflow_handle(handle.workflow_id).fetch_history()
+            email_workflow = client.get_workflow_handle(handle.workflow_id)
+            history = await email_workflow.fetch_history()
+            recorded = await email_workflow.query("accepted_receipt", result_type=DeliveryReceipt)
             await proxy.start()  # let the doomed worker reconnect, to shut down cleanly
 
     copies = smtp.messages
@@ -193,6 +195,7 @@ async def test_send_accepted_data_is_never_sent_again(
     assert receipt.accepted == ["bob@example.test"]
     started, signals, completed = history_summary(list(history.events))
     assert signals.count(ACCEPTED_SIGNAL) == 1, signals
+    assert recorded is not None and recorded.smtp_reply == receipt.smtp_reply
     if maximum_attempts == 0:
         assert started[-1] >= 2, started  # the accepted attempt was lost and retried
         assert completed == ["survivor"], completed
