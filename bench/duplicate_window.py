@@ -134,21 +134,44 @@ def git(*args: str) -> str:
     ).stdout.strip()
 
 
+ORCHESTRATION_ONLY = """
+import asyncio
+from postlane.config import load_settings
+from postlane.connection import connect_temporal
+from postlane.logs import configure_logging
+from postlane.worker import run_workers
+
+async def main():
+    configure_logging()
+    client = await connect_temporal(None, None)
+    await run_workers(client, load_settings(), sends=False, inbound=False)
+
+asyncio.run(main())
+"""
+"""A worker process that runs only the workflows (``--dedicated-senders``)."""
+
+
 class Workers:
     """``python worker.py`` processes of one code tree; SIGKILLed and replaced on demand."""
 
-    def __init__(self, tree: Path, env: dict[str, str], logs: Path, count: int) -> None:
+    def __init__(
+        self, tree: Path, env: dict[str, str], logs: Path, count: int, *, dedicated: bool
+    ) -> None:
         self._tree, self._env, self._logs = tree, env, logs
+        self._args = ["--no-inbound", *(["--no-workflows"] if dedicated else [])]
         self.procs: list[subprocess.Popen[bytes]] = []
         self.started = 0
+        # With dedicated senders, the workflows run in one more process, never killed.
+        self.orchestration = self._start(ORCHESTRATION_ONLY) if dedicated else None
         for _ in range(count):
             self.procs.append(self._start())
 
-    def _start(self) -> subprocess.Popen[bytes]:
+    def _start(self, script: str | None = None) -> subprocess.Popen[bytes]:
         self.started += 1
+        command = ["-c", script] if script else ["worker.py", *self._args]
         with (self._logs / f"worker-{self.started}.log").open("wb") as log:
             return subprocess.Popen(
-                [sys.executable, "worker.py", "--no-inbound"],
+                [sys.executable, *command],
                 cwd=self._tree,
                 env=self._env,
                 stdin=subprocess.DEVNULL,
@@ -163,6 +186,8 @@ class Workers:
         self.procs[i] = self._start()
 
     def stop(self) -> None:
+        if self.orchestration is not None:
+            self.procs.append(self.orchestration)
         for proc in self.procs:
             if proc.poll() is None:
                 proc.terminate()
@@ -211,7 +236,7 @@ async def run_version(
             POSTLANE_CONFIG=str(config),
             PYTHONUNBUFFERED="1",
         )
-        workers = Workers(tree, worker_env, work, args.workers)
+        workers = Workers(tree, worker_env, work, args.workers, dedicated=args.dedicated_senders)
         client = env.client
         deadline = time.monotonic() + 120
         while len(await activity_pollers(client, lane.task_queue)) < args.workers:
@@ -360,12 +385,17 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 def markdown(
     rows: list[dict[str, Any]], totals: dict[str, dict[str, Any]], meta: dict[str, Any]
 ) -> str:
+    hosts = (
+        "lane only, the workflows in one more process"
+        if meta["dedicated_senders"]
+        else "workflows + lane"
+    )
     lines = [
         "# Duplicates per worker kill",
         "",
         f"{meta['when']}; {meta['machine']}; {meta['rounds']} rounds of {meta['emails']} "
         "emails per version (order alternating), "
-        f"{meta['workers']} worker processes (workflows + lane, max_concurrent "
+        f"{meta['workers']} worker processes ({hosts}, max_concurrent "
         f"{meta['concurrency']}), one SIGKILLed every {meta['kill_every']} s ± 50 % "
         f"(and replaced) while mail was going out. Before = `{meta['before_ref']}`, "
         f"after = `{meta['after_ref']}`. `bench/duplicate_window.py`.",
@@ -427,6 +457,12 @@ def main() -> int:
     parser.add_argument("--kill-every", type=float, default=2.0)
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--dedicated-senders",
+        action="store_true",
+        help="killed workers only send (--no-workflows); the workflows run in one more"
+        " process that is never killed",
+    )
     parser.add_argument("--before", default=None, help="git ref (default: merge-base with main)")
     parser.add_argument("--only", choices=["before", "after"], default=None)
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
@@ -458,6 +494,7 @@ def main() -> int:
         "concurrency": args.concurrency,
         "kill_every": args.kill_every,
         "rounds": args.rounds,
+        "dedicated_senders": args.dedicated_senders,
         "before_ref": before_ref[:10],
         "after_ref": after_ref,
     }
