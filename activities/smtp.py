@@ -8,7 +8,7 @@ import ipaddress
 import socket
 import time
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from email import policy
 from typing import Any
 
@@ -42,6 +42,8 @@ QUIT_TIMEOUT = 5.0
 """Seconds to wait for the server's 221 to QUIT before closing the socket anyway."""
 ACCEPTED_SIGNAL = "delivery_accepted"
 """Signal to the email's workflow, sent as soon as the server accepted DATA (the receipt)."""
+ACCEPTED_SIGNAL_TIMEOUT = timedelta(seconds=10)
+"""How long the signal may take; after that the completion is the acceptance's record."""
 
 _NETWORK_ERRORS = (aiosmtplib.SMTPException, OSError, TimeoutError)
 
@@ -153,10 +155,12 @@ class SmtpPool:
         return smtp
 
     async def close(self) -> None:
-        """Close every idle connection (QUIT)."""
+        """Close every idle connection (QUIT), and wait for those closing already."""
         idle, self._idle = self._idle, []
         for smtp, _ in idle:
             await _close(smtp)
+        if self._closing:
+            await asyncio.gather(*self._closing, return_exceptions=True)
 
 
 async def _close(smtp: aiosmtplib.SMTP) -> None:
@@ -334,7 +338,7 @@ class SmtpActivities:
         try:
             await self._client.get_workflow_handle(
                 info.workflow_id, run_id=info.workflow_run_id
-            ).signal(ACCEPTED_SIGNAL, receipt)
+            ).signal(ACCEPTED_SIGNAL, receipt, rpc_timeout=ACCEPTED_SIGNAL_TIMEOUT)
         except RPCError as exc:  # the completion may still get through; a retry would resend
             log.warning("email.acceptance_not_recorded", key=req.key, lane=req.lane, error=str(exc))
 
