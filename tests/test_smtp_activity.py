@@ -27,8 +27,8 @@ import activities.smtp as smtp_module
 from activities.smtp import SmtpActivities
 from activities.smtp_errors import CONFIGURATION_ERROR
 from postlane.catcher import CaughtMessage, Phase, SmtpCatcher
-from postlane.config import LaneConfig, Settings
-from postlane.errors import ErrorType
+from postlane.config import LaneConfig, Settings, load_settings
+from postlane.errors import ConfigurationError, ErrorType
 from postlane.ids import email_workflow_id, message_id
 from postlane.models import Attachment, DeliveryReceipt, Email, SmtpSendRequest
 from tests.procs import assert_eventually, free_port
@@ -1023,3 +1023,16 @@ async def test_send_email_default_ehlo_name(
     await send(acts, request())
 
     assert [s.hello_names for s in catcher.sessions] == [[expected]]
+
+
+@pytest.mark.parametrize("bad", ["localhost", "mail acme.test", "[not-an-ip]"])
+def test_lane_ehlo_name_must_be_a_host_name_or_address_literal(tmp_path: Path, bad: str) -> None:
+    config = tmp_path / "postlane.toml"
+    config.write_text(
+        f'[[lanes]]\nname = "x"\nsenders = ["*"]\nsmtp_host = "h"\nehlo_name = "{bad}"\n'
+    )
+
+    with pytest.raises(ConfigurationError) as caught:
+        load_settings(config)
+
+    assert f"{config}:5: lanes.0.ehlo_name:" in str(caught.value)
