@@ -108,6 +108,9 @@ async def test_throttled_at_mail_reuses_sessions_and_quits(
 
         keys, _ = await send_all(dev_env, tmp_path, lane, 60)
 
+        await assert_eventually(
+            lambda: all(s.closed for s in smtp.sessions), what="every session ended"
+        )
         sessions = smtp.sessions
         copies = [m.message_id for m in smtp.messages]
 
