@@ -369,6 +369,16 @@ class SmtpActivities:
                 if isinstance(receipt, DeliveryReceipt) and receipt.message_id == req.message_id:
                     return receipt
         except RPCError as exc:
+            log.warning(
+                "email.attempt_failed",
+                lane=req.lane,
+                key=req.key,
+                attempt=info.attempt,
+                reply=f"cannot read the workflow's history: {exc}",
+                error_type=ErrorType.SMTP_TRANSIENT,
+                phase="connect",
+                retryable=True,
+            )
             raise ApplicationError(
                 f"cannot tell whether an earlier attempt was accepted: {exc}",
                 {"attempt": info.attempt, "phase": "connect"},
