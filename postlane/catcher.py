@@ -8,6 +8,7 @@ optionally, as .eml files), it can be scripted to misbehave the way providers do
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import re
 import threading
 import time
@@ -25,6 +26,33 @@ from postlane import wire
 from postlane.wire import InvalidWireMessage
 
 Phase = Literal["mail", "rcpt", "data"]
+
+
+@dataclass
+class SmtpSession:
+    """One client connection as the catcher saw it: the commands in order.
+
+    Counted at the socket level, so a test can check how a client behaves as an SMTP
+    citizen (sessions opened, EHLO name, RSET after a refusal, QUIT before closing).
+    """
+
+    peer: str
+    commands: list[str] = field(default_factory=list)
+    """Verbs received, in order: ``EHLO``, ``HELO``, ``MAIL``, ``RCPT``, ``DATA``,
+    ``RSET``, ``QUIT`` (AUTH and STARTTLS are not listed)."""
+    hello_names: list[str] = field(default_factory=list)
+    """The names the client gave in EHLO or HELO."""
+    closed: bool = False
+    """The connection has ended (either side closed it)."""
+
+    @property
+    def quit(self) -> bool:
+        """The client said QUIT."""
+        return "QUIT" in self.commands
+
+    def count(self, verb: str) -> int:
+        """How many times the client sent `verb`."""
+        return self.commands.count(verb.upper())
 
 
 @dataclass(frozen=True)
@@ -95,13 +123,64 @@ class _Script:
     rejected_recipients: dict[str, str] = field(default_factory=dict)
 
 
+class _CountingSMTP(SMTP):
+    """aiosmtpd's server protocol, telling the catcher when a connection opens and ends."""
+
+    def __init__(self, handler: _Handler, **kwargs: Any) -> None:
+        super().__init__(handler, **kwargs)
+        self._catcher = handler._catcher
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        fresh = self.transport is None  # not the STARTTLS upgrade of an open connection
+        super().connection_made(transport)
+        if fresh:
+            self._catcher._opened(self, str(transport.get_extra_info("peername")))
+
+    def connection_lost(self, error: Exception | None) -> None:
+        super().connection_lost(error)
+        self._catcher._ended(self)
+
+
+class _CountingController(Controller):
+    def factory(self) -> SMTP:
+        return _CountingSMTP(self.handler, **self.SMTP_kwargs)
+
+
 class _Handler:
     def __init__(self, catcher: SmtpCatcher) -> None:
         self._catcher = catcher
 
+    async def handle_EHLO(
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Envelope,
+        hostname: str,
+        responses: list[str],
+    ) -> list[str]:
+        session.host_name = hostname  # what aiosmtpd does itself when there is no hook
+        self._catcher._command(server, "EHLO", hostname)
+        return responses
+
+    async def handle_HELO(
+        self, server: SMTP, session: Session, envelope: Envelope, hostname: str
+    ) -> str:
+        session.host_name = hostname
+        self._catcher._command(server, "HELO", hostname)
+        return f"250 {server.hostname}"
+
+    async def handle_RSET(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        self._catcher._command(server, "RSET")
+        return "250 OK"
+
+    async def handle_QUIT(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        self._catcher._command(server, "QUIT")
+        return "221 Bye"
+
     async def handle_MAIL(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
     ) -> str:
+        self._catcher._command(server, "MAIL")
         fault = await self._catcher._fault("mail", server)
         if fault:
             return fault
@@ -112,6 +191,7 @@ class _Handler:
     async def handle_RCPT(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
     ) -> str:
+        self._catcher._command(server, "RCPT")
         fault = await self._catcher._fault("rcpt", server)
         if fault:
             return fault
@@ -122,6 +202,7 @@ class _Handler:
         return "250 OK"
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        self._catcher._command(server, "DATA")
         fault = await self._catcher._fault("data", server)
         if fault:
             return fault
@@ -199,6 +280,7 @@ class SmtpCatcher:
         self._smtputf8 = smtputf8
         self._strict = strict
         self._unreported: list[CaughtMessage] = []
+        self._sessions: list[SmtpSession] = []
         self._script = _Script()
         self._cond = threading.Condition()
         self._controller: Controller | None = None
@@ -223,8 +305,10 @@ class SmtpCatcher:
             kwargs["authenticator"] = self._authenticate
             kwargs["auth_require_tls"] = False
         kwargs["enable_SMTPUTF8"] = self._smtputf8  # aiosmtpd's Controller would say True
-        self._controller = Controller(_Handler(self), ready_timeout=10, **kwargs)
+        self._controller = _CountingController(_Handler(self), ready_timeout=10, **kwargs)
         self._controller.start()
+        with self._cond:
+            self._sessions.clear()  # the controller's own readiness probe is no client
         return self
 
     def stop(self) -> None:
@@ -273,14 +357,24 @@ class SmtpCatcher:
         with self._cond:
             return list(self._messages)
 
+    @property
+    def sessions(self) -> list[SmtpSession]:
+        """Every connection clients opened so far, oldest first (copies)."""
+        with self._cond:
+            return [
+                dataclasses.replace(s, commands=list(s.commands), hello_names=list(s.hello_names))
+                for s in self._sessions
+            ]
+
     def clear(self) -> None:
-        """Forget the caught messages and the script.
+        """Forget the caught messages, the sessions seen and the script.
 
         Raises:
             InvalidWireMessage: (strict) one of them broke the wire rules unreported.
         """
         with self._cond:
             self._messages.clear()
+            self._sessions.clear()
             self._script = _Script()
         self._report_invalid()
 
@@ -360,6 +454,34 @@ class SmtpCatcher:
             if login in logins and logins[login] == password:
                 return AuthResult(success=True, auth_data=data)
         return AuthResult(success=False, handled=False)
+
+    def _session_of(self, server: SMTP, peer: str = "?") -> SmtpSession:
+        """`server`'s session record; one opened before a `clear` is counted afresh."""
+        session: SmtpSession | None = getattr(server, "_postlane_session", None)
+        if session is None or not any(s is session for s in self._sessions):
+            session = SmtpSession(peer)
+            self._sessions.append(session)
+            server._postlane_session = session  # type: ignore[attr-defined]
+        return session
+
+    def _opened(self, server: SMTP, peer: str) -> None:
+        with self._cond:
+            self._session_of(server, peer)
+            self._cond.notify_all()
+
+    def _ended(self, server: SMTP) -> None:
+        with self._cond:
+            session = getattr(server, "_postlane_session", None)
+            if session is not None:
+                session.closed = True
+            self._cond.notify_all()
+
+    def _command(self, server: SMTP, verb: str, hello: str | None = None) -> None:
+        with self._cond:
+            session = self._session_of(server)
+            session.commands.append(verb)
+            if hello is not None:
+                session.hello_names.append(hello)
 
     def _accept(self, caught: CaughtMessage) -> None:
         if self._maildir is not None:

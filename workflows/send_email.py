@@ -61,6 +61,8 @@ CANCEL_WAITS_PATCH = "postlane-cancel-waits-for-send"
 """Since this patch a workflow cancel waits for the send in flight, whose receipt wins."""
 CANCEL_ENDS_CANCELLED_PATCH = "postlane-cancel-ends-cancelled"
 """Before this patch a cancelled send was taken for a failure and parked the email."""
+DELIVERY_ACCEPTED_PATCH = "postlane-delivery-accepted"
+"""Before this patch an attempt that failed after ``delivery_accepted`` was not sent."""
 
 
 @workflow.defn(name="SendEmail")
@@ -76,6 +78,9 @@ class SendEmailWorkflow:
     slot, between attempts, parked), except that a transaction already at DATA is let
     finish: if the server accepted it the email ends ``sent`` with its receipt.
     """
+
+    _accepted: DeliveryReceipt | None = None
+    """What the SMTP server accepted, as the activity signalled it (``delivery_accepted``)."""
 
     def __init__(self) -> None:
         self._input: SendEmailInput | None = None
@@ -226,6 +231,18 @@ class SendEmailWorkflow:
             try:
                 receipt = await (self._outcome(send) if waits else send)
             except ActivityError as err:
+                accepted = self._accepted
+                if accepted is not None and workflow.patched(DELIVERY_ACCEPTED_PATCH):
+                    # The server accepted DATA and the attempt then died without a retry
+                    # left (or was cancelled): the email went out, so it is sent.
+                    self._receipt = accepted.model_copy(
+                        update={
+                            "attempts": self._attempts + accepted.attempts,
+                            "dispatched_at": dispatched_at,
+                        }
+                    )
+                    self._set_status(EmailStatus.SENT)
+                    return self._receipt
                 failure = application_failure(err)
                 if is_cancelled_exception(err) and workflow.patched(CANCEL_ENDS_CANCELLED_PATCH):
                     # Cancelled by this workflow's cancel, before anything was delivered.
@@ -378,6 +395,21 @@ class SendEmailWorkflow:
         self._failed_in_send = max(self._failed_in_send, record.attempt)
         self._last_error = record.reply
         self._publish_details(self._status)
+
+    @workflow.signal(name="delivery_accepted")
+    def delivery_accepted(self, receipt: DeliveryReceipt) -> None:
+        """The SMTP server accepted DATA (signalled by the activity before it completes).
+
+        It makes the acceptance durable: a retry of the activity finds this signal in the
+        history and returns the receipt instead of sending again.
+        """
+        if self._accepted is None:
+            self._accepted = receipt
+
+    @workflow.query(name="accepted_receipt")
+    def accepted_receipt(self) -> DeliveryReceipt | None:
+        """The receipt of the DATA the server accepted, once the activity signalled it."""
+        return self._accepted
 
     @workflow.signal(name="discard")
     def discard(self, request: RetryRequest) -> None:
