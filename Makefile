@@ -19,10 +19,18 @@ $(VENV)/.system: $(STAMP) Makefile
 	{ command -v docker-compose && command -v chromium && test -x /usr/sbin/dovecot; } >/dev/null || { apt-get update -qq && apt-get install -y -qq --no-install-recommends docker-compose chromium dovecot-imapd; }
 	touch $@
 
+# The TypeScript example client (tests/test_foreign_client.py runs it with node): its
+# packages come from the npm registry here, at setup, never while the tests run.
+TS_EXAMPLE := examples/typescript
+$(TS_EXAMPLE)/dist/send.js: $(TS_EXAMPLE)/package-lock.json $(TS_EXAMPLE)/src/send.ts $(TS_EXAMPLE)/tsconfig.json
+	command -v npm >/dev/null || { apt-get update -qq && apt-get install -y -qq --no-install-recommends nodejs npm; }
+	cd $(TS_EXAMPLE) && npm ci --no-audit --no-fund && npm run build
+	touch $@
+
 dev: $(STAMP)  ## Temporal dev server + Web UI, SMTP catcher, worker, demo email
 	$(BIN)/postlane dev
 
-test: $(STAMP) $(VENV)/.system  ## the whole suite, lint and types included (CI runs exactly this)
+test: $(STAMP) $(VENV)/.system $(TS_EXAMPLE)/dist/send.js  ## the whole suite, lint and types included (CI runs exactly this)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
+import socket
 import time
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
-from email import policy
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import aiosmtplib
@@ -17,7 +18,7 @@ from temporalio.client import Client
 from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError
 
-from activities.mime import build_message
+from activities.mime import render_message
 from activities.smtp_errors import (
     StartTlsUnavailable,
     classify,
@@ -28,7 +29,13 @@ from activities.smtp_errors import (
 from postlane.config import LaneConfig, Settings
 from postlane.errors import ConfigurationError, ErrorType
 from postlane.ids import lane_workflow_id
-from postlane.models import AttemptRecord, DeliveryReceipt, SmtpSendRequest, ThrottleReport
+from postlane.models import (
+    AttemptRecord,
+    DeliveryReceipt,
+    Email,
+    SmtpSendRequest,
+    ThrottleReport,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -36,6 +43,12 @@ HEARTBEAT_EVERY = 1.0
 """Seconds between heartbeats while a transaction is in flight (timeout is 5 s)."""
 IDLE_TIMEOUT = 30.0
 """Pooled connections idle longer than this are closed rather than reused."""
+QUIT_TIMEOUT = 5.0
+"""Seconds to wait for the server's 221 to QUIT before closing the socket anyway."""
+ACCEPTED_SIGNAL = "delivery_accepted"
+"""Signal to the email's workflow, sent as soon as the server accepted DATA (the receipt)."""
+ACCEPTED_SIGNAL_TIMEOUT = timedelta(seconds=10)
+"""How long the signal may take; after that the completion is the acceptance's record."""
 
 _NETWORK_ERRORS = (aiosmtplib.SMTPException, OSError, TimeoutError)
 
@@ -51,6 +64,7 @@ class SmtpPool:
         self._lane = lane
         self._idle: list[tuple[aiosmtplib.SMTP, float]] = []
         self._closing: set[asyncio.Task[None]] = set()  # the loop only keeps weak references
+        self._ehlo_name: str | None = lane.ehlo_name
         self.opened = 0
         """Connections opened so far (for tests and benchmarks)."""
 
@@ -69,13 +83,26 @@ class SmtpPool:
         return f"{self._lane.smtp_host}:{self._lane.smtp_port}"
 
     def release(self, smtp: aiosmtplib.SMTP) -> None:
-        """Give back a connection whose last transaction completed cleanly."""
+        """Give back a connection whose last transaction ended (sent, refused or reset)."""
         if smtp.is_connected and len(self._idle) < self._lane.max_concurrent:
             self._idle.append((smtp, time.monotonic()))
         else:
-            task = asyncio.ensure_future(_close(smtp))
-            self._closing.add(task)
-            task.add_done_callback(self._closing.discard)
+            self.discard(smtp)
+
+    def discard(self, smtp: aiosmtplib.SMTP) -> None:
+        """Close `smtp` in the background, with QUIT if it is still connected."""
+        task = asyncio.ensure_future(_close(smtp))
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    async def _hello_name(self) -> str | None:
+        """The name to give in EHLO: the lane's ``ehlo_name``, else this host's FQDN if it
+        is a real one, else the lane's sender domain; None means the connection's own
+        address literal (decided once per pool: ``getfqdn`` may block on DNS)."""
+        if self._ehlo_name is None:
+            fqdn = await asyncio.to_thread(socket.getfqdn)
+            self._ehlo_name = default_ehlo_name(self._lane, fqdn) or ""
+        return self._ehlo_name or None
 
     async def _connect(self) -> aiosmtplib.SMTP:
         """A new connection: TCP (+ implicit TLS), then STARTTLS and AUTH as the lane says.
@@ -87,9 +114,13 @@ class SmtpPool:
         """
         lane = self._lane
         credentials = lane.credentials()  # before connecting: a missing login is not transient
+        hello = await self._hello_name()
         smtp = aiosmtplib.SMTP(
             hostname=lane.smtp_host,
             port=lane.smtp_port,
+            # A placeholder until connected, when the address literal can be known; without
+            # it aiosmtplib would look up getfqdn() (often "localhost") on every connect.
+            local_hostname=hello or "localhost",
             use_tls=lane.smtp_tls == "tls",
             # STARTTLS and AUTH are done below, so that a server that does not offer them
             # is a clear error instead of a silently plaintext session or a generic one.
@@ -100,6 +131,8 @@ class SmtpPool:
         )
         await smtp.connect()
         try:
+            if hello is None:
+                smtp.local_hostname = _address_literal(smtp)
             if lane.smtp_tls == "starttls":
                 await smtp.ehlo()
                 if not smtp.supports_extension("starttls"):
@@ -117,6 +150,9 @@ class SmtpPool:
                         " AUTH; check smtp_tls and smtp_port"
                     )
                 await smtp.login(*credentials)
+        except Exception:
+            await _close(smtp)  # a refused login or a missing extension: say goodbye
+            raise
         except BaseException:
             smtp.close()
             raise
@@ -124,17 +160,67 @@ class SmtpPool:
         return smtp
 
     async def close(self) -> None:
-        """Close every idle connection (QUIT)."""
+        """Close every idle connection (QUIT), and wait for those closing already."""
         idle, self._idle = self._idle, []
         for smtp, _ in idle:
             await _close(smtp)
+        if self._closing:
+            await asyncio.gather(*self._closing, return_exceptions=True)
 
 
 async def _close(smtp: aiosmtplib.SMTP) -> None:
-    with contextlib.suppress(*_NETWORK_ERRORS):
+    """QUIT (if the session is still up), then close the socket whatever the answer."""
+    with contextlib.suppress(*_NETWORK_ERRORS, RuntimeError):
         if smtp.is_connected:
-            await smtp.quit()
+            await smtp.quit(timeout=QUIT_TIMEOUT)
     smtp.close()
+
+
+async def _reset(smtp: aiosmtplib.SMTP) -> bool:
+    """RSET after a refused transaction; is the session fit to be reused?"""
+    if not smtp.is_connected:
+        return False
+    try:
+        await smtp.rset()
+    except _NETWORK_ERRORS:
+        return False
+    return smtp.is_connected
+
+
+def default_ehlo_name(lane: LaneConfig, fqdn: str) -> str | None:
+    """The EHLO name for a lane without ``ehlo_name``.
+
+    This host's `fqdn` if it is fully qualified (has a dot, is no ``localhost``/
+    ``localdomain`` name and no IP address); else the domain of the lane's first sender
+    (or ``message_id_domain``); else None, meaning the connection's address literal
+    (``[192.0.2.1]``, RFC 5321 section 4.1.4).
+    """
+    name = fqdn.strip().rstrip(".").lower()
+    if _is_real_fqdn(name):
+        return name
+    for pattern in lane.senders:
+        domain = pattern.rpartition("@")[2].lower()
+        if "@" in pattern and domain and "*" not in domain:
+            return domain
+    return lane.message_id_domain
+
+
+def _is_real_fqdn(name: str) -> bool:
+    if "." not in name or name.startswith("localhost") or name.endswith(".localdomain"):
+        return False
+    with contextlib.suppress(ValueError):
+        ipaddress.ip_address(name)
+        return False
+    return True
+
+
+def _address_literal(smtp: aiosmtplib.SMTP) -> str:
+    """``[ip]`` of this end of the connection (``[IPv6:...]`` for IPv6)."""
+    sockname = smtp.transport.get_extra_info("sockname") if smtp.transport else None
+    if not sockname:
+        return "[127.0.0.1]"
+    address = ipaddress.ip_address(str(sockname[0]).split("%")[0])
+    return f"[IPv6:{address}]" if address.version == 6 else f"[{address}]"
 
 
 class _Progress:
@@ -189,14 +275,19 @@ class SmtpActivities:
     async def send_email(self, req: SmtpSendRequest) -> DeliveryReceipt:
         """Deliver one email over SMTP and return what the server accepted.
 
-        A retry whose previous attempt heartbeated "accepted" returns that receipt instead
-        of sending again.
+        As soon as the server accepts DATA, the receipt is signalled to the email's
+        workflow (``delivery_accepted``), so it is in Temporal before this attempt
+        completes. A retry (attempt 2 and later) first looks for that signal in the
+        workflow's history, or for an "accepted" heartbeat, and returns that receipt
+        instead of sending again.
 
         Raises:
             ApplicationError: typed by `ErrorType`; see `activities.smtp_errors`.
         """
         info = activity.info()
         earlier = _accepted_earlier(info.heartbeat_details)
+        if earlier is None and info.attempt > 1:
+            earlier = await self._recorded_acceptance(req)
         if earlier is not None:
             log.info("email.already_accepted", key=req.key, message_id=req.message_id)
             return earlier
@@ -207,9 +298,7 @@ class SmtpActivities:
             await self._report_attempt(req, failure, "")
             raise failure from exc
         progress = _Progress()
-        data = build_message(req.email, req.message_id, datetime.now(UTC)).as_bytes(
-            policy=policy.SMTP
-        )
+        data = render_message(req.email, req.message_id, datetime.now(UTC))
         async with progress.beating():
             transaction = asyncio.create_task(
                 self._deliver(pool, req, data, progress, info.attempt)
@@ -239,19 +328,91 @@ class SmtpActivities:
         )
         return receipt
 
+    async def _record_acceptance(self, req: SmtpSendRequest, receipt: DeliveryReceipt) -> None:
+        """Signal the receipt to the email's workflow before the attempt completes.
+
+        A heartbeat would not do: the SDK holds heartbeats back for up to 0.8 x the
+        heartbeat timeout, so a worker killed now would take "accepted" with it. A signal
+        is in the workflow's history when the call returns; from then on no retry sends.
+        """
+        info = activity.info()
+        if self._client is None or info.workflow_id is None:
+            return
+        try:
+            await self._client.get_workflow_handle(
+                info.workflow_id, run_id=info.workflow_run_id
+            ).signal(ACCEPTED_SIGNAL, receipt, rpc_timeout=ACCEPTED_SIGNAL_TIMEOUT)
+        except RPCError as exc:  # the completion may still get through; a retry would resend
+            log.warning("email.acceptance_not_recorded", key=req.key, lane=req.lane, error=str(exc))
+
+    async def _recorded_acceptance(self, req: SmtpSendRequest) -> DeliveryReceipt | None:
+        """The receipt an earlier attempt signalled (``delivery_accepted``), if any.
+
+        Read from the workflow's history on the server, so it needs no workflow worker.
+
+        Raises:
+            ApplicationError: transient; the history could not be read, and sending
+                without knowing could send the email twice.
+        """
+        info = activity.info()
+        if self._client is None or info.workflow_id is None:
+            return None
+        handle = self._client.get_workflow_handle(info.workflow_id, run_id=info.workflow_run_id)
+        try:
+            async for event in handle.fetch_history_events():
+                if not event.HasField("workflow_execution_signaled_event_attributes"):
+                    continue
+                signaled = event.workflow_execution_signaled_event_attributes
+                if signaled.signal_name != ACCEPTED_SIGNAL or not signaled.input.payloads:
+                    continue
+                decoded = await self._client.data_converter.decode(
+                    signaled.input.payloads, [DeliveryReceipt]
+                )
+                receipt = decoded[0]
+                if isinstance(receipt, DeliveryReceipt) and receipt.message_id == req.message_id:
+                    return receipt
+        except RPCError as exc:
+            log.warning(
+                "email.attempt_failed",
+                lane=req.lane,
+                key=req.key,
+                attempt=info.attempt,
+                reply=f"cannot read the workflow's history: {exc}",
+                error_type=ErrorType.SMTP_TRANSIENT,
+                phase="connect",
+                retryable=True,
+            )
+            raise ApplicationError(
+                f"cannot tell whether an earlier attempt was accepted: {exc}",
+                {"attempt": info.attempt, "phase": "connect"},
+                type=ErrorType.SMTP_TRANSIENT,
+            ) from exc
+        return None
+
     async def _report_attempt(
         self, req: SmtpSendRequest, err: ApplicationError, smtp_server: str
     ) -> None:
-        """Tell the email's workflow about this failed attempt (best effort).
+        """Log this failed attempt as one line and tell the email's workflow (best effort).
 
         Temporal's history keeps only the last failure of a retried activity; the workflow
         keeps the recent ones for ``postlane status``.
         """
         info = activity.info()
-        if self._client is None or info.workflow_id is None:
-            return
         details = err.details[0] if err.details and isinstance(err.details[0], dict) else {}
         phase = details.get("phase")
+        log.warning(
+            "email.attempt_failed",
+            lane=req.lane,
+            key=req.key,
+            attempt=info.attempt,
+            reply=err.message,
+            error_type=err.type,
+            phase=phase,
+            smtp_server=smtp_server,
+            retryable=not err.non_retryable,
+        )
+        if self._client is None or info.workflow_id is None:
+            return
         record = AttemptRecord(
             attempt=info.attempt,
             at=datetime.now(UTC),
@@ -269,7 +430,7 @@ class SmtpActivities:
             log.warning("email.attempt_not_reported", key=req.key, error=str(exc))
 
     async def _report_throttle(self, lane: str, err: ApplicationError) -> None:
-        log.warning("lane.throttled", lane=lane, reply=err.message)
+        # The attempt's own line (email.attempt_failed) says it was throttled.
         if self._client is None:
             return
         report = ThrottleReport(reply=err.message, retry_after=err.next_retry_delay)
@@ -294,13 +455,22 @@ class SmtpActivities:
             try:
                 receipt = await self._transaction(smtp, req, data, progress, attempt)
             except _NETWORK_ERRORS as exc:
-                smtp.close()
+                phase = progress.details["phase"]
                 # A pooled connection the server dropped (or said 421 on) while idle: nothing
                 # was sent yet, so try once more on a new connection instead of failing the
                 # attempt and waiting for a retry.
-                if reused and progress.details["phase"] == "mail" and _stale(exc):
+                if reused and phase == "mail" and _stale(exc):
+                    await _close(smtp)
                     continue
-                raise classify(exc, attempt=attempt, phase=progress.details["phase"]) from exc
+                failure = classify(exc, attempt=attempt, phase=phase)
+                # A refusal (e.g. "450 4.7.1 slow down" at MAIL) ends the transaction, not
+                # the session: reset it and keep the connection, so that a throttled lane
+                # does not also open a TCP + TLS + AUTH session per retry.
+                if isinstance(exc, aiosmtplib.SMTPResponseException) and await _reset(smtp):
+                    pool.release(smtp)
+                else:
+                    await _close(smtp)
+                raise failure from exc
             except ApplicationError:
                 # Every recipient was refused; the transaction was reset if it could be.
                 if smtp.is_connected:
@@ -309,9 +479,14 @@ class SmtpActivities:
                     smtp.close()
                 raise
             except BaseException:
-                smtp.close()
+                # Cancelled mid-command: the reply is still owed, so the session cannot be
+                # reused; QUIT in the background.
+                pool.discard(smtp)
                 raise
-            pool.release(smtp)
+            try:
+                await self._record_acceptance(req, receipt)
+            finally:
+                pool.release(smtp)
             return receipt
         raise AssertionError("unreachable")  # pragma: no cover
 
@@ -324,23 +499,22 @@ class SmtpActivities:
         attempt: int,
     ) -> DeliveryReceipt:
         progress.set("mail")
-        await smtp.mail(req.email.sender)
+        options, encoding = await smtputf8_options(smtp, req.email, attempt=attempt)
+        await smtp.mail(req.email.sender, options=options, encoding=encoding)
         progress.set("rcpt")
         accepted: list[str] = []
         rejected: dict[str, str] = {}
         for rcpt in envelope_recipients(req.email.recipients):
             try:
-                await smtp.rcpt(rcpt)
+                await smtp.rcpt(rcpt, encoding=encoding)
                 accepted.append(rcpt)
             except aiosmtplib.SMTPRecipientRefused as exc:
                 if exc.code == 421 or not smtp.is_connected:
                     raise  # the server is closing the session: it refused the transaction
                 rejected[rcpt] = f"{exc.code} {exc.message}"
         if not accepted:
-            try:
-                await smtp.rset()
-            except _NETWORK_ERRORS:
-                smtp.close()
+            if not await _reset(smtp):
+                await _close(smtp)
             # Temporary refusals (4xx) of any recipient are worth retrying; all-5xx are not.
             # Among 4xx a "slow down" wins: its hint says when to come back.
             refusal = min(
@@ -362,6 +536,35 @@ class SmtpActivities:
         )
         progress.set("accepted", receipt=receipt.model_dump(mode="json"))
         return receipt
+
+
+async def smtputf8_options(
+    smtp: aiosmtplib.SMTP, email: Email, *, attempt: int
+) -> tuple[list[str], str]:
+    """MAIL FROM options and address encoding: ``SMTPUTF8`` (and ``BODY=8BITMIME``) and
+    UTF-8 when an address has a non-ASCII local part (RFC 6531), nothing and ASCII otherwise.
+
+    Raises:
+        ApplicationError: `ErrorType.SMTPUTF8_UNSUPPORTED`, not retryable, naming the
+            address, when the server does not offer SMTPUTF8.
+    """
+    address = email.smtputf8_address
+    if address is None:
+        return [], "ascii"
+    if smtp.is_ehlo_or_helo_needed:
+        await smtp.ehlo()
+    if not smtp.supports_extension("smtputf8"):
+        raise ApplicationError(
+            f"{address}: a non-ASCII local part needs SMTPUTF8, which"
+            f" {smtp.hostname}:{smtp.port} does not offer",
+            {"attempt": attempt, "phase": "mail"},
+            type=ErrorType.SMTPUTF8_UNSUPPORTED,
+            non_retryable=True,
+        )
+    # The UTF-8 octets in the header are 8-bit data: declare them as Python's smtplib does
+    # (a server offering SMTPUTF8 must offer 8BITMIME too, RFC 6531 section 3.1).
+    body = ["BODY=8BITMIME"] if smtp.supports_extension("8bitmime") else []
+    return ["SMTPUTF8", *body], "utf-8"
 
 
 def envelope_recipients(addresses: list[str]) -> list[str]:

@@ -24,6 +24,7 @@ from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
 from activities.lanes import LaneAdminActivities
+from activities.resolve import LaneResolver
 from postlane import search_attributes as sa
 from postlane.binaries import dev_server_path
 from postlane.catcher import SmtpCatcher
@@ -83,7 +84,7 @@ async def one_case(
         env.client,
         task_queue=WORKFLOW_TASK_QUEUE,
         workflows=WORKFLOWS,
-        activities=[admin.set_lane_rate],
+        activities=[admin.set_lane_rate, LaneResolver(Settings(lanes=[lane])).resolve_lane],
         workflow_runner=workflow_runner(),
     ):
         try:

@@ -1,8 +1,9 @@
 """Postlane: durable outbound email for AI agents and applications, on Temporal."""
 
-from postlane.client import EmailHandle, PostlaneClient
+from postlane.client import CancelOutcome, CancelResult, EmailHandle, PostlaneClient
 from postlane.config import LaneConfig, Settings, load_settings
 from postlane.errors import (
+    ActionRefused,
     ConfigurationError,
     DeliveryError,
     EmailCancelled,
@@ -39,9 +40,12 @@ from postlane.sequence_models import (
 from postlane.sequence_spec import Recipient, SequenceSpec, load_spec
 
 __all__ = [
+    "ActionRefused",
     "Approval",
     "Attachment",
     "AttemptRecord",
+    "CancelOutcome",
+    "CancelResult",
     "ComposeRequest",
     "ConfigurationError",
     "DeliveryError",

@@ -1,9 +1,9 @@
 """The ``postlane`` command: a thin layer over `PostlaneClient`, the worker and the dev stack.
 
 Every failure prints one line, ``error: <Type>: <reason>``, and exits non-zero (2 for bad
-input or configuration, 1 otherwise). Short-lived commands leave through ``os._exit``
-after flushing: the Temporal SDK can abort at interpreter shutdown (sdk-python#300), and a
-command that worked must not exit 134.
+input or configuration, or an action the workflow refused in its state; 1 otherwise).
+Short-lived commands leave through ``os._exit`` after flushing: the Temporal SDK can abort
+at interpreter shutdown (sdk-python#300), and a command that worked must not exit 134.
 """
 
 from __future__ import annotations
@@ -22,11 +22,11 @@ from typing import TYPE_CHECKING, Any
 from temporalio.service import RPCError
 
 from postlane import cli_sequence
-from postlane.errors import ConfigurationError, InvalidEmail, PostlaneError
+from postlane.errors import ActionRefused, ConfigurationError, InvalidEmail, PostlaneError
 from postlane.progress import ProgressBar
 
 if TYPE_CHECKING:
-    from postlane.client import PostlaneClient
+    from postlane.client import CancelResult, PostlaneClient
     from postlane.config import Settings
     from postlane.models import EmailReport
 
@@ -113,6 +113,10 @@ def _parser() -> argparse.ArgumentParser:
             c.add_argument("--lane", help="send through another lane")
 
     sub.add_parser("setup", help="create the namespace (30-day retention) and search attributes")
+    schema = sub.add_parser(
+        "schema", help="JSON Schemas of SendEmail's input and results (docs/contract.md)"
+    )
+    schema.add_argument("model", nargs="?", help="one of them, e.g. SendEmailInput (default all)")
 
     dlq = sub.add_parser("dlq", help="dead-lettered emails: list, retry, discard")
     dlq_sub = dlq.add_subparsers(dest="dlq_command", required=True, metavar="SUBCOMMAND")
@@ -148,7 +152,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         rc = asyncio.run(_dispatch(args))
     except KeyboardInterrupt:
         rc = 130
-    except (InvalidEmail, ConfigurationError) as exc:
+    except (InvalidEmail, ConfigurationError, ActionRefused) as exc:
         rc = _fail(exc, EXIT_INVALID)
     except PostlaneError as exc:
         rc = _fail(exc, EXIT_FAILED)
@@ -159,6 +163,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(rc)
+
+
+def _schema(model: str | None) -> int:
+    """Print the wire models' JSON Schemas (all, keyed by name, or the one named)."""
+    import json
+
+    from postlane.contract import schemas
+
+    found = schemas()
+    if model is not None:
+        if model not in found:
+            raise InvalidEmail("model", f"{model!r} is not one of {', '.join(found)}")
+        print(json.dumps(found[model], indent=2))
+        return EXIT_OK
+    print(json.dumps(found, indent=2))
+    return EXIT_OK
 
 
 def _fail(exc: BaseException, rc: int) -> int:
@@ -180,6 +200,8 @@ async def _dispatch(args: argparse.Namespace) -> int:
         return await stack.run(demo=not args.no_demo, exit_after_demo=args.exit_after_demo)
     if args.command in ("worker", "inbound"):
         return await _worker(args)
+    if args.command == "schema":
+        return _schema(args.model)
 
     from postlane.config import load_settings
 
@@ -208,14 +230,10 @@ async def _dispatch(args: argparse.Namespace) -> int:
         if await pl.retry(args.key, to=to, lane=args.lane):
             print(f"{args.key}: going out again")
             return EXIT_OK
-        print(f"{args.key}: not dead-lettered ({await pl.status(args.key)}); nothing to retry")
+        print(f"{args.key}: nothing to retry")
         return EXIT_FAILED
     if args.command == "cancel":
-        if await pl.cancel(args.key):
-            print(f"{args.key}: cancellation requested")
-            return EXIT_OK
-        print(f"{args.key}: already {await pl.status(args.key)}; nothing changed")
-        return EXIT_FAILED
+        return _report_cancel(await pl.cancel(args.key))
     if args.command == "dlq":
         return await _dlq(pl, args)
     if args.command == "sequence":
@@ -238,6 +256,25 @@ async def _dispatch(args: argparse.Namespace) -> int:
     raise AssertionError(args.command)  # pragma: no cover
 
 
+def _report_cancel(result: CancelResult) -> int:
+    """Print what ``postlane cancel`` did; exit 0 if cancelled or already sent."""
+    key = result.key
+    if result.outcome == "cancelled":
+        print(f"{key}: already cancelled" if result.already else f"{key}: cancelled")
+        return EXIT_OK
+    if result.outcome == "sent":
+        assert result.receipt is not None
+        r = result.receipt
+        print(f"{key}: already sent, message {r.message_id} ({r.smtp_reply}); nothing to cancel")
+        print(r.model_dump_json(indent=2))
+        return EXIT_OK
+    if result.outcome == "failed":
+        print(f"{key}: already failed ({result.reason}); nothing to cancel")
+        return EXIT_FAILED
+    print(f"{key}: cancel requested but not confirmed: {result.reason}")
+    return EXIT_FAILED
+
+
 async def _dlq(pl: PostlaneClient, args: argparse.Namespace) -> int:
     now = datetime.now(UTC)
     since = parse_since(args.since, now) if args.since else None
@@ -257,6 +294,10 @@ async def _dlq(pl: PostlaneClient, args: argparse.Namespace) -> int:
         try:
             ok = await (pl.retry(key) if retry else pl.discard(key))
             result = changed_as if ok else f"unchanged: {await pl.status(key)}"
+        except ActionRefused:
+            # Not parked (any more): safe to run twice, the second run changes nothing.
+            ok, result = False, f"unchanged: {await pl.status(key)}"
+            unchanged += 1
         except (PostlaneError, RPCError) as exc:
             ok, result = False, f"error: {type(exc).__name__}: {exc}"
             failed += 1

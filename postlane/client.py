@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from datetime import UTC, datetime, timedelta
+from enum import StrEnum
 from types import TracebackType
 from typing import Any
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError
 from temporalio.api.common.v1 import WorkflowExecution
 from temporalio.api.enums.v1 import EventType, PendingActivityState, TaskQueueType
 from temporalio.api.taskqueue.v1 import TaskQueue
@@ -22,9 +24,11 @@ from temporalio.client import (
     WorkflowHandle,
     WorkflowQueryFailedError,
     WorkflowQueryRejectedError,
+    WorkflowUpdateFailedError,
 )
 from temporalio.common import Priority as TemporalPriority
 from temporalio.common import (
+    RawValue,
     WorkflowIDConflictPolicy,
     WorkflowIDReusePolicy,
 )
@@ -34,7 +38,9 @@ from temporalio.service import RPCError, RPCStatusCode
 from postlane import search_attributes as sa
 from postlane.config import Settings, load_settings
 from postlane.connection import connect_temporal
+from postlane.contract import SEND_EMAIL_WORKFLOW, parse_send_email_input
 from postlane.errors import (
+    ActionRefused,
     ConfigurationError,
     EmailCancelled,
     EmailNotFound,
@@ -47,7 +53,7 @@ from postlane.errors import (
 from postlane.idempotency import (
     CONTENT_HASH,
     check_same_content,
-    content_digest,
+    email_digest,
     started_new,
 )
 from postlane.ids import (
@@ -79,7 +85,11 @@ NON_RETRYABLE_TYPES = (
     ErrorType.SMTP_TLS,
     ErrorType.LANE_UNKNOWN,
     ErrorType.CONFIGURATION,
+    ErrorType.SMTPUTF8_UNSUPPORTED,
 )
+REFUSED_INPUT_TYPES = (ErrorType.INVALID_EMAIL, ErrorType.UNKNOWN_SENDER, ErrorType.UNKNOWN_LANE)
+CANCEL_WAIT = timedelta(seconds=60)
+"""How long `cancel` waits for the email to stop (a send at DATA finishes first)."""
 CLOSED_QUERY_TIMEOUT = timedelta(seconds=10)
 """How long `describe` waits for a worker to answer about a finished email."""
 _CLOSED_STATUS = {
@@ -89,6 +99,39 @@ _CLOSED_STATUS = {
     WorkflowExecutionStatus.TERMINATED: EmailStatus.CANCELLED,
     WorkflowExecutionStatus.TIMED_OUT: EmailStatus.FAILED,
 }
+
+
+class CancelOutcome(StrEnum):
+    """How an email ended after `PostlaneClient.cancel`."""
+
+    CANCELLED = "cancelled"
+    """Nothing was delivered; the email is ``cancelled`` (now, or it already was)."""
+    SENT = "sent"
+    """The server had accepted it (already sent, or its transaction at DATA got through)."""
+    FAILED = "failed"
+    """It had failed for good before the cancel (or failed while the cancel waited)."""
+    PENDING = "pending"
+    """The cancel is recorded but the email had not stopped within the wait (no worker?)."""
+
+
+class CancelResult(BaseModel):
+    """What `PostlaneClient.cancel` did."""
+
+    model_config = ConfigDict(frozen=True)
+
+    key: str
+    outcome: CancelOutcome
+    already: bool = False
+    """The email had finished before this cancel (nothing changed)."""
+    receipt: DeliveryReceipt | None = None
+    """With `CancelOutcome.SENT`: the delivery receipt."""
+    reason: str | None = None
+    """With `CancelOutcome.FAILED`: the last SMTP reply; with ``PENDING``: why unconfirmed."""
+
+    @property
+    def cancelled(self) -> bool:
+        """True if the email ends ``cancelled``."""
+        return self.outcome == CancelOutcome.CANCELLED
 
 
 class EmailHandle:
@@ -106,6 +149,8 @@ class EmailHandle:
         Raises:
             PermanentDeliveryError: the server refused it for good (5xx) or TLS failed.
             EmailCancelled: it was cancelled or discarded.
+            InvalidEmail: the workers refused its input (e.g. a lane they do not have, or
+                bad input from another client), naming the field.
         """
         try:
             result = await self._handle.result()
@@ -117,7 +162,7 @@ class EmailHandle:
         """The current status (see `PostlaneClient.status`)."""
         return await self._client.status(self.key)
 
-    async def cancel(self) -> bool:
+    async def cancel(self) -> CancelResult:
         """Cancel the email (see `PostlaneClient.cancel`)."""
         return await self._client.cancel(self.key)
 
@@ -202,7 +247,7 @@ class PostlaneClient(SequenceOperations):
         )
         try:
             handle = await self.temporal.start_workflow(
-                "SendEmail",
+                SEND_EMAIL_WORKFLOW,
                 request,
                 id=workflow_id,
                 task_queue=WORKFLOW_TASK_QUEUE,
@@ -218,11 +263,36 @@ class PostlaneClient(SequenceOperations):
         except WorkflowAlreadyStartedError:
             # A closed email with this key: REJECT_DUPLICATE keeps it from sending again.
             handle = self.temporal.get_workflow_handle(workflow_id, result_type=DeliveryReceipt)
-            await check_same_content(handle, key, digest)
+            await self._check_same_email(handle, key, digest)
             return EmailHandle(self, key, handle)
         if not started_new(handle):
-            await check_same_content(handle, key, digest)
+            await self._check_same_email(handle, key, digest)
         return EmailHandle(self, key, handle)
+
+    async def _check_same_email(
+        self, handle: WorkflowHandle[Any, DeliveryReceipt], key: str, digest: str
+    ) -> None:
+        """`check_same_content`, also for an email another client started without a memo."""
+
+        async def digest_of_start() -> str | None:
+            async for event in handle.fetch_history_events():
+                payloads = list(event.workflow_execution_started_event_attributes.input.payloads)
+                break
+            else:
+                return None
+            if not payloads:
+                return None
+            [raw] = await self.temporal.data_converter.decode(payloads[:1], [RawValue])
+            payload = raw.payload
+            try:
+                started = parse_send_email_input(
+                    payload.data, payload.metadata.get("encoding"), handle.id
+                )
+            except InvalidEmail:
+                return None
+            return email_digest(started.email, started.send_at)
+
+        await check_same_content(handle, key, digest, digest_of_start=digest_of_start)
 
     def _prepare(
         self, email: Email, *, key: str, priority: Priority | str, send_at: datetime | None
@@ -324,6 +394,7 @@ class PostlaneClient(SequenceOperations):
             finished = await _query_report(handle, rpc_timeout=CLOSED_QUERY_TIMEOUT)
             if finished is not None:
                 update.update(
+                    attempts=finished.attempts,
                     attempt_history=finished.attempt_history,
                     parked_at=report.parked_at or finished.parked_at,
                 )
@@ -334,7 +405,11 @@ class PostlaneClient(SequenceOperations):
             try:
                 await handle.result()
             except WorkflowFailureError as err:
-                update["last_error"] = str(_delivery_error(err))
+                # The bare reply, as a dead letter shows it (not the exception's form).
+                update["last_error"] = _last_reply(err) or str(_delivery_error(err))
+                recorded = _failure_details(err).get("attempts")
+                if isinstance(recorded, int):
+                    update["attempts"] = recorded
         elif desc.status == WorkflowExecutionStatus.RUNNING and ask_workflow:
             # None: no worker is polling; the search attributes still tell a lot.
             live = await _query_report(handle)
@@ -351,16 +426,29 @@ class PostlaneClient(SequenceOperations):
                 )
         return report.model_copy(update=update)
 
-    async def cancel(self, key: str) -> bool:
-        """Stop an email that has not been sent yet.
+    async def cancel(self, key: str, *, wait: timedelta = CANCEL_WAIT) -> CancelResult:
+        """Stop an email that has not been sent, and say how it ended.
+
+        A queued, scheduled, retrying, lane-waiting or dead-lettered email ends
+        ``cancelled``. A send already at DATA is let finish: if the server accepts it the
+        email ends ``sent`` and the result carries its receipt. Never ``dead_letter``.
+
+        Args:
+            wait: how long to wait for the email to stop (a send in flight notices the
+                cancel at its next heartbeat; a transaction at DATA finishes first).
 
         Returns:
-            True if a cancellation was requested; False if the email had already finished
-            (sent, failed or cancelled) and nothing changed.
+            ``cancelled``; ``sent`` with the receipt; ``failed`` with the reply; or
+            ``pending`` if the email had not stopped within `wait` (the cancel stands).
 
         Raises:
+            InvalidEmail: `key` is not a valid key.
             EmailNotFound: no email has this key.
         """
+        try:
+            validate_key(key)
+        except ValueError as exc:
+            raise InvalidEmail("key", str(exc)) from None
         handle = self.handle(key)._handle
         try:
             desc = await handle.describe()
@@ -368,10 +456,35 @@ class PostlaneClient(SequenceOperations):
             if err.status == RPCStatusCode.NOT_FOUND:
                 raise EmailNotFound(key) from None
             raise
-        if desc.status != WorkflowExecutionStatus.RUNNING:
-            return False
-        await handle.cancel()
-        return True
+        already = desc.status != WorkflowExecutionStatus.RUNNING
+        if not already:
+            try:
+                await handle.cancel()
+            except RPCError as err:
+                if err.status != RPCStatusCode.NOT_FOUND:
+                    raise
+                already = True  # it closed meanwhile
+        try:
+            receipt = DeliveryReceipt.model_validate(
+                await asyncio.wait_for(handle.result(), wait.total_seconds())
+            )
+        except TimeoutError:
+            return CancelResult(
+                key=key,
+                outcome=CancelOutcome.PENDING,
+                reason=f"still running after {wait.total_seconds():g} s; is a worker running?",
+            )
+        except WorkflowFailureError as err:
+            error = _delivery_error(err)
+            if isinstance(error, EmailCancelled):
+                return CancelResult(key=key, outcome=CancelOutcome.CANCELLED, already=already)
+            return CancelResult(
+                key=key,
+                outcome=CancelOutcome.FAILED,
+                already=already,
+                reason=_last_reply(err) or str(error),
+            )
+        return CancelResult(key=key, outcome=CancelOutcome.SENT, already=already, receipt=receipt)
 
     async def retry(
         self,
@@ -388,11 +501,14 @@ class PostlaneClient(SequenceOperations):
             lane: send through this lane instead.
 
         Returns:
-            True if the email was dead-lettered and is going out again, False otherwise.
+            True: the email is going out again (False only if a failed email's history
+            has no workflow task to reset to).
 
         Raises:
             EmailNotFound: no email has this key.
             InvalidEmail: a correction is invalid (bad address, unknown lane).
+            ActionRefused: the email is neither dead-lettered nor failed (the reason says
+                its status); nothing changed.
         """
         retry = None
         if lane is not None:
@@ -408,7 +524,7 @@ class PostlaneClient(SequenceOperations):
             if to or lane:
                 raise InvalidEmail("to", "a failed email is retried as it was; resend corrected")
             return await self._rerun_failed(key, reason)
-        return await self._signal_dead_letter(key, "retry", request)
+        return await self._update_dead_letter(key, "retry", request)
 
     async def _rerun_failed(self, key: str, reason: str) -> bool:
         """Reset a failed email to its first workflow task: same ID, a new run, one more send.
@@ -439,18 +555,29 @@ class PostlaneClient(SequenceOperations):
         """Give up on a dead-lettered email; it ends cancelled.
 
         Returns:
-            True if the email was dead-lettered and is now discarded, False otherwise.
-        """
-        return await self._signal_dead_letter(key, "discard", RetryRequest(reason=reason))
+            True: the email was dead-lettered and is now discarded.
 
-    async def _signal_dead_letter(self, key: str, signal: str, request: RetryRequest) -> bool:
-        if await self.status(key) != EmailStatus.DEAD_LETTER:
-            return False
+        Raises:
+            EmailNotFound: no email has this key.
+            ActionRefused: the email is not dead-lettered (the reason says its status).
+        """
+        return await self._update_dead_letter(key, "discard", RetryRequest(reason=reason))
+
+    async def _update_dead_letter(self, key: str, action: str, request: RetryRequest) -> bool:
+        """Send the `action` update; its validator refuses it unless the email is parked."""
+        status = await self.status(key)
+        handle = self.handle(key)._handle
+        if status in (EmailStatus.SENT, EmailStatus.FAILED, EmailStatus.CANCELLED):
+            raise ActionRefused(key, action, f"cannot {action}: the email is {status}")
         try:
-            await self.handle(key)._handle.signal(signal, request)
+            await handle.execute_update(action, request)
+        except WorkflowUpdateFailedError as err:
+            raise ActionRefused(key, action, _refusal(err)) from None
         except RPCError as err:
-            if err.status == RPCStatusCode.NOT_FOUND:
-                return False  # it ended meanwhile (another run's retry sent it)
+            if err.status == RPCStatusCode.NOT_FOUND:  # it ended meanwhile
+                raise ActionRefused(
+                    key, action, f"cannot {action}: the email is {await self.status(key)}"
+                ) from None
             raise
         return True
 
@@ -596,7 +723,36 @@ def _aware(when: datetime, field: str) -> datetime:
 
 def content_hash(request: SendEmailInput) -> str:
     """What makes two sends with one key "the same email": content and schedule."""
-    return content_digest(request.email.model_dump_json(), str(request.send_at))
+    return email_digest(request.email, request.send_at)
+
+
+def _failure_details(err: BaseException) -> dict[str, Any]:
+    """The first details dict of the outermost ApplicationError under `err`, if any."""
+    cause: BaseException | None = err
+    while cause is not None:
+        if isinstance(cause, ApplicationError):
+            first = cause.details[0] if cause.details else None
+            return first if isinstance(first, dict) else {}
+        cause = cause.__cause__ or getattr(cause, "cause", None)
+    return {}
+
+
+def _last_reply(err: BaseException) -> str | None:
+    """The SMTP reply (or error) a failed email ended with, bare: ``550 5.1.1 ...``."""
+    cause: BaseException | None = err
+    while cause is not None:
+        if isinstance(cause, ApplicationError):
+            return cause.message
+        cause = cause.__cause__ or getattr(cause, "cause", None)
+    return None
+
+
+def _refusal(err: WorkflowUpdateFailedError) -> str:
+    """The validator's reason for refusing an update."""
+    cause = err.cause
+    if isinstance(cause, ApplicationError):
+        return cause.message
+    return str(cause or err)
 
 
 def _delivery_error(err: WorkflowFailureError) -> PostlaneError:
@@ -611,6 +767,9 @@ def _delivery_error(err: WorkflowFailureError) -> PostlaneError:
                 cause.details[0] if cause.details and isinstance(cause.details[0], dict) else {}
             )
             code = details.get("smtp_code")
+            if cause.type in REFUSED_INPUT_TYPES:  # the workers refused what it was started with
+                field, reason = details.get("field"), details.get("reason")
+                return InvalidEmail(str(field or "input"), str(reason or cause.message))
             if cause.type in NON_RETRYABLE_TYPES:
                 return PermanentDeliveryError(
                     f"{cause.type}: {cause.message}",

@@ -22,14 +22,19 @@ from typing import Literal, Protocol, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from postlane.addresses import normalise_sender_pattern
 from postlane.errors import ConfigurationError
 from postlane.ids import inbox_workflow_id, lane_task_queue
-from postlane.models import LaneLimits, RetrySettings, Warmup, check_address
+from postlane.models import LaneLimits, RetrySettings, Warmup
 from postlane.sequence_spec import Duration
 
 DEFAULT_CONFIG_FILE = "postlane.toml"
 DEV_LANE = "default"
 _LANE_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+_HOSTNAME_RE = re.compile(
+    r"^(?=.{1,253}$)(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+[A-Za-z0-9-]{1,63}$"
+)
+_ADDRESS_LITERAL_RE = re.compile(r"^\[(?:\d{1,3}(?:\.\d{1,3}){3}|IPv6:[0-9A-Fa-f:.]+)\]$")
 
 
 class LaneConfig(BaseModel):
@@ -61,6 +66,10 @@ class LaneConfig(BaseModel):
     """Ramp a new account or IP: ``{start_per_day = 50, factor = 2.0}`` doubles daily."""
     message_id_domain: str | None = None
     """Right-hand side of Message-IDs; defaults to the sender's domain."""
+    ehlo_name: str | None = None
+    """The name given in EHLO. Default: this host's FQDN if it is a real one (has a dot,
+    is not ``localhost``), else the domain of the lane's first sender (``*@acme.test`` →
+    ``acme.test``), else the connection's address literal (``[192.0.2.1]``)."""
     retry: RetrySettings = RetrySettings()
 
     @field_validator("name")
@@ -70,14 +79,21 @@ class LaneConfig(BaseModel):
             raise ValueError(f"{v!r}: use lower-case letters, digits, '-' and '_'")
         return v
 
+    @field_validator("ehlo_name")
+    @classmethod
+    def _ehlo_name(cls, v: str | None) -> str | None:
+        if v is not None and not (_HOSTNAME_RE.match(v) or _ADDRESS_LITERAL_RE.match(v)):
+            raise ValueError(
+                f"{v!r}: use a fully qualified host name (mail.acme.test) or an address"
+                " literal ([192.0.2.1])"
+            )
+        return v
+
     @field_validator("senders")
     @classmethod
     def _senders(cls, v: list[str]) -> list[str]:
-        for pattern in v:
-            if pattern == "*" or pattern.startswith("*@"):
-                continue
-            check_address(pattern)
-        return v
+        # Senders arrive with internationalised domains in A-labels: so must the patterns.
+        return [normalise_sender_pattern(pattern) for pattern in v]
 
     @model_validator(mode="after")
     def _consistent(self) -> LaneConfig:

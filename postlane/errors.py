@@ -10,6 +10,7 @@
     ├── EmailNotFound                       no email with that key
     ├── SequenceNotFound                    no sequence with that key
     ├── RecipientSuppressed                 the address unsubscribed from this sender
+    ├── ActionRefused                       an operator action the workflow's state refuses
     └── DeliveryError                       the email did not go out
         ├── PermanentDeliveryError          the SMTP server said no (5xx)
         └── EmailCancelled                  an operator cancelled it
@@ -38,12 +39,23 @@ class ErrorType(StrEnum):
     """The worker serving the lane has no configuration for it."""
     CONFIGURATION = "ConfigurationError"
     """The worker's lane configuration is unusable (missing login variable, no AUTH offered)."""
+    SMTPUTF8_UNSUPPORTED = "SmtpUtf8UnsupportedError"
+    """An address has a non-ASCII local part and the server does not offer SMTPUTF8: not
+    retried (the email ends `failed`)."""
     IMAP_TRANSIENT = "ImapTransientError"
     """The IMAP server is unreachable, dropped the connection or answered NO/BAD: retried."""
     IMAP_AUTH = "ImapAuthError"
     """The IMAP server refused the inbox's login: a configuration problem, not retried."""
     INBOX_UNKNOWN = "InboxUnknownError"
     """The worker that took the poll has no such inbox (another host may have it): retried."""
+    INVALID_EMAIL = "InvalidEmail"
+    """A `SendEmail` input is invalid (from any client): failed at once, naming the field."""
+    UNKNOWN_SENDER = "UnknownSender"
+    """No lane in the workers' configuration serves the email's sender: failed at once."""
+    UNKNOWN_LANE = "UnknownLane"
+    """The input names a lane the workers' configuration does not have: failed at once."""
+    ACTION_REFUSED = "ActionRefused"
+    """An update's validator refused an operator action (retry, discard, approve, ...)."""
 
 
 class PostlaneError(Exception):
@@ -109,6 +121,25 @@ class RecipientSuppressed(PostlaneError):
         self.sender = sender
         self.address = address
         super().__init__(f"{address} unsubscribed from {sender}; not enrolled")
+
+
+class ActionRefused(PostlaneError):
+    """A workflow refused an operator action in its current state; nothing changed.
+
+    Raised for an email's ``retry``/``discard`` when it is not dead-lettered, and for a
+    sequence's ``approve`` of a step that holds no draft, ``pause`` of a paused one, ...
+
+    Attributes:
+        key: the email's or sequence's key.
+        action: the refused action, e.g. ``retry`` or ``approve``.
+        reason: why the workflow refused it.
+    """
+
+    def __init__(self, key: str, action: str, reason: str) -> None:
+        self.key = key
+        self.action = action
+        self.reason = reason
+        super().__init__(f"{key}: {reason}")
 
 
 class DeliveryError(PostlaneError):

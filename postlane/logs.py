@@ -6,6 +6,38 @@ import logging
 import sys
 
 import structlog
+from temporalio.exceptions import ApplicationError
+
+from postlane.errors import ErrorType
+
+EXPECTED_FAILURES = frozenset(
+    {
+        ErrorType.SMTP_TRANSIENT,
+        ErrorType.SMTP_THROTTLED,
+        ErrorType.SMTP_PERMANENT,
+        ErrorType.SMTP_TLS,
+        ErrorType.LANE_UNKNOWN,
+        ErrorType.CONFIGURATION,
+    }
+)
+"""Failures the send activity raises on purpose, after logging its own one-line
+``email.attempt_failed`` event; the SDK's traceback for them is noise."""
+
+
+class ExpectedActivityFailures(logging.Filter):
+    """Drop the Temporal SDK's "Completing activity as failed" record (with traceback) for
+    an attempt that failed in an expected way, e.g. a server that said "450 4.7.1".
+
+    Any other exception, such as a bug in an activity, keeps its traceback. Metrics and
+    the failure in the workflow's history are unchanged (the category stays default).
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """False for the SDK's record of an expected failure."""
+        if getattr(record, "__temporal_error_identifier", None) != "ActivityFailure":
+            return True
+        exc = record.exc_info[1] if record.exc_info else None
+        return not (isinstance(exc, ApplicationError) and exc.type in EXPECTED_FAILURES)
 
 
 def configure_logging(*, json: bool = False, level: str = "INFO") -> None:
@@ -40,3 +72,6 @@ def configure_logging(*, json: bool = False, level: str = "INFO") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    activity_logger = logging.getLogger("temporalio.activity")
+    if not any(isinstance(f, ExpectedActivityFailures) for f in activity_logger.filters):
+        activity_logger.addFilter(ExpectedActivityFailures())

@@ -1,8 +1,9 @@
 """Models shared by the client, the workflows and the activities.
 
-Only pydantic and the standard library are imported here, so workflow code can pass this
-module through Temporal's sandbox cheaply. Wire models only ever gain fields with
-defaults, and ignore unknown ones, so workers of different versions interoperate.
+Only pydantic, the standard library and `postlane.addresses` (standard library only) are
+imported here, so workflow code can pass this module through Temporal's sandbox cheaply.
+Wire models only ever gain fields with defaults, and ignore unknown ones, so workers of
+different versions interoperate.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from postlane.addresses import parse_mailbox
 from postlane.errors import InvalidEmail
 
 MAX_RECIPIENTS = 100
@@ -32,7 +34,16 @@ _LOCAL = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 _ADDRESS_RE = re.compile(rf"^{_LOCAL}@{_LABEL}(?:\.{_LABEL})+$")
 _HEADER_NAME_RE = re.compile(r"^[!-9;-~]+$")
-_SUBFIELD_RE = re.compile(r"^([a-z_][a-z0-9_]*): (.+)$", re.DOTALL)
+_SUBFIELD_RE = re.compile(r"^([a-z_][a-z0-9_]*(?:\[\d+\])?): (.+)$", re.DOTALL)
+MSG_ID_HEADERS = frozenset({"in-reply-to", "references"})
+"""Headers that hold one or more ``<msg-id>`` (RFC 5322, section 3.6.4)."""
+URI_LIST_HEADERS = frozenset(
+    {"list-unsubscribe", "list-subscribe", "list-help", "list-archive", "list-owner"}
+)
+"""Headers that hold a comma-separated list of ``<uri>`` (RFC 2369)."""
+_MSG_ID_LIST_RE = re.compile(r"^\s*<[^<>\s]+>(?:\s*<[^<>\s]+>)*\s*$")
+_URI_ITEM = r"<[\x21-\x3b\x3d\x3f-\x7e]+>"  # printable ASCII but '<' and '>'
+_URI_LIST_RE = re.compile(rf"^\s*{_URI_ITEM}(?:\s*,\s*{_URI_ITEM})*\s*$")
 _TAG_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 _RESERVED_HEADERS = frozenset(
     h.lower()
@@ -91,6 +102,41 @@ def check_address(value: str) -> str:
     return value
 
 
+def _mailbox(value: str, field: str, names: dict[str, str]) -> str:
+    """The bare address of `value`, recording its display name in `names`.
+
+    Raises:
+        ValueError: ``field: why`` (the model turns it into `InvalidEmail` naming `field`).
+    """
+    try:
+        mailbox = parse_mailbox(value)
+    except ValueError as exc:
+        raise ValueError(f"{field}: {exc}") from None
+    if mailbox.name is not None:
+        known = names.get(mailbox.address)
+        if known is not None and known != mailbox.name:
+            raise ValueError(
+                f"{field}: {mailbox.address} is already named {known!r}; give one name per address"
+            )
+        names[mailbox.address] = mailbox.name
+    return mailbox.address
+
+
+def _structured_header(name: str, value: str) -> None:
+    """Check the headers whose syntax Postlane writes item by item (see `activities.mime`).
+
+    Raises:
+        ValueError: the value is not a list of the header's items.
+    """
+    lower = name.lower()
+    if lower in MSG_ID_HEADERS and not _MSG_ID_LIST_RE.match(value):
+        raise ValueError(f"{value!r} is not a list of message IDs like '<id@domain>'")
+    if lower in URI_LIST_HEADERS and not _URI_LIST_RE.match(value):
+        raise ValueError(f"{value!r} is not a comma-separated list of '<uri>' (RFC 2369)")
+    if lower == "list-unsubscribe-post" and value.strip() != "List-Unsubscribe=One-Click":
+        raise ValueError("must be 'List-Unsubscribe=One-Click' (RFC 8058)")
+
+
 def _no_line_breaks(value: str) -> str:
     if any(c in value for c in "\r\n\x00"):
         raise ValueError("must not contain CR, LF or NUL characters")
@@ -130,7 +176,9 @@ class Email(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     sender: str
-    """From address; must be served by a configured lane."""
+    """From address; must be served by a configured lane. ``ada@acme.test``,
+    ``Ada Lovelace <ada@acme.test>`` or ``"Lovelace, Ada" <ada@acme.test>`` (as for every
+    address field): the field keeps the bare address, `display_names` the name."""
     to: list[str] = Field(min_length=1)
     subject: str
     text: str | None = None
@@ -140,7 +188,12 @@ class Email(BaseModel):
     bcc: list[str] = Field(default_factory=list)
     reply_to: str | None = None
     headers: dict[str, str] = Field(default_factory=dict)
-    """Extra headers, e.g. ``List-Unsubscribe``. Structural headers are set by Postlane."""
+    """Extra headers, e.g. ``List-Unsubscribe``. Structural headers are set by Postlane.
+    ``In-Reply-To`` and ``References`` take ``<msg-id>`` items, the ``List-*`` URL headers
+    take ``<uri>`` items (RFC 2369); Postlane folds them between items, never inside one."""
+    display_names: dict[str, str] = Field(default_factory=dict)
+    """Display name by address. Filled from ``"Ada Lovelace" <ada@acme.test>`` forms in
+    `sender`, `to`, `cc`, `bcc` and `reply_to`, which then hold the bare address."""
     tags: list[str] = Field(default_factory=list)
     """Labels for search (`PostlaneTag`): letters, digits and ``_ . : -``."""
     attachments: list[Attachment] = Field(default_factory=list)
@@ -154,19 +207,37 @@ class Email(BaseModel):
             except ValidationError as exc:
                 raise invalid_email_from(exc) from None
 
-    @field_validator("sender", "reply_to")
+    @model_validator(mode="before")
     @classmethod
-    def _one_address(cls, v: str | None) -> str | None:
-        return None if v is None else check_address(v)
+    def _mailboxes(cls, data: Any) -> Any:
+        """Split ``Name <address>`` forms into the bare address and `display_names`, and
+        normalise internationalised domains to A-labels (`postlane.addresses`)."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        given = data.get("display_names")
+        names: dict[str, str] = dict(given) if isinstance(given, dict) else {}
+        for field in ("sender", "reply_to", "to", "cc", "bcc"):
+            value = data.get(field)
+            if isinstance(value, str):
+                data[field] = _mailbox(value, field, names)
+            elif isinstance(value, list | tuple):
+                data[field] = [
+                    _mailbox(item, f"{field}[{i}]", names) if isinstance(item, str) else item
+                    for i, item in enumerate(value)
+                ]
+        if isinstance(given, dict) or (given is None and names):
+            data["display_names"] = names  # otherwise pydantic reports the bad type
+        return data
 
-    @field_validator("to", "cc", "bcc")
+    @field_validator("display_names")
     @classmethod
-    def _addresses(cls, v: list[str]) -> list[str]:
-        for i, address in enumerate(v):
+    def _names(cls, v: dict[str, str]) -> dict[str, str]:
+        for address, name in v.items():
             try:
-                check_address(address)
+                _no_line_breaks(name)
             except ValueError as exc:
-                raise ValueError(f"item {i}: {exc}") from None
+                raise ValueError(f"{address}: {exc}") from None
         return v
 
     @field_validator("subject")
@@ -184,6 +255,7 @@ class Email(BaseModel):
                 raise ValueError(f"{name} is set by Postlane; use the Email field instead")
             try:
                 _no_line_breaks(value)
+                _structured_header(name, value)
             except ValueError as exc:
                 raise ValueError(f"{name}: {exc}") from None
         return v
@@ -208,12 +280,23 @@ class Email(BaseModel):
         size = len(self.model_dump_json())
         if size > MAX_EMAIL_BYTES:
             raise ValueError(f"attachments: the email is {size} bytes, over {MAX_EMAIL_BYTES}")
+        # display_names may name addresses the email no longer has (a dead-letter retry
+        # replaces `to` and keeps the names): they are simply not used.
         return self
 
     @property
     def recipients(self) -> list[str]:
         """Every envelope recipient: to, cc and bcc."""
         return [*self.to, *self.cc, *self.bcc]
+
+    @property
+    def smtputf8_address(self) -> str | None:
+        """The first address (sender or recipient) with a non-ASCII local part, which only
+        a server offering SMTPUTF8 can take; None if every address is ASCII."""
+        for address in (self.sender, *self.recipients, self.reply_to or ""):
+            if not address.isascii():
+                return address
+        return None
 
     @property
     def recipient_domains(self) -> list[str]:
@@ -249,19 +332,50 @@ class RetrySettings(BaseModel):
 
 
 class SendEmailInput(BaseModel):
-    """Input of `SendEmailWorkflow`. Holds no credentials: the lane is only a name."""
+    """Input of `SendEmailWorkflow` (workflow type ``SendEmail``). Holds no credentials.
+
+    Any Temporal client may start it (see docs/contract.md): the workflow validates it and
+    takes the lane's retry policy and caps from the workers' configuration.
+    """
 
     model_config = ConfigDict(frozen=True)
 
     email: Email
-    key: str
-    lane: str
+    key: str = ""
+    """The idempotency key; empty means the one in the workflow ID ``email:<key>``."""
+    lane: str = ""
+    """The lane (sending account) by name; empty means the lane that serves the sender."""
     priority: Priority = Priority.NORMAL
     send_at: datetime | None = None
-    """Aware UTC datetime; None sends immediately."""
+    """Timezone-aware datetime; None sends immediately."""
+    retry: RetrySettings = RetrySettings()
+    """Ignored by current workers, which use the lane's configured retry policy."""
+    quota: bool = False
+    """Ignored by current workers, which know whether the lane has caps or a warm-up."""
+
+
+class LaneQuery(BaseModel):
+    """Input of the ``resolve_lane`` local activity: which lane sends for this sender?"""
+
+    model_config = ConfigDict(frozen=True)
+
+    sender: str
+    lane: str = ""
+    """A lane the caller named (checked to exist), or empty to pick the sender's lane."""
+
+
+class LaneResolution(BaseModel):
+    """The workers' answer to a `LaneQuery`: the lane and its settings, or why there is none."""
+
+    model_config = ConfigDict(frozen=True)
+
+    lane: str = ""
     retry: RetrySettings = RetrySettings()
     quota: bool = False
-    """The lane has hourly/daily caps: ask its quota workflow for a slot before sending."""
+    """The lane has hourly/daily caps or a warm-up: sends ask its lane workflow for a slot."""
+    error_type: str | None = None
+    """``UnknownSender`` or ``UnknownLane`` when there is no lane to send through."""
+    error: str = ""
 
 
 class SmtpSendRequest(BaseModel):

@@ -12,6 +12,7 @@ from temporalio.client import (
     WorkflowExecutionStatus,
     WorkflowFailureError,
     WorkflowHandle,
+    WorkflowUpdateFailedError,
 )
 from temporalio.common import Priority as TemporalPriority
 from temporalio.common import (
@@ -20,12 +21,13 @@ from temporalio.common import (
     WorkflowIDConflictPolicy,
     WorkflowIDReusePolicy,
 )
-from temporalio.exceptions import WorkflowAlreadyStartedError
+from temporalio.exceptions import ApplicationError, WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
 from postlane import search_attributes as sa
 from postlane.config import Settings
 from postlane.errors import (
+    ActionRefused,
     InvalidEmail,
     RecipientSuppressed,
     SequenceNotFound,
@@ -311,13 +313,52 @@ class SequenceOperations:
             await handle.signal(signal, arg)
         return True
 
+    async def _update(self, key: str, action: str, arg: Any = None) -> bool:
+        """Send the `action` update to a running sequence; False if it has finished.
+
+        Raises:
+            SequenceNotFound: no sequence has this key.
+            ActionRefused: the sequence's validator refused the action in its state.
+        """
+        handle, desc = await self._describe_sequence(key)
+        if desc.status != WorkflowExecutionStatus.RUNNING:
+            return False
+        try:
+            if arg is None:
+                await handle.execute_update(action)
+            else:
+                await handle.execute_update(action, arg)
+        except WorkflowUpdateFailedError as err:
+            cause = err.cause
+            reason = cause.message if isinstance(cause, ApplicationError) else str(cause or err)
+            raise ActionRefused(key, action, reason) from None
+        except RPCError as err:
+            if err.status == RPCStatusCode.NOT_FOUND:
+                return False  # it finished meanwhile
+            raise
+        return True
+
     async def pause_sequence(self, key: str) -> bool:
-        """Hold a sequence: nothing is sent until `resume_sequence`. False if finished."""
-        return await self._signal(key, "pause")
+        """Hold a sequence: nothing is sent until `resume_sequence`.
+
+        Returns:
+            True if paused; False if it had finished.
+
+        Raises:
+            ActionRefused: it is paused already.
+        """
+        return await self._update(key, "pause")
 
     async def resume_sequence(self, key: str) -> bool:
-        """Let a paused sequence go on. False if finished."""
-        return await self._signal(key, "resume")
+        """Let a paused sequence go on.
+
+        Returns:
+            True if resumed; False if it had finished.
+
+        Raises:
+            ActionRefused: it is not paused.
+        """
+        return await self._update(key, "resume")
 
     async def cancel_sequence(self, key: str) -> bool:
         """Stop a sequence now (an email already handed to its lane may still go out).
@@ -342,11 +383,23 @@ class SequenceOperations:
         html: str | None = None,
         by: str = "",
     ) -> bool:
-        """Approve (optionally edited) or reject the draft a compose step holds."""
+        """Approve (optionally edited) or reject the draft a compose step holds.
+
+        Returns:
+            True: the decision was taken.
+
+        Raises:
+            SequenceNotFound: no sequence has this key.
+            ActionRefused: `step` is not the current step, no draft awaits approval, or
+                the sequence has finished (the reason says which); nothing changed.
+        """
         decision = Approval(
             step=step, approved=approved, subject=subject, text=text, html=html, by=by
         )
-        return await self._signal(key, "approve", decision)
+        if not await self._update(key, "approve", decision):
+            status = (await self.sequence_status(key)).status
+            raise ActionRefused(key, "approve", f"cannot approve: the sequence is {status}")
+        return True
 
     async def unsubscribe(self, key: str, *, reason: str = "") -> bool:
         """Stop the sequence and suppress its recipient for the sender's future sequences.

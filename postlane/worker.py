@@ -15,6 +15,7 @@ from temporalio.worker import Worker
 
 from activities.inbound import InboundActivities
 from activities.lanes import LaneAdminActivities
+from activities.resolve import LaneResolver
 from activities.smtp import SmtpActivities
 from activities.suppression import SuppressionActivities
 from postlane.config import InboxConfig, LaneConfig, Settings
@@ -72,13 +73,20 @@ def build_workers(
     if workflows:
         admin = LaneAdminActivities(client)
         suppressions = SuppressionActivities(client)
+        # resolve_lane runs as a local activity of SendEmail: it must live with the workflows.
+        resolver = LaneResolver(settings)
         workers.append(
             Worker(
                 client,
                 task_queue=WORKFLOW_TASK_QUEUE,
                 workflows=WORKFLOWS,
                 workflow_runner=workflow_runner(),
-                activities=[admin.set_lane_rate, suppressions.suppress_recipient, *agents],
+                activities=[
+                    admin.set_lane_rate,
+                    suppressions.suppress_recipient,
+                    resolver.resolve_lane,
+                    *agents,
+                ],
                 graceful_shutdown_timeout=GRACEFUL_SHUTDOWN,
             )
         )

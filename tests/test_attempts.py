@@ -8,16 +8,27 @@ states are observed (with `pl.sleep` steps) before any result is awaited.
 
 from __future__ import annotations
 
+import re
+import uuid
 from datetime import timedelta
+from pathlib import Path
 
+import pytest
+from aiosmtpd.smtp import SMTP
 from temporalio.api.enums.v1 import EventType
+from temporalio.api.sdk.v1 import WorkflowMetadata
+from temporalio.testing import WorkflowEnvironment
 
-from postlane import Email, EmailStatus
+from postlane import Email, EmailStatus, PermanentDeliveryError, PostlaneClient, Settings
+from postlane.catcher import Phase, SmtpCatcher
 from postlane.cli import format_attempts
 from postlane.errors import ErrorType
+from postlane.ids import email_workflow_id
 from postlane.models import MAX_ATTEMPT_HISTORY, RetrySettings
-from postlane.testing import PostlaneTestEnv
+from postlane.testing import PostlaneTestEnv, running_workers
 from tests.conftest import PATIENT_LANE
+from tests.procs import assert_eventually, postlane_env, run_postlane, write_config
+from tests.test_integration import address_of, an_email, new_lane
 
 OUTAGE = "451 4.3.0 Mail server temporarily unavailable"
 
@@ -153,3 +164,108 @@ async def test_attempts_numbered_across_dead_letter_retries(pl: PostlaneTestEnv,
         "SMTP send via lane fragile, attempt 1",
         "SMTP send via lane fragile, attempt 4",
     ]
+
+
+class CountingCatcher(SmtpCatcher):
+    """An SmtpCatcher that also counts the transactions (MAIL FROM) that reached it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.transactions = 0
+
+    async def _fault(self, phase: Phase, server: SMTP) -> str | None:
+        if phase == "mail":
+            self.transactions += 1
+        return await super()._fault(phase, server)
+
+
+async def current_details(pl: PostlaneClient, key: str) -> str:
+    """The workflow's current details, as the Web UI shows them."""
+    handle = pl.temporal.get_workflow_handle(email_workflow_id(key))
+    metadata = await handle.query("__temporal_workflow_metadata", result_type=WorkflowMetadata)
+    return metadata.current_details
+
+
+@pytest.mark.devserver
+@pytest.mark.timeout(180)
+async def test_every_attempt_count_matches_the_transactions_the_server_saw(
+    dev_env: WorkflowEnvironment, tmp_path: Path
+) -> None:
+    """Refused (550), sent after 451s, dead-lettered after 451s: describe(), ``status
+    --attempts``, ``dlq list``, the Web UI's current details and the receipt all count the
+    transactions the SMTP server saw, and show the last reply in the same bare form."""
+    refused, retried, parked = (f"count-{uuid.uuid4().hex[:8]}-{n}" for n in range(3))
+    with CountingCatcher() as smtp:
+        lane = new_lane(
+            smtp, retry=RetrySettings(initial_interval=timedelta(seconds=1), maximum_attempts=3)
+        )
+        pl = PostlaneClient(dev_env.client, Settings(lanes=[lane]))
+        env = postlane_env(address_of(dev_env), write_config(tmp_path / "postlane.toml", [lane]))
+        async with running_workers(dev_env, pl.settings):
+            # 550 at RCPT: failed after one transaction.
+            smtp.reject_recipient("nobody@example.test", "550 5.1.1 no such user")
+            handle = await pl.send(an_email(to="nobody@example.test"), key=refused)
+            with pytest.raises(PermanentDeliveryError):
+                await handle.result()
+            assert smtp.transactions == 1
+            report = await pl.describe(refused)
+            assert (report.status, report.attempts) == (EmailStatus.FAILED, 1)
+            assert report.last_error == "550 5.1.1 no such user"
+            assert [a.reply for a in report.attempt_history] == ["550 5.1.1 no such user"]
+            assert await current_details(pl, refused) == (
+                "status: failed; attempts: 1; last SMTP reply: 550 5.1.1 no such user"
+            )
+            rc, out, err = await run_postlane(["status", refused, "--attempts"], env)
+            assert rc == 0, err
+            assert out.startswith(f"{refused}: failed, lane {lane.name}, 1 attempts\n")
+            assert out.rstrip().endswith("last reply: 550 5.1.1 no such user")
+
+            # Two 451s at DATA, then accepted: sent on the third transaction.
+            smtp.fail("data", OUTAGE, times=2)
+            receipt = await (await pl.send(an_email(), key=retried)).result()
+            assert smtp.transactions == 1 + 3
+            assert receipt.attempts == 3
+            assert [m.message_id for m in smtp.messages] == [receipt.message_id]
+            report = await pl.describe(retried)
+            assert (report.status, report.attempts) == (EmailStatus.SENT, 3)
+            assert [a.attempt for a in report.attempt_history] == [1, 2]
+            assert await current_details(pl, retried) == (
+                f"status: sent; attempts: 3; last SMTP reply: {receipt.smtp_reply}"
+            )
+            rc, out, err = await run_postlane(["status", retried, "--attempts"], env)
+            assert rc == 0, err
+            assert out.startswith(f"{retried}: sent, lane {lane.name}, 3 attempts\n")
+            assert "sent on attempt 3 at " in out
+
+            # Three 451s and the lane gives up: dead-lettered after three transactions.
+            smtp.fail("data", OUTAGE, times=3)
+            await pl.send(an_email(), key=parked)
+
+            async def is_parked() -> bool:
+                return await pl.status(parked) == EmailStatus.DEAD_LETTER
+
+            await assert_eventually(is_parked, within=60, what="dead-lettered")
+            assert smtp.transactions == 4 + 3
+            report = await pl.describe(parked)
+            assert (report.attempts, report.last_error) == (3, OUTAGE)
+            details = await current_details(pl, parked)
+            assert details.startswith(
+                f"status: dead_letter; attempts: 3; last SMTP reply: {OUTAGE}"
+            )
+            rc, out, err = await run_postlane(["status", parked, "--attempts"], env)
+            assert rc == 0, err
+            assert out.startswith(f"{parked}: dead_letter, lane {lane.name}, 3 attempts")
+
+            async def listed() -> str:
+                rc, out, err = await run_postlane(["dlq", "list", "--lane", lane.name], env)
+                assert rc == 0 and parked in out, (out, err)
+                return out
+
+            row = (await assert_eventually(listed, within=30, what="dlq list")).splitlines()[1]
+            assert re.split(r"\s{2,}", row)[3::2] == ["3", OUTAGE]  # attempts, last reply
+            await pl.discard(parked)
+
+        # Without a worker the server alone still says one attempt and the bare reply.
+        report = await pl.describe(refused)
+        assert (report.status, report.attempts) == (EmailStatus.FAILED, 1)
+        assert report.last_error == "550 5.1.1 no such user"

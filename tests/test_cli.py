@@ -7,7 +7,8 @@ from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
-from postlane.cli import format_attempts, format_dead_letters, parse_since
+from postlane.cli import _report_cancel, format_attempts, format_dead_letters, parse_since
+from postlane.client import CancelOutcome, CancelResult
 from postlane.errors import InvalidEmail
 from postlane.models import AttemptRecord, DeliveryReceipt, EmailReport, EmailStatus
 from postlane.progress import ProgressBar
@@ -161,3 +162,53 @@ def test_attempts_table_lists_each_failed_attempt_then_the_send() -> None:
     ]
     assert len(lines) == 3 + 20 + 1
     assert lines[-1] == "sent on attempt 23 at 2026-03-10 12:00:00Z: 250 2.0.0 OK"
+
+
+@pytest.mark.parametrize(
+    ("result", "rc", "first_line"),
+    [
+        (CancelResult(key="k", outcome=CancelOutcome.CANCELLED), 0, "k: cancelled"),
+        (
+            CancelResult(key="k", outcome=CancelOutcome.CANCELLED, already=True),
+            0,
+            "k: already cancelled",
+        ),
+        (
+            CancelResult(
+                key="k",
+                outcome=CancelOutcome.SENT,
+                already=True,
+                receipt=DeliveryReceipt(
+                    key="k",
+                    message_id="<m@x>",
+                    lane="l",
+                    accepted=["bob@example.test"],
+                    smtp_reply="250 2.0.0 OK",
+                ),
+            ),
+            0,
+            "k: already sent, message <m@x> (250 2.0.0 OK); nothing to cancel",
+        ),
+        (
+            CancelResult(
+                key="k", outcome=CancelOutcome.FAILED, already=True, reason="550 5.1.1 no"
+            ),
+            1,
+            "k: already failed (550 5.1.1 no); nothing to cancel",
+        ),
+        (
+            CancelResult(key="k", outcome=CancelOutcome.PENDING, reason="still running"),
+            1,
+            "k: cancel requested but not confirmed: still running",
+        ),
+    ],
+)
+def test_cancel_report_and_exit_code_per_outcome(
+    result: CancelResult, rc: int, first_line: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """0 when the email ends cancelled or was already sent (not an error); 1 otherwise."""
+    assert _report_cancel(result) == rc
+    out = capsys.readouterr().out
+    assert out.splitlines()[0] == first_line
+    if result.receipt is not None:
+        assert DeliveryReceipt.model_validate_json(out.split("\n", 1)[1]) == result.receipt

@@ -14,9 +14,9 @@ import pytest
 from temporalio.testing import WorkflowEnvironment
 
 from postlane.catcher import SmtpCatcher
-from postlane.client import EmailHandle, PostlaneClient
+from postlane.client import CancelOutcome, EmailHandle, PostlaneClient
 from postlane.config import Settings
-from postlane.errors import EmailCancelled, PermanentDeliveryError
+from postlane.errors import ActionRefused, EmailCancelled, PermanentDeliveryError
 from postlane.models import EmailStatus, RetrySettings
 from postlane.testing import running_workers
 from tests.procs import (
@@ -282,3 +282,52 @@ async def test_outage_parks_across_worker_kill_then_retry_all_delivers_each_once
     assert delivered == Counter({r.message_id: 1 for r in receipts})  # each once, no other
     assert await statuses(pl, retried) == [EmailStatus.SENT] * 4
     assert await statuses(pl, discarded) == [EmailStatus.CANCELLED] * 2
+
+
+@pytest.mark.timeout(120)
+async def test_retry_and_discard_of_an_email_that_is_not_parked_are_refused(
+    dev_env: WorkflowEnvironment, key: str, tmp_path: Path
+) -> None:
+    """The workflow's update validator refuses them with the email's status: the client
+    raises ActionRefused, the CLI prints it and exits 2, ``dlq`` counts it unchanged."""
+    with SmtpCatcher() as smtp:
+        lane = new_lane(
+            smtp,
+            retry=RetrySettings(
+                initial_interval=timedelta(minutes=10), maximum_interval=timedelta(minutes=10)
+            ),
+        )
+        pl = PostlaneClient(dev_env.client, Settings(lanes=[lane]))
+        env = postlane_env(address_of(dev_env), write_config(tmp_path / "postlane.toml", [lane]))
+        smtp.fail("data", OUTAGE)
+        async with running_workers(dev_env, pl.settings):
+            await pl.send(an_email(), key=key)
+
+            async def retrying() -> bool:
+                return (await pl.describe(key)).status == EmailStatus.RETRYING
+
+            await assert_eventually(retrying, within=60, what="waiting between attempts")
+            rc, out, err = await run_postlane(["retry", key], env)
+            assert rc == 2, (out, err)
+            assert err.strip() == (
+                f"error: ActionRefused: {key}: cannot retry: the email is queued, not dead_letter"
+            )
+            with pytest.raises(ActionRefused) as refused:
+                await pl.discard(key)
+            assert (refused.value.action, refused.value.reason) == (
+                "discard",
+                "cannot discard: the email is queued, not dead_letter",
+            )
+            rc, out, err = await run_postlane(["dlq", "discard", key], env)
+            assert rc == 0, err
+            assert "discard: 0 of 1 discarded (1 unchanged, 0 errors)" in out
+            assert f"{key}: unchanged: retrying" in err
+            assert await pl.status(key) == EmailStatus.RETRYING  # nothing changed
+
+            assert (await pl.cancel(key)).outcome == CancelOutcome.CANCELLED
+            rc, out, err = await run_postlane(["retry", key], env)
+            assert rc == 2, (out, err)
+            assert (
+                err.strip() == f"error: ActionRefused: {key}: cannot retry: the email is cancelled"
+            )
+    assert smtp.messages == []

@@ -286,9 +286,10 @@ async def test_worker_sigterm_drains_in_flight_send(
     with SmtpCatcher() as smtp:
         lane = new_lane(smtp)
         env = postlane_env(address_of(dev_env), write_config(tmp_path / "postlane.toml", [lane]))
-        # Workflows run in this process (with a lane of their own that nobody sends to), so
-        # the workflow can finish after the lane worker process has gone.
-        async with running_workers(dev_env, Settings(lanes=[new_lane()])):
+        # Workflows run in this process (sending only for a lane of their own that nobody
+        # sends to), so the workflow can finish after the lane worker process has gone.
+        idle = new_lane()
+        async with running_workers(dev_env, Settings(lanes=[idle, lane]), lanes=[idle.name]):
             with WorkerProcess.start(
                 env, tmp_path, "--lanes", lane.name, "--no-workflows"
             ) as worker:

@@ -28,10 +28,10 @@ def test_email_valid_has_recipients_and_domains() -> None:
 @pytest.mark.parametrize(
     ("changes", "field", "fragment"),
     [
-        ({"to": ["bob@"]}, "to", "not a valid email address"),
-        ({"to": ["bob@example"]}, "to", "not a valid email address"),
+        ({"to": ["bob@"]}, "to[0]", "not a valid email address"),
+        ({"to": ["bob@example"]}, "to[0]", "not a valid email address"),
         ({"to": []}, "to", "at least 1"),
-        ({"cc": ["ok@example.test", "no spaces@example.test"]}, "cc", "item 1"),
+        ({"cc": ["ok@example.test", "no spaces@example.test"]}, "cc[1]", "not a valid"),
         ({"sender": "agent@acme.test\r\nBcc: x@evil.test"}, "sender", "not a valid"),
         ({"reply_to": "nope"}, "reply_to", "not a valid"),
         ({"subject": "Hi\r\nBcc: x@evil.test"}, "subject", "CR, LF"),

@@ -5,9 +5,12 @@ from __future__ import annotations
 import postlane
 
 EXPECTED = [
+    "ActionRefused",
     "Approval",
     "Attachment",
     "AttemptRecord",
+    "CancelOutcome",
+    "CancelResult",
     "ComposeRequest",
     "ConfigurationError",
     "DeliveryError",

@@ -19,7 +19,9 @@ from postlane import (
     Settings,
     UnknownSender,
 )
+from postlane.client import CancelOutcome
 from postlane.config import LaneConfig
+from postlane.errors import ActionRefused
 from postlane.ids import email_workflow_id, message_id
 from postlane.testing import PostlaneTestEnv
 
@@ -98,7 +100,7 @@ async def test_send_at_waits_durably_for_days(pl: PostlaneTestEnv, key: str) -> 
 
 async def test_cancel_scheduled_email_sends_nothing(pl: PostlaneTestEnv, key: str) -> None:
     handle = await pl.client.send(email(), key=key, send_at=await pl.now() + timedelta(days=1))
-    assert await pl.client.cancel(key) is True
+    assert (await pl.client.cancel(key)).outcome == CancelOutcome.CANCELLED
     with pytest.raises(EmailCancelled):
         await handle.result()
     await pl.sleep(timedelta(days=2))
@@ -108,7 +110,12 @@ async def test_cancel_scheduled_email_sends_nothing(pl: PostlaneTestEnv, key: st
 
 async def test_cancel_sent_email_changes_nothing(pl: PostlaneTestEnv, key: str) -> None:
     receipt = await (await pl.client.send(email(), key=key)).result()
-    assert await pl.client.cancel(key) is False
+    cancelled = await pl.client.cancel(key)
+    assert (cancelled.outcome, cancelled.already, cancelled.receipt) == (
+        CancelOutcome.SENT,
+        True,
+        receipt,
+    )
     assert await pl.client.handle(key).result() == receipt
     assert await pl.client.status(key) == EmailStatus.SENT
 
@@ -148,7 +155,8 @@ async def test_retries_exhausted_park_in_dead_letter_then_retry_sends(
     receipt = await handle.result()
     assert receipt.attempts == 4
     assert len(pl.outbox) == 1
-    assert await pl.client.retry(key) is False  # sent: nothing to retry
+    with pytest.raises(ActionRefused, match="cannot retry: the email is sent"):
+        await pl.client.retry(key)  # sent: nothing to retry
 
 
 async def test_dead_letter_discard_ends_cancelled(pl: PostlaneTestEnv, key: str) -> None:

@@ -13,10 +13,10 @@ from temporalio.testing import WorkflowEnvironment
 from postlane.catcher import SmtpCatcher
 from postlane.client import PostlaneClient
 from postlane.config import Settings
-from postlane.errors import SequenceNotFound
+from postlane.errors import ActionRefused, SequenceNotFound
 from postlane.sequence_models import SequenceReport, SequenceStatus
-from postlane.sequence_spec import load_spec
-from postlane.testing import running_workers
+from postlane.sequence_spec import Recipient, load_spec
+from postlane.testing import fake_compose, running_workers
 from tests.procs import assert_eventually, postlane_env, run_postlane, write_config
 from tests.test_integration import address_of, new_lane
 
@@ -202,3 +202,98 @@ async def test_raw_reply_stops_the_sequence_before_its_next_send(
     assert [m.step for m in final.sent] == ["intro"]
     assert final.replies[0].from_address == "eve@example.test"
     assert len(smtp.messages) == 1
+
+
+APPROVAL_SPEC = """
+name = "{name}"
+sender = "ada@it.test"
+
+[[steps]]
+type = "compose"
+id = "nudge"
+instructions = "Ask {{{{ first_name }}}} about durable email."
+approval = true
+
+[[steps]]
+type = "wait_for_reply"
+id = "wait"
+timeout = "3d"
+"""
+
+
+@pytest.mark.timeout(180)
+async def test_refused_operator_actions_say_why_and_exit_2(
+    dev_env: WorkflowEnvironment, tmp_path: Path
+) -> None:
+    """approve of the wrong step or with no draft, pause of a paused sequence, resume of a
+    running one: each is refused with its reason (CLI: exit 2; client: ActionRefused) and
+    changes nothing."""
+    with SmtpCatcher() as smtp:
+        lane = new_lane(smtp, senders=["*@it.test"])
+        settings = Settings(lanes=[lane])
+        pl = PostlaneClient(dev_env.client, settings)
+        env = postlane_env(address_of(dev_env), write_config(tmp_path / "postlane.toml", [lane]))
+        name = f"appr-{uuid.uuid4().hex[:6]}"
+        spec = tmp_path / "spec.toml"
+        spec.write_text(APPROVAL_SPEC.format(name=name))
+        key = f"{name}:fay@example.test"
+
+        async def cli(*args: str) -> tuple[int, str, str]:
+            return await run_postlane(["sequence", *args], env)
+
+        async with running_workers(dev_env, settings, agents=[fake_compose]):
+            await pl.start_sequence(
+                load_spec(spec), Recipient(address="fay@example.test", name="Fay"), key=key
+            )
+
+            async def held() -> bool:
+                status = (await pl.sequence_status(key)).status
+                return status == SequenceStatus.AWAITING_APPROVAL
+
+            await assert_eventually(held, within=60, what="the draft held for approval")
+            rc, out, err = await cli("approve", key, "wait")
+            assert rc == 2, (out, err)
+            assert err.strip() == (
+                f"error: ActionRefused: {key}: step 'wait' is not the current step (the"
+                " sequence is at 'nudge'); only a draft awaiting approval can be approved"
+            )
+            with pytest.raises(ActionRefused, match="step 'intro' is not the current step"):
+                await pl.approve(key, "intro")
+
+            assert await cli("pause", key) == (0, f"{key}: pause sent\n", "")
+            rc, out, err = await cli("pause", key)
+            assert (rc, err.strip()) == (
+                2,
+                f"error: ActionRefused: {key}: the sequence is already paused",
+            ), out
+            with pytest.raises(ActionRefused, match="already paused") as refused:
+                await pl.pause_sequence(key)
+            assert (refused.value.key, refused.value.action) == (key, "pause")
+            assert (await cli("resume", key))[0] == 0
+            rc, out, err = await cli("resume", key)
+            assert (rc, err.strip()) == (
+                2,
+                f"error: ActionRefused: {key}: the sequence is not paused",
+            ), out
+            with pytest.raises(ActionRefused, match="not paused"):
+                await pl.resume_sequence(key)
+            assert smtp.messages == []  # nothing refused has let the draft out
+
+            assert await cli("approve", key, "nudge") == (0, f"{key}: approve sent\n", "")
+
+            async def waiting() -> bool:
+                return (await pl.sequence_status(key)).step == "wait"
+
+            await assert_eventually(waiting, within=60, what="the approved draft sent")
+            rc, out, err = await cli("approve", key, "nudge")  # decided already: no draft now
+            assert rc == 2, (out, err)
+            assert "step 'nudge' is not the current step (the sequence is at 'wait')" in err
+            with pytest.raises(ActionRefused, match="step 'wait' has no draft awaiting approval"):
+                await pl.approve(key, "wait")
+            assert [m.recipients for m in smtp.messages] == [["fay@example.test"]]
+            assert await pl.cancel_sequence(key)
+            rc, out, err = await cli("approve", key, "wait")  # finished: refused as well
+            assert rc == 2, (out, err)
+            assert err.strip() == (
+                f"error: ActionRefused: {key}: cannot approve: the sequence is cancelled"
+            )

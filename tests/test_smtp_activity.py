@@ -27,11 +27,11 @@ import activities.smtp as smtp_module
 from activities.smtp import SmtpActivities
 from activities.smtp_errors import CONFIGURATION_ERROR
 from postlane.catcher import CaughtMessage, Phase, SmtpCatcher
-from postlane.config import LaneConfig, Settings
-from postlane.errors import ErrorType
+from postlane.config import LaneConfig, Settings, load_settings
+from postlane.errors import ConfigurationError, ErrorType
 from postlane.ids import email_workflow_id, message_id
 from postlane.models import Attachment, DeliveryReceipt, Email, SmtpSendRequest
-from tests.procs import free_port
+from tests.procs import assert_eventually, free_port
 
 LANE = "test"
 SENDER = "app@acme.test"
@@ -898,3 +898,141 @@ async def test_send_email_auth_not_offered_is_configuration_error(
     assert err.non_retryable is True
     assert "AUTH" in err.message
     assert catcher.messages == []
+
+
+# -- a good SMTP citizen: RSET, QUIT, EHLO (counted by the server, per connection) ----------
+
+
+def ended_with_quit(catcher: SmtpCatcher) -> list[bool]:
+    """For each session the catcher saw: did it end, with QUIT as the client's last word?"""
+    return [s.closed and s.commands[-1:] == ["QUIT"] for s in catcher.sessions]
+
+
+async def test_send_email_refusal_at_mail_resets_and_keeps_connection(
+    catcher: SmtpCatcher, acts: SmtpActivities
+) -> None:
+    catcher.fail("mail", "450 4.7.1 too many messages, slow down")
+
+    err = await send_failure(acts, request(subject="one"))
+    await send(acts, request(subject="two"))
+
+    assert err.type == ErrorType.SMTP_THROTTLED
+    assert [m.subject for m in catcher.messages] == ["two"]
+    [session] = catcher.sessions
+    assert session.commands == ["EHLO", "MAIL", "RSET", "MAIL", "RCPT", "DATA"]
+    assert acts.pool(LANE).opened == 1
+
+
+async def test_send_email_permanent_refusal_at_data_keeps_connection(
+    catcher: SmtpCatcher, acts: SmtpActivities
+) -> None:
+    catcher.fail("data", "554 5.7.1 message refused")
+
+    err = await send_failure(acts, request(subject="one"))
+    await send(acts, request(subject="two"))
+
+    assert err.type == ErrorType.SMTP_PERMANENT
+    [session] = catcher.sessions
+    assert session.commands == ["EHLO", "MAIL", "RCPT", "DATA", "RSET", "MAIL", "RCPT", "DATA"]
+
+
+async def test_smtp_pool_close_says_quit(catcher: SmtpCatcher, acts: SmtpActivities) -> None:
+    await asyncio.gather(send(acts, request(subject="one")), send(acts, request(subject="two")))
+    assert len(catcher.sessions) == 2
+
+    await acts.close()  # what the worker does on shutdown
+
+    await assert_eventually(lambda: all(ended_with_quit(catcher)), what="QUIT on every session")
+
+
+async def test_smtp_pool_overflow_connection_says_quit(
+    catcher: SmtpCatcher, make_activities: MakeActivities
+) -> None:
+    acts = make_activities(lane_for(catcher.port, max_concurrent=1))
+    catcher.delay("data", 0.5)  # the two sends overlap, so each needs a connection
+
+    await asyncio.gather(send(acts, request(subject="one")), send(acts, request(subject="two")))
+
+    # The pool keeps one idle connection; the other is closed politely.
+    await assert_eventually(
+        lambda: sorted(ended_with_quit(catcher)) == [False, True], what="one QUIT"
+    )
+
+
+async def test_smtp_pool_idle_too_long_says_quit(
+    catcher: SmtpCatcher, acts: SmtpActivities, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(smtp_module, "IDLE_TIMEOUT", 0.0)
+
+    await send(acts, request(subject="one"))
+    await send(acts, request(subject="two"))
+
+    await assert_eventually(
+        lambda: ended_with_quit(catcher) == [True, False], what="QUIT on the stale session"
+    )
+
+
+async def test_send_email_refused_login_says_quit(
+    make_activities: MakeActivities,
+    login_env: tuple[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    user_var, password_var = login_env
+    monkeypatch.setenv(user_var, "mailer")
+    monkeypatch.setenv(password_var, "wrong")
+    with SmtpCatcher(logins={"mailer": "s3cret"}) as server:
+        acts = make_activities(
+            lane_for(server.port, smtp_username_env=user_var, smtp_password_env=password_var)
+        )
+
+        await send_failure(acts, request())
+
+        await assert_eventually(lambda: ended_with_quit(server) == [True], what="QUIT")
+
+
+async def test_send_email_uses_lane_ehlo_name(
+    catcher: SmtpCatcher, make_activities: MakeActivities
+) -> None:
+    acts = make_activities(lane_for(catcher.port, ehlo_name="mta1.acme.test"))
+
+    await send(acts, request())
+
+    assert [s.hello_names for s in catcher.sessions] == [["mta1.acme.test"]]
+
+
+@pytest.mark.parametrize(
+    ("fqdn", "senders", "expected"),
+    [
+        ("mx1.postlane.example", ["*@acme.test"], "mx1.postlane.example"),
+        ("localhost", ["*@acme.test"], "acme.test"),
+        ("localhost.localdomain", ["app@Acme.Test"], "acme.test"),
+        ("worker-7f9c", ["*"], "[127.0.0.1]"),
+    ],
+)
+async def test_send_email_default_ehlo_name(
+    catcher: SmtpCatcher,
+    make_activities: MakeActivities,
+    monkeypatch: pytest.MonkeyPatch,
+    fqdn: str,
+    senders: list[str],
+    expected: str,
+) -> None:
+    monkeypatch.setattr(smtp_module.socket, "getfqdn", lambda *_: fqdn)
+    acts = make_activities(lane_for(catcher.port, senders=senders))
+
+    await send(acts, request())
+
+    assert [s.hello_names for s in catcher.sessions] == [[expected]]
+
+
+@pytest.mark.parametrize("bad", ["localhost", "mail acme.test", "[not-an-ip]"])
+def test_lane_ehlo_name_must_be_a_host_name_or_address_literal(tmp_path: Path, bad: str) -> None:
+    config = tmp_path / "postlane.toml"
+    config.write_text(
+        f'[[lanes]]\nname = "x"\nsenders = ["*"]\nsmtp_host = "h"\nehlo_name = "{bad}"\n'
+    )
+
+    with pytest.raises(ConfigurationError) as caught:
+        load_settings(config)
+
+    assert f"{config}:5: lanes.0.ehlo_name:" in str(caught.value)

@@ -3,14 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from datetime import datetime, timedelta
+from typing import Any, NoReturn
 
 from temporalio import workflow
+from temporalio.api.common.v1 import Payload
 from temporalio.common import Priority as TemporalPriority
-from temporalio.exceptions import ActivityError, ApplicationError
+from temporalio.common import RawValue, RetryPolicy
+from temporalio.exceptions import ActivityError, ApplicationError, is_cancelled_exception
+from temporalio.workflow import ActivityCancellationType, ActivityHandle
 
 with workflow.unsafe.imports_passed_through():
     from postlane import search_attributes as sa
+    from postlane.contract import parse_send_email_input
+    from postlane.errors import ErrorType, InvalidEmail
+    from postlane.idempotency import CONTENT_HASH, email_digest
     from postlane.ids import lane_task_queue, lane_workflow_id, message_id
     from postlane.models import (
         MAX_ATTEMPT_HISTORY,
@@ -18,6 +26,8 @@ with workflow.unsafe.imports_passed_through():
         DeliveryReceipt,
         EmailReport,
         EmailStatus,
+        LaneQuery,
+        LaneResolution,
         RetryRequest,
         SendEmailInput,
         SlotGrant,
@@ -36,6 +46,23 @@ SLOT_REQUEST_RETRY = timedelta(seconds=30)
 DISCARDED = "EmailDiscarded"
 PARKED_AT_PATCH = "postlane-parked-at"
 """Workflows that parked before this patch did not upsert `PostlaneParkedAt`."""
+WORKER_AUTHORITY_PATCH = "postlane-worker-authority"
+"""Since this patch the workflow checks its own input, takes the lane, its retry policy and
+caps from the workers (``resolve_lane``), and sets its search attributes and memo itself.
+Workflows started before it trusted the caller's `SendEmailInput`."""
+RESOLVE_LANE_ACTIVITY = "resolve_lane"
+RESOLVE_START_TO_CLOSE = timedelta(seconds=10)
+RESOLVE_RETRY = RetryPolicy(maximum_interval=timedelta(minutes=1))
+"""Resolution reads the worker's settings in memory; a failure is a bug, retried visibly."""
+NO_INPUT = RawValue(Payload())
+"""What `run` sees when a client started it with no argument at all."""
+_REJECTED_FIELD = {ErrorType.UNKNOWN_SENDER: "email.sender", ErrorType.UNKNOWN_LANE: "lane"}
+CANCEL_WAITS_PATCH = "postlane-cancel-waits-for-send"
+"""Since this patch a workflow cancel waits for the send in flight, whose receipt wins."""
+CANCEL_ENDS_CANCELLED_PATCH = "postlane-cancel-ends-cancelled"
+"""Before this patch a cancelled send was taken for a failure and parked the email."""
+DELIVERY_ACCEPTED_PATCH = "postlane-delivery-accepted"
+"""Before this patch an attempt that failed after ``delivery_accepted`` was not sent."""
 SLOT_REASK_PATCH = "postlane-slot-reask"
 """Emails from this patch on ask their lane again until granted (before: once)."""
 RETRY_LANE_QUOTA_PATCH = "postlane-retry-lane-quota"
@@ -53,8 +80,15 @@ class SendEmailWorkflow:
     Statuses (search attribute `PostlaneStatus`): ``scheduled`` while waiting for
     ``send_at``, ``queued`` while the lane works on it, then ``sent``, ``failed`` (the server
     refused it for good), ``dead_letter`` (transient failures outlasted the retry policy;
-    waits for a ``retry`` or ``discard`` signal) or ``cancelled``.
+    waits for a ``retry`` or ``discard``) or ``cancelled``.
+
+    A workflow cancel ends the email ``cancelled`` wherever it waits (scheduled, for a lane
+    slot, between attempts, parked), except that a transaction already at DATA is let
+    finish: if the server accepted it the email ends ``sent`` with its receipt.
     """
+
+    _accepted: DeliveryReceipt | None = None
+    """What the SMTP server accepted, as the activity signalled it (``delivery_accepted``)."""
 
     def __init__(self) -> None:
         self._input: SendEmailInput | None = None
@@ -71,14 +105,28 @@ class SendEmailWorkflow:
         self._scheduled_for: datetime | None = None
         self._parked_at: datetime | None = None
         self._attempt_history: list[AttemptRecord] = []
+        self._headline = ""
+        self._failed_in_send = 0
+        """Failed attempts reported (``attempt_failed``) by the send activity now running."""
+        self._cancelling = False
 
     @workflow.run
-    async def run(self, req: SendEmailInput) -> DeliveryReceipt:
-        """Wait for `send_at`, then send until sent, refused or discarded."""
+    async def run(self, raw: RawValue = NO_INPUT) -> DeliveryReceipt:
+        """Check the input, wait for `send_at`, then send until sent, refused or discarded.
+
+        Args:
+            raw: a `SendEmailInput` as JSON, from any Temporal client (see docs/contract.md).
+
+        Raises:
+            ApplicationError: ``InvalidEmail``, ``UnknownSender`` or ``UnknownLane`` (bad
+                input, at once), or the send's own failure.
+        """
+        self._status = _started_status()
+        if workflow.patched(WORKER_AUTHORITY_PATCH):
+            req = await self._accept(raw)
+        else:
+            req = SendEmailInput.model_validate_json(raw.payload.data)
         self._input = req
-        self._status = EmailStatus(
-            workflow.info().typed_search_attributes.get(sa.STATUS) or EmailStatus.QUEUED
-        )
         try:
             if req.send_at is not None and req.send_at > workflow.now():
                 self._scheduled_for = req.send_at
@@ -91,6 +139,81 @@ class SendEmailWorkflow:
             self._set_status(EmailStatus.CANCELLED)
             raise
 
+    async def _accept(self, raw: RawValue) -> SendEmailInput:
+        """The input as the workers' configuration completes it, or a failed workflow.
+
+        Whoever started the email, the lane is resolved (or the named one checked) by the
+        workers' ``resolve_lane``, and its retry policy and caps replace the caller's.
+        """
+        payload = raw.payload
+        try:
+            req = parse_send_email_input(
+                payload.data if payload.metadata else None,
+                payload.metadata.get("encoding"),
+                workflow.info().workflow_id,
+            )
+        except InvalidEmail as exc:
+            self._reject(ErrorType.INVALID_EMAIL, exc.field, exc.reason)
+        self._input = req
+        req = await self._resolve(req)
+        self._input = req
+        self._publish_start(req)
+        return req
+
+    async def _resolve(self, req: SendEmailInput) -> SendEmailInput:
+        """`req` with the lane, retry policy and caps the workers' configuration gives it.
+
+        The sender's lane, or the lane `req` names (at start, or after an operator's retry
+        moved it), resolved by the workers' ``resolve_lane``.
+
+        Raises:
+            ApplicationError: ``UnknownSender`` or ``UnknownLane`` (the email fails).
+        """
+        resolution: LaneResolution = await workflow.execute_local_activity(
+            RESOLVE_LANE_ACTIVITY,
+            LaneQuery(sender=req.email.sender, lane=req.lane),
+            result_type=LaneResolution,
+            start_to_close_timeout=RESOLVE_START_TO_CLOSE,
+            retry_policy=RESOLVE_RETRY,
+        )
+        if resolution.error_type is not None:
+            kind = ErrorType(resolution.error_type)
+            self._reject(kind, _REJECTED_FIELD.get(kind, "lane"), resolution.error)
+        return req.model_copy(
+            update={"lane": resolution.lane, "retry": resolution.retry, "quota": resolution.quota}
+        )
+
+    def _reject(self, kind: ErrorType, field: str, reason: str) -> NoReturn:
+        """End the email at once as ``failed``: its input can never be sent."""
+        self._last_error = f"{kind}: {field}: {reason}"
+        self._set_status(EmailStatus.FAILED)
+        raise ApplicationError(
+            f"{field}: {reason}", {"field": field, "reason": reason}, type=kind, non_retryable=True
+        )
+
+    def _publish_start(self, req: SendEmailInput) -> None:
+        """Search attributes, memo and headline an email started by any client carries.
+
+        What the Python client (or a sequence) already set at start is left alone, so its
+        emails get no extra commands; one started elsewhere gets them all here.
+        """
+        given = workflow.info().typed_search_attributes
+        if given.get(sa.STATUS) is None:
+            # No Postlane client started it: no static summary either, so say it here.
+            self._headline = sa.email_summary(req.email) + "\n"
+        wanted = sa.email_attributes(req.email, req.lane, self._status.value)
+        # An empty keyword list is not stored: absent and [] are the same.
+        updates = [
+            pair.key.value_set(pair.value)
+            for pair in wanted.search_attributes
+            if (given.get(pair.key) or None) != (pair.value or None)
+        ]
+        if updates:
+            workflow.upsert_search_attributes(updates)
+        if workflow.memo_value(CONTENT_HASH, None) is None:
+            workflow.upsert_memo({CONTENT_HASH: email_digest(req.email, req.send_at)})
+        self._set_status(self._status)
+
     async def _send_until_done(self, req: SendEmailInput) -> DeliveryReceipt:
         domain = req.email.sender.rsplit("@", 1)[1]
         request = SmtpSendRequest(
@@ -102,37 +225,67 @@ class SendEmailWorkflow:
         while True:
             self._set_status(EmailStatus.QUEUED)
             dispatched_at = workflow.now()
+            waits = workflow.patched(CANCEL_WAITS_PATCH)
+            send: ActivityHandle[DeliveryReceipt] = workflow.start_activity(
+                SEND_EMAIL_ACTIVITY,
+                request,
+                result_type=DeliveryReceipt,
+                task_queue=lane_task_queue(req.lane),
+                start_to_close_timeout=SMTP_START_TO_CLOSE,
+                schedule_to_close_timeout=req.retry.retry_window,
+                heartbeat_timeout=SMTP_HEARTBEAT,
+                retry_policy=smtp_retry(req.retry),
+                # Every send carries a fairness key: keyless tasks would all share one.
+                priority=TemporalPriority(
+                    priority_key=req.priority.key,
+                    fairness_key=req.email.recipient_domains[0][:64],
+                ),
+                # Server-side retries within this invocation show as the pending
+                # activity's attempt counter; N is the email's first attempt in it.
+                summary=f"SMTP send via lane {req.lane}, attempt {self._attempts + 1}",
+                cancellation_type=(
+                    ActivityCancellationType.WAIT_CANCELLATION_COMPLETED
+                    if waits
+                    else ActivityCancellationType.TRY_CANCEL
+                ),
+            )
             try:
-                receipt: DeliveryReceipt = await workflow.execute_activity(
-                    SEND_EMAIL_ACTIVITY,
-                    request,
-                    result_type=DeliveryReceipt,
-                    task_queue=lane_task_queue(req.lane),
-                    start_to_close_timeout=SMTP_START_TO_CLOSE,
-                    schedule_to_close_timeout=req.retry.retry_window,
-                    heartbeat_timeout=SMTP_HEARTBEAT,
-                    retry_policy=smtp_retry(req.retry),
-                    # Every send carries a fairness key: keyless tasks would all share one.
-                    priority=TemporalPriority(
-                        priority_key=req.priority.key,
-                        fairness_key=req.email.recipient_domains[0][:64],
-                    ),
-                    # Server-side retries within this invocation show as the pending
-                    # activity's attempt counter; N is the email's first attempt in it.
-                    summary=f"SMTP send via lane {req.lane}, attempt {self._attempts + 1}",
-                )
+                receipt = await (self._outcome(send) if waits else send)
             except ActivityError as err:
+                accepted = self._accepted
+                if accepted is not None and workflow.patched(DELIVERY_ACCEPTED_PATCH):
+                    # The server accepted DATA and the attempt then died without a retry
+                    # left (or was cancelled): the email went out, so it is sent.
+                    self._receipt = accepted.model_copy(
+                        update={
+                            "attempts": self._attempts + accepted.attempts,
+                            "dispatched_at": dispatched_at,
+                        }
+                    )
+                    self._set_status(EmailStatus.SENT)
+                    return self._receipt
                 failure = application_failure(err)
+                if is_cancelled_exception(err) and workflow.patched(CANCEL_ENDS_CANCELLED_PATCH):
+                    # Cancelled by this workflow's cancel, before anything was delivered.
+                    self._attempts += self._failed_in_send
+                    self._failed_in_send = 0
+                    self._set_status(EmailStatus.CANCELLED)
+                    raise
                 self._attempts += _attempts_of(failure)
+                self._failed_in_send = 0
                 self._last_error = failure.message if failure else str(err.cause or err)
                 if failure is not None and (failure.non_retryable or failure.type in NON_RETRYABLE):
                     self._set_status(EmailStatus.FAILED)
                     raise ApplicationError(
                         self._last_error,
-                        *failure.details,
+                        *_with_attempts(failure.details, self._attempts),
                         type=failure.type,
                         non_retryable=True,
                     ) from err
+                if self._cancelling:
+                    # The send failed while the cancel waited for it: stop, do not park.
+                    self._set_status(EmailStatus.CANCELLED)
+                    raise asyncio.CancelledError("cancelled while its send failed") from err
                 correction = await self._park()
                 if correction.lane and correction.lane != req.lane:
                     workflow.upsert_search_attributes([sa.LANE.value_set(correction.lane)])
@@ -141,24 +294,41 @@ class SendEmailWorkflow:
                 request = request.model_copy(update={"email": req.email, "lane": req.lane})
                 self._input = req
                 if moved and workflow.patched(RETRY_LANE_QUOTA_PATCH):
-                    # The new lane's caps hold too: ask it (a lane without caps grants at once).
-                    self._slot_granted = False
-                    await self._wait_for_slot(req, if_running=True)
+                    # The new lane's retry policy and caps come from the workers, as at start.
+                    req = await self._resolve(req)
+                    self._input = req
+                    if req.quota:
+                        self._slot_granted = False
+                        await self._wait_for_slot(req)
                 continue
+            self._attempts += receipt.attempts
+            self._failed_in_send = 0
             self._receipt = receipt.model_copy(
-                update={
-                    "attempts": self._attempts + receipt.attempts,
-                    "dispatched_at": dispatched_at,
-                }
+                update={"attempts": self._attempts, "dispatched_at": dispatched_at}
             )
             self._set_status(EmailStatus.SENT)
             return self._receipt
 
-    async def _wait_for_slot(self, req: SendEmailInput, *, if_running: bool = False) -> None:
-        """Ask the lane's quota workflow for a send slot; wait (``scheduled``) until granted.
+    async def _outcome(self, send: ActivityHandle[DeliveryReceipt]) -> DeliveryReceipt:
+        """The send's result; a workflow cancel asks the send to stop and waits for it.
 
-        With `if_running` (a retry moved to a lane that may have no caps), a lane whose
-        workflow is not running is taken to have none: the email goes without a slot.
+        The send activity lets a transaction already at DATA finish, so a cancel that comes
+        too late returns the receipt (the email was delivered) instead of a cancellation.
+        """
+        try:
+            # Shielded: the workflow's cancel must not cancel the send before we look.
+            return await asyncio.shield(send)
+        except asyncio.CancelledError:
+            self._cancelling = True
+            # A result that came with the cancel resolves once every ready task has run,
+            # which is when conditions are checked: then it is not thrown away.
+            await workflow.wait_condition(lambda: True)
+            if not send.done():
+                send.cancel()
+            return await send
+
+    async def _wait_for_slot(self, req: SendEmailInput) -> None:
+        """Ask the lane's quota workflow for a send slot; wait (``scheduled``) until granted.
 
         The email asks again whenever its lane's answer is overdue: `SLOT_REASK` after an
         ask that got no answer, or at the ``recheck_at`` a planned answer named. A lane that
@@ -198,8 +368,6 @@ class SendEmailWorkflow:
             try:
                 await lane.signal("request_slot", request)
             except Exception:  # the lane's workflow is not running yet: a worker starts it
-                if if_running and told is None:
-                    return
                 self._last_error = f"waiting for lane {req.lane!r} quota workflow"
                 self._set_status(EmailStatus.SCHEDULED)
                 await workflow.sleep(SLOT_REQUEST_RETRY)
@@ -255,22 +423,46 @@ class SendEmailWorkflow:
         return correction
 
     def _set_status(self, status: EmailStatus) -> None:
-        details = f"status: {status}; attempts: {self._attempts}"
-        if self._last_error:
-            details += f"; last SMTP reply: {self._last_error}"
-        if status == EmailStatus.DEAD_LETTER and self._parked_at is not None:
-            details += f"; parked since {self._parked_at.isoformat(timespec='seconds')}"
-        workflow.set_current_details(details)
+        self._publish_details(status)
         if status != self._status:
             self._status = status
             workflow.upsert_search_attributes([sa.STATUS.value_set(status.value)])
 
+    def _publish_details(self, status: EmailStatus) -> None:
+        """The Web UI's current details; the same attempt count and reply as `status`."""
+        details = f"{self._headline}status: {status}; attempts: {self._attempt_count()}"
+        reply = self._receipt.smtp_reply if self._receipt is not None else self._last_error
+        if reply:
+            details += f"; last SMTP reply: {reply}"
+        if status == EmailStatus.DEAD_LETTER and self._parked_at is not None:
+            details += f"; parked since {self._parked_at.isoformat(timespec='seconds')}"
+        workflow.set_current_details(details)
+
+    def _attempt_count(self) -> int:
+        """Attempts made so far: earlier sends' plus the failed ones of the send running."""
+        if self._receipt is not None:
+            return self._receipt.attempts
+        return self._attempts + self._failed_in_send
+
     @workflow.signal(name="retry")
     def retry(self, request: RetryRequest) -> None:
-        """Send a dead-lettered email again (ignored in any other state)."""
+        """Send a dead-lettered email again (ignored in any other state).
+
+        Kept for older clients and the Web UI's signal dialog; clients use the update.
+        """
         if self._status == EmailStatus.DEAD_LETTER:
             self._retry_requested = True
             self._correction = request
+
+    @workflow.update(name="retry")
+    def retry_update(self, request: RetryRequest) -> None:
+        """Send a dead-lettered email again, optionally corrected; refused in any other state."""
+        self._retry_requested = True
+        self._correction = request
+
+    @retry_update.validator
+    def _validate_retry(self, request: RetryRequest) -> None:
+        self._refuse_unless_parked("retry")
 
     @workflow.signal(name="attempt_failed")
     def attempt_failed(self, record: AttemptRecord) -> None:
@@ -281,12 +473,57 @@ class SendEmailWorkflow:
         """
         numbered = record.model_copy(update={"attempt": self._attempts + record.attempt})
         self._attempt_history = [*self._attempt_history, numbered][-MAX_ATTEMPT_HISTORY:]
+        self._failed_in_send = max(self._failed_in_send, record.attempt)
+        self._last_error = record.reply
+        self._publish_details(self._status)
+
+    @workflow.signal(name="delivery_accepted")
+    def delivery_accepted(self, receipt: DeliveryReceipt) -> None:
+        """The SMTP server accepted DATA (signalled by the activity before it completes).
+
+        It makes the acceptance durable: a retry of the activity finds this signal in the
+        history and returns the receipt instead of sending again.
+        """
+        if self._accepted is None:
+            self._accepted = receipt
+
+    @workflow.query(name="accepted_receipt")
+    def accepted_receipt(self) -> DeliveryReceipt | None:
+        """The receipt of the DATA the server accepted, once the activity signalled it."""
+        return self._accepted
 
     @workflow.signal(name="discard")
     def discard(self, request: RetryRequest) -> None:
-        """Give up on a dead-lettered email (ignored in any other state)."""
+        """Give up on a dead-lettered email (ignored in any other state).
+
+        Kept for older clients and the Web UI's signal dialog; clients use the update.
+        """
         if self._status == EmailStatus.DEAD_LETTER:
             self._discard_requested = True
+
+    @workflow.update(name="discard")
+    def discard_update(self, request: RetryRequest) -> None:
+        """Give up on a dead-lettered email (it ends cancelled); refused in any other state."""
+        self._discard_requested = True
+
+    @discard_update.validator
+    def _validate_discard(self, request: RetryRequest) -> None:
+        self._refuse_unless_parked("discard")
+
+    def _refuse_unless_parked(self, action: str) -> None:
+        """Reject an operator's `action` (update validator) unless the email is parked."""
+        if self._retry_requested or self._discard_requested:
+            raise ApplicationError(
+                "the email is already leaving dead_letter (a retry or discard was taken)",
+                type=ErrorType.ACTION_REFUSED,
+                non_retryable=True,
+            )
+        if self._status != EmailStatus.DEAD_LETTER:
+            raise ApplicationError(
+                f"cannot {action}: the email is {self._status}, not dead_letter",
+                type=ErrorType.ACTION_REFUSED,
+                non_retryable=True,
+            )
 
     @workflow.query(name="status")
     def status(self) -> EmailReport:
@@ -298,13 +535,23 @@ class SendEmailWorkflow:
             lane=req.lane if req else None,
             subject=req.email.subject if req else "",
             recipients=req.email.recipients if req else [],
-            attempts=self._receipt.attempts if self._receipt else self._attempts,
+            attempts=self._attempt_count(),
             last_error=self._last_error,
             scheduled_for=self._scheduled_for if self._status == EmailStatus.SCHEDULED else None,
             parked_at=self._parked_at,
             attempt_history=list(self._attempt_history),
             receipt=self._receipt,
         )
+
+
+def _started_status() -> EmailStatus:
+    """The status the starter gave (``PostlaneStatus``); ``queued`` if none, or one that no
+    Postlane client would set (another client's typo must not fail every workflow task)."""
+    given = workflow.info().typed_search_attributes.get(sa.STATUS)
+    try:
+        return EmailStatus(given or EmailStatus.QUEUED)
+    except ValueError:
+        return EmailStatus.QUEUED
 
 
 def _corrected(req: SendEmailInput, correction: RetryRequest) -> SendEmailInput:
@@ -327,6 +574,13 @@ def application_failure(err: BaseException) -> ApplicationError | None:
             return cause
         cause = cause.__cause__ or getattr(cause, "cause", None)
     return None
+
+
+def _with_attempts(details: Sequence[Any], attempts: int) -> list[Any]:
+    """`details` with the email's attempts so far (a client reads them without a worker)."""
+    if details and isinstance(details[0], dict):
+        return [{**details[0], "attempts": attempts}, *details[1:]]
+    return [{"attempts": attempts}, *details]
 
 
 def _attempts_of(failure: ApplicationError | None) -> int:

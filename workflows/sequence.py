@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from datetime import datetime
+from typing import NoReturn
 
 from temporalio import workflow
 from temporalio.common import Priority as TemporalPriority
@@ -61,6 +62,9 @@ with workflow.unsafe.imports_passed_through():
 
 SUPPRESS_ACTIVITY = "suppress_recipient"
 MAX_SEEN = 200
+CANCEL_STOPS_CHILD_PATCH = "postlane-cancel-stops-child"
+"""Since this patch a cancelled sequence cancels its email in flight and waits for how it
+ended (before, the email was left to the parent-close policy and its outcome unrecorded)."""
 
 
 @workflow.defn(name="Sequence")
@@ -244,16 +248,29 @@ class SequenceWorkflow:
             self._record(step, key, mid, email)
             return
         self._publish(next_action=f"send {step}")
-        await self._wait(None, until=child.done)
+        cancelled: asyncio.CancelledError | None = None
+        try:
+            await self._wait(None, until=child.done)
+        except asyncio.CancelledError as err:
+            if not workflow.patched(CANCEL_STOPS_CHILD_PATCH):
+                raise
+            cancelled = err
+            self._finish(SequenceStatus.CANCELLED, "cancelled")
         if not child.done():
-            child.cancel()  # a stop came first: the email goes nowhere if it is still queued
+            # A stop came first. The email ends cancelled, or sent if its transaction was
+            # already at DATA and got through; never parked in dead_letter.
+            child.cancel()
         try:
             receipt = await child
         except (ChildWorkflowError, asyncio.CancelledError) as err:
             if self._s.stop_reason is None:
                 self._child_failed(step, err)
+            if cancelled is not None:
+                raise cancelled from None
             return
         self._record(step, key, receipt.message_id, email)
+        if cancelled is not None:
+            raise cancelled
 
     def _child_failed(self, step: str, err: BaseException) -> None:
         failure = application_failure(err)
@@ -493,10 +510,25 @@ class SequenceWorkflow:
 
     @workflow.signal(name="pause")
     def pause(self) -> None:
-        """Hold the sequence where it is: nothing is sent until ``resume``."""
+        """Hold the sequence where it is: nothing is sent until ``resume``.
+
+        The signal (kept for older clients and the Web UI) ignores what does not apply;
+        clients use the update of the same name, which refuses it with a reason.
+        """
         if not self._s.status.finished:
             self._s.paused = True
             self._publish()
+
+    @workflow.update(name="pause")
+    def pause_update(self) -> None:
+        """Hold the sequence; refused if it has finished or is paused already."""
+        self.pause()
+
+    @pause_update.validator
+    def _validate_pause(self) -> None:
+        self._refuse_if_finished("pause")
+        if self._s.paused:
+            _refuse("the sequence is already paused")
 
     @workflow.signal(name="resume")
     def resume(self) -> None:
@@ -505,12 +537,53 @@ class SequenceWorkflow:
             self._s.paused = False
             self._publish()
 
+    @workflow.update(name="resume")
+    def resume_update(self) -> None:
+        """Go on; refused unless the sequence is paused."""
+        self.resume()
+
+    @resume_update.validator
+    def _validate_resume(self) -> None:
+        self._refuse_if_finished("resume")
+        if not self._s.paused:
+            _refuse("the sequence is not paused")
+
     @workflow.signal(name="approve")
     def approve(self, decision: Approval) -> None:
         """Approve (optionally edited) or reject the draft a compose step holds."""
         step = self._current_step()
         if isinstance(step, ComposeStep) and step.id == decision.step and self._s.draft:
             self._s.approval = decision
+
+    @workflow.update(name="approve")
+    def approve_update(self, decision: Approval) -> None:
+        """Approve (optionally edited) or reject the draft awaiting approval; refused for
+        any other step, or when no draft waits."""
+        self._s.approval = decision
+
+    @approve_update.validator
+    def _validate_approve(self, decision: Approval) -> None:
+        self._refuse_if_finished("approve")
+        step = self._current_step()
+        current = getattr(step, "id", None)
+        if current != decision.step:
+            _refuse(
+                f"step {decision.step!r} is not the current step"
+                f" (the sequence is at {current!r}); only a draft awaiting approval can be"
+                " approved"
+            )
+        if (
+            not isinstance(step, ComposeStep)
+            or self._s.draft is None
+            or self._s.status != SequenceStatus.AWAITING_APPROVAL
+        ):
+            _refuse(f"step {decision.step!r} has no draft awaiting approval")
+        if self._s.approval is not None:
+            _refuse(f"the draft of step {decision.step!r} was already decided")
+
+    def _refuse_if_finished(self, action: str) -> None:
+        if self._s.status.finished:
+            _refuse(f"cannot {action}: the sequence is {self._s.status}")
 
     def _answers_current_send(self, step: object | None, event: InboundEvent) -> bool:
         if not isinstance(step, SendStep | ComposeStep) or self._in is None:
@@ -564,6 +637,11 @@ class SequenceWorkflow:
         if isinstance(step, SendStep):
             return f"send {step.id}", deadline
         return "stop", None
+
+
+def _refuse(reason: str) -> NoReturn:
+    """Reject an operator's update (from its validator) with `reason`."""
+    raise ApplicationError(reason, type=ErrorType.ACTION_REFUSED, non_retryable=True)
 
 
 def _changed(state: SequenceState, until: Callable[[], bool]) -> Callable[[], bool]:

@@ -130,14 +130,23 @@ async def postlane_test_env(
 
 @asynccontextmanager
 async def running_workers(
-    env: WorkflowEnvironment, settings: Settings, *, agents: Sequence[Callable[..., Any]] = ()
+    env: WorkflowEnvironment,
+    settings: Settings,
+    *,
+    agents: Sequence[Callable[..., Any]] = (),
+    lanes: Sequence[str] | None = None,
 ) -> AsyncIterator[None]:
-    """Postlane's workers for every lane of `settings`, for the duration of the block."""
+    """Postlane's workers for the duration of the block.
+
+    Args:
+        settings: the workers' configuration (every lane an email may name must be in it).
+        lanes: the lanes to send for; default every lane of `settings`.
+    """
     from postlane.worker import run_workers
 
     stop, ready = asyncio.Event(), asyncio.Event()
     task = asyncio.create_task(
-        run_workers(env.client, settings, agents=agents, stop=stop, ready=ready)
+        run_workers(env.client, settings, lanes=lanes, agents=agents, stop=stop, ready=ready)
     )
     started = asyncio.create_task(ready.wait())
     await asyncio.wait([task, started], return_when=asyncio.FIRST_COMPLETED)

@@ -1,0 +1,51 @@
+"""The workers' configuration as the authority on lanes: the ``resolve_lane`` local activity.
+
+`SendEmailWorkflow` runs it once, at its start, whoever started it (the Python client, a
+sequence, or a Temporal client in another language). Its answer lands in the history, so
+the decision replays exactly even after ``postlane.toml`` changes.
+"""
+
+from __future__ import annotations
+
+from temporalio import activity
+
+from postlane.config import Settings
+from postlane.errors import ErrorType
+from postlane.models import LaneQuery, LaneResolution
+
+
+class LaneResolver:
+    """Answers from the settings the worker was started with (never from the caller)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+
+    @activity.defn(name="resolve_lane")
+    async def resolve_lane(self, query: LaneQuery) -> LaneResolution:
+        """The lane that sends for `query.sender` (or `query.lane`, checked) and its settings.
+
+        Unknown senders and lanes are answers, not errors: the workflow fails the email
+        with a typed reason instead of retrying something that cannot change by itself.
+        """
+        return resolve(self._settings, query)
+
+
+def resolve(settings: Settings, query: LaneQuery) -> LaneResolution:
+    """`LaneResolver.resolve_lane` as a plain function of the settings."""
+    if query.lane:
+        lane = next((lane for lane in settings.lanes if lane.name == query.lane), None)
+        if lane is None:
+            known = ", ".join(sorted(lane.name for lane in settings.lanes))
+            return LaneResolution(
+                error_type=ErrorType.UNKNOWN_LANE,
+                error=f"no lane named {query.lane!r} is configured (lanes: {known})",
+            )
+    else:
+        found = settings.lane_for(query.sender)
+        if found is None:
+            return LaneResolution(
+                error_type=ErrorType.UNKNOWN_SENDER,
+                error=f"no lane serves {query.sender!r}; add it to a lane's senders",
+            )
+        lane = found
+    return LaneResolution(lane=lane.name, retry=lane.retry, quota=lane.has_quota)
