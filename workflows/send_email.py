@@ -106,6 +106,8 @@ class SendEmailWorkflow:
         self._parked_at: datetime | None = None
         self._attempt_history: list[AttemptRecord] = []
         self._headline = ""
+        self._current = False
+        """Started by this release's code (`WORKER_AUTHORITY_PATCH`): see `_patched`."""
         self._failed_in_send = 0
         """Failed attempts reported (``attempt_failed``) by the send activity now running."""
         self._cancelling = False
@@ -122,7 +124,8 @@ class SendEmailWorkflow:
                 input, at once), or the send's own failure.
         """
         self._status = _started_status()
-        if workflow.patched(WORKER_AUTHORITY_PATCH):
+        self._current = workflow.patched(WORKER_AUTHORITY_PATCH)
+        if self._current:
             req = await self._accept(raw)
         else:
             req = SendEmailInput.model_validate_json(raw.payload.data)
@@ -225,7 +228,7 @@ class SendEmailWorkflow:
         while True:
             self._set_status(EmailStatus.QUEUED)
             dispatched_at = workflow.now()
-            waits = workflow.patched(CANCEL_WAITS_PATCH)
+            waits = self._patched(CANCEL_WAITS_PATCH)
             send: ActivityHandle[DeliveryReceipt] = workflow.start_activity(
                 SEND_EMAIL_ACTIVITY,
                 request,
@@ -253,7 +256,7 @@ class SendEmailWorkflow:
                 receipt = await (self._outcome(send) if waits else send)
             except ActivityError as err:
                 accepted = self._accepted
-                if accepted is not None and workflow.patched(DELIVERY_ACCEPTED_PATCH):
+                if accepted is not None and self._patched(DELIVERY_ACCEPTED_PATCH):
                     # The server accepted DATA and the attempt then died without a retry
                     # left (or was cancelled): the email went out, so it is sent.
                     self._receipt = accepted.model_copy(
@@ -265,7 +268,7 @@ class SendEmailWorkflow:
                     self._set_status(EmailStatus.SENT)
                     return self._receipt
                 failure = application_failure(err)
-                if is_cancelled_exception(err) and workflow.patched(CANCEL_ENDS_CANCELLED_PATCH):
+                if is_cancelled_exception(err) and self._patched(CANCEL_ENDS_CANCELLED_PATCH):
                     # Cancelled by this workflow's cancel, before anything was delivered.
                     self._attempts += self._failed_in_send
                     self._failed_in_send = 0
@@ -293,7 +296,7 @@ class SendEmailWorkflow:
                 req = _corrected(req, correction)
                 request = request.model_copy(update={"email": req.email, "lane": req.lane})
                 self._input = req
-                if moved and workflow.patched(RETRY_LANE_QUOTA_PATCH):
+                if moved and self._patched(RETRY_LANE_QUOTA_PATCH):
                     # The new lane's retry policy and caps come from the workers, as at start.
                     req = await self._resolve(req)
                     self._input = req
@@ -336,7 +339,7 @@ class SendEmailWorkflow:
         email within minutes; the lane never grants one email twice.
         """
         lane = workflow.get_external_workflow_handle(lane_workflow_id(req.lane))
-        if not workflow.patched(SLOT_REASK_PATCH):
+        if not self._patched(SLOT_REASK_PATCH):
             request = SlotRequest(workflow_id=workflow.info().workflow_id, priority=req.priority)
             while True:
                 try:
@@ -406,7 +409,7 @@ class SendEmailWorkflow:
     async def _park(self) -> RetryRequest:
         """Dead-letter: wait, durably and visibly, for an operator's retry or discard."""
         self._parked_at = workflow.now()
-        if workflow.patched(PARKED_AT_PATCH):
+        if self._patched(PARKED_AT_PATCH):
             workflow.upsert_search_attributes([sa.PARKED_AT.value_set(self._parked_at)])
         self._set_status(EmailStatus.DEAD_LETTER)
         workflow.logger.warning("email dead-lettered: %s", self._last_error)
@@ -421,6 +424,19 @@ class SendEmailWorkflow:
         self._retry_requested = False
         correction, self._correction = self._correction, RetryRequest()
         return correction
+
+    def _patched(self, patch_id: str) -> bool:
+        """Whether this email runs the change `patch_id` names.
+
+        Emails started since `WORKER_AUTHORITY_PATCH` were started by code that has every
+        change below it, so they record no marker of their own; only emails started before
+        it record one, where they first reach the change. (Besides saving events, this keeps
+        `workflow.patched` from being first called in the activation that resolves the
+        ``resolve_lane`` local activity: when the original run split the workflow task
+        there, for example to answer a query, replay judged such a patch absent and failed
+        with a nondeterminism error.)
+        """
+        return self._current or workflow.patched(patch_id)
 
     def _set_status(self, status: EmailStatus) -> None:
         self._publish_details(status)
