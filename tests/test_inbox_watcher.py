@@ -242,10 +242,15 @@ async def test_watcher_skips_events_for_unknown_or_finished_sequences(
     first = await enroll(pl, FOLLOW_UP, key)
     await pl.client.cancel_sequence(key)
 
-    async def cancelled() -> bool:
-        return (await pl.client.sequence_status(key)).status == SequenceStatus.CANCELLED
+    # Closed, not just reporting "cancelled": a cancelled sequence first stops its email in
+    # flight, and the watcher rightly signals a sequence that is still running.
+    handle = pl.client.temporal.get_workflow_handle(sequence_workflow_id(key))
 
-    await assert_eventually(cancelled, what="the sequence cancelled")
+    async def closed() -> bool:
+        return (await handle.describe()).status == WorkflowExecutionStatus.CANCELED
+
+    await assert_eventually(closed, what="the sequence closed as cancelled")
+    assert (await pl.client.sequence_status(key)).status == SequenceStatus.CANCELLED
     inbox = new_inbox(imap)
     ghost = sequence_workflow_id("never-enrolled")
     imap.mailboxes[inbox.name] += [
