@@ -122,9 +122,11 @@ def key() -> str:
 
 # -- a deadline for every async test -------------------------------------------------------
 
-TEARDOWN_RESERVE = 40.0
-"""Seconds of a test's pytest-timeout kept for fixture teardown (at most half of it): a
-worker drains its in-flight sends for up to 30 s when it stops."""
+TEARDOWN_RESERVE = 15.0
+"""Seconds of a test's pytest-timeout kept for fixture teardown (at most half of it). A
+passing test's teardown takes well under a second; one that missed its deadline with a send
+in flight may drain it for up to 30 s and then meet pytest-timeout, an error of that same
+test, and the run goes on."""
 
 _PROJECT_DIRS = tuple(
     str(Path(__file__).resolve().parent.parent / d) for d in ("tests", "postlane", "workflows")
