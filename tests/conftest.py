@@ -1,13 +1,32 @@
-"""Shared fixtures: the time-skipping environment (default) and a real dev server."""
+"""Shared fixtures: the time-skipping environment (default) and a real dev server.
+
+Every test that uses ``pl`` (or ``ts``) gets a time-skipping server of its own: the Java
+test server has one clock for all its workflows, and a workflow that locks it (a workflow
+task failing over and over, a query racing continue-as-new, an activity that never ends)
+would otherwise stall every later test. A server, its SMTP catcher and the workers start in
+about 0.15 s (docs/testing.md has the figures).
+
+Every async test also runs under a deadline a little shorter than its pytest-timeout, so a
+test blocked on a server (``pl.sleep``, ``handle.result()``, a query) fails with the place
+it was waiting, and the run goes on; pytest-timeout stays as the last resort for a test
+that blocks the event loop itself.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import functools
+import inspect
+import traceback
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from datetime import timedelta
+from pathlib import Path
+from typing import Any
 
 import pytest
 import pytest_asyncio
+import pytest_timeout
 from temporalio.testing import WorkflowEnvironment
 
 from postlane import search_attributes as sa
@@ -67,17 +86,16 @@ TOUCHY_LANE = LaneConfig(
 LANES = [default_test_lane(), FRAGILE_LANE, PATIENT_LANE]
 
 
-@pytest_asyncio.fixture(scope="session")
+@pytest_asyncio.fixture
 async def ts() -> AsyncIterator[PostlaneTestEnv]:
-    """One time-skipping environment, SMTP catcher and worker set for the session."""
+    """This test's own time-skipping server, SMTP catcher and workers for `LANES`."""
     async with postlane_test_env(LANES) as env:
         yield env
 
 
 @pytest.fixture
 def pl(ts: PostlaneTestEnv) -> PostlaneTestEnv:
-    """The session's time-skipping environment with an empty outbox and no SMTP script."""
-    ts.smtp.clear()
+    """The test's time-skipping environment: an empty outbox and no SMTP script."""
     return ts
 
 
@@ -100,3 +118,89 @@ async def dev_env() -> AsyncIterator[WorkflowEnvironment]:
 def key() -> str:
     """A fresh idempotency key."""
     return f"test-{uuid.uuid4().hex[:12]}"
+
+
+# -- a deadline for every async test -------------------------------------------------------
+
+TEARDOWN_RESERVE = 15.0
+"""Seconds of a test's pytest-timeout kept for fixture teardown (at most half of it). A
+passing test's teardown takes well under a second; one that missed its deadline with a send
+in flight may drain it for up to 30 s and then meet pytest-timeout, an error of that same
+test, and the run goes on."""
+
+_PROJECT_DIRS = tuple(
+    str(Path(__file__).resolve().parent.parent / d) for d in ("tests", "postlane", "workflows")
+)
+
+
+def call_deadline(item: pytest.Item) -> float | None:
+    """Seconds the test function itself may take: its pytest-timeout minus a teardown
+    reserve, or None when the test has no timeout."""
+    marker = item.get_closest_marker("timeout")
+    timeout: float | None = None
+    if marker is not None:
+        timeout = marker.args[0] if marker.args else marker.kwargs.get("timeout")
+    if timeout is None:
+        timeout = pytest_timeout.get_env_settings(item.config).timeout
+    if not timeout:
+        return None
+    return max(float(timeout) / 2, float(timeout) - TEARDOWN_RESERVE)
+
+
+def where_it_waited(cancelled: BaseException) -> str:
+    """The awaits the cancelled test was blocked in, innermost last: its own and the
+    project's frames, then the library call it was stuck on."""
+    frames = traceback.extract_tb(cancelled.__traceback__)[1:]  # [0] is the deadline wrapper
+    ours = [f for f in frames if f.filename.startswith(_PROJECT_DIRS)]
+    shown = ours + [f for f in frames[-2:] if f not in ours]
+    return "\n".join(f"  {f.filename}:{f.lineno} in {f.name}: {f.line}" for f in shown)
+
+
+def with_deadline(
+    test: Callable[..., Awaitable[Any]], seconds: float, time_skipping: bool
+) -> Callable[..., Awaitable[Any]]:
+    """`test`, failing (not hanging) once it has run `seconds`, with where it was waiting."""
+
+    @functools.wraps(test)
+    async def bounded(*args: Any, **kwargs: Any) -> Any:
+        deadline = asyncio.timeout(seconds)
+        try:
+            async with deadline:
+                return await test(*args, **kwargs)
+        except TimeoutError as exc:
+            if not deadline.expired() or exc.__cause__ is None:
+                raise  # the test's own TimeoutError, not the deadline
+            hint = (
+                "\nOn the time-skipping server this usually means the clock is locked: a"
+                " workflow task failing over and over (see the captured worker log), a query"
+                " racing continue-as-new, or an activity that never finishes. The server was"
+                " this test's own; no other test is affected."
+                if time_skipping
+                else ""
+            )
+            message = (
+                f"still waiting after {seconds:.0f}s (the test's deadline), in:\n"
+                f"{where_it_waited(exc.__cause__)}{hint}"
+            )
+            raise pytest.fail.Exception(message, pytrace=False) from None
+
+    return bounded
+
+
+@pytest.hookimpl(hookwrapper=True, tryfirst=True)
+def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
+    """Run each async test under `call_deadline` (pytest-asyncio then runs the wrapper)."""
+    test = getattr(item, "obj", None)
+    seconds = call_deadline(item)
+    if (
+        not isinstance(item, pytest.Function)
+        or not inspect.iscoroutinefunction(test)
+        or not seconds
+    ):
+        yield
+        return
+    item.obj = with_deadline(test, seconds, bool({"ts", "pl"} & set(item.fixturenames)))
+    try:
+        yield
+    finally:
+        item.obj = test

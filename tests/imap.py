@@ -7,7 +7,7 @@ plain port and implicit TLS on a second one, with a certificate from a throwaway
 (trustme) whose PEM the client can trust.
 
 ``make test`` installs dovecot (``dovecot-imapd``). Where it is missing, the tests that
-need it are skipped with a loud reason, except under CI (``CI`` set), where they fail.
+need it fail, naming the package (`tests.sysdeps.require`).
 """
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ from pathlib import Path
 from types import TracebackType
 
 import aioimaplib
-import pytest
 
 from tests.procs import free_port
+from tests.sysdeps import require
 
 USER = "agent@acme.test"
 PASSWORD = "imap-secret-for-tests"
@@ -35,17 +35,8 @@ DH_FILE = Path("/usr/share/dovecot/dh.pem")
 
 
 def dovecot_binary() -> str:
-    """The dovecot executable, or a skip (a failure under CI) saying loudly it is missing."""
-    found = shutil.which("dovecot") or shutil.which("dovecot", path="/usr/sbin:/usr/local/sbin")
-    if found:
-        return found
-    reason = (
-        "DOVECOT IS NOT INSTALLED: the IMAP tests did not run. "
-        "`make test` installs it (apt-get install dovecot-imapd)."
-    )
-    if os.environ.get("CI"):
-        pytest.fail(reason)
-    pytest.skip(reason)
+    """The dovecot executable, or a test failure naming the package that ships it."""
+    return require("dovecot", "dovecot-imapd")
 
 
 class Dovecot:

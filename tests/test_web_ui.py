@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import subprocess
 import tempfile
 import urllib.parse
@@ -24,6 +23,7 @@ from postlane.models import RetrySettings
 from postlane.testing import running_workers
 from tests.conftest import DEV_SERVER_ARGS
 from tests.procs import assert_eventually, free_port
+from tests.sysdeps import require
 from tests.test_integration import an_email, new_lane
 
 pytestmark = pytest.mark.devserver
@@ -44,8 +44,7 @@ SCREENSHOT = Path(__file__).resolve().parent.parent / "docs" / "web-ui-dead-lett
 
 
 def chromium(*args: str) -> str:
-    binary = shutil.which("chromium")
-    assert binary, "chromium is missing: make test installs Debian's chromium package"
+    binary = require("chromium", "chromium")
     with tempfile.TemporaryDirectory() as profile:
         out = subprocess.run(
             [binary, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *args],

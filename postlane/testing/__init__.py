@@ -27,6 +27,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from temporalio.api.testservice.v1 import SleepRequest
+from temporalio.service import RPCError, RPCStatusCode
 from temporalio.testing import WorkflowEnvironment
 
 from postlane.binaries import test_server_path
@@ -64,12 +65,27 @@ class PostlaneTestEnv:
         running, so this returns once the work that fell due has run. That can take longer
         than the SDK's 30-second deadline for the call (e.g. a window of hundreds of sends on
         a busy machine), hence the longer one.
+
+        Raises:
+            TimeoutError: virtual time did not get there within `SLEEP_RPC_TIMEOUT`: the
+                server's clock is locked, by work that never finishes.
         """
         request = SleepRequest()
         request.duration.FromTimedelta(duration)
-        await self.env.client.test_service.unlock_time_skipping_with_sleep(
-            request, timeout=SLEEP_RPC_TIMEOUT
-        )
+        try:
+            await self.env.client.test_service.unlock_time_skipping_with_sleep(
+                request, timeout=SLEEP_RPC_TIMEOUT
+            )
+        except RPCError as err:
+            if err.status != RPCStatusCode.DEADLINE_EXCEEDED:
+                raise
+            raise TimeoutError(
+                f"skipping {duration} of virtual time did not finish within"
+                f" {SLEEP_RPC_TIMEOUT.total_seconds():.0f}s: the time-skipping server's clock is"
+                " locked by work that never finishes (a workflow task failing over and over,"
+                " e.g. an unregistered search attribute; a query racing continue-as-new; an"
+                " activity that never completes). The workflows' histories show which."
+            ) from err
 
     async def now(self) -> datetime:
         """The environment's current (virtual) time."""
