@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from tests.procs import free_port
+from tests.sysdeps import require
 
 POSTFIX = "/usr/sbin/postfix"
 MASTER_CF = Path("/etc/postfix/master.cf")
@@ -49,8 +50,7 @@ class Postfix:
     """A running private Postfix; use as a context manager."""
 
     def __init__(self, **main_cf: str) -> None:
-        if not Path(POSTFIX).exists():
-            pytest.fail("postfix is not installed (apt-get install postfix); this test needs it")
+        require(POSTFIX, "postfix")
         if os.geteuid() != 0:
             pytest.fail("a private postfix instance must be started as root")
         self.port = free_port()
