@@ -118,6 +118,7 @@ async def test_sends_leave_by_priority_then_in_arrival_order(
             client,
             task_queue=WORKFLOW_TASK_QUEUE,
             workflows=WORKFLOWS,
+            activities=[LaneResolver(Settings(lanes=[lane])).resolve_lane],
             workflow_runner=workflow_runner(),
         ):
             for n, priority in enumerate(priorities):

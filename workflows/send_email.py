@@ -158,6 +158,8 @@ class SendEmailWorkflow:
         except InvalidEmail as exc:
             self._reject(ErrorType.INVALID_EMAIL, exc.field, exc.reason)
         self._input = req
+        # Known before the lane is resolved: a query answered meanwhile shows it already.
+        self._scheduled_for = req.send_at
         req = await self._resolve(req)
         self._input = req
         self._publish_start(req)
