@@ -5,6 +5,8 @@ No timing assertions: the rate figures are measured by ``bench/lane_rates.py``."
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +18,6 @@ from temporalio.client import Client, WorkflowHandle
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
-from activities.resolve import LaneResolver
 from postlane import search_attributes as sa
 from postlane.binaries import dev_server_path
 from postlane.catcher import SmtpCatcher
@@ -26,6 +27,7 @@ from postlane.connection import data_converter
 from postlane.ids import WORKFLOW_TASK_QUEUE
 from postlane.lanes import start_lane_workflow
 from postlane.models import EmailStatus
+from postlane.worker import run_workers
 from tests.conftest import DEV_SERVER_ARGS
 from tests.procs import (
     WorkerProcess,
@@ -114,13 +116,7 @@ async def test_sends_leave_by_priority_then_in_arrival_order(
         await start_lane_workflow(client, lane)
         pl = PostlaneClient(client, Settings(lanes=[lane]))
         # Only the orchestration worker runs: the sends queue up on the lane, one by one.
-        async with Worker(
-            client,
-            task_queue=WORKFLOW_TASK_QUEUE,
-            workflows=WORKFLOWS,
-            activities=[LaneResolver(Settings(lanes=[lane])).resolve_lane],
-            workflow_runner=workflow_runner(),
-        ):
+        async with orchestration_only(client, Settings(lanes=[lane])):
             for n, priority in enumerate(priorities):
                 handle = await pl.send(
                     an_email(f"{priority} {n}"), key=f"{key}-{n}", priority=priority
@@ -140,6 +136,24 @@ async def test_sends_leave_by_priority_then_in_arrival_order(
         f"{p} {n}" for n, p in sorted(enumerate(priorities), key=lambda np: (rank[np[1]], np[0]))
     ]
     assert arrived == expected
+
+
+@asynccontextmanager
+async def orchestration_only(client: Client, settings: Settings) -> AsyncIterator[None]:
+    """Postlane's workflow worker, with the activities it hosts, and no lane sender."""
+    stop, ready = asyncio.Event(), asyncio.Event()
+    task = asyncio.create_task(
+        run_workers(client, settings, sends=False, inbound=False, stop=stop, ready=ready)
+    )
+    started = asyncio.create_task(ready.wait())
+    await asyncio.wait([task, started], return_when=asyncio.FIRST_COMPLETED)
+    if task.done():
+        task.result()  # it failed to start: say why
+    try:
+        yield
+    finally:
+        stop.set()
+        await task
 
 
 async def send_scheduled(handle: WorkflowHandle[Any, Any]) -> bool:
@@ -162,7 +176,6 @@ async def test_high_priority_overtakes_bulk_backlog(
             client,
             task_queue=WORKFLOW_TASK_QUEUE,
             workflows=WORKFLOWS,
-            activities=[LaneResolver(Settings(lanes=[lane])).resolve_lane],
             workflow_runner=workflow_runner(),
         ):
             for batch in range(0, 1000, 100):
