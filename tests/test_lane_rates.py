@@ -18,6 +18,7 @@ from temporalio.client import Client, WorkflowHandle
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
+from activities.resolve import LaneResolver
 from postlane import search_attributes as sa
 from postlane.binaries import dev_server_path
 from postlane.catcher import SmtpCatcher
@@ -176,6 +177,7 @@ async def test_high_priority_overtakes_bulk_backlog(
             client,
             task_queue=WORKFLOW_TASK_QUEUE,
             workflows=WORKFLOWS,
+            activities=[LaneResolver(Settings(lanes=[lane])).resolve_lane],
             workflow_runner=workflow_runner(),
         ):
             for batch in range(0, 1000, 100):
