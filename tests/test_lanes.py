@@ -172,20 +172,26 @@ async def test_hourly_cap_spreads_2000_sends_over_four_hours(pl: PostlaneTestEnv
     # on a busy machine), so wait for the lane to use the window before the next jump.
     outbox_seen = -1
 
-    async def window_used() -> LaneStatus | None:
+    async def window_used() -> LaneStatus:
+        # Each "not yet" says why, so a test that runs out of time says where it stood.
         nonlocal outbox_seen
         if len(pl.outbox) != outbox_seen:  # still sending: no need to ask the lane yet
             outbox_seen = len(pl.outbox)
-            return None
+            raise AssertionError(f"still sending: {outbox_seen} sent")
         status = await lane_quiet()
-        if status is None or status.used_last_day + status.waiting != TOTAL:
-            return None
-        if len(pl.outbox) != status.used_last_day:  # granted but not yet sent
-            return None
+        if status is None:
+            raise AssertionError("the lane is busy")
+        if status.used_last_day + status.waiting != TOTAL:
+            raise AssertionError(f"not every email counted: {status!r}")
+        if len(pl.outbox) != status.used_last_day:
+            raise AssertionError(f"granted but not sent: {len(pl.outbox)} sent, {status!r}")
         if status.waiting == 0:
             return status
-        opens_later = status.next_slot_at is not None and status.next_slot_at > await pl.now()
-        return status if status.used_last_hour == CAP and opens_later else None
+        now = await pl.now()
+        opens_later = status.next_slot_at is not None and status.next_slot_at > now
+        if status.used_last_hour == CAP and opens_later:
+            return status
+        raise AssertionError(f"window not used up at {now}: {status!r}")
 
     waiting, status = set(plans), over_cap
     for _ in range(8):
