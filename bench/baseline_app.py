@@ -1,6 +1,6 @@
 """The baseline app: one workflow that runs one no-op activity on a separate task queue.
 
-It is what "a trivial one-workflow-one-activity app" means in DESIGN.md's performance
+It is what "a trivial one-workflow-one-activity app" means in Postlane's performance
 targets: the same shape as Postlane (an orchestration queue plus an activity queue), with
 none of Postlane's work (no SMTP, search attributes, memo, heartbeats or pydantic models).
 """

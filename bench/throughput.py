@@ -71,7 +71,7 @@ LATENCY_GAP = 0.05
 IDLE_PROBE = 3.0
 """Seconds with nothing to do, to measure the processes' idle CPU use."""
 BODY = ("Postlane benchmark body line, about sixty-four bytes long.....\n" * 32)[:2000]
-"""A 2 KB text body, like DESIGN.md's reference measurements."""
+"""A 2 KB text body, as in the reference measurements (bench/results/throughput.md)."""
 
 TARGETS = {
     "ratio_min": 0.90,

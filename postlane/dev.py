@@ -29,7 +29,7 @@ from postlane.setup import ensure_namespace, ensure_search_attributes
 DEMO_KEY = "postlane-demo-welcome"
 STARTUP_TIMEOUT = 60.0
 
-# Measured on 2 cores (see DESIGN.md): WAL roughly doubles throughput and stays durable
+# Measured on 2 cores (bench/results/): WAL roughly doubles throughput and stays durable
 # across a process crash; one partition makes lane rates exact and priorities strict; a
 # faster transfer-queue poll takes idle latency from ~100 ms to ~26 ms.
 SERVER_TUNING = [
