@@ -267,6 +267,18 @@ async def activity_pollers(client: Client, task_queue: str) -> list[str]:
     return [p.identity for p in response.pollers]
 
 
+async def describe_lane_queue(client: Client, lane: LaneConfig) -> Any:
+    """The lane's activity queue as the server describes it, with its rate-limit config."""
+    return await client.workflow_service.describe_task_queue(
+        DescribeTaskQueueRequest(
+            namespace=client.namespace,
+            task_queue=TaskQueue(name=lane.task_queue),
+            task_queue_type=TaskQueueType.TASK_QUEUE_TYPE_ACTIVITY,
+            report_config=True,
+        )
+    )
+
+
 async def wait_for_pollers(
     client: Client, task_queue: str, workers: Sequence[WorkerProcess], within: float = 60.0
 ) -> None:

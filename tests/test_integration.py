@@ -37,6 +37,7 @@ from tests.procs import (
     RunningSend,
     WorkerProcess,
     assert_eventually,
+    describe_lane_queue,
     history_identities,
     postlane_env,
     run_command,
@@ -88,17 +89,6 @@ async def send_in_data(env: WorkflowEnvironment, workflow_id: str) -> RunningSen
         return send if send is not None and send.phase == "data" else None
 
     return await assert_eventually(in_data, within=45, what="a worker in the SMTP DATA phase")
-
-
-async def describe_lane_queue(client: Client, lane: LaneConfig) -> Any:
-    return await client.workflow_service.describe_task_queue(
-        DescribeTaskQueueRequest(
-            namespace=client.namespace,
-            task_queue=TaskQueue(name=lane.task_queue),
-            task_queue_type=TaskQueueType.TASK_QUEUE_TYPE_ACTIVITY,
-            report_config=True,
-        )
-    )
 
 
 async def lane_history(client: Client, lane: str) -> list[Any]:

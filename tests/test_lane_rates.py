@@ -11,9 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from temporalio.api.enums.v1 import PendingActivityState, TaskQueueType
-from temporalio.api.taskqueue.v1 import TaskQueue
-from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest
+from temporalio.api.enums.v1 import PendingActivityState
 from temporalio.client import Client, WorkflowHandle
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
@@ -23,7 +21,7 @@ from postlane import search_attributes as sa
 from postlane.binaries import dev_server_path
 from postlane.catcher import SmtpCatcher
 from postlane.client import PostlaneClient
-from postlane.config import LaneConfig, Settings
+from postlane.config import Settings
 from postlane.connection import data_converter
 from postlane.ids import WORKFLOW_TASK_QUEUE
 from postlane.lanes import start_lane_workflow
@@ -33,6 +31,7 @@ from tests.conftest import DEV_SERVER_ARGS
 from tests.procs import (
     WorkerProcess,
     assert_eventually,
+    describe_lane_queue,
     free_port,
     history_identities,
     postlane_env,
@@ -44,18 +43,6 @@ from tests.test_integration import address_of, an_email, new_lane
 from workflows import WORKFLOWS, workflow_runner
 
 pytestmark = pytest.mark.devserver
-
-
-async def queue_config(client: Client, lane: LaneConfig) -> Any:
-    """The lane queue's description with its config, as the server reports it."""
-    return await client.workflow_service.describe_task_queue(
-        DescribeTaskQueueRequest(
-            namespace=client.namespace,
-            task_queue=TaskQueue(name=lane.task_queue),
-            task_queue_type=TaskQueueType.TASK_QUEUE_TYPE_ACTIVITY,
-            report_config=True,
-        )
-    )
 
 
 # How exactly the server holds the rate (a per-second figure) is a benchmark's business:
@@ -77,7 +64,7 @@ async def test_lane_rate_is_the_queues_server_setting_with_three_worker_processe
             await wait_for_pollers(client, lane.task_queue, [a, b, c])
 
             async def configured() -> Any:
-                desc = await queue_config(client, lane)
+                desc = await describe_lane_queue(client, lane)
                 return desc if desc.config.queue_rate_limit.rate_limit.requests_per_second else None
 
             desc = await assert_eventually(configured, what="the lane queue's rate on the server")
@@ -90,7 +77,7 @@ async def test_lane_rate_is_the_queues_server_setting_with_three_worker_processe
             polled_by = [
                 await history_identities(client.get_workflow_handle(h.workflow_id)) for h in handles
             ]
-            desc_after = await queue_config(client, lane)
+            desc_after = await describe_lane_queue(client, lane)
     for seen in (desc, desc_after):  # set by the lane, kept through all 20 sends
         assert seen.config.queue_rate_limit.rate_limit.requests_per_second == 5
         assert seen.config.fairness_keys_rate_limit_default.rate_limit.requests_per_second == 4
