@@ -4,13 +4,24 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: dev test check lint format bench clean
+.PHONY: dev test check lint format bench clean lock
 
-$(STAMP): pyproject.toml
+# Exactly the versions in the lock (hash-checked), then Postlane itself, editable, with no
+# dependency of its own left to resolve. `make lock` rewrites the locks from pyproject.toml.
+LOCK_FLAGS := --universal --python-version 3.11 --generate-hashes --quiet --custom-compile-command "make lock"
+$(STAMP): pyproject.toml requirements/dev.lock
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet --require-hashes -r requirements/dev.lock
+	$(BIN)/pip install --quiet --no-deps -e .
 	touch $(STAMP)
+
+# requirements/production.lock: what `pip install postlane` needs (the Dockerfile's set);
+# requirements/dev.lock: that plus the [dev], [testing] and [ci] extras (this Makefile's).
+lock: $(STAMP)
+	$(BIN)/uv pip compile pyproject.toml $(LOCK_FLAGS) -o requirements/production.lock
+	$(BIN)/uv pip compile pyproject.toml $(LOCK_FLAGS) --extra dev --extra testing --extra ci \
+	  -o requirements/dev.lock
 
 # Debian packages the tests need: docker-compose only parses docker-compose.yml (no engine);
 # chromium loads the Temporal Web UI headless; dovecot (IMAP) and postfix (SMTP) are servers

@@ -36,6 +36,10 @@ from postlane.connection import data_converter
 from postlane.models import RetrySettings, Warmup
 from postlane.testing import PostlaneTestEnv, default_test_lane, postlane_test_env
 
+# The plugin users load the same way (it has no pytest11 entry point, so it never loads
+# into the pytest of someone who installed postlane without the [testing] extra).
+pytest_plugins = ["postlane.testing.plugin"]
+
 # The settings `postlane dev` uses, so integration tests see what users see.
 DEV_SERVER_ARGS = [
     "--dynamic-config-value",

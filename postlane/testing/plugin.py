@@ -1,4 +1,11 @@
-"""pytest plugin (auto-registered): the ``postlane_env`` fixture.
+"""pytest plugin: the ``postlane_env`` fixture, for those who install ``postlane[testing]``.
+
+It is not registered automatically (an entry point would load it into every pytest run of
+anyone who installed postlane); load it in a ``conftest.py``::
+
+    pytest_plugins = ["postlane.testing.plugin"]
+
+or on the command line: ``pytest -p postlane.testing.plugin``. Then:
 
 ::
 
