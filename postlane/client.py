@@ -79,6 +79,7 @@ from postlane.models import (
     invalid_email_from,
 )
 from postlane.sequence_client import SequenceOperations
+from postlane.stuck import workflow_task_failure
 
 NON_RETRYABLE_TYPES = (
     ErrorType.SMTP_PERMANENT,
@@ -411,8 +412,10 @@ class PostlaneClient(SequenceOperations):
                 if isinstance(recorded, int):
                     update["attempts"] = recorded
         elif desc.status == WorkflowExecutionStatus.RUNNING and ask_workflow:
+            # A workflow whose task keeps failing answers no query: say why, don't wait.
+            update["stuck"] = await workflow_task_failure(self.temporal, desc)
             # None: no worker is polling; the search attributes still tell a lot.
-            live = await _query_report(handle)
+            live = None if update["stuck"] else await _query_report(handle)
             if live is not None:
                 update.update(
                     subject=live.subject,

@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
 
 import structlog
 from temporalio.exceptions import ApplicationError
@@ -40,6 +45,94 @@ class ExpectedActivityFailures(logging.Filter):
         return not (isinstance(exc, ApplicationError) and exc.type in EXPECTED_FAILURES)
 
 
+WORKFLOW_TASK_FAILURE_WINDOW = timedelta(minutes=10)
+"""How long the repeats of one workflow-task failure stay quiet after it was logged."""
+
+
+@dataclass
+class _Logged:
+    at: float
+    repeats: int = 0
+
+
+class RepeatedWorkflowTaskFailures(logging.Filter):
+    """Log a failing workflow task once per distinct error, not on every retry.
+
+    The server retries a failed workflow task for as long as the workflow runs (every 10 s
+    or so), and the SDK logs each failure with its traceback. This filter lets the first
+    failure of each (workflow type, error type, message) through, traceback and all, keeps
+    the repeats quiet for `window` while counting them, and then lets one through as a single
+    line saying how many were not logged. A different error of the same workflow type, such
+    as a new bug after a deploy, gets its own traceback at once.
+
+    Args:
+        window: how long repeats stay quiet after an error was logged.
+        clock: seconds, monotonic (for tests).
+    """
+
+    MAX_ERRORS = 1000
+    """Distinct errors remembered; past this, those not seen for a window are forgotten."""
+
+    def __init__(
+        self,
+        window: timedelta = WORKFLOW_TASK_FAILURE_WINDOW,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        super().__init__()
+        self.window = window
+        self._clock = clock
+        # Workflow activations run on worker threads, so records arrive from several.
+        self._lock = threading.Lock()
+        self._logged: dict[tuple[str, str, str], _Logged] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """False for a repeat inside the window; the record made one line after it."""
+        if getattr(record, "__temporal_error_identifier", None) != "WorkflowTaskFailure":
+            return True
+        exc = record.exc_info[1] if record.exc_info else None
+        details = getattr(record, "temporal_workflow", None)
+        workflow_type = str(details.get("workflow_type")) if isinstance(details, dict) else "?"
+        error = (workflow_type, type(exc).__name__, str(exc))
+        now = self._clock()
+        window = self.window.total_seconds()
+        with self._lock:
+            logged = self._logged.get(error)
+            if logged is None:
+                if len(self._logged) >= self.MAX_ERRORS:
+                    self._forget_older_than(now - window)
+                self._logged[error] = _Logged(at=now)
+                return True
+            if now - logged.at < window:
+                logged.repeats += 1
+                return False
+            repeats, logged.at, logged.repeats = logged.repeats, now, 0
+        minutes = f"{window / 60:g} min"
+        record.msg = (
+            f"{record.getMessage()}: still failing with {error[1]}: {error[2]} "
+            f"({repeats} more failures in the last {minutes} not logged; traceback logged "
+            "with the first)"
+        )
+        record.args = None
+        record.exc_info = None
+        record.exc_text = None
+        return True
+
+    def _forget_older_than(self, when: float) -> None:
+        for error in [e for e, logged in self._logged.items() if logged.at < when]:
+            del self._logged[error]
+
+
+def install_log_filters() -> None:
+    """Add Postlane's filters to the Temporal SDK's loggers (once, however often called)."""
+    for name, kind in (
+        ("temporalio.activity", ExpectedActivityFailures),
+        ("temporalio.worker._workflow_instance", RepeatedWorkflowTaskFailures),
+    ):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, kind) for f in logger.filters):
+            logger.addFilter(kind())
+
+
 def configure_logging(*, json: bool = False, level: str = "INFO") -> None:
     """Route structlog and stdlib logging through one handler on stderr.
 
@@ -72,6 +165,4 @@ def configure_logging(*, json: bool = False, level: str = "INFO") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    activity_logger = logging.getLogger("temporalio.activity")
-    if not any(isinstance(f, ExpectedActivityFailures) for f in activity_logger.filters):
-        activity_logger.addFilter(ExpectedActivityFailures())
+    install_log_filters()

@@ -478,6 +478,9 @@ class EmailReport(BaseModel):
     attempt_history: list[AttemptRecord] = Field(default_factory=list)
     """The last failed attempts (up to `MAX_ATTEMPT_HISTORY`), oldest first."""
     receipt: DeliveryReceipt | None = None
+    stuck: str | None = None
+    """Why a running email makes no progress, e.g. ``"workflow task failing: RuntimeError:
+    ... (attempt 4)"``: a bug or an incompatible change in the workers' workflow code."""
 
 
 class Warmup(BaseModel):
