@@ -12,6 +12,13 @@ from datetime import timedelta
 
 import structlog
 from temporalio.exceptions import ApplicationError
+from temporalio.runtime import (
+    LogForwardingConfig,
+    LoggingConfig,
+    Runtime,
+    TelemetryConfig,
+    TelemetryFilter,
+)
 
 from postlane.errors import ErrorType
 
@@ -122,11 +129,39 @@ class RepeatedWorkflowTaskFailures(logging.Filter):
             del self._logged[error]
 
 
+CORE_LOGGER = "temporalio.core"
+"""Where the SDK core's own log lines go (Rust; by default it prints them to stderr)."""
+
+
+class CoreWorkflowTaskFailures(logging.Filter):
+    """Drop the SDK core's "Failing workflow task" line, the whole stack trace on one line,
+    printed on every retry. The SDK's Python record of the same failure is logged instead,
+    once per error (`RepeatedWorkflowTaskFailures`)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """False for the core's record of a failing workflow task."""
+        entry = getattr(record, "temporal_log", None)
+        return getattr(entry, "message", None) != "Failing workflow task"
+
+
+def forward_core_logs() -> None:
+    """Send the SDK core's log lines through Python logging (this module's handler and
+    filters) instead of straight to stderr. Takes effect for clients connected after it."""
+    forwarding = LogForwardingConfig(logger=logging.getLogger(CORE_LOGGER))
+    telemetry = TelemetryConfig(
+        logging=LoggingConfig(
+            filter=TelemetryFilter(core_level="WARN", other_level="ERROR"), forwarding=forwarding
+        )
+    )
+    Runtime.set_default(Runtime(telemetry=telemetry), error_if_already_set=False)
+
+
 def install_log_filters() -> None:
     """Add Postlane's filters to the Temporal SDK's loggers (once, however often called)."""
     for name, kind in (
         ("temporalio.activity", ExpectedActivityFailures),
         ("temporalio.worker._workflow_instance", RepeatedWorkflowTaskFailures),
+        (CORE_LOGGER, CoreWorkflowTaskFailures),
     ):
         logger = logging.getLogger(name)
         if not any(isinstance(f, kind) for f in logger.filters):
@@ -166,3 +201,4 @@ def configure_logging(*, json: bool = False, level: str = "INFO") -> None:
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     install_log_filters()
+    forward_core_logs()

@@ -11,10 +11,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import sys
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 from temporalio import workflow
@@ -31,6 +33,7 @@ from postlane.models import EmailStatus
 from postlane.testing import PostlaneTestEnv, default_test_lane
 from tests.procs import assert_eventually
 
+REPO = Path(__file__).resolve().parents[1]
 BROKEN = "deliberately broken for this test"
 SDK_LOGGER = "temporalio.worker._workflow_instance"
 DESCRIBE_DEADLINE_S = 5.0
@@ -110,6 +113,62 @@ async def test_a_failing_workflow_task_logs_its_traceback_once(
     assert len(ours) == 1, [r.getMessage() for r in ours]
     [logged] = ours
     assert logged.exc_info is not None and str(logged.exc_info[1]) == BROKEN
+
+
+TERMINAL_WORKER = """
+import asyncio, sys
+from temporalio.client import Client
+from temporalio.worker import UnsandboxedWorkflowRunner, Worker
+from postlane.logs import configure_logging
+from tests.test_stuck_workflow import BrokenWorkflow
+
+async def main(address, task_queue):
+    configure_logging()
+    client = await Client.connect(address)
+    runner = UnsandboxedWorkflowRunner()
+    workflows = [BrokenWorkflow]
+    async with Worker(client, task_queue=task_queue, workflows=workflows, workflow_runner=runner):
+        await asyncio.Event().wait()
+
+asyncio.run(main(*sys.argv[1:]))
+"""
+"""A worker process logging as `postlane worker` does, serving only `BrokenWorkflow`."""
+
+
+@pytest.mark.devserver
+async def test_a_failing_workflow_task_shows_one_traceback_on_the_terminal(
+    dev_env: WorkflowEnvironment, key: str, tmp_path: Path
+) -> None:
+    task_queue = f"broken-{key}"
+    stderr_path = tmp_path / "worker.stderr"
+    with stderr_path.open("wb") as stderr:
+        worker = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-c",
+            TERMINAL_WORKER,
+            dev_env.client.service_client.config.target_host,
+            task_queue,
+            cwd=REPO,
+            stdout=stderr,
+            stderr=stderr,
+        )
+    try:
+        handle = await dev_env.client.start_workflow(
+            BrokenWorkflow.run, id=f"broken-{key}", task_queue=task_queue
+        )
+        await assert_eventually(
+            attempt_at_least(dev_env.client, handle.id, 4),
+            within=90,
+            what="a 4th attempt of the workflow task",
+        )
+        await handle.terminate("test over")
+    finally:
+        worker.terminate()
+        await worker.wait()
+    seen = stderr_path.read_text()
+    assert seen.count("Traceback (most recent call last)") == 1, seen
+    assert seen.count(f"RuntimeError: {BROKEN}") == 1, seen
+    assert "Failing workflow task" not in seen, seen  # the core's one-line copy, every retry
 
 
 def test_repeats_stay_quiet_for_the_window_then_come_back_as_one_line() -> None:
