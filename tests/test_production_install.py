@@ -92,6 +92,18 @@ def test_production_install_has_no_dev_only_packages_or_binaries(production_venv
     [pin] = re.findall(r"^tzdata==(\S+)", PRODUCTION_LOCK.read_text(), flags=re.M)
     assert installed["tzdata"] == pin
 
+    # No pytest plugin rides along with the distribution (it would load into every run).
+    groups = _run(
+        production_venv,
+        python,
+        "-c",
+        "import importlib.metadata as m; "
+        "print([e.group for e in m.distribution('postlane').entry_points])",
+        cwd=production_venv,
+    )
+    assert groups.returncode == 0, groups.stderr
+    assert groups.stdout.strip() == "['console_scripts']"
+
 
 @pytest.mark.timeout(INSTALL_TIMEOUT_S)
 def test_production_install_imports_every_worker_module(
