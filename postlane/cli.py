@@ -192,6 +192,8 @@ async def _dispatch(args: argparse.Namespace) -> int:
         try:
             from postlane.dev import DevStack
         except ModuleNotFoundError as exc:  # a production install has no dev stack
+            if exc.name != "aiosmtpd":
+                raise
             raise ConfigurationError(
                 f"postlane dev needs the dev extra: pip install 'postlane[dev]' ({exc})"
             ) from None
