@@ -73,7 +73,7 @@ DEFER_GRACE = timedelta(minutes=15)
 PACED_PATCH = "lane-paced-rechecks"
 """Runs from this patch spread one opening's deferred emails over the time the lane's rate
 needs to send them (`_defer`), and continue as new past `PACED_MAX_HISTORY` events."""
-PACED_MAX_HISTORY = 1500
+PACED_MAX_HISTORY = 1000
 """Past this many events a run continues as new even with requests waiting: a run that a
 stream of requests keeps from a quiet moment stays short enough to replay in well under a
 second when a request arriving during the continue-as-new fails that task."""
