@@ -25,15 +25,15 @@ from temporalio.exceptions import ApplicationError
 
 from postlane.config import InboxConfig, Settings
 from postlane.errors import ConfigurationError, ErrorType, SequenceNotFound
-from postlane.inbound import classify, route
-from postlane.inbound_models import (
+from postlane.inbound.classify import classify, route
+from postlane.inbound.inboxes import mark_finished
+from postlane.inbound.models import (
     InboundItem,
     InboxCursor,
     PollRequest,
     PollResult,
     UnsubscribeRequest,
 )
-from postlane.inboxes import mark_finished
 
 log = structlog.get_logger(__name__)
 

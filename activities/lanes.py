@@ -5,8 +5,10 @@ from __future__ import annotations
 from temporalio import activity
 from temporalio.client import Client
 
-from postlane.lanes import apply_lane_limits
-from postlane.models import LaneRateRequest
+from postlane.lanes.limits import apply_lane_limits
+from postlane.lanes.models import (
+    LaneRateRequest,
+)
 
 
 class LaneAdminActivities:

@@ -10,8 +10,8 @@ from __future__ import annotations
 from temporalio import activity
 
 from postlane.config import Settings
+from postlane.email.models import LaneQuery, LaneResolution
 from postlane.errors import ErrorType
-from postlane.models import LaneQuery, LaneResolution
 
 
 class LaneResolver:

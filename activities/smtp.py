@@ -27,13 +27,15 @@ from activities.smtp_errors import (
     reply_failure,
 )
 from postlane.config import LaneConfig, Settings
-from postlane.errors import ConfigurationError, ErrorType
-from postlane.ids import lane_workflow_id
-from postlane.models import (
+from postlane.email.models import (
     AttemptRecord,
     DeliveryReceipt,
     Email,
     SmtpSendRequest,
+)
+from postlane.errors import ConfigurationError, ErrorType
+from postlane.ids import lane_workflow_id
+from postlane.lanes.models import (
     ThrottleReport,
 )
 

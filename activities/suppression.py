@@ -5,8 +5,8 @@ from __future__ import annotations
 from temporalio import activity
 from temporalio.client import Client
 
-from postlane.sequence_models import Suppression
-from postlane.suppressions import start_suppression
+from postlane.sequences.models import Suppression
+from postlane.sequences.suppressions import start_suppression
 
 
 class SuppressionActivities:

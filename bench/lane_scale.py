@@ -40,8 +40,8 @@ from temporalio.worker import Worker
 
 with workflow.unsafe.imports_passed_through():
     from postlane.config import LaneConfig
+    from postlane.email.models import Email, Priority, RetrySettings, SendEmailInput
     from postlane.ids import lane_workflow_id
-    from postlane.models import Email, Priority, RetrySettings, SendEmailInput
     from workflows.send_email import SendEmailWorkflow
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -2,6 +2,16 @@
 
 from postlane.client import CancelOutcome, CancelResult, EmailHandle, PostlaneClient
 from postlane.config import LaneConfig, Settings, load_settings
+from postlane.email.models import (
+    Attachment,
+    AttemptRecord,
+    DeliveryReceipt,
+    Email,
+    EmailReport,
+    EmailStatus,
+    Priority,
+    RetrySettings,
+)
 from postlane.errors import (
     ActionRefused,
     ConfigurationError,
@@ -17,18 +27,8 @@ from postlane.errors import (
     SequenceNotFound,
     UnknownSender,
 )
-from postlane.models import (
-    Attachment,
-    AttemptRecord,
-    DeliveryReceipt,
-    Email,
-    EmailReport,
-    EmailStatus,
-    Priority,
-    RetrySettings,
-)
-from postlane.sequence_client import SequenceHandle
-from postlane.sequence_models import (
+from postlane.sequences.client import SequenceHandle
+from postlane.sequences.models import (
     Approval,
     ComposeRequest,
     Draft,
@@ -37,7 +37,7 @@ from postlane.sequence_models import (
     SequenceReport,
     SequenceStatus,
 )
-from postlane.sequence_spec import Recipient, SequenceSpec, load_spec
+from postlane.sequences.spec import Recipient, SequenceSpec, load_spec
 
 __all__ = [
     "ActionRefused",

@@ -39,6 +39,17 @@ from postlane import search_attributes as sa
 from postlane.config import Settings, load_settings
 from postlane.connection import connect_temporal
 from postlane.contract import SEND_EMAIL_WORKFLOW, parse_send_email_input
+from postlane.email.models import (
+    MAX_EMAIL_BYTES,
+    DeliveryReceipt,
+    Email,
+    EmailReport,
+    EmailStatus,
+    Priority,
+    RetryRequest,
+    SendEmailInput,
+    invalid_email_from,
+)
 from postlane.errors import (
     ActionRefused,
     ConfigurationError,
@@ -64,21 +75,12 @@ from postlane.ids import (
     lane_workflow_id,
     validate_key,
 )
-from postlane.models import (
-    MAX_EMAIL_BYTES,
-    DeliveryReceipt,
-    Email,
-    EmailReport,
-    EmailStatus,
+from postlane.lanes.models import (
     LaneReport,
     LaneStatus,
-    Priority,
     RateChange,
-    RetryRequest,
-    SendEmailInput,
-    invalid_email_from,
 )
-from postlane.sequence_client import SequenceOperations
+from postlane.sequences.client import SequenceOperations
 
 NON_RETRYABLE_TYPES = (
     ErrorType.SMTP_PERMANENT,

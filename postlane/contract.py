@@ -15,9 +15,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from postlane.errors import InvalidEmail
-from postlane.ids import EMAIL_ID_PREFIX, validate_key
-from postlane.models import (
+from postlane.email.models import (
     MAX_EMAIL_BYTES,
     AttemptRecord,
     DeliveryReceipt,
@@ -26,6 +24,8 @@ from postlane.models import (
     SendEmailInput,
     invalid_email_from,
 )
+from postlane.errors import InvalidEmail
+from postlane.ids import EMAIL_ID_PREFIX, validate_key
 
 SEND_EMAIL_WORKFLOW = "SendEmail"
 """Workflow type of one email."""

@@ -21,15 +21,15 @@ from temporalio.client import WorkflowHistory
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Replayer
 
-from postlane.catcher import CaughtMessage, SmtpCatcher
 from postlane.client import CancelOutcome, PostlaneClient
 from postlane.config import LaneConfig, Settings
 from postlane.connection import data_converter
+from postlane.dev.catcher import CaughtMessage, SmtpCatcher
+from postlane.email.models import EmailStatus, RetrySettings
 from postlane.errors import ActionRefused, EmailNotFound
 from postlane.ids import email_workflow_id
-from postlane.models import EmailStatus, RetrySettings
-from postlane.sequence_models import SequenceStatus
-from postlane.sequence_spec import Recipient, load_spec
+from postlane.sequences.models import SequenceStatus
+from postlane.sequences.spec import Recipient, load_spec
 from postlane.testing import catcher_lane, running_workers
 from tests.conftest import TINY_LANE
 from tests.procs import assert_eventually, postlane_env, run_postlane, write_config

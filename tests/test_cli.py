@@ -7,11 +7,11 @@ from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
-from postlane.cli import _report_cancel, format_attempts, format_dead_letters, parse_since
+from postlane.cli.app import _report_cancel, format_attempts, format_dead_letters, parse_since
+from postlane.cli.progress import ProgressBar
 from postlane.client import CancelOutcome, CancelResult
+from postlane.email.models import AttemptRecord, DeliveryReceipt, EmailReport, EmailStatus
 from postlane.errors import InvalidEmail
-from postlane.models import AttemptRecord, DeliveryReceipt, EmailReport, EmailStatus
-from postlane.progress import ProgressBar
 
 NOW = datetime(2026, 3, 10, 12, 0, tzinfo=UTC)
 

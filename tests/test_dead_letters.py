@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 from temporalio.testing import WorkflowEnvironment
 
-from postlane.catcher import SmtpCatcher
 from postlane.client import CancelOutcome, EmailHandle, PostlaneClient
 from postlane.config import Settings
+from postlane.dev.catcher import SmtpCatcher
+from postlane.email.models import EmailStatus, RetrySettings
 from postlane.errors import ActionRefused, EmailCancelled, PermanentDeliveryError
-from postlane.models import EmailStatus, RetrySettings
 from postlane.testing import running_workers
 from tests.procs import (
     WorkerProcess,

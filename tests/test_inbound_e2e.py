@@ -19,16 +19,16 @@ from temporalio.client import WorkflowExecutionStatus
 from temporalio.service import RPCError, RPCStatusCode
 from temporalio.testing import WorkflowEnvironment
 
-from postlane.catcher import SmtpCatcher
 from postlane.client import PostlaneClient
 from postlane.config import InboxConfig, LaneConfig, Settings
 from postlane.connection import data_converter
+from postlane.dev.catcher import SmtpCatcher
+from postlane.email.models import RetrySettings
 from postlane.ids import INBOUND_TASK_QUEUE, inbox_workflow_id, sequence_workflow_id
-from postlane.inbound_models import WatcherReport
-from postlane.inboxes import watcher_status
-from postlane.models import RetrySettings
-from postlane.sequence_models import InboundEvent, SequenceReport, SequenceStatus
-from postlane.sequence_spec import Recipient, SequenceSpec
+from postlane.inbound.inboxes import watcher_status
+from postlane.inbound.models import WatcherReport
+from postlane.sequences.models import InboundEvent, SequenceReport, SequenceStatus
+from postlane.sequences.spec import Recipient, SequenceSpec
 from postlane.testing import catcher_lane
 from tests.imap import Dovecot
 from tests.procs import (

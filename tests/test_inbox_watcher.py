@@ -22,8 +22,9 @@ from postlane.config import InboxConfig
 from postlane.connection import data_converter
 from postlane.errors import ErrorType
 from postlane.ids import INBOUND_TASK_QUEUE, sequence_workflow_id, unsubscribe_token
-from postlane.inbound import classify, route
-from postlane.inbound_models import (
+from postlane.inbound.classify import classify, route
+from postlane.inbound.inboxes import mark_finished, start_inbox_watcher, watcher_status
+from postlane.inbound.models import (
     InboundItem,
     InboxCursor,
     PollRequest,
@@ -31,9 +32,8 @@ from postlane.inbound_models import (
     UnsubscribeRequest,
     WatcherReport,
 )
-from postlane.inboxes import mark_finished, start_inbox_watcher, watcher_status
-from postlane.sequence_models import InboundEvent, SequenceReport, SequenceStatus
-from postlane.sequence_spec import (
+from postlane.sequences.models import InboundEvent, SequenceReport, SequenceStatus
+from postlane.sequences.spec import (
     Recipient,
     SendStep,
     SequenceSpec,

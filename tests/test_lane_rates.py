@@ -18,14 +18,14 @@ from temporalio.worker import Worker
 
 from activities.resolve import LaneResolver
 from postlane import search_attributes as sa
-from postlane.binaries import dev_server_path
-from postlane.catcher import SmtpCatcher
 from postlane.client import PostlaneClient
 from postlane.config import Settings
 from postlane.connection import data_converter
+from postlane.dev.binaries import dev_server_path
+from postlane.dev.catcher import SmtpCatcher
+from postlane.email.models import EmailStatus
 from postlane.ids import WORKFLOW_TASK_QUEUE
-from postlane.lanes import start_lane_workflow
-from postlane.models import EmailStatus
+from postlane.lanes.limits import start_lane_workflow
 from postlane.worker import run_workers
 from tests.conftest import DEV_SERVER_ARGS
 from tests.procs import (

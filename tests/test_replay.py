@@ -31,8 +31,8 @@ from postlane.ids import (
     suppression_workflow_id,
     unsubscribe_token,
 )
-from postlane.inboxes import start_inbox_watcher
-from postlane.sequence_models import SequenceStatus
+from postlane.inbound.inboxes import start_inbox_watcher
+from postlane.sequences.models import SequenceStatus
 from postlane.testing import PostlaneTestEnv, postlane_test_env
 from tests.conftest import TINY_LANE
 from tests.procs import assert_eventually

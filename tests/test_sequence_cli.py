@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 from temporalio.testing import WorkflowEnvironment
 
-from postlane.catcher import SmtpCatcher
 from postlane.client import PostlaneClient
 from postlane.config import Settings
+from postlane.dev.catcher import SmtpCatcher
 from postlane.errors import ActionRefused, SequenceNotFound
-from postlane.sequence_models import SequenceReport, SequenceStatus
-from postlane.sequence_spec import Recipient, load_spec
+from postlane.sequences.models import SequenceReport, SequenceStatus
+from postlane.sequences.spec import Recipient, load_spec
 from postlane.testing import fake_compose, running_workers
 from tests.procs import assert_eventually, postlane_env, run_postlane, write_config
 from tests.test_integration import address_of, new_lane
@@ -173,7 +173,7 @@ async def test_raw_reply_stops_the_sequence_before_its_next_send(
         settings = Settings(lanes=[lane])
         pl = PostlaneClient(dev_env.client, settings)
         spec, _, name = files(tmp_path, [])
-        from postlane.sequence_spec import Recipient
+        from postlane.sequences.spec import Recipient
 
         async with running_workers(dev_env, settings):
             key = f"{name}:eve@example.test"

@@ -9,10 +9,10 @@ import pytest
 
 from postlane.client import PostlaneClient
 from postlane.config import LaneConfig, Settings
+from postlane.email.models import MAX_HEADER_LENGTH
 from postlane.errors import InvalidEmail, UnknownSender
-from postlane.models import MAX_HEADER_LENGTH
-from postlane.sequence_models import references, sequence_email
-from postlane.sequence_spec import Recipient, load_spec, spec_from_dict
+from postlane.sequences.models import references, sequence_email
+from postlane.sequences.spec import Recipient, load_spec, spec_from_dict
 from workflows._calendar import next_local_time, next_opening
 
 EXAMPLES = Path(__file__).parent.parent / "examples"
@@ -75,7 +75,7 @@ def client() -> PostlaneClient:
 
 
 def test_example_spec_renders_for_every_example_row() -> None:
-    from postlane.cli_sequence import read_recipients
+    from postlane.cli.sequence import read_recipients
 
     example = load_spec(EXAMPLES / "sequence.toml")
     rows = read_recipients(EXAMPLES / "people.csv")

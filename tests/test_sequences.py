@@ -18,8 +18,8 @@ from postlane.errors import (
     SequenceNotFound,
 )
 from postlane.ids import sequence_email_key
-from postlane.sequence_models import InboundEvent, InboundKind, SequenceReport, SequenceStatus
-from postlane.sequence_spec import Recipient, SequenceSpec, spec_from_dict
+from postlane.sequences.models import InboundEvent, InboundKind, SequenceReport, SequenceStatus
+from postlane.sequences.spec import Recipient, SequenceSpec, spec_from_dict
 from postlane.testing import PostlaneTestEnv
 from tests.procs import assert_eventually
 

@@ -14,12 +14,12 @@ import pytest
 from temporalio.testing import WorkflowEnvironment
 
 from postlane import search_attributes as sa
-from postlane.binaries import dev_server_path
-from postlane.catcher import SmtpCatcher
 from postlane.client import PostlaneClient
 from postlane.config import Settings
 from postlane.connection import data_converter
-from postlane.models import RetrySettings
+from postlane.dev.binaries import dev_server_path
+from postlane.dev.catcher import SmtpCatcher
+from postlane.email.models import RetrySettings
 from postlane.testing import running_workers
 from tests.conftest import DEV_SERVER_ARGS
 from tests.procs import assert_eventually, free_port

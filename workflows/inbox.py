@@ -17,7 +17,7 @@ from temporalio.exceptions import ActivityError, FailureError
 
 with workflow.unsafe.imports_passed_through():
     from postlane.ids import INBOUND_TASK_QUEUE
-    from postlane.inbound_models import (
+    from postlane.inbound.models import (
         InboundItem,
         PollRequest,
         PollResult,
@@ -27,7 +27,7 @@ with workflow.unsafe.imports_passed_through():
         WatcherReport,
         WatcherState,
     )
-    from postlane.sequence_models import InboundKind
+    from postlane.sequences.models import InboundKind
     from workflows._options import (
         IMAP_HEARTBEAT,
         IMAP_START_TO_CLOSE,

@@ -17,7 +17,7 @@ from datetime import datetime, timedelta
 from temporalio import workflow
 
 with workflow.unsafe.imports_passed_through():
-    from postlane.models import (
+    from postlane.lanes.models import (
         LaneLimits,
         LaneRateRequest,
         LaneState,

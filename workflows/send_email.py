@@ -17,10 +17,7 @@ from temporalio.workflow import ActivityCancellationType, ActivityHandle
 with workflow.unsafe.imports_passed_through():
     from postlane import search_attributes as sa
     from postlane.contract import parse_send_email_input
-    from postlane.errors import ErrorType, InvalidEmail
-    from postlane.idempotency import CONTENT_HASH, email_digest
-    from postlane.ids import lane_task_queue, lane_workflow_id, message_id
-    from postlane.models import (
+    from postlane.email.models import (
         MAX_ATTEMPT_HISTORY,
         AttemptRecord,
         DeliveryReceipt,
@@ -30,9 +27,14 @@ with workflow.unsafe.imports_passed_through():
         LaneResolution,
         RetryRequest,
         SendEmailInput,
+        SmtpSendRequest,
+    )
+    from postlane.errors import ErrorType, InvalidEmail
+    from postlane.idempotency import CONTENT_HASH, email_digest
+    from postlane.ids import lane_task_queue, lane_workflow_id, message_id
+    from postlane.lanes.models import (
         SlotGrant,
         SlotRequest,
-        SmtpSendRequest,
     )
     from workflows._options import (
         NON_RETRYABLE,

@@ -22,6 +22,7 @@ from temporalio.workflow import ParentClosePolicy
 
 with workflow.unsafe.imports_passed_through():
     from postlane import search_attributes as sa
+    from postlane.email.models import DeliveryReceipt, Email, EmailStatus, SendEmailInput
     from postlane.errors import ErrorType, InvalidEmail
     from postlane.ids import (
         WORKFLOW_TASK_QUEUE,
@@ -29,8 +30,7 @@ with workflow.unsafe.imports_passed_through():
         message_id,
         sequence_email_key,
     )
-    from postlane.models import DeliveryReceipt, Email, EmailStatus, SendEmailInput
-    from postlane.sequence_models import (
+    from postlane.sequences.models import (
         MAX_THREAD_TEXT,
         Approval,
         ComposeRequest,
@@ -47,7 +47,7 @@ with workflow.unsafe.imports_passed_through():
         ThreadMessage,
         sequence_email,
     )
-    from postlane.sequence_spec import (
+    from postlane.sequences.spec import (
         STOP,
         ComposeStep,
         SendStep,

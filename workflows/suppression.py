@@ -10,7 +10,7 @@ from __future__ import annotations
 from temporalio import workflow
 
 with workflow.unsafe.imports_passed_through():
-    from postlane.sequence_models import Suppression
+    from postlane.sequences.models import Suppression
 
 
 @workflow.defn(name="Suppression")

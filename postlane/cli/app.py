@@ -21,14 +21,14 @@ from typing import TYPE_CHECKING, Any
 
 from temporalio.service import RPCError
 
-from postlane import cli_sequence
+from postlane.cli import sequence as cli_sequence
+from postlane.cli.progress import ProgressBar
 from postlane.errors import ActionRefused, ConfigurationError, InvalidEmail, PostlaneError
-from postlane.progress import ProgressBar
 
 if TYPE_CHECKING:
     from postlane.client import CancelResult, PostlaneClient
     from postlane.config import Settings
-    from postlane.models import EmailReport
+    from postlane.email.models import EmailReport
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
 
@@ -189,7 +189,7 @@ def _fail(exc: BaseException, rc: int) -> int:
 
 async def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "dev":
-        from postlane.dev import DevStack
+        from postlane.dev.stack import DevStack
 
         stack = DevStack(
             Path(args.dir),
@@ -247,7 +247,7 @@ async def _dispatch(args: argparse.Namespace) -> int:
         print(format_lanes(await pl.lanes()))
         return EXIT_OK
     if args.command == "setup":
-        from postlane.setup import ensure_namespace, ensure_search_attributes
+        from postlane.namespace import ensure_namespace, ensure_search_attributes
 
         await ensure_namespace(pl.temporal, pl.temporal.namespace)
         await ensure_search_attributes(pl.temporal, pl.temporal.namespace)
@@ -414,10 +414,10 @@ async def _connect(args: argparse.Namespace, settings: Settings) -> PostlaneClie
 
 
 async def _worker(args: argparse.Namespace) -> int:
-    from postlane.agent import load_agent
     from postlane.config import load_settings
     from postlane.connection import connect_temporal
     from postlane.logs import configure_logging
+    from postlane.sequences.agent import load_agent
     from postlane.worker import run_workers
 
     configure_logging(json=args.json_logs)
@@ -447,7 +447,7 @@ def _split(values: list[str]) -> list[str]:
 
 
 def _email_from_args(args: argparse.Namespace) -> tuple[Any, str]:
-    from postlane.models import Email
+    from postlane.email.models import Email
 
     headers: dict[str, str] = {}
     for item in args.header:

@@ -8,7 +8,7 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from postlane.config import InboxConfig
 from postlane.ids import WORKFLOW_TASK_QUEUE, inbox_workflow_id
-from postlane.inbound_models import InboundItem, WatcherConfig, WatcherInput, WatcherReport
+from postlane.inbound.models import InboundItem, WatcherConfig, WatcherInput, WatcherReport
 
 
 def watcher_config(inbox: InboxConfig) -> WatcherConfig:

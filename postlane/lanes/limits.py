@@ -14,7 +14,9 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from postlane.config import LaneConfig
 from postlane.ids import WORKFLOW_TASK_QUEUE, lane_task_queue, lane_workflow_id
-from postlane.models import LaneState
+from postlane.lanes.models import (
+    LaneState,
+)
 
 log = structlog.get_logger(__name__)
 

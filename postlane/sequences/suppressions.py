@@ -17,7 +17,7 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from postlane import search_attributes as sa
 from postlane.ids import WORKFLOW_TASK_QUEUE, suppression_workflow_id
-from postlane.sequence_models import Suppression
+from postlane.sequences.models import Suppression
 
 SUPPRESSED = "suppressed"
 """`PostlaneStatus` of suppression workflows: ``PostlaneStatus="suppressed"`` lists them."""

@@ -16,11 +16,11 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
+from postlane.cli.progress import ProgressBar
+from postlane.email.models import invalid_email_from
 from postlane.errors import InvalidEmail, PostlaneError, RecipientSuppressed
-from postlane.models import invalid_email_from
-from postlane.progress import ProgressBar
-from postlane.sequence_models import SequenceInput, SequenceReport
-from postlane.sequence_spec import Recipient, SequenceSpec, load_spec
+from postlane.sequences.models import SequenceInput, SequenceReport
+from postlane.sequences.spec import Recipient, SequenceSpec, load_spec
 
 if TYPE_CHECKING:
     from postlane.client import PostlaneClient

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from typing import Any
 
 from postlane.errors import ConfigurationError
-from postlane.sequence_models import ComposeRequest, Draft, ThreadMessage
+from postlane.sequences.models import ComposeRequest, Draft, ThreadMessage
 
 COMPOSE_ACTIVITY = "compose_email"
 """Default activity name of a compose step."""

@@ -24,8 +24,8 @@ from pydantic import (
     model_validator,
 )
 
+from postlane.email.models import Priority, check_address, invalid_email_from
 from postlane.errors import InvalidEmail
-from postlane.models import Priority, check_address, invalid_email_from
 
 STOP = "stop"
 """Branch target that ends the sequence."""

@@ -47,8 +47,8 @@ from postlane.ids import (
     unsubscribe_token,
     validate_key,
 )
-from postlane.inbound import classify, route
-from postlane.sequence_models import (
+from postlane.inbound.classify import classify, route
+from postlane.sequences.models import (
     Approval,
     InboundEvent,
     InboundKind,
@@ -59,9 +59,9 @@ from postlane.sequence_models import (
     Suppression,
     sequence_email,
 )
-from postlane.sequence_spec import Recipient, SequenceSpec
-from postlane.suppressions import is_suppressed, start_suppression
-from postlane.templates import render_sequence, render_string, variables_for
+from postlane.sequences.spec import Recipient, SequenceSpec
+from postlane.sequences.suppressions import is_suppressed, start_suppression
+from postlane.sequences.templates import render_sequence, render_string, variables_for
 
 _CAMPAIGN_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _STATUSES = {s.value for s in SequenceStatus}
