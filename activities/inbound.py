@@ -128,7 +128,7 @@ class InboundActivities:
                 "record_unsubscribe needs a Temporal client", type=ErrorType.CONFIGURATION
             )
         try:
-            await PostlaneClient(self._client, self._settings).unsubscribe(
+            await PostlaneClient(self._client, self._settings).sequences.unsubscribe(
                 req.key, reason=req.reason
             )
         except SequenceNotFound:

@@ -134,7 +134,7 @@ async def one_case(
     ):
         try:
             for _ in range(300):
-                if (await pl.lane(lane.name)).server_rate == rate:
+                if (await pl.lanes.get(lane.name)).server_rate == rate:
                     break
                 await asyncio.sleep(0.1)  # polling the server's view; there is no event
             count = max(40, int(8 * rate)) if live else int(max(12, 8 * rate) + 2 * rate + 1)

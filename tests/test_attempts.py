@@ -263,7 +263,7 @@ async def test_every_attempt_count_matches_the_transactions_the_server_saw(
 
             row = (await assert_eventually(listed, within=30, what="dlq list")).splitlines()[1]
             assert re.split(r"\s{2,}", row)[3::2] == ["3", OUTAGE]  # attempts, last reply
-            await pl.discard(parked)
+            await pl.dlq.discard(parked)
 
         # Without a worker the server alone still says one attempt and the bare reply.
         report = await pl.describe(refused)

@@ -121,7 +121,7 @@ class Stack:
     async def enroll(self, spec: SequenceSpec, key: str) -> str:
         """Enroll a recipient of the key's own; the Message-ID the catcher saw go out."""
         address = f"{key}@example.test"
-        await self.client.start_sequence(spec, Recipient(address=address), key=key)
+        await self.client.sequences.start(spec, Recipient(address=address), key=key)
 
         def sent() -> str | None:
             for message in self.smtp.messages:
@@ -132,7 +132,7 @@ class Stack:
         return await assert_eventually(sent, within=60, what=f"first email of {key}")
 
     async def sequence(self, key: str) -> SequenceReport:
-        return await self.client.sequence_status(key)
+        return await self.client.sequences.status(key)
 
     async def watcher(self) -> WatcherReport:
         return await watcher_status(self.env.client, self.inbox.name)

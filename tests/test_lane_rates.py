@@ -229,7 +229,7 @@ async def test_lanes_set_changes_rate_on_server_live(
         await wait_for_pollers(client, lane.task_queue, [worker])
 
         async def rate_is(value: float) -> bool:
-            return (await pl.lane(lane.name)).server_rate == value
+            return (await pl.lanes.get(lane.name)).server_rate == value
 
         await assert_eventually(lambda: rate_is(4), what="the configured rate on the server")
         rc, out, err = await run_postlane(["lanes", "set", lane.name, "--rate", "120/m"], env)
@@ -301,5 +301,5 @@ async def settled_statuses(pl: PostlaneClient, key: str) -> list[str]:
 
 
 async def two_waiting(pl: PostlaneClient, lane: str) -> bool:
-    status = (await pl.lane(lane)).status
+    status = (await pl.lanes.get(lane)).status
     return status is not None and (status.used_last_hour, status.waiting) == (3, 2)

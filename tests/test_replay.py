@@ -169,10 +169,10 @@ async def test_replay_fresh_inbox_and_suppression_history(
         unsubscribe_mail(unsubscribe_token(sequence_workflow_id(key)))
     )
     await start_inbox_watcher(pl.env.client, inbox)
-    report = await pl.client.sequence(key).result()
+    report = await pl.client.sequences.get(key).result()
     assert report.status == SequenceStatus.UNSUBSCRIBED
     address = recipient(key).address
-    assert await pl.client.lift_suppression(SENDER, address)
+    assert await pl.client.suppressions.lift(SENDER, address)
     suppression = pl.client.temporal.get_workflow_handle(suppression_workflow_id(SENDER, address))
     with pl.env.auto_time_skipping_disabled():
         await suppression.result()

@@ -163,7 +163,7 @@ async def test_dead_letter_discard_ends_cancelled(pl: PostlaneTestEnv, key: str)
     pl.smtp.fail("data", "421 4.7.0 Try again later", times=3)
     handle = await pl.client.send(email(sender="ops@fragile.test"), key=key)
     await wait_status(pl, key, EmailStatus.DEAD_LETTER)
-    assert await pl.client.discard(key) is True
+    assert await pl.client.dlq.discard(key) is True
     with pytest.raises(EmailCancelled, match="discarded"):
         await handle.result()
     assert await pl.client.status(key) == EmailStatus.CANCELLED

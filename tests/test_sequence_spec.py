@@ -82,7 +82,7 @@ def test_example_spec_renders_for_every_example_row() -> None:
     assert len(rows) == 3
     for _, row in rows:
         assert isinstance(row, Recipient)
-        inp = client().prepare_sequence(example, row)
+        inp = client().sequences.prepare(example, row)
         assert inp.key == f"q4-outreach:{row.address}"
         assert row.variables["company"] in inp.rendered["intro"].subject
         assert inp.one_click and "https://acme.test/unsubscribe?t=pl-" in inp.list_unsubscribe
@@ -93,11 +93,11 @@ def test_templates_are_sandboxed_and_strict() -> None:
     templates = {"t": {"subject": "Hi {{ name }}", "text": "{{ ''.__class__.__mro__ }}"}}
     unsafe = spec_from_dict(spec({"type": "send", "id": "a", "template": "t"}, templates=templates))
     with pytest.raises(InvalidEmail) as err:
-        client().prepare_sequence(unsafe, Recipient(address="bob@example.test"))
+        client().sequences.prepare(unsafe, Recipient(address="bob@example.test"))
     assert err.value.field == "templates.t.text"
     html = {"t": {"subject": "Hi", "html": "<p>{{ company }}</p>"}}
     escaped = spec_from_dict(spec({"type": "send", "id": "a", "template": "t"}, templates=html))
-    inp = client().prepare_sequence(
+    inp = client().sequences.prepare(
         escaped, Recipient(address="bob@example.test", variables={"company": "<b>A&B</b>"})
     )
     assert inp.rendered["a"].html == "<p>&lt;b&gt;A&amp;B&lt;/b&gt;</p>"
@@ -107,13 +107,13 @@ def test_rendered_email_is_validated_and_sender_needs_a_lane() -> None:
     templates = {"t": {"subject": "Hi {{ company }}", "text": "x"}}
     s = spec_from_dict(spec({"type": "send", "id": "a", "template": "t"}, templates=templates))
     with pytest.raises(InvalidEmail) as err:
-        client().prepare_sequence(
+        client().sequences.prepare(
             s, Recipient(address="bob@example.test", variables={"company": "A\nBcc: x@y.test"})
         )
     assert err.value.field == "steps.a.subject"
     other = spec_from_dict(spec(SEND, sender="ada@elsewhere.test"))
     with pytest.raises(UnknownSender):
-        client().prepare_sequence(other, Recipient(address="bob@example.test"))
+        client().sequences.prepare(other, Recipient(address="bob@example.test"))
 
 
 def test_next_local_time_follows_the_zone_across_dst() -> None:
@@ -150,7 +150,7 @@ def test_references_keep_root_and_latest_within_one_header_line() -> None:
 
 def test_a_long_thread_still_makes_a_valid_email() -> None:
     s = spec_from_dict(spec(SEND))
-    inp = client().prepare_sequence(s, Recipient(address="bob@example.test"))
+    inp = client().sequences.prepare(s, Recipient(address="bob@example.test"))
     ids = [f"<pl.{'y' * 90}{n:03d}@acme.test>" for n in range(30)]
     email = sequence_email(inp, inp.rendered["a"], ids)
     assert email.headers["In-Reply-To"] == ids[-1]

@@ -76,7 +76,7 @@ async def test_web_ui_lists_dead_lettered_email_by_status(key: str) -> None:
                 await pl.send(an_email("Quarterly report"), key=key)
 
                 async def parked() -> bool:
-                    return [r.key for r in await pl.dead_letters(lane=lane.name)] == [key]
+                    return [r.key for r in await pl.dlq.list(lane=lane.name)] == [key]
 
                 await assert_eventually(parked, within=60, what="the email dead-lettered")
                 query = f'PostlaneStatus="dead_letter" AND PostlaneLane="{lane.name}"'

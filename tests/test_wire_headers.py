@@ -416,7 +416,7 @@ async def test_sequence_follow_up_threads_on_the_wire(pl: PostlaneTestEnv) -> No
         }
     )
     key = "q4-outreach:ann@example.test"  # the README's example key
-    handle = await pl.client.start_sequence(spec, Recipient(address="ann@example.test"), key=key)
+    handle = await pl.client.sequences.start(spec, Recipient(address="ann@example.test"), key=key)
     await handle.result()
     mine = [m for m in pl.outbox if _workflow_of(m).startswith(f"email:{key}:")]
     intro, follow, last = sorted(mine, key=lambda m: m.received_at)

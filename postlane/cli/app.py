@@ -241,10 +241,10 @@ async def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "lanes":
         if args.lanes_command == "set":
             rate = parse_rate(args.rate)
-            await pl.set_lane_rate(args.name, rate, reason="postlane lanes set")
+            await pl.lanes.set_rate(args.name, rate, reason="postlane lanes set")
             print(f"lane {args.name}: rate set to {rate:g}/s")
             return EXIT_OK
-        print(format_lanes(await pl.lanes()))
+        print(format_lanes(await pl.lanes.list()))
         return EXIT_OK
     if args.command == "setup":
         from postlane.namespace import ensure_namespace, ensure_search_attributes
@@ -279,20 +279,20 @@ async def _dlq(pl: PostlaneClient, args: argparse.Namespace) -> int:
     now = datetime.now(UTC)
     since = parse_since(args.since, now) if args.since else None
     if args.dlq_command == "list":
-        print(format_dead_letters(await pl.dead_letters(lane=args.lane, since=since), now))
+        print(format_dead_letters(await pl.dlq.list(lane=args.lane, since=since), now))
         return EXIT_OK
     if bool(args.keys) == bool(args.all):
         raise InvalidEmail("keys", "give KEY... or --all, not both")
     if args.keys and (args.lane or since):
         raise InvalidEmail("keys", "--lane and --since select with --all only")
-    keys = args.keys or await pl.dead_letter_keys(lane=args.lane, since=since)
+    keys = args.keys or await pl.dlq.keys(lane=args.lane, since=since)
     retry = args.dlq_command == "retry"
     changed_as = "going out again" if retry else "discarded"
     bar = ProgressBar(len(keys), f"dlq {args.dlq_command}")
     changed = unchanged = failed = 0
     for key in keys:
         try:
-            ok = await (pl.retry(key) if retry else pl.discard(key))
+            ok = await (pl.retry(key) if retry else pl.dlq.discard(key))
             result = changed_as if ok else f"unchanged: {await pl.status(key)}"
         except ActionRefused:
             # Not parked (any more): safe to run twice, the second run changes nothing.

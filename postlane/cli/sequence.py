@@ -71,16 +71,16 @@ async def run(pl: PostlaneClient, args: argparse.Namespace) -> int:
     if command == "start":
         return await _start(pl, args)
     if command == "status":
-        print(format_report(await pl.sequence_status(args.key)))
+        print(format_report(await pl.sequences.status(args.key)))
         return EXIT_OK
     if command == "list":
-        found = await pl.sequences(campaign=args.campaign, status=args.status)
+        found = await pl.sequences.list(campaign=args.campaign, status=args.status)
         for key, status in found:
             print(f"{status:<18} {key}")
         print(f"{len(found)} sequence(s)", file=sys.stderr)
         return EXIT_OK
     if command == "approve":
-        ok = await pl.approve(
+        ok = await pl.sequences.approve(
             args.key,
             args.step,
             approved=not args.reject,
@@ -90,16 +90,16 @@ async def run(pl: PostlaneClient, args: argparse.Namespace) -> int:
         )
     else:
         act = {
-            "pause": pl.pause_sequence,
-            "resume": pl.resume_sequence,
-            "cancel": pl.cancel_sequence,
-            "unsubscribe": pl.unsubscribe,
+            "pause": pl.sequences.pause,
+            "resume": pl.sequences.resume,
+            "cancel": pl.sequences.cancel,
+            "unsubscribe": pl.sequences.unsubscribe,
         }[command]
         ok = await act(args.key)
     if ok:
         print(f"{args.key}: {command} sent")
         return EXIT_OK
-    report = await pl.sequence_status(args.key)
+    report = await pl.sequences.status(args.key)
     print(f"{args.key}: already {report.status}; nothing changed")
     return EXIT_FAILED
 
@@ -150,7 +150,7 @@ async def _start(pl: PostlaneClient, args: argparse.Namespace) -> int:
             )
         except ValidationError as exc:
             raise invalid_email_from(exc) from None
-        handle = await pl.start_sequence(
+        handle = await pl.sequences.start(
             spec, recipient, key=f"{campaign}:{recipient.address.lower()}"
         )
         state = "enrolled" if handle.created else "already enrolled"
@@ -169,7 +169,7 @@ async def _start(pl: PostlaneClient, args: argparse.Namespace) -> int:
     progress = ProgressBar(len(prepared), "enrolling")
     for inp in prepared:
         try:
-            handle = await pl.start_sequence(inp.spec, inp.recipient, key=inp.key)
+            handle = await pl.sequences.start(inp.spec, inp.recipient, key=inp.key)
             outcome = detail = "enrolled" if handle.created else "already enrolled"
         except RecipientSuppressed:
             outcome = detail = "suppressed"
@@ -199,7 +199,7 @@ def _validate(
             continue
         seen.add(key)
         try:
-            prepared.append(pl.prepare_sequence(spec, row, key=key))
+            prepared.append(pl.sequences.prepare(spec, row, key=key))
         except InvalidEmail as exc:
             invalid.append((line, exc))
     return prepared, invalid

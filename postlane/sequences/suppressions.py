@@ -48,3 +48,31 @@ async def is_suppressed(client: Client, sender: str, address: str) -> bool:
             return False
         raise
     return desc.status == WorkflowExecutionStatus.RUNNING
+
+
+class Suppressions:
+    """``pl.suppressions``: addresses kept out of a sender's sequences, on the client's
+    connection."""
+
+    def __init__(self, temporal: Client) -> None:
+        self.temporal = temporal
+
+    async def add(
+        self, sender: str, address: str, *, reason: str = "", source: str = "operator"
+    ) -> None:
+        """Keep `address` out of `sender`'s sequences from now on (idempotent)."""
+        suppression = Suppression(sender=sender, address=address, reason=reason, source=source)
+        await start_suppression(self.temporal, suppression)
+
+    async def is_suppressed(self, sender: str, address: str) -> bool:
+        """True while `address` is suppressed for `sender`."""
+        return await is_suppressed(self.temporal, sender, address)
+
+    async def lift(self, sender: str, address: str) -> bool:
+        """Allow `sender` to enroll `address` again. False if it was not suppressed."""
+        if not await self.is_suppressed(sender, address):
+            return False
+        handle = self.temporal.get_workflow_handle(suppression_workflow_id(sender, address))
+        await handle.signal("lift", "operator")
+        await handle.result()  # ends as soon as its worker sees the signal
+        return True
