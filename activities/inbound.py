@@ -34,6 +34,7 @@ from postlane.inbound.models import (
     PollResult,
     UnsubscribeRequest,
 )
+from postlane.names import Activity
 
 log = structlog.get_logger(__name__)
 
@@ -70,7 +71,7 @@ class InboundActivities:
         self._settings = settings
         self._client = client
 
-    @activity.defn(name="poll_inbox")
+    @activity.defn(name=Activity.POLL_INBOX)
     async def poll_inbox(self, req: PollRequest) -> PollResult:
         """Read the messages above the cursor (at most ``req.max_messages``).
 
@@ -113,7 +114,7 @@ class InboundActivities:
             return result
         return result.model_copy(update={"items": await mark_finished(self._client, result.items)})
 
-    @activity.defn(name="record_unsubscribe")
+    @activity.defn(name=Activity.RECORD_UNSUBSCRIBE)
     async def record_unsubscribe(self, req: UnsubscribeRequest) -> bool:
         """Unsubscribe for a sequence the watcher could not signal (it has finished):
         its recipient is still suppressed for the sender's future sequences.

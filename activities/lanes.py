@@ -9,6 +9,7 @@ from postlane.lanes.limits import apply_lane_limits
 from postlane.lanes.models import (
     LaneRateRequest,
 )
+from postlane.names import Activity
 
 
 class LaneAdminActivities:
@@ -17,7 +18,7 @@ class LaneAdminActivities:
     def __init__(self, client: Client) -> None:
         self._client = client
 
-    @activity.defn(name="set_lane_rate")
+    @activity.defn(name=Activity.SET_LANE_RATE)
     async def set_lane_rate(self, req: LaneRateRequest) -> bool:
         """Set the lane queue's server-side rate; False if the server cannot (test server)."""
         return await apply_lane_limits(

@@ -72,6 +72,7 @@ from postlane.ids import (
     validate_key,
 )
 from postlane.lanes.client import Lanes
+from postlane.names import EmailMessages
 from postlane.sequences.client import Sequences
 from postlane.sequences.suppressions import Suppressions
 
@@ -529,7 +530,7 @@ class PostlaneClient:
             if to or lane:
                 raise InvalidEmail("to", "a failed email is retried as it was; resend corrected")
             return await self._rerun_failed(key, reason)
-        return await self._update_dead_letter(key, "retry", request)
+        return await self._update_dead_letter(key, EmailMessages.RETRY, request)
 
     async def _rerun_failed(self, key: str, reason: str) -> bool:
         """Reset a failed email to its first workflow task: same ID, a new run, one more send.
@@ -581,7 +582,7 @@ async def _query_report(
     """The email workflow's own report (query ``status``), or None if no worker answered."""
     try:
         report: EmailReport = await handle.query(
-            "status", result_type=EmailReport, rpc_timeout=rpc_timeout
+            EmailMessages.STATUS, result_type=EmailReport, rpc_timeout=rpc_timeout
         )
     except (RPCError, WorkflowQueryFailedError, WorkflowQueryRejectedError):
         return None
@@ -628,7 +629,7 @@ def _delivery_error(err: WorkflowFailureError) -> PostlaneError:
         if isinstance(cause, CancelledError):
             return EmailCancelled("the email was cancelled before it was sent")
         if isinstance(cause, ApplicationError):
-            if cause.type == "EmailDiscarded":
+            if cause.type == ErrorType.EMAIL_DISCARDED:
                 return EmailCancelled(cause.message)
             details = (
                 cause.details[0] if cause.details and isinstance(cause.details[0], dict) else {}

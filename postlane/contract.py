@@ -26,8 +26,9 @@ from postlane.email.models import (
 )
 from postlane.errors import InvalidEmail
 from postlane.ids import EMAIL_ID_PREFIX, validate_key
+from postlane.names import WorkflowType
 
-SEND_EMAIL_WORKFLOW = "SendEmail"
+SEND_EMAIL_WORKFLOW = WorkflowType.SEND_EMAIL
 """Workflow type of one email."""
 JSON_ENCODING = b"json/plain"
 """The payload encoding Postlane's inputs and results use (Temporal's JSON converter)."""

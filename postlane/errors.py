@@ -56,6 +56,8 @@ class ErrorType(StrEnum):
     """The input names a lane the workers' configuration does not have: failed at once."""
     ACTION_REFUSED = "ActionRefused"
     """An update's validator refused an operator action (retry, discard, approve, ...)."""
+    EMAIL_DISCARDED = "EmailDiscarded"
+    """An operator discarded the dead-lettered email: it ends cancelled with this type."""
 
 
 class PostlaneError(Exception):

@@ -27,6 +27,7 @@ with workflow.unsafe.imports_passed_through():
         WatcherReport,
         WatcherState,
     )
+    from postlane.names import Activity, InboxMessages, SequenceMessages, WorkflowType
     from postlane.sequences.models import InboundKind
     from workflows._options import (
         IMAP_HEARTBEAT,
@@ -36,7 +37,7 @@ with workflow.unsafe.imports_passed_through():
     )
 
 
-@workflow.defn(name="InboxWatcher")
+@workflow.defn(name=WorkflowType.INBOX_WATCHER)
 class InboxWatcherWorkflow:
     """Polls one inbox for ever and routes what it finds to the sequences it answers."""
 
@@ -78,7 +79,7 @@ class InboxWatcherWorkflow:
         self._poll_now = False
         try:
             result: PollResult = await workflow.execute_activity(
-                "poll_inbox",
+                Activity.POLL_INBOX,
                 PollRequest(
                     inbox=self._inbox,
                     cursor=self._s.cursor,
@@ -133,9 +134,9 @@ class InboxWatcherWorkflow:
             if not item.running:
                 raise _NotRunning(item.target)
             if unsubscribe:
-                await handle.signal("unsubscribe", reason)
+                await handle.signal(SequenceMessages.UNSUBSCRIBE, reason)
             else:
-                await handle.signal("inbound", event)
+                await handle.signal(SequenceMessages.INBOUND, event)
             return True
         except (FailureError, _NotRunning) as err:
             workflow.logger.info(
@@ -149,7 +150,7 @@ class InboxWatcherWorkflow:
             # A finished sequence cannot stop, but its recipient must still be suppressed.
             try:
                 await workflow.execute_activity(
-                    "record_unsubscribe",
+                    Activity.RECORD_UNSUBSCRIBE,
                     UnsubscribeRequest(key=item.target.split(":", 1)[1], reason=reason),
                     result_type=bool,
                     task_queue=INBOUND_TASK_QUEUE,
@@ -179,17 +180,17 @@ class InboxWatcherWorkflow:
             details += f"; last error: {s.last_error}"
         workflow.set_current_details(details)
 
-    @workflow.signal(name="poll_now")
+    @workflow.signal(name=InboxMessages.POLL_NOW)
     def poll_now(self) -> None:
         """Poll at once instead of at the end of the current interval."""
         self._poll_now = True
 
-    @workflow.signal(name="configure")
+    @workflow.signal(name=InboxMessages.CONFIGURE)
     def configure(self, config: WatcherConfig) -> None:
         """Take the inbox's current settings (every worker sends them at start)."""
         self._config = config
 
-    @workflow.query(name="status")
+    @workflow.query(name=InboxMessages.STATUS)
     def status(self) -> WatcherReport:
         """Where the inbox has been read up to, and what was done with what was found."""
         s = self._s

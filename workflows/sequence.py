@@ -30,6 +30,7 @@ with workflow.unsafe.imports_passed_through():
         message_id,
         sequence_email_key,
     )
+    from postlane.names import Activity, SequenceMessages, WorkflowType
     from postlane.sequences.models import (
         MAX_THREAD_TEXT,
         Approval,
@@ -60,14 +61,14 @@ with workflow.unsafe.imports_passed_through():
     from workflows._options import ADMIN_RETRY, ADMIN_START_TO_CLOSE, COMPOSE_RETRY
     from workflows.send_email import application_failure
 
-SUPPRESS_ACTIVITY = "suppress_recipient"
+SUPPRESS_ACTIVITY = Activity.SUPPRESS_RECIPIENT
 MAX_SEEN = 200
 CANCEL_STOPS_CHILD_PATCH = "postlane-cancel-stops-child"
 """Since this patch a cancelled sequence cancels its email in flight and waits for how it
 ended (before, the email was left to the parent-close policy and its outcome unrecorded)."""
 
 
-@workflow.defn(name="Sequence")
+@workflow.defn(name=WorkflowType.SEQUENCE)
 class SequenceWorkflow:
     """Runs one recipient through a `SequenceSpec`, one step at a time.
 
@@ -231,7 +232,7 @@ class SequenceWorkflow:
         )
         try:
             child = await workflow.start_child_workflow(
-                "SendEmail",
+                WorkflowType.SEND_EMAIL,
                 request,
                 id=email_workflow_id(key),
                 task_queue=WORKFLOW_TASK_QUEUE,
@@ -467,7 +468,7 @@ class SequenceWorkflow:
 
     # -- signals and query -------------------------------------------------------------
 
-    @workflow.signal(name="inbound")
+    @workflow.signal(name=SequenceMessages.INBOUND)
     def inbound(self, event: InboundEvent) -> None:
         """A reply, auto-reply, bounce or unsubscribe for this sequence (idempotent)."""
         if event.message_id and event.message_id in self._s.seen:
@@ -503,12 +504,12 @@ class SequenceWorkflow:
         else:
             self._finish(SequenceStatus.REPLIED, f"replied {event.from_address}".strip())
 
-    @workflow.signal(name="unsubscribe")
+    @workflow.signal(name=SequenceMessages.UNSUBSCRIBE)
     def unsubscribe(self, reason: str = "") -> None:
         """Stop, and keep this recipient out of the sender's future sequences."""
         self._finish(SequenceStatus.UNSUBSCRIBED, f"unsubscribed {reason}".strip())
 
-    @workflow.signal(name="pause")
+    @workflow.signal(name=SequenceMessages.PAUSE)
     def pause(self) -> None:
         """Hold the sequence where it is: nothing is sent until ``resume``.
 
@@ -519,43 +520,43 @@ class SequenceWorkflow:
             self._s.paused = True
             self._publish()
 
-    @workflow.update(name="pause")
+    @workflow.update(name=SequenceMessages.PAUSE)
     def pause_update(self) -> None:
         """Hold the sequence; refused if it has finished or is paused already."""
         self.pause()
 
     @pause_update.validator
     def _validate_pause(self) -> None:
-        self._refuse_if_finished("pause")
+        self._refuse_if_finished(SequenceMessages.PAUSE)
         if self._s.paused:
             _refuse("the sequence is already paused")
 
-    @workflow.signal(name="resume")
+    @workflow.signal(name=SequenceMessages.RESUME)
     def resume(self) -> None:
         """Go on; a wait whose time passed during the pause ends at once."""
         if self._s.paused:
             self._s.paused = False
             self._publish()
 
-    @workflow.update(name="resume")
+    @workflow.update(name=SequenceMessages.RESUME)
     def resume_update(self) -> None:
         """Go on; refused unless the sequence is paused."""
         self.resume()
 
     @resume_update.validator
     def _validate_resume(self) -> None:
-        self._refuse_if_finished("resume")
+        self._refuse_if_finished(SequenceMessages.RESUME)
         if not self._s.paused:
             _refuse("the sequence is not paused")
 
-    @workflow.signal(name="approve")
+    @workflow.signal(name=SequenceMessages.APPROVE)
     def approve(self, decision: Approval) -> None:
         """Approve (optionally edited) or reject the draft a compose step holds."""
         step = self._current_step()
         if isinstance(step, ComposeStep) and step.id == decision.step and self._s.draft:
             self._s.approval = decision
 
-    @workflow.update(name="approve")
+    @workflow.update(name=SequenceMessages.APPROVE)
     def approve_update(self, decision: Approval) -> None:
         """Approve (optionally edited) or reject the draft awaiting approval; refused for
         any other step, or when no draft waits."""
@@ -563,7 +564,7 @@ class SequenceWorkflow:
 
     @approve_update.validator
     def _validate_approve(self, decision: Approval) -> None:
-        self._refuse_if_finished("approve")
+        self._refuse_if_finished(SequenceMessages.APPROVE)
         step = self._current_step()
         current = getattr(step, "id", None)
         if current != decision.step:
@@ -599,7 +600,7 @@ class SequenceWorkflow:
             return None
         return self._in.spec.steps[self._s.position]
 
-    @workflow.query(name="status")
+    @workflow.query(name=SequenceMessages.STATUS)
     def status(self) -> SequenceReport:
         """The current step, what happens next and when, what was sent so far."""
         inp = self._in

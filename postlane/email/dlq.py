@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 from postlane.email.models import EmailReport, RetryRequest
 from postlane.errors import InvalidEmail
 from postlane.ids import key_from_workflow_id
+from postlane.names import EmailMessages
 
 if TYPE_CHECKING:
     from postlane.client import PostlaneClient
@@ -34,7 +35,9 @@ class DeadLetters:
             EmailNotFound: no email has this key.
             ActionRefused: the email is not dead-lettered (the reason says its status).
         """
-        return await self._client._update_dead_letter(key, "discard", RetryRequest(reason=reason))
+        return await self._client._update_dead_letter(
+            key, EmailMessages.DISCARD, RetryRequest(reason=reason)
+        )
 
     async def list(
         self, *, lane: str | None = None, since: datetime | None = None

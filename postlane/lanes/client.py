@@ -16,6 +16,7 @@ from postlane.config import Settings
 from postlane.errors import ConfigurationError
 from postlane.ids import lane_task_queue, lane_workflow_id
 from postlane.lanes.models import LaneReport, LaneStatus, RateChange
+from postlane.names import LaneMessages
 
 
 class Lanes:
@@ -39,7 +40,7 @@ class Lanes:
         status: LaneStatus | None = None
         try:
             handle = self.temporal.get_workflow_handle(lane_workflow_id(name))
-            status = await handle.query("status", result_type=LaneStatus)
+            status = await handle.query(LaneMessages.STATUS, result_type=LaneStatus)
         except RPCError:
             status = None  # not started yet, or no worker to answer
         report: dict[str, Any] = {"name": name, "status": status}
@@ -85,7 +86,7 @@ class Lanes:
         handle = self.temporal.get_workflow_handle(lane_workflow_id(name))
         try:
             await handle.signal(
-                "set_rate", RateChange(rate_per_second=rate_per_second, reason=reason)
+                LaneMessages.SET_RATE, RateChange(rate_per_second=rate_per_second, reason=reason)
             )
         except RPCError as err:
             if err.status == RPCStatusCode.NOT_FOUND:

@@ -48,6 +48,7 @@ from postlane.ids import (
     validate_key,
 )
 from postlane.inbound.classify import classify, route
+from postlane.names import SequenceMessages, WorkflowType
 from postlane.sequences.models import (
     Approval,
     InboundEvent,
@@ -190,7 +191,7 @@ class Sequences:
             raise RecipientSuppressed(spec.sender, recipient.address)
         try:
             handle = await self.temporal.start_workflow(
-                "Sequence",
+                WorkflowType.SEQUENCE,
                 inp,
                 id=workflow_id,
                 task_queue=WORKFLOW_TASK_QUEUE,
@@ -244,7 +245,7 @@ class Sequences:
         report: SequenceReport | None
         try:
             report = SequenceReport.model_validate(
-                await handle.query("status", result_type=SequenceReport)
+                await handle.query(SequenceMessages.STATUS, result_type=SequenceReport)
             )
         except (RPCError, WorkflowFailureError):
             report = None
@@ -269,7 +270,7 @@ class Sequences:
         Raises:
             InvalidEmail: an unknown status or a campaign name that is not a valid name.
         """
-        query = 'WorkflowType="Sequence"'
+        query = f'WorkflowType="{WorkflowType.SEQUENCE}"'
         if campaign is not None:
             if not _CAMPAIGN_RE.match(campaign):
                 raise InvalidEmail("campaign", f"{campaign!r} is not a campaign name")
@@ -348,7 +349,7 @@ class Sequences:
         Raises:
             ActionRefused: it is paused already.
         """
-        return await self._update(key, "pause")
+        return await self._update(key, SequenceMessages.PAUSE)
 
     async def resume(self, key: str) -> bool:
         """Let a paused sequence go on.
@@ -359,7 +360,7 @@ class Sequences:
         Raises:
             ActionRefused: it is not paused.
         """
-        return await self._update(key, "resume")
+        return await self._update(key, SequenceMessages.RESUME)
 
     async def cancel(self, key: str) -> bool:
         """Stop a sequence now (an email already handed to its lane may still go out).
@@ -397,7 +398,7 @@ class Sequences:
         decision = Approval(
             step=step, approved=approved, subject=subject, text=text, html=html, by=by
         )
-        if not await self._update(key, "approve", decision):
+        if not await self._update(key, SequenceMessages.APPROVE, decision):
             status = (await self.status(key)).status
             raise ActionRefused(key, "approve", f"cannot approve: the sequence is {status}")
         return True
@@ -410,7 +411,7 @@ class Sequences:
         Returns:
             True if a running sequence was stopped.
         """
-        if await self._signal(key, "unsubscribe", reason or "by request"):
+        if await self._signal(key, SequenceMessages.UNSUBSCRIBE, reason or "by request"):
             return True
         inp = await self._input_of(sequence_workflow_id(key))
         if inp is not None:
@@ -455,7 +456,7 @@ class Sequences:
         try:
             if event.kind == InboundKind.UNSUBSCRIBE:
                 await self.unsubscribe(key, reason=f"mail from {event.from_address}".strip())
-            elif not await self._signal(key, "inbound", event):
+            elif not await self._signal(key, SequenceMessages.INBOUND, event):
                 return None
         except SequenceNotFound:
             return None

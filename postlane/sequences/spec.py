@@ -26,6 +26,7 @@ from pydantic import (
 
 from postlane.email.models import Priority, check_address, invalid_email_from
 from postlane.errors import InvalidEmail
+from postlane.names import Activity
 
 STOP = "stop"
 """Branch target that ends the sequence."""
@@ -182,7 +183,7 @@ class ComposeStep(_Step):
     type: Literal["compose"] = "compose"
     instructions: str = ""
     """Jinja2 template rendered per recipient and handed to the agent."""
-    activity: str = "compose_email"
+    activity: str = Activity.COMPOSE_EMAIL
     """Name of the agent activity (``postlane worker --agent module:function``)."""
     task_queue: str | None = None
     """Queue of the worker that hosts the agent; default Postlane's own (``postlane``)."""

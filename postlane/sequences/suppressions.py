@@ -17,6 +17,7 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from postlane import search_attributes as sa
 from postlane.ids import WORKFLOW_TASK_QUEUE, suppression_workflow_id
+from postlane.names import SuppressionMessages, WorkflowType
 from postlane.sequences.models import Suppression
 
 SUPPRESSED = "suppressed"
@@ -26,7 +27,7 @@ SUPPRESSED = "suppressed"
 async def start_suppression(client: Client, suppression: Suppression) -> None:
     """Suppress the address for the sender; a no-op if it already is."""
     await client.start_workflow(
-        "Suppression",
+        WorkflowType.SUPPRESSION,
         suppression,
         id=suppression_workflow_id(suppression.sender, suppression.address),
         task_queue=WORKFLOW_TASK_QUEUE,
@@ -73,6 +74,6 @@ class Suppressions:
         if not await self.is_suppressed(sender, address):
             return False
         handle = self.temporal.get_workflow_handle(suppression_workflow_id(sender, address))
-        await handle.signal("lift", "operator")
+        await handle.signal(SuppressionMessages.LIFT, "operator")
         await handle.result()  # ends as soon as its worker sees the signal
         return True
