@@ -41,20 +41,18 @@ with workflow.unsafe.imports_passed_through():
 class InboxWatcherWorkflow:
     """Polls one inbox for ever and routes what it finds to the sequences it answers."""
 
-    def __init__(self) -> None:
-        self._inbox = ""
-        self._config: WatcherConfig | None = None
-        self._s = WatcherState()
+    @workflow.init
+    def __init__(self, inp: WatcherInput) -> None:
+        # Set before any handler runs: a ``configure`` sent with the start then replaces
+        # the input's settings, as it did when the handler ran first.
+        self._inbox = inp.inbox
+        self._config = inp.config
+        self._s = inp.state if inp.state is not None else WatcherState()
         self._poll_now = False
 
     @workflow.run
     async def run(self, inp: WatcherInput) -> None:
         """Poll, deliver, sleep; continue as new now and then, carrying the cursor."""
-        self._inbox = inp.inbox
-        if self._config is None:  # a ``configure`` sent with the start came first
-            self._config = inp.config
-        if inp.state is not None:
-            self._s = inp.state
         self._publish()
         while True:
             more = await self._poll()
@@ -75,7 +73,6 @@ class InboxWatcherWorkflow:
 
     async def _poll(self) -> bool:
         """One poll and its deliveries. Returns True if more mail is waiting."""
-        assert self._config is not None
         self._poll_now = False
         try:
             result: PollResult = await workflow.execute_activity(
@@ -196,7 +193,7 @@ class InboxWatcherWorkflow:
         s = self._s
         return WatcherReport(
             inbox=self._inbox,
-            config=self._config or WatcherConfig(),
+            config=self._config,
             cursor=s.cursor,
             polls=s.polls,
             delivered=s.delivered,

@@ -50,6 +50,7 @@ with workflow.unsafe.imports_passed_through():
     )
     from postlane.sequences.spec import (
         STOP,
+        AnyStep,
         ComposeStep,
         SendStep,
         StopStep,
@@ -78,17 +79,17 @@ class SequenceWorkflow:
     every wait is a condition with a deadline, never a bare sleep.
     """
 
-    def __init__(self) -> None:
-        self._in: SequenceInput | None = None
-        self._s = SequenceState()
+    @workflow.init
+    def __init__(self, inp: SequenceInput) -> None:
+        # The input is known before any handler runs, so no handler sees a half-built
+        # workflow (and none needs to check).
+        self._in = inp
+        self._s = inp.state if inp.state is not None else SequenceState()
         self._published: str | None = None
 
     @workflow.run
     async def run(self, inp: SequenceInput) -> SequenceReport:
         """Walk the steps until the end, a ``stop`` step, or a stop condition."""
-        self._in = inp
-        if inp.state is not None:
-            self._s = inp.state
         self._publish()
         steps = inp.spec.steps
         try:
@@ -96,7 +97,7 @@ class SequenceWorkflow:
                 step = steps[self._s.position]
                 if self._s.entered_at is None:
                     self._s.entered_at = workflow.now()
-                target = await self._run_step(step)
+                target = await self._run_step(step, self._s.entered_at)
                 if self._s.stop_reason is not None:
                     break
                 self._advance(target)
@@ -115,18 +116,16 @@ class SequenceWorkflow:
 
     # -- steps -------------------------------------------------------------------------
 
-    async def _run_step(self, step: object) -> str | None:
+    async def _run_step(self, step: AnyStep, entered_at: datetime) -> str | None:
         """Run one step; return the step to go to (None: the following one, or ``stop``)."""
-        assert self._in is not None
         if isinstance(step, SendStep):
             await self._send(step.id, self._in.rendered[step.id], thread=step.thread)
             return step.next
         if isinstance(step, WaitStep):
-            await self._wait(self._deadline(step))
+            await self._wait(self._deadline(step, entered_at))
             return step.next
         if isinstance(step, WaitForReplyStep):
-            assert self._s.entered_at is not None
-            deadline = self._s.deadline or self._s.entered_at + step.timeout
+            deadline = self._s.deadline or entered_at + step.timeout
             self._s.deadline = deadline
             replied = await self._wait(deadline, until=lambda: self._s.reply_branch)
             if replied:
@@ -134,7 +133,7 @@ class SequenceWorkflow:
                 return step.on_reply
             return step.on_timeout or step.next
         if isinstance(step, ComposeStep):
-            draft = await self._compose(step)
+            draft = await self._compose(step, entered_at)
             if draft is not None:
                 await self._send(step.id, RenderedMessage(**draft.model_dump()), thread=step.thread)
             return step.next
@@ -143,7 +142,6 @@ class SequenceWorkflow:
         raise ApplicationError(f"unknown step {step!r}", non_retryable=True)
 
     def _advance(self, target: str | None) -> None:
-        assert self._in is not None
         if target == STOP:
             self._s.position = len(self._in.spec.steps)
         elif target is None:
@@ -156,15 +154,17 @@ class SequenceWorkflow:
         self._s.approval = None
         self._publish()
 
-    def _deadline(self, step: WaitStep) -> datetime:
-        assert self._in is not None and self._s.entered_at is not None
+    def _deadline(self, step: WaitStep, entered_at: datetime) -> datetime:
         if self._s.deadline is None:
             if step.duration is not None:
-                deadline = self._s.entered_at + step.duration
-            else:
-                assert step.until is not None
+                deadline = entered_at + step.duration
+            elif step.until is not None:
                 deadline = next_local_time(
-                    self._s.entered_at, parse_clock(step.until), self._zone(), step.days
+                    entered_at, parse_clock(step.until), self._zone(), step.days
+                )
+            else:  # the spec's validation forbids it; a hand-made input might not
+                raise ApplicationError(
+                    f"wait step {step.id!r} has neither duration nor until", non_retryable=True
                 )
             if step.within_sending_hours:
                 deadline = self._opening(deadline)
@@ -172,11 +172,9 @@ class SequenceWorkflow:
         return self._s.deadline
 
     def _zone(self) -> str:
-        assert self._in is not None
         return self._in.recipient.timezone or self._in.spec.timezone
 
     def _opening(self, at: datetime) -> datetime:
-        assert self._in is not None
         spec = self._in.spec
         return next_opening(at, spec.window, self._zone(), spec.sending_days)
 
@@ -203,7 +201,6 @@ class SequenceWorkflow:
 
     async def _send(self, step: str, content: RenderedMessage, *, thread: bool) -> None:
         """Send one email as a child workflow; cancel it if a stop arrives first."""
-        assert self._in is not None
         inp = self._in
         while self._s.stop_reason is None:
             opening = self._opening(workflow.now())
@@ -281,7 +278,6 @@ class SequenceWorkflow:
             self._finish(SequenceStatus.FAILED, f"step {step}: email not sent: {err}")
 
     def _email(self, content: RenderedMessage, *, thread: bool) -> Email:
-        assert self._in is not None
         return sequence_email(self._in, content, self._thread_ids() if thread else [])
 
     def _thread_ids(self) -> list[str]:
@@ -307,9 +303,8 @@ class SequenceWorkflow:
             )
         )
 
-    async def _compose(self, step: ComposeStep) -> Draft | None:
+    async def _compose(self, step: ComposeStep, entered_at: datetime) -> Draft | None:
         """Ask the agent for a draft until one validates; hold it for approval if asked."""
-        assert self._in is not None
         inp = self._in
         feedback: str | None = None
         draft: Draft | None = self._s.draft
@@ -353,15 +348,16 @@ class SequenceWorkflow:
         self._s.draft = draft
         if not step.approval:
             return draft
-        return await self._approved(step, draft)
+        return await self._approved(step, draft, entered_at)
 
-    async def _approved(self, step: ComposeStep, draft: Draft) -> Draft | None:
-        assert self._s.entered_at is not None
+    async def _approved(
+        self, step: ComposeStep, draft: Draft, entered_at: datetime
+    ) -> Draft | None:
         self._s.status = SequenceStatus.AWAITING_APPROVAL
         self._publish(next_action=f"approve {step.id}")
         deadline = None
         if step.approval_timeout is not None:
-            deadline = self._s.entered_at + step.approval_timeout
+            deadline = entered_at + step.approval_timeout
         decided = await self._wait(deadline, until=lambda: self._s.approval is not None)
         if self._s.stop_reason is not None:
             return None
@@ -414,7 +410,6 @@ class SequenceWorkflow:
 
     async def _suppress(self) -> None:
         """Keep this address out of the sender's future sequences."""
-        assert self._in is not None
         inp = self._in
         await workflow.execute_activity(
             SUPPRESS_ACTIVITY,
@@ -439,7 +434,6 @@ class SequenceWorkflow:
         self._publish()
 
     def _should_continue_as_new(self) -> bool:
-        assert self._in is not None
         info = workflow.info()
         return self._s.position < len(self._in.spec.steps) and (
             info.is_continue_as_new_suggested()
@@ -495,7 +489,6 @@ class SequenceWorkflow:
         if self._answers_current_send(step, event):
             # A reply to the email this step is sending (it went out; its child workflow
             # has not reported back yet) belongs to the step that follows.
-            assert self._in is not None
             position = self._s.position + 1
             steps = self._in.spec.steps
             step = steps[position] if position < len(steps) else None
