@@ -20,6 +20,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -77,10 +78,36 @@ def parse_clock(value: str) -> time:
     return time(int(match.group(1)), int(match.group(2)))
 
 
-class Template(BaseModel):
-    """A Jinja2 email template, rendered per recipient (sandboxed, strict undefined)."""
+STRICT_FIELDS = {"strict_fields": True}
+"""Validation context of user-written specs (`spec_from_dict`): unknown fields are refused."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+
+class _SpecPart(BaseModel):
+    """A part of a spec: strict about unknown fields where a person wrote it, lenient on
+    the wire.
+
+    A spec travels inside `SequenceInput`, so a newer client's extra field must not break
+    an older worker (fields are ignored by default). A spec file with a misspelt field,
+    though, would silently lose it, so `spec_from_dict` validates with `STRICT_FIELDS`
+    and each unknown field is refused by name.
+    """
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_unknown_fields(cls, data: Any, info: ValidationInfo) -> Any:
+        if isinstance(data, dict) and isinstance(info.context, dict):
+            if info.context.get("strict_fields"):
+                known = set(cls.model_fields)
+                for name in data:
+                    if name not in known:
+                        raise ValueError(f"{name}: unknown field (misspelt?)")
+        return data
+
+
+class Template(_SpecPart):
+    """A Jinja2 email template, rendered per recipient (sandboxed, strict undefined)."""
 
     subject: str = Field(min_length=1)
     text: str | None = None
@@ -93,9 +120,7 @@ class Template(BaseModel):
         return self
 
 
-class _Step(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
+class _Step(_SpecPart):
     id: str
     """Unique within the spec; also the last part of the step's email key."""
     next: str | None = None
@@ -209,10 +234,8 @@ AnyStep = Annotated[
 ]
 
 
-class SequenceSpec(BaseModel):
+class SequenceSpec(_SpecPart):
     """A multi-step sequence, the same for every recipient enrolled in it."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str
     """Campaign name; bulk enrollment keys each recipient ``<name>:<address>``."""
@@ -297,10 +320,8 @@ class SequenceSpec(BaseModel):
         return next(i for i, s in enumerate(self.steps) if s.id == step_id)
 
 
-class Recipient(BaseModel):
+class Recipient(_SpecPart):
     """One person enrolled in a sequence, with the variables its templates use."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     address: str
     name: str | None = None
@@ -334,7 +355,7 @@ def spec_from_dict(data: dict[str, Any]) -> SequenceSpec:
         InvalidEmail: naming the first bad field, e.g. ``steps.2.timeout``.
     """
     try:
-        return SequenceSpec.model_validate(data)
+        return SequenceSpec.model_validate(data, context=STRICT_FIELDS)
     except ValidationError as exc:
         raise invalid_email_from(exc) from None
 
