@@ -58,6 +58,7 @@ from postlane.errors import (
     InvalidEmail,
     PermanentDeliveryError,
     PostlaneError,
+    UnknownLane,
     UnknownSender,
 )
 from postlane.idempotency import (
@@ -512,7 +513,8 @@ class PostlaneClient:
 
         Raises:
             EmailNotFound: no email has this key.
-            InvalidEmail: a correction is invalid (bad address, unknown lane).
+            InvalidEmail: a correction is invalid (bad address).
+            UnknownLane: `lane` names no configured lane.
             ActionRefused: the email is neither dead-lettered nor failed (the reason says
                 its status); nothing changed.
         """
@@ -520,8 +522,8 @@ class PostlaneClient:
         if lane is not None:
             try:
                 retry = self.settings.lane(lane).retry
-            except ConfigurationError as exc:
-                raise InvalidEmail("lane", str(exc)) from None
+            except ConfigurationError:
+                raise UnknownLane(lane, [known.name for known in self.settings.lanes]) from None
         try:
             request = RetryRequest(reason=reason, to=to, lane=lane, retry=retry)
         except ValidationError as exc:

@@ -10,7 +10,13 @@ import pytest
 from postlane.client import PostlaneClient
 from postlane.config import LaneConfig, Settings
 from postlane.email.models import MAX_HEADER_LENGTH
-from postlane.errors import InvalidEmail, UnknownSender
+from postlane.errors import (
+    InvalidEmail,
+    InvalidRecipients,
+    InvalidSpec,
+    UnknownLane,
+    UnknownSender,
+)
 from postlane.sequences.models import references, sequence_email
 from postlane.sequences.spec import Recipient, load_spec, spec_from_dict
 from workflows._calendar import next_local_time, next_opening
@@ -48,8 +54,9 @@ SEND = {"type": "send", "id": "a", "subject": "Hi", "text": "Hello"}
     ],
 )
 def test_invalid_specs_name_the_field(data: dict[str, object], field: str, reason: str) -> None:
-    with pytest.raises(InvalidEmail) as err:
+    with pytest.raises(InvalidSpec) as err:
         spec_from_dict(data)
+    assert not isinstance(err.value, InvalidEmail)  # a spec is not an email
     assert err.value.field == field
     assert reason in err.value.reason
 
@@ -62,11 +69,44 @@ def test_durations_read_like_people_write_them() -> None:
 def test_load_spec_names_the_file(tmp_path: Path) -> None:
     bad = tmp_path / "spec.toml"
     bad.write_text('name = "s"\nsender = "ada@acme.test"\n[[steps]]\ntype = "wait"\nid = "w"\n')
-    with pytest.raises(InvalidEmail, match=rf"{bad}: steps.0.wait.duration"):
+    with pytest.raises(InvalidSpec, match=rf"{bad}: steps.0.wait.duration"):
         load_spec(bad)
     bad.write_text("name = ")
-    with pytest.raises(InvalidEmail, match=str(bad)):
+    with pytest.raises(InvalidSpec, match=str(bad)) as err:
         load_spec(bad)
+    assert err.value.field == str(bad) and err.value.reason.startswith("not TOML")
+
+
+def test_unreadable_spec_file_is_an_invalid_spec_naming_the_file(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.toml"
+    with pytest.raises(InvalidSpec) as err:
+        load_spec(missing)
+    assert not isinstance(err.value, InvalidEmail)
+    assert err.value.field == str(missing)
+    assert "No such file" in err.value.reason
+
+
+def test_recipients_file_without_address_column_names_the_file(tmp_path: Path) -> None:
+    from postlane.cli.sequence import read_recipients
+
+    people = tmp_path / "people.csv"
+    people.write_text("name,company\nBob,Acme\n")
+    with pytest.raises(InvalidRecipients) as err:
+        read_recipients(people)
+    assert not isinstance(err.value, InvalidEmail)
+    assert err.value.field == str(people)
+    assert "'email' column" in err.value.reason and "name, company" in err.value.reason
+    with pytest.raises(InvalidRecipients) as err:
+        read_recipients(tmp_path / "missing.csv")
+    assert err.value.field == str(tmp_path / "missing.csv")
+
+
+async def test_retry_through_an_unknown_lane_is_unknown_lane() -> None:
+    with pytest.raises(UnknownLane) as err:
+        await client().retry("some-key", lane="nope")
+    assert not isinstance(err.value, InvalidEmail)
+    assert err.value.field == "lane" and err.value.lane == "nope"
+    assert "'nope'" in err.value.reason and "lanes: a" in err.value.reason
 
 
 def client() -> PostlaneClient:

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from postlane.errors import InvalidEmail
+from postlane.errors import InvalidSpec
 from postlane.ids import WORKFLOW_TASK_QUEUE, email_workflow_id, sequence_workflow_id
 from postlane.names import SequenceMessages, WorkflowType
 from postlane.sequences.models import SequenceReport, SequenceStatus
@@ -97,7 +97,7 @@ def test_spec_file_with_a_misspelt_field_is_refused_by_name(tmp_path: Any) -> No
         '[templates.intro]\nsubject = "Hi"\ntext = "Hello"\n'
         '[[steps]]\ntype = "send"\nid = "intro"\ntemplate = "intro"\nnxt = "stop"\n'
     )
-    with pytest.raises(InvalidEmail) as caught:
+    with pytest.raises(InvalidSpec) as caught:
         load_spec(path)
     assert caught.value.field == f"{path}: steps.0.send.nxt"
     assert "unknown field" in caught.value.reason

@@ -23,7 +23,13 @@ from temporalio.service import RPCError
 
 from postlane.cli import sequence as cli_sequence
 from postlane.cli.progress import ProgressBar
-from postlane.errors import ActionRefused, ConfigurationError, InvalidEmail, PostlaneError
+from postlane.errors import (
+    ActionRefused,
+    ConfigurationError,
+    InvalidEmail,
+    InvalidInput,
+    PostlaneError,
+)
 
 if TYPE_CHECKING:
     from postlane.client import CancelResult, PostlaneClient
@@ -152,7 +158,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         rc = asyncio.run(_dispatch(args))
     except KeyboardInterrupt:
         rc = 130
-    except (InvalidEmail, ConfigurationError, ActionRefused) as exc:
+    except (InvalidInput, ConfigurationError, ActionRefused) as exc:
         rc = _fail(exc, EXIT_INVALID)
     except PostlaneError as exc:
         rc = _fail(exc, EXIT_FAILED)
@@ -174,7 +180,7 @@ def _schema(model: str | None) -> int:
     found = schemas()
     if model is not None:
         if model not in found:
-            raise InvalidEmail("model", f"{model!r} is not one of {', '.join(found)}")
+            raise InvalidInput("model", f"{model!r} is not one of {', '.join(found)}")
         print(json.dumps(found[model], indent=2))
         return EXIT_OK
     print(json.dumps(found, indent=2))
@@ -282,9 +288,9 @@ async def _dlq(pl: PostlaneClient, args: argparse.Namespace) -> int:
         print(format_dead_letters(await pl.dlq.list(lane=args.lane, since=since), now))
         return EXIT_OK
     if bool(args.keys) == bool(args.all):
-        raise InvalidEmail("keys", "give KEY... or --all, not both")
+        raise InvalidInput("keys", "give KEY... or --all, not both")
     if args.keys and (args.lane or since):
-        raise InvalidEmail("keys", "--lane and --since select with --all only")
+        raise InvalidInput("keys", "--lane and --since select with --all only")
     keys = args.keys or await pl.dlq.keys(lane=args.lane, since=since)
     retry = args.dlq_command == "retry"
     changed_as = "going out again" if retry else "discarded"
@@ -379,7 +385,7 @@ def parse_since(value: str, now: datetime) -> datetime:
     it names no zone) → an aware datetime.
 
     Raises:
-        InvalidEmail: anything else (field ``since``).
+        InvalidInput: anything else (field ``since``).
     """
     text = value.strip()
     if re.fullmatch(r"(?:\d+[smhdw])+", text):
@@ -388,7 +394,7 @@ def parse_since(value: str, now: datetime) -> datetime:
     try:
         when = datetime.fromisoformat(text)
     except ValueError:
-        raise InvalidEmail(
+        raise InvalidInput(
             "since", f"{value!r} is neither a duration like 2h, 30m, 3d nor an ISO 8601 time"
         ) from None
     return when if when.tzinfo is not None else when.replace(tzinfo=UTC)

@@ -18,7 +18,13 @@ from pydantic import ValidationError
 
 from postlane.cli.progress import ProgressBar
 from postlane.email.models import invalid_email_from
-from postlane.errors import InvalidEmail, PostlaneError, RecipientSuppressed
+from postlane.errors import (
+    InvalidEmail,
+    InvalidInput,
+    InvalidRecipients,
+    PostlaneError,
+    RecipientSuppressed,
+)
 from postlane.sequences.models import SequenceInput, SequenceReport
 from postlane.sequences.spec import Recipient, SequenceSpec, load_spec
 
@@ -108,18 +114,20 @@ def read_recipients(path: Path) -> list[tuple[int, Recipient | InvalidEmail]]:
     """Rows of a recipients CSV as (line number, recipient or the reason it is invalid).
 
     Raises:
-        InvalidEmail: the file is unreadable or has no ``email`` column.
+        InvalidRecipients: the file is unreadable or has no ``email`` column.
     """
     try:
         handle = path.open(newline="", encoding="utf-8-sig")
     except OSError as exc:
-        raise InvalidEmail(str(path), exc.strerror or str(exc)) from None
+        raise InvalidRecipients(str(path), exc.strerror or str(exc)) from None
     with handle:
         reader = csv.DictReader(handle)
         columns = [c.strip().lower() for c in reader.fieldnames or []]
         address_column = next((c for c in _ADDRESS_COLUMNS if c in columns), None)
         if address_column is None:
-            raise InvalidEmail(f"{path}", "needs an 'email' column")
+            raise InvalidRecipients(
+                str(path), f"needs an 'email' column; it has: {', '.join(columns)}"
+            )
         rows: list[tuple[int, Recipient | InvalidEmail]] = []
         for row in reader:
             clean = {k.strip().lower(): (v or "").strip() for k, v in row.items() if k}
@@ -208,7 +216,7 @@ def _validate(
 def _pair(value: str) -> tuple[str, str]:
     name, sep, val = value.partition("=")
     if not sep or not name.strip():
-        raise InvalidEmail("var", f"{value!r} is not NAME=VALUE")
+        raise InvalidInput("var", f"{value!r} is not NAME=VALUE")
     return name.strip(), val
 
 

@@ -26,7 +26,7 @@ from pydantic import (
 )
 
 from postlane.email.models import Priority, check_address, invalid_email_from
-from postlane.errors import InvalidEmail
+from postlane.errors import InvalidSpec
 from postlane.names import Activity
 
 STOP = "stop"
@@ -352,29 +352,30 @@ def spec_from_dict(data: dict[str, Any]) -> SequenceSpec:
     """Validate a spec given as plain data.
 
     Raises:
-        InvalidEmail: naming the first bad field, e.g. ``steps.2.timeout``.
+        InvalidSpec: naming the first bad field, e.g. ``steps.2.timeout``.
     """
     try:
         return SequenceSpec.model_validate(data, context=STRICT_FIELDS)
     except ValidationError as exc:
-        raise invalid_email_from(exc) from None
+        err = invalid_email_from(exc)
+        raise InvalidSpec(err.field, err.reason) from None
 
 
 def load_spec(path: str | Path) -> SequenceSpec:
     """Read and validate ``spec.toml``.
 
     Raises:
-        InvalidEmail: the file is unreadable, not TOML, or a field is invalid; the message
+        InvalidSpec: the file is unreadable, not TOML, or a field is invalid; the message
             names the file and the field.
     """
     path = Path(path)
     try:
         data = tomllib.loads(path.read_text())
     except OSError as exc:
-        raise InvalidEmail(str(path), exc.strerror or str(exc)) from None
+        raise InvalidSpec(str(path), exc.strerror or str(exc)) from None
     except tomllib.TOMLDecodeError as exc:
-        raise InvalidEmail(str(path), str(exc)) from None
+        raise InvalidSpec(str(path), f"not TOML: {exc}") from None
     try:
         return spec_from_dict(data)
-    except InvalidEmail as exc:
-        raise InvalidEmail(f"{path}: {exc.field}", exc.reason) from None
+    except InvalidSpec as exc:
+        raise InvalidSpec(f"{path}: {exc.field}", exc.reason) from None
