@@ -116,7 +116,7 @@ async def stand_in_worker(client: Client, tally: Tally) -> AsyncIterator[None]:
         task_queue=STAND_IN_QUEUE,
         workflows=[SlotOnlyEmail],
         activities=[tally.granted],
-        workflow_runner=workflow_runner(),
+        workflow_runner=workflow_runner(__name__),  # SlotOnlyEmail lives here
         max_concurrent_workflow_tasks=50,
     ):
         yield

@@ -105,7 +105,7 @@ def test_schema_of_one_model_and_of_an_unknown_one() -> None:
     assert one.returncode == 0 and json.loads(one.stdout)["title"] == "DeliveryReceipt"
     unknown = postlane_schema("Nope")
     assert unknown.returncode == 2
-    assert unknown.stderr.startswith("error: InvalidEmail: model: 'Nope' is not one of")
+    assert unknown.stderr.startswith("error: InvalidInput: model: 'Nope' is not one of")
 
 
 # -- what SendEmail checks of any client's input ---------------------------------------------

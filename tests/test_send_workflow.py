@@ -17,6 +17,7 @@ from postlane import (
     PermanentDeliveryError,
     PostlaneClient,
     Settings,
+    UnknownLane,
     UnknownSender,
 )
 from postlane.client import CancelOutcome
@@ -232,7 +233,7 @@ async def test_dead_letter_retry_with_new_recipient_and_lane(pl: PostlaneTestEnv
     with pytest.raises(InvalidEmail) as caught:
         await pl.client.retry(key, to=["not an address"])
     assert caught.value.field.startswith("to")
-    with pytest.raises(InvalidEmail):
+    with pytest.raises(UnknownLane):
         await pl.client.retry(key, lane="no-such-lane")
     assert await pl.client.retry(key, to=["carol@example.test"], lane="test") is True
     receipt = await handle.result()

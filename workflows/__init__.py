@@ -33,7 +33,7 @@ Anything else (the client, Jinja2, pydantic-settings, I/O libraries) is not impo
 workflow code at all (tests/test_public_api.py checks), so it needs no pass-through."""
 
 
-def workflow_runner() -> SandboxedWorkflowRunner:
+def workflow_runner(*also: str) -> SandboxedWorkflowRunner:
     """The sandbox Postlane's workflows run in (workers and the replay test alike).
 
     Calls that break determinism (the clock, randomness, I/O) stay forbidden. The modules
@@ -41,9 +41,14 @@ def workflow_runner() -> SandboxedWorkflowRunner:
     busy lane workflow ten times slower (3-5 s per workflow task with 60 signals, against
     0.3 s). Postlane's workflow modules and models keep no mutable module state, so sharing
     them is safe.
+
+    Args:
+        also: further modules to share, such as the module of a workflow defined outside
+            ``workflows`` (a benchmark's or a test's own workflow).
     """
+    modules = (*PASSTHROUGH_MODULES, *also)
     return SandboxedWorkflowRunner(
-        restrictions=SandboxRestrictions.default.with_passthrough_modules(*PASSTHROUGH_MODULES)
+        restrictions=SandboxRestrictions.default.with_passthrough_modules(*modules)
     )
 
 
