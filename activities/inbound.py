@@ -10,11 +10,13 @@ them and keeps the cursor, so the activity itself holds no state.
 
 from __future__ import annotations
 
+import imaplib
 import re
 import ssl
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from datetime import UTC, datetime, timedelta, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import aioimaplib
@@ -49,11 +51,6 @@ elsewhere within the heartbeat timeout however large the batch."""
 _UIDVALIDITY_RE = re.compile(rb"\[UIDVALIDITY (\d+)\]")
 _FETCH_START_RE = re.compile(rb"^\d+ FETCH \(")
 _UID_RE = re.compile(rb"\bUID (\d+)")
-_INTERNALDATE_RE = re.compile(rb'INTERNALDATE "([^"]+)"')
-_DATE_RE = re.compile(
-    r"^\s*(\d{1,2})-([A-Za-z]{3})-(\d{4}) (\d\d):(\d\d):(\d\d) ([+-])(\d\d)(\d\d)$"
-)
-_MONTHS = ["jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec"]
 
 
 class ImapError(Exception):
@@ -245,8 +242,7 @@ class _Imap:
         def flush() -> None:
             uid = _UID_RE.search(meta)
             if uid and body is not None:
-                date = _INTERNALDATE_RE.search(meta)
-                found[int(uid.group(1))] = (body, _internaldate(date.group(1)) if date else None)
+                found[int(uid.group(1))] = (body, _internaldate(meta))
 
         for line in response.lines[:-1]:
             if isinstance(line, bytearray):
@@ -338,22 +334,7 @@ def _quote(value: str) -> str:
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def _internaldate(value: bytes) -> datetime | None:
-    """``24-Nov-2025 09:00:00 +0100`` → an aware UTC datetime (locale independent)."""
-    match = _DATE_RE.match(value.decode(errors="replace"))
-    if not match:
-        return None
-    day, month, year, hh, mm, ss, sign, oh, om = match.groups()
-    if month.lower() not in _MONTHS:
-        return None
-    offset = timedelta(hours=int(oh), minutes=int(om)) * (-1 if sign == "-" else 1)
-    local = datetime(
-        int(year),
-        _MONTHS.index(month.lower()) + 1,
-        int(day),
-        int(hh),
-        int(mm),
-        int(ss),
-        tzinfo=timezone(offset),
-    )
-    return local.astimezone(UTC)
+def _internaldate(fetch_line: bytes) -> datetime | None:
+    """The INTERNALDATE of a FETCH response line, as an aware UTC datetime (or None)."""
+    parsed = imaplib.Internaldate2tuple(fetch_line)  # local time, with its DST flag
+    return None if parsed is None else datetime.fromtimestamp(time.mktime(parsed), UTC)

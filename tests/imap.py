@@ -21,6 +21,7 @@ import ssl
 import subprocess
 import tempfile
 import time
+from datetime import datetime
 from pathlib import Path
 from types import TracebackType
 
@@ -197,8 +198,13 @@ class Dovecot:
 
     # -- mail --------------------------------------------------------------------------------
 
-    async def append(self, raw: bytes, folder: str = "INBOX") -> None:
-        """Deliver `raw` into `folder` over IMAP (APPEND), as an MTA's delivery would."""
+    async def append(
+        self, raw: bytes, folder: str = "INBOX", *, arrived: datetime | None = None
+    ) -> None:
+        """Deliver `raw` into `folder` over IMAP (APPEND), as an MTA's delivery would.
+
+        `arrived` sets the message's INTERNALDATE (default: now).
+        """
         client = aioimaplib.IMAP4(host=self.host, port=self.port, timeout=10)
         await client.wait_hello_from_server()
         response = await client.login(self.user, self.password)
@@ -206,7 +212,7 @@ class Dovecot:
         try:
             if folder != "INBOX":
                 await client.create(folder)
-            response = await client.append(raw, mailbox=folder)
+            response = await client.append(raw, mailbox=folder, date=arrived)
             assert response.result == "OK", response
         finally:
             await client.logout()

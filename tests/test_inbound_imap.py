@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import aioimaplib
@@ -81,8 +82,10 @@ async def test_poll_inbox_classifies_new_mail_and_leaves_it_untouched(
     dovecot: Dovecot, login: None
 ) -> None:
     inbox = inbox_for(dovecot)
+    # A delivery time far from the Date header and in another zone: INTERNALDATE wins.
+    arrived = datetime(2026, 3, 29, 1, 30, tzinfo=timezone(timedelta(hours=-7)))
     for message in (GMAIL_REPLY, EXCHANGE_OOO, simple_reply(""), POSTFIX_DSN):
-        await dovecot.append(message, inbox.folder)
+        await dovecot.append(message, inbox.folder, arrived=arrived)
 
     result = await poll(inbox)
 
@@ -96,7 +99,7 @@ async def test_poll_inbox_classifies_new_mail_and_leaves_it_untouched(
     assert result.cursor.last_uid == 4 and result.cursor.uidvalidity is not None
     assert not result.more and not result.reset
     reply = result.items[0].event
-    assert reply.received_at is not None and reply.received_at.tzinfo is not None
+    assert reply.received_at == datetime(2026, 3, 29, 8, 30, tzinfo=UTC)
     # read-only: nothing marked \Seen, nothing deleted
     seen = await flags(dovecot, inbox.folder)
     assert len(seen) == 4

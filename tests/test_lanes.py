@@ -538,3 +538,58 @@ async def test_backlog_of_2500_on_a_capped_lane_keeps_the_lane_small(key: str) -
     assert lane_scale.worst_rolling(facts.grant_times, timedelta(hours=1)) == cap
     assert [len(w) for w in windows(facts.grant_times)] == [cap] * 5
     assert facts.runs > 1 and facts.max_input_bytes <= 256 * 1024
+
+
+async def test_deferred_emails_are_told_and_sent_at_the_lanes_pace(
+    key: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Behind the lane's window, one opening's emails are told k / rate apart, and go then.
+
+    An opening frees its slots at once, but the lane sends at its rate. Emails deferred to
+    it are told when their turn really comes, and ask again then: not all within a minute
+    of the opening, which at campaign scale is a stream of requests the lane cannot keep
+    up with. Real sends; the window is shrunk to 2 so a few emails are deferred.
+    """
+    monkeypatch.setattr(lane_module, "WINDOW", 2)
+    cap, rate = 4, 0.1  # one send per 10 s
+    lane = LaneConfig(
+        name="paced",
+        senders=["*@paced.test"],
+        smtp_host="127.0.0.1",
+        rate_per_second=rate,
+        hourly_cap=cap,
+    )
+    async with postlane_test_env([lane]) as pl:
+        first = [await pl.client.send(email("paced.test", n), key=f"{key}-{n}") for n in range(cap)]
+        await assert_eventually(lambda: len(pl.outbox) == cap, what="the first hour's slots")
+        later = [f"{key}-later{n}" for n in range(2 * cap)]
+        for n, k in enumerate(later):
+            await pl.client.send(email("paced.test", 100 + n), key=k, priority="bulk")
+
+        async def told() -> dict[str, datetime] | None:
+            plans = {k: (await pl.client.describe(k)).scheduled_for for k in later}
+            return None if None in plans.values() else plans  # type: ignore[return-value]
+
+        plans: dict[str, datetime] = await assert_eventually(told, what="every email told")
+        # The window's two are told the opening itself. Each deferred email is told its
+        # place k among the opening's slots as k / rate past it: 2 and 3 in the first,
+        # 0 to 3 in the next (all deferred).
+        by_opening = windows(list(plans.values()))
+        step = timedelta(seconds=1 / rate)
+        assert [[at - w[0] for at in w] for w in by_opening] == [
+            [0 * step, 0 * step, 2 * step, 3 * step],
+            [n * step for n in range(cap)],
+        ]
+
+        await pl.sleep(timedelta(hours=2, minutes=10))
+        await assert_eventually(lambda: len(pl.outbox) == 3 * cap, what="every email sent")
+        with pl.env.auto_time_skipping_disabled():  # all done: nothing to skip time for
+            sent = {k: (await pl.client.handle(k).result()).dispatched_at for k in later}
+            went_first = [(await h.result()).dispatched_at for h in first]
+    assert len({m.message_id for m in pl.outbox}) == 3 * cap  # each sent once, at the server
+    times = [t for t in [*went_first, *sent.values()] if t is not None]
+    assert len(times) == 3 * cap and worst_rolling_hour(times) == cap
+    recheck = lane_module.DEFER_RECHECK + timedelta(seconds=lane_module.DEFER_SPREAD)
+    for k, at in plans.items():
+        went = sent[k]
+        assert went is not None and at <= went + timedelta(seconds=1) <= at + recheck, k

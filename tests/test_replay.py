@@ -22,6 +22,7 @@ from temporalio.client import WorkflowHistory
 from temporalio.worker import Replayer
 
 from postlane import Email, EmailCancelled, EmailStatus, PermanentDeliveryError
+from postlane.config import LaneConfig
 from postlane.connection import data_converter
 from postlane.ids import (
     email_workflow_id,
@@ -40,6 +41,7 @@ from tests.test_inbound import unsubscribe_mail
 from tests.test_inbox_watcher import FOLLOW_UP, SENDER, FakeImap, enroll, new_inbox, recipient
 from tests.test_inbox_watcher import imap as imap  # noqa: F401  (the fixture)
 from workflows import WORKFLOWS, workflow_runner
+from workflows import lane as lane_module
 
 HISTORIES = Path(__file__).parent / "histories"
 
@@ -155,6 +157,46 @@ async def test_replay_fresh_lane_plan_history(key: str) -> None:
             history = await pl.client.temporal.get_workflow_handle(workflow_id).fetch_history()
             await _replay(history)
             _record(file, history)
+
+
+PACED_LANE = LaneConfig(
+    name="paced", senders=["*@paced.test"], smtp_host="127.0.0.1", rate_per_second=0.1, hourly_cap=2
+)
+PACED_WINDOW = 1
+"""The lane's window in the paced scenario: small, so two of three waiting emails are deferred."""
+
+
+async def test_replay_fresh_lane_paced_history(key: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Behind the lane's window, deferred emails are told k / rate apart (`PACED_PATCH`)."""
+    monkeypatch.setattr(lane_module, "WINDOW", PACED_WINDOW)
+    async with postlane_test_env([PACED_LANE]) as pl:
+        for n in range(2):
+            await pl.client.send(_email("news@paced.test"), key=f"{key}-now{n}")
+        await assert_eventually(lambda: len(pl.outbox) == 2, what="the hour's two slots used")
+        waiting = [
+            await pl.client.send(_email("news@paced.test"), key=f"{key}-next{n}", priority="bulk")
+            for n in range(3)
+        ]
+        for h in waiting:
+            await assert_eventually(lambda h=h: _planned(pl, h.key), what=f"{h.key} told its slot")
+        await pl.sleep(timedelta(hours=2, minutes=10))
+        await assert_eventually(lambda: len(pl.outbox) == 5, what="all three sent")
+        history = await pl.client.temporal.get_workflow_handle(
+            lane_workflow_id("paced")
+        ).fetch_history()
+        await _replay(history)
+        _record("lane_paced", history)
+
+
+async def test_replay_recorded_lane_paced_history(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(lane_module, "WINDOW", PACED_WINDOW)
+    text = (HISTORIES / "lane_paced.json").read_text()
+    await _replay(WorkflowHistory.from_json(lane_workflow_id("paced"), text))
+
+
+async def _planned(pl: PostlaneTestEnv, key: str) -> bool:
+    report = await pl.client.describe(key)
+    return report.status == EmailStatus.SCHEDULED and report.scheduled_for is not None
 
 
 async def test_replay_fresh_inbox_and_suppression_history(

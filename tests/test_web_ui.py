@@ -4,11 +4,9 @@ through Postlane's search attributes: what an operator does, without writing cod
 from __future__ import annotations
 
 import asyncio
-import os
 import subprocess
 import tempfile
 import urllib.parse
-from pathlib import Path
 
 import pytest
 from temporalio.testing import WorkflowEnvironment
@@ -40,7 +38,6 @@ CHROMIUM_FLAGS = [
     "--virtual-time-budget=20000",
     "--window-size=1440,900",
 ]
-SCREENSHOT = Path(__file__).resolve().parent.parent / "docs" / "web-ui-dead-letters.png"
 
 
 def chromium(*args: str) -> str:
@@ -86,7 +83,5 @@ async def test_web_ui_lists_dead_lettered_email_by_status(key: str) -> None:
                 )
                 dom = await asyncio.to_thread(chromium, "--dump-dom", url)
                 assert f"email:{key}" in dom
-                if os.environ.get("POSTLANE_SCREENSHOT"):
-                    await asyncio.to_thread(chromium, f"--screenshot={SCREENSHOT}", url)
     finally:
         await env.shutdown()

@@ -169,12 +169,17 @@ class Planner:
             return UNLIMITED, DAY
         return min(options, key=lambda o: o[0] / (o[1] / MINUTE))
 
-    def times(self, positions: list[int], max_openings: int = 200) -> list[datetime]:
+    def times(
+        self, positions: list[int], max_openings: int = 200, offsets: list[int] | None = None
+    ) -> list[datetime]:
         """When the slots at these 0-based backlog positions are expected (nothing else asking).
 
         Args:
             positions: sorted ascending.
             max_openings: openings simulated before extrapolating at the steady pace.
+            offsets: if given, receives each position's place among the slots its opening
+                frees (0 for the first), so a caller can spread one opening's emails over
+                the time the lane's rate needs to send them.
 
         Returns:
             One time per position.
@@ -187,6 +192,8 @@ class Planner:
             if room > 0:
                 while i < len(positions) and positions[i] < granted + room:
                     out.append(at)
+                    if offsets is not None:
+                        offsets.append(positions[i] - granted)
                     i += 1
                 take = min(room, max(positions[-1] + 1 - granted, 0))
                 self._take(at, take)
@@ -197,7 +204,10 @@ class Planner:
             if openings > max_openings:
                 per, period = self.pace()
                 while i < len(positions):
-                    out.append(at + -(-(positions[i] + 1 - granted) // per) * period)
+                    ahead = positions[i] - granted
+                    out.append(at + (ahead // per + 1) * period)
+                    if offsets is not None:
+                        offsets.append(ahead % per)
                     i += 1
                 break
             at = self.next_opening(at)

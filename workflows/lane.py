@@ -71,6 +71,14 @@ takes them in as a stream, not as one burst."""
 DEFER_GRACE = timedelta(minutes=15)
 """Counts of deferred emails that did not ask again by their recheck time + this are dropped."""
 
+PACED_PATCH = "lane-paced-rechecks"
+"""Runs from this patch spread one opening's deferred emails over the time the lane's rate
+needs to send them (`_defer`), and continue as new past `PACED_MAX_HISTORY` events."""
+PACED_MAX_HISTORY = 1000
+"""Past this many events a run continues as new even with requests waiting: a run that a
+stream of requests keeps from a quiet moment stays short enough to replay in well under a
+second when a request arriving during the continue-as-new fails that task."""
+
 AIMD_PATCH = "lane-aimd-backoff"
 """Runs from this patch recover to a ceiling below a rate that was throttled again."""
 CEILING_FRACTION = 0.75
@@ -110,6 +118,7 @@ class LaneWorkflow:
         self._dirty, state.more_to_do = state.more_to_do, False
         self._replan = False
         self._windowed = False
+        self._paced = False
         self._recent: set[str] | None = None
 
     @property
@@ -124,6 +133,7 @@ class LaneWorkflow:
         if s.warmup_started is None and s.limits.warmup is not None:
             s.warmup_started = workflow.now()
         self._windowed = workflow.patched(WINDOW_PATCH)
+        self._paced = self._windowed and workflow.patched(PACED_PATCH)
         while True:
             try:
                 await workflow.wait_condition(
@@ -160,7 +170,8 @@ class LaneWorkflow:
 
     def _must_continue_as_new(self) -> bool:
         """Past this, continue as new even with requests waiting (they go along, bounded)."""
-        return workflow.info().get_current_history_length() > MAX_HISTORY
+        limit = PACED_MAX_HISTORY if self._paced else MAX_HISTORY
+        return workflow.info().get_current_history_length() > limit
 
     def _next_wakeup(self) -> timedelta | None:
         s, now = self.state, workflow.now()
@@ -412,10 +423,17 @@ class LaneWorkflow:
             positions.append(ahead)
         wanted = sorted(set(positions))
         planner = quota.Planner(s.buckets, s.limits, s.warmup_started, now)
-        at_position = dict(zip(wanted, planner.times(wanted), strict=True))
+        offsets: list[int] = []
+        at_position = dict(zip(wanted, planner.times(wanted, offsets=offsets), strict=True))
+        offset_of = dict(zip(wanted, offsets, strict=True))
         grants = []
         for r, position in zip(over, positions, strict=True):
             at = at_position[position]
+            if self._paced:
+                # An opening frees its slots at once, but the lane sends at its rate: the
+                # k-th of them goes k / rate later. Told so, the emails also ask again at
+                # that pace instead of all within `DEFER_SPREAD` of the opening.
+                at += timedelta(seconds=offset_of[position] / s.limits.rate_per_second)
             spread = int(_digest(r.workflow_id), 16) % DEFER_SPREAD
             recheck = max(at, now) + DEFER_RECHECK + timedelta(seconds=spread)
             key = _deferred_key(r, recheck)
