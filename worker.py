@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sys
 
-from postlane.cli import main
+from postlane.cli.app import main
 
 if __name__ == "__main__":
     sys.exit(main(["worker", *sys.argv[1:]]))

@@ -27,15 +27,16 @@ from temporalio.exceptions import ApplicationError
 
 from postlane.config import InboxConfig, Settings
 from postlane.errors import ConfigurationError, ErrorType, SequenceNotFound
-from postlane.inbound import classify, route
-from postlane.inbound_models import (
+from postlane.inbound.classify import classify, route
+from postlane.inbound.inboxes import mark_finished
+from postlane.inbound.models import (
     InboundItem,
     InboxCursor,
     PollRequest,
     PollResult,
     UnsubscribeRequest,
 )
-from postlane.inboxes import mark_finished
+from postlane.names import Activity
 
 log = structlog.get_logger(__name__)
 
@@ -67,7 +68,7 @@ class InboundActivities:
         self._settings = settings
         self._client = client
 
-    @activity.defn(name="poll_inbox")
+    @activity.defn(name=Activity.POLL_INBOX)
     async def poll_inbox(self, req: PollRequest) -> PollResult:
         """Read the messages above the cursor (at most ``req.max_messages``).
 
@@ -110,7 +111,7 @@ class InboundActivities:
             return result
         return result.model_copy(update={"items": await mark_finished(self._client, result.items)})
 
-    @activity.defn(name="record_unsubscribe")
+    @activity.defn(name=Activity.RECORD_UNSUBSCRIBE)
     async def record_unsubscribe(self, req: UnsubscribeRequest) -> bool:
         """Unsubscribe for a sequence the watcher could not signal (it has finished):
         its recipient is still suppressed for the sender's future sequences.
@@ -125,7 +126,7 @@ class InboundActivities:
                 "record_unsubscribe needs a Temporal client", type=ErrorType.CONFIGURATION
             )
         try:
-            await PostlaneClient(self._client, self._settings).unsubscribe(
+            await PostlaneClient(self._client, self._settings).sequences.unsubscribe(
                 req.key, reason=req.reason
             )
         except SequenceNotFound:

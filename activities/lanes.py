@@ -5,8 +5,11 @@ from __future__ import annotations
 from temporalio import activity
 from temporalio.client import Client
 
-from postlane.lanes import apply_lane_limits
-from postlane.models import LaneRateRequest
+from postlane.lanes.limits import apply_lane_limits
+from postlane.lanes.models import (
+    LaneRateRequest,
+)
+from postlane.names import Activity
 
 
 class LaneAdminActivities:
@@ -15,7 +18,7 @@ class LaneAdminActivities:
     def __init__(self, client: Client) -> None:
         self._client = client
 
-    @activity.defn(name="set_lane_rate")
+    @activity.defn(name=Activity.SET_LANE_RATE)
     async def set_lane_rate(self, req: LaneRateRequest) -> bool:
         """Set the lane queue's server-side rate; False if the server cannot (test server)."""
         return await apply_lane_limits(

@@ -26,7 +26,7 @@ from email import policy
 from email.message import EmailMessage
 from email.utils import format_datetime
 
-from postlane.models import MSG_ID_HEADERS, URI_LIST_HEADERS, Email
+from postlane.email.models import MSG_ID_HEADERS, URI_LIST_HEADERS, Email
 
 MAX_LINE = 78
 """RFC 5322's recommended line length (section 2.1.1), excluding CRLF."""

@@ -10,8 +10,9 @@ from __future__ import annotations
 from temporalio import activity
 
 from postlane.config import Settings
+from postlane.email.models import LaneQuery, LaneResolution
 from postlane.errors import ErrorType
-from postlane.models import LaneQuery, LaneResolution
+from postlane.names import Activity
 
 
 class LaneResolver:
@@ -20,7 +21,7 @@ class LaneResolver:
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
 
-    @activity.defn(name="resolve_lane")
+    @activity.defn(name=Activity.RESOLVE_LANE)
     async def resolve_lane(self, query: LaneQuery) -> LaneResolution:
         """The lane that sends for `query.sender` (or `query.lane`, checked) and its settings.
 

@@ -27,15 +27,18 @@ from activities.smtp_errors import (
     reply_failure,
 )
 from postlane.config import LaneConfig, Settings
-from postlane.errors import ConfigurationError, ErrorType
-from postlane.ids import lane_workflow_id
-from postlane.models import (
+from postlane.email.models import (
     AttemptRecord,
     DeliveryReceipt,
     Email,
     SmtpSendRequest,
+)
+from postlane.errors import ConfigurationError, ErrorType
+from postlane.ids import lane_workflow_id
+from postlane.lanes.models import (
     ThrottleReport,
 )
+from postlane.names import Activity, EmailMessages, LaneMessages
 
 log = structlog.get_logger(__name__)
 
@@ -45,7 +48,7 @@ IDLE_TIMEOUT = 30.0
 """Pooled connections idle longer than this are closed rather than reused."""
 QUIT_TIMEOUT = 5.0
 """Seconds to wait for the server's 221 to QUIT before closing the socket anyway."""
-ACCEPTED_SIGNAL = "delivery_accepted"
+ACCEPTED_SIGNAL = EmailMessages.DELIVERY_ACCEPTED
 """Signal to the email's workflow, sent as soon as the server accepted DATA (the receipt)."""
 ACCEPTED_SIGNAL_TIMEOUT = timedelta(seconds=10)
 """How long the signal may take; after that the completion is the acceptance's record."""
@@ -271,7 +274,7 @@ class SmtpActivities:
         for pool in self._pools.values():
             await pool.close()
 
-    @activity.defn(name="send_email")
+    @activity.defn(name=Activity.SEND_EMAIL)
     async def send_email(self, req: SmtpSendRequest) -> DeliveryReceipt:
         """Deliver one email over SMTP and return what the server accepted.
 
@@ -425,7 +428,7 @@ class SmtpActivities:
         try:
             await self._client.get_workflow_handle(
                 info.workflow_id, run_id=info.workflow_run_id
-            ).signal("attempt_failed", record)
+            ).signal(EmailMessages.ATTEMPT_FAILED, record)
         except RPCError as exc:  # the email goes on (or has ended) regardless
             log.warning("email.attempt_not_reported", key=req.key, error=str(exc))
 
@@ -436,7 +439,7 @@ class SmtpActivities:
         report = ThrottleReport(reply=err.message, retry_after=err.next_retry_delay)
         try:
             await self._client.get_workflow_handle(lane_workflow_id(lane)).signal(
-                "throttled", report
+                LaneMessages.THROTTLED, report
             )
         except RPCError as exc:  # best effort: the email itself is retried regardless
             log.warning("lane.throttle_not_reported", lane=lane, error=str(exc))

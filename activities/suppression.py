@@ -5,8 +5,9 @@ from __future__ import annotations
 from temporalio import activity
 from temporalio.client import Client
 
-from postlane.sequence_models import Suppression
-from postlane.suppressions import start_suppression
+from postlane.names import Activity
+from postlane.sequences.models import Suppression
+from postlane.sequences.suppressions import start_suppression
 
 
 class SuppressionActivities:
@@ -16,7 +17,7 @@ class SuppressionActivities:
     def __init__(self, client: Client) -> None:
         self._client = client
 
-    @activity.defn(name="suppress_recipient")
+    @activity.defn(name=Activity.SUPPRESS_RECIPIENT)
     async def suppress_recipient(self, suppression: Suppression) -> None:
         """Suppress the recipient for the sender (idempotent)."""
         await start_suppression(self._client, suppression)

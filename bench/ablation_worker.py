@@ -31,7 +31,7 @@ if os.environ.get("BENCH_QUIET_LOGS") == "1":
 
     postlane.logs.configure_logging = _quiet
 
-from postlane.cli import main  # noqa: E402
+from postlane.cli.app import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main(["worker", *sys.argv[1:]]))

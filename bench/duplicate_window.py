@@ -40,13 +40,13 @@ sys.path.insert(0, str(REPO))
 from temporalio.testing import WorkflowEnvironment  # noqa: E402
 
 from postlane import search_attributes as sa  # noqa: E402
-from postlane.binaries import dev_server_path  # noqa: E402
 from postlane.client import PostlaneClient  # noqa: E402
 from postlane.config import LaneConfig, Settings  # noqa: E402
 from postlane.connection import data_converter  # noqa: E402
-from postlane.dev import SERVER_TUNING  # noqa: E402
+from postlane.dev.binaries import dev_server_path  # noqa: E402
+from postlane.dev.stack import SERVER_TUNING  # noqa: E402
+from postlane.email.models import Email, RetrySettings  # noqa: E402
 from postlane.ids import message_id  # noqa: E402
-from postlane.models import Email, RetrySettings  # noqa: E402
 from tests.procs import activity_pollers, free_port, lanes_toml  # noqa: E402
 
 LANE = "dup"
@@ -70,7 +70,7 @@ def checkout(ref: str, into: Path) -> Path:
 
 SINK_SCRIPT = """
 import signal, sys, threading
-from postlane.catcher import SmtpCatcher
+from postlane.dev.catcher import SmtpCatcher
 out = open(sys.argv[2], "a", buffering=1)
 lock = threading.Lock()
 def caught(message):

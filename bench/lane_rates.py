@@ -35,15 +35,15 @@ from temporalio.worker import Worker
 from activities.lanes import LaneAdminActivities
 from activities.resolve import LaneResolver
 from postlane import search_attributes as sa
-from postlane.binaries import dev_server_path
-from postlane.catcher import SmtpCatcher
 from postlane.client import PostlaneClient
 from postlane.config import LaneConfig, Settings
 from postlane.connection import data_converter
-from postlane.dev import SERVER_TUNING
+from postlane.dev.binaries import dev_server_path
+from postlane.dev.catcher import SmtpCatcher
+from postlane.dev.stack import SERVER_TUNING
+from postlane.email.models import Email
 from postlane.ids import WORKFLOW_TASK_QUEUE
-from postlane.lanes import start_lane_workflow
-from postlane.models import Email
+from postlane.lanes.limits import start_lane_workflow
 from workflows import WORKFLOWS, workflow_runner
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -134,7 +134,7 @@ async def one_case(
     ):
         try:
             for _ in range(300):
-                if (await pl.lane(lane.name)).server_rate == rate:
+                if (await pl.lanes.get(lane.name)).server_rate == rate:
                     break
                 await asyncio.sleep(0.1)  # polling the server's view; there is no event
             count = max(40, int(8 * rate)) if live else int(max(12, 8 * rate) + 2 * rate + 1)

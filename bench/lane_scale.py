@@ -40,8 +40,8 @@ from temporalio.worker import Worker
 
 with workflow.unsafe.imports_passed_through():
     from postlane.config import LaneConfig
+    from postlane.email.models import Email, Priority, RetrySettings, SendEmailInput
     from postlane.ids import lane_workflow_id
-    from postlane.models import Email, Priority, RetrySettings, SendEmailInput
     from workflows.send_email import SendEmailWorkflow
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -116,7 +116,7 @@ async def stand_in_worker(client: Client, tally: Tally) -> AsyncIterator[None]:
         task_queue=STAND_IN_QUEUE,
         workflows=[SlotOnlyEmail],
         activities=[tally.granted],
-        workflow_runner=workflow_runner(),
+        workflow_runner=workflow_runner(__name__),  # SlotOnlyEmail lives here
         max_concurrent_workflow_tasks=50,
     ):
         yield

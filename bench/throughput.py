@@ -5,7 +5,7 @@ Run from the repository root::
     .venv/bin/python bench/throughput.py [--emails 300] [--quick]
 
 It starts, as subprocesses, the Temporal dev server exactly as `postlane dev` tunes it
-(`postlane.dev.SERVER_TUNING`, SQLite file in a temporary directory), a Postlane worker
+(`postlane.dev.stack.SERVER_TUNING`, SQLite file in a temporary directory), a Postlane worker
 (``python worker.py``, one lane pointed at an SMTP catcher in this process) and the worker
 of a trivial one-workflow-one-activity baseline app (``bench/baseline_worker.py``). This
 process only starts workflows and waits for results. See bench/README.md for the figures.
@@ -48,14 +48,14 @@ sys.path.insert(0, str(BENCH))
 
 from baseline_app import WORKFLOW_QUEUE as BASELINE_QUEUE  # noqa: E402
 
-from postlane.binaries import dev_server_path  # noqa: E402
-from postlane.catcher import SmtpCatcher  # noqa: E402
 from postlane.client import PostlaneClient  # noqa: E402
 from postlane.config import load_settings  # noqa: E402
 from postlane.connection import data_converter  # noqa: E402
-from postlane.dev import SERVER_TUNING  # noqa: E402
-from postlane.models import Email  # noqa: E402
-from postlane.setup import ensure_search_attributes  # noqa: E402
+from postlane.dev.binaries import dev_server_path  # noqa: E402
+from postlane.dev.catcher import SmtpCatcher  # noqa: E402
+from postlane.dev.stack import SERVER_TUNING  # noqa: E402
+from postlane.email.models import Email  # noqa: E402
+from postlane.namespace import ensure_search_attributes  # noqa: E402
 
 NAMESPACE = "default"
 LANE = "bench"
@@ -635,7 +635,7 @@ def markdown(s: dict[str, Any]) -> str:
         "",
         f"{m['cpu_count']} CPUs, Python {s['versions']['python']}, temporalio "
         f"{s['versions']['temporalio']}, {s['versions']['temporal_cli']}; dev server with "
-        f"`postlane.dev.SERVER_TUNING` on a SQLite file; N = {s['n']}, "
+        f"`postlane.dev.stack.SERVER_TUNING` on a SQLite file; N = {s['n']}, "
         f"{s['rounds_per_kind']} rounds each after a warm-up of {s['warmup']}; production "
         f"code `{s['code_sha256']}`"
         + (" (**changed during the run**)" if s.get("code_changed_during_run") else "")

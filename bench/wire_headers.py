@@ -6,7 +6,7 @@ Three figures, in microseconds per message, on this machine's one core:
   email package writes the MIME body);
 - ``python_email``: the path it replaced, an `EmailMessage` with every header set on it and
   serialised with ``policy.SMTP`` (which refolded long msg-ids into encoded-words);
-- ``check``: `postlane.wire.check_message`, which `SmtpCatcher` runs on every message.
+- ``check``: `postlane.dev.wire.check_message`, which `SmtpCatcher` runs on every message.
 
 Usage: ``.venv/bin/python bench/wire_headers.py [--rounds N]``; writes
 ``bench/results/wire_headers.md`` and ``.json``.
@@ -27,9 +27,9 @@ from email.utils import format_datetime
 from pathlib import Path
 
 from activities.mime import render_message
+from postlane.dev.wire import check_message
+from postlane.email.models import Email
 from postlane.ids import email_workflow_id, message_id
-from postlane.models import Email
-from postlane.wire import check_message
 
 RESULTS = Path(__file__).parent / "results"
 MID = message_id(email_workflow_id("q4-outreach:ann@example.test:follow"), "acme.test")

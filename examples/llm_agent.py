@@ -19,7 +19,7 @@ import urllib.request
 
 from temporalio import activity
 
-from postlane.agent import COMPOSE_ACTIVITY, ComposeRequest, Draft
+from postlane.sequences.agent import COMPOSE_ACTIVITY, ComposeRequest, Draft
 
 ENDPOINT = os.environ.get("OPENAI_BASE_URL", "https://api.openai.com/v1") + "/chat/completions"
 MODEL = os.environ.get("POSTLANE_AGENT_MODEL", "gpt-4o-mini")

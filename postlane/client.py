@@ -11,10 +11,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 from temporalio.api.common.v1 import WorkflowExecution
-from temporalio.api.enums.v1 import EventType, PendingActivityState, TaskQueueType
-from temporalio.api.taskqueue.v1 import TaskQueue
+from temporalio.api.enums.v1 import EventType, PendingActivityState
 from temporalio.api.workflowservice.v1 import (
-    DescribeTaskQueueRequest,
     ResetWorkflowExecutionRequest,
 )
 from temporalio.client import (
@@ -39,6 +37,18 @@ from postlane import search_attributes as sa
 from postlane.config import Settings, load_settings
 from postlane.connection import connect_temporal
 from postlane.contract import SEND_EMAIL_WORKFLOW, parse_send_email_input
+from postlane.email.dlq import DeadLetters
+from postlane.email.models import (
+    MAX_EMAIL_BYTES,
+    DeliveryReceipt,
+    Email,
+    EmailReport,
+    EmailStatus,
+    Priority,
+    RetryRequest,
+    SendEmailInput,
+    invalid_email_from,
+)
 from postlane.errors import (
     ActionRefused,
     ConfigurationError,
@@ -48,6 +58,7 @@ from postlane.errors import (
     InvalidEmail,
     PermanentDeliveryError,
     PostlaneError,
+    UnknownLane,
     UnknownSender,
 )
 from postlane.idempotency import (
@@ -59,26 +70,12 @@ from postlane.idempotency import (
 from postlane.ids import (
     WORKFLOW_TASK_QUEUE,
     email_workflow_id,
-    key_from_workflow_id,
-    lane_task_queue,
-    lane_workflow_id,
     validate_key,
 )
-from postlane.models import (
-    MAX_EMAIL_BYTES,
-    DeliveryReceipt,
-    Email,
-    EmailReport,
-    EmailStatus,
-    LaneReport,
-    LaneStatus,
-    Priority,
-    RateChange,
-    RetryRequest,
-    SendEmailInput,
-    invalid_email_from,
-)
-from postlane.sequence_client import SequenceOperations
+from postlane.lanes.client import Lanes
+from postlane.names import EmailMessages
+from postlane.sequences.client import Sequences
+from postlane.sequences.suppressions import Suppressions
 from postlane.stuck import workflow_task_failure
 
 NON_RETRYABLE_TYPES = (
@@ -168,11 +165,13 @@ class EmailHandle:
         return await self._client.cancel(self.key)
 
 
-class PostlaneClient(SequenceOperations):
+class PostlaneClient:
     """Postlane's Python API, a thin layer over a Temporal client.
 
-    Sequence operations (`start_sequence`, `sequence_status`, `record_reply`, ...) come
-    from `SequenceOperations`.
+    The client itself sends one email and inspects, retries or cancels it. The other
+    parts share its connection: ``pl.sequences`` (enroll, inspect, route replies),
+    ``pl.dlq`` (dead letters), ``pl.lanes`` (lane reports and live rates) and
+    ``pl.suppressions`` (who never gets a sequence again).
 
     Use ``async with await PostlaneClient.connect() as pl: ...``.
     """
@@ -181,6 +180,14 @@ class PostlaneClient(SequenceOperations):
         self.temporal = client
         """The underlying Temporal client (Postlane's data converter is set on it)."""
         self.settings = settings
+        self.suppressions = Suppressions(client)
+        """Addresses a sender never enrolls again: `Suppressions`."""
+        self.sequences = Sequences(client, settings, self.suppressions)
+        """Enroll recipients in sequences, inspect and steer them: `Sequences`."""
+        self.dlq = DeadLetters(self)
+        """Emails parked in the dead-letter state: `DeadLetters`."""
+        self.lanes = Lanes(client, settings)
+        """Lane reports and live rate changes: `Lanes`."""
 
     @classmethod
     async def connect(
@@ -509,7 +516,8 @@ class PostlaneClient(SequenceOperations):
 
         Raises:
             EmailNotFound: no email has this key.
-            InvalidEmail: a correction is invalid (bad address, unknown lane).
+            InvalidEmail: a correction is invalid (bad address).
+            UnknownLane: `lane` names no configured lane.
             ActionRefused: the email is neither dead-lettered nor failed (the reason says
                 its status); nothing changed.
         """
@@ -517,8 +525,8 @@ class PostlaneClient(SequenceOperations):
         if lane is not None:
             try:
                 retry = self.settings.lane(lane).retry
-            except ConfigurationError as exc:
-                raise InvalidEmail("lane", str(exc)) from None
+            except ConfigurationError:
+                raise UnknownLane(lane, [known.name for known in self.settings.lanes]) from None
         try:
             request = RetryRequest(reason=reason, to=to, lane=lane, retry=retry)
         except ValidationError as exc:
@@ -527,7 +535,7 @@ class PostlaneClient(SequenceOperations):
             if to or lane:
                 raise InvalidEmail("to", "a failed email is retried as it was; resend corrected")
             return await self._rerun_failed(key, reason)
-        return await self._update_dead_letter(key, "retry", request)
+        return await self._update_dead_letter(key, EmailMessages.RETRY, request)
 
     async def _rerun_failed(self, key: str, reason: str) -> bool:
         """Reset a failed email to its first workflow task: same ID, a new run, one more send.
@@ -554,18 +562,6 @@ class PostlaneClient(SequenceOperations):
         )
         return True
 
-    async def discard(self, key: str, *, reason: str = "") -> bool:
-        """Give up on a dead-lettered email; it ends cancelled.
-
-        Returns:
-            True: the email was dead-lettered and is now discarded.
-
-        Raises:
-            EmailNotFound: no email has this key.
-            ActionRefused: the email is not dead-lettered (the reason says its status).
-        """
-        return await self._update_dead_letter(key, "discard", RetryRequest(reason=reason))
-
     async def _update_dead_letter(self, key: str, action: str, request: RetryRequest) -> bool:
         """Send the `action` update; its validator refuses it unless the email is parked."""
         status = await self.status(key)
@@ -584,126 +580,6 @@ class PostlaneClient(SequenceOperations):
             raise
         return True
 
-    async def dead_letters(
-        self, *, lane: str | None = None, since: datetime | None = None
-    ) -> list[EmailReport]:
-        """Emails parked in the dead-letter state, the longest parked first.
-
-        Needs a server with visibility (the dev server or a cluster, not the time-skipping
-        test server).
-
-        Args:
-            lane: only this lane's.
-            since: only those parked at or after this aware time.
-
-        Raises:
-            ConfigurationError: no lane has this name.
-            InvalidEmail: `since` is not timezone-aware.
-        """
-        keys = await self.dead_letter_keys(lane=lane, since=since)
-        reports = [await self.describe(key) for key in keys]
-        far_past = datetime.min.replace(tzinfo=UTC)
-        return sorted(reports, key=lambda r: r.parked_at or far_past)
-
-    async def dead_letter_keys(
-        self, *, lane: str | None = None, since: datetime | None = None
-    ) -> list[str]:
-        """Keys of the emails parked in the dead-letter state (see `dead_letters`).
-
-        The server filters on `PostlaneParkedAt`. Emails that parked under workflow code
-        older than that search attribute lack it; their own workflow tells when they
-        parked (they are left out if no worker answers).
-        """
-        query = 'PostlaneStatus="dead_letter" AND ExecutionStatus="Running"'
-        if lane is not None:
-            self.settings.lane(lane)  # also keeps the name safe inside the query
-            query += f' AND PostlaneLane="{lane}"'
-        if since is None:
-            return await self._listed_keys(query)
-        since = _aware(since, "since")
-        stamp = since.astimezone(UTC).isoformat().replace("+00:00", "Z")
-        keys = await self._listed_keys(f'{query} AND PostlaneParkedAt >= "{stamp}"')
-        for key in await self._listed_keys(f"{query} AND PostlaneParkedAt IS NULL"):
-            parked_at = (await self.describe(key)).parked_at
-            if parked_at is not None and parked_at >= since:
-                keys.append(key)
-        return keys
-
-    async def _listed_keys(self, query: str) -> list[str]:
-        return [
-            key_from_workflow_id(execution.id)
-            async for execution in self.temporal.list_workflows(query)
-        ]
-
-    async def lanes(self) -> list[LaneReport]:
-        """Every configured lane: rate, backpressure, cap usage, backlog and in-flight sends."""
-        return [await self.lane(lane.name) for lane in self.settings.lanes]
-
-    async def lane(self, name: str) -> LaneReport:
-        """One lane's report (see `lanes`).
-
-        Raises:
-            ConfigurationError: no lane has this name.
-        """
-        self.settings.lane(name)
-        status: LaneStatus | None = None
-        try:
-            handle = self.temporal.get_workflow_handle(lane_workflow_id(name))
-            status = await handle.query("status", result_type=LaneStatus)
-        except RPCError:
-            status = None  # not started yet, or no worker to answer
-        report: dict[str, Any] = {"name": name, "status": status}
-        try:
-            desc = await self.temporal.workflow_service.describe_task_queue(
-                DescribeTaskQueueRequest(
-                    namespace=self.temporal.namespace,
-                    task_queue=TaskQueue(name=lane_task_queue(name)),
-                    task_queue_type=TaskQueueType.TASK_QUEUE_TYPE_ACTIVITY,
-                    report_stats=True,
-                    report_config=True,
-                )
-            )
-        except RPCError as err:
-            if err.status != RPCStatusCode.UNIMPLEMENTED:
-                raise
-        else:
-            report.update(
-                server_rate=desc.effective_rate_limit.requests_per_second or None,
-                backlog=desc.stats.approximate_backlog_count,
-                backlog_age=desc.stats.approximate_backlog_age.ToTimedelta(),
-                dispatch_rate=desc.stats.tasks_dispatch_rate,
-            )
-            try:
-                query = (
-                    f'PostlaneLane="{name}" AND PostlaneStatus="queued"'
-                    ' AND ExecutionStatus="Running"'
-                )
-                report["in_flight"] = (await self.temporal.count_workflows(query)).count
-            except RPCError:
-                pass  # no visibility store (test server)
-        return LaneReport(**report)
-
-    async def set_lane_rate(self, name: str, rate_per_second: float, *, reason: str = "") -> None:
-        """Change a lane's rate live, on every host; a worker restart re-applies the file's.
-
-        Raises:
-            ConfigurationError: no lane has this name, or the rate is not positive.
-        """
-        self.settings.lane(name)
-        if not rate_per_second > 0:
-            raise ConfigurationError(f"rate: {rate_per_second:g} must be greater than 0")
-        handle = self.temporal.get_workflow_handle(lane_workflow_id(name))
-        try:
-            await handle.signal(
-                "set_rate", RateChange(rate_per_second=rate_per_second, reason=reason)
-            )
-        except RPCError as err:
-            if err.status == RPCStatusCode.NOT_FOUND:
-                raise ConfigurationError(
-                    f"lane {name!r} has no running lane workflow; start a worker for it first"
-                ) from None
-            raise
-
 
 async def _query_report(
     handle: WorkflowHandle[Any, Any], *, rpc_timeout: timedelta | None = None
@@ -711,17 +587,11 @@ async def _query_report(
     """The email workflow's own report (query ``status``), or None if no worker answered."""
     try:
         report: EmailReport = await handle.query(
-            "status", result_type=EmailReport, rpc_timeout=rpc_timeout
+            EmailMessages.STATUS, result_type=EmailReport, rpc_timeout=rpc_timeout
         )
     except (RPCError, WorkflowQueryFailedError, WorkflowQueryRejectedError):
         return None
     return report
-
-
-def _aware(when: datetime, field: str) -> datetime:
-    if when.tzinfo is None or when.utcoffset() is None:
-        raise InvalidEmail(field, "must be timezone-aware, e.g. datetime.now(UTC)")
-    return when
 
 
 def content_hash(request: SendEmailInput) -> str:
@@ -764,7 +634,7 @@ def _delivery_error(err: WorkflowFailureError) -> PostlaneError:
         if isinstance(cause, CancelledError):
             return EmailCancelled("the email was cancelled before it was sent")
         if isinstance(cause, ApplicationError):
-            if cause.type == "EmailDiscarded":
+            if cause.type == ErrorType.EMAIL_DISCARDED:
                 return EmailCancelled(cause.message)
             details = (
                 cause.details[0] if cause.details and isinstance(cause.details[0], dict) else {}

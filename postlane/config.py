@@ -22,11 +22,17 @@ from typing import Literal, Protocol, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from postlane.addresses import normalise_sender_pattern
+from postlane.email.addresses import normalise_sender_pattern
+from postlane.email.models import (
+    RetrySettings,
+)
 from postlane.errors import ConfigurationError
 from postlane.ids import inbox_workflow_id, lane_task_queue
-from postlane.models import LaneLimits, RetrySettings, Warmup
-from postlane.sequence_spec import Duration
+from postlane.lanes.models import (
+    LaneLimits,
+    Warmup,
+)
+from postlane.sequences.spec import Duration
 
 DEFAULT_CONFIG_FILE = "postlane.toml"
 DEV_LANE = "default"

@@ -15,9 +15,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from postlane.errors import InvalidEmail
-from postlane.ids import EMAIL_ID_PREFIX, validate_key
-from postlane.models import (
+from postlane.email.models import (
     MAX_EMAIL_BYTES,
     AttemptRecord,
     DeliveryReceipt,
@@ -26,8 +24,11 @@ from postlane.models import (
     SendEmailInput,
     invalid_email_from,
 )
+from postlane.errors import InvalidEmail
+from postlane.ids import EMAIL_ID_PREFIX, validate_key
+from postlane.names import WorkflowType
 
-SEND_EMAIL_WORKFLOW = "SendEmail"
+SEND_EMAIL_WORKFLOW = WorkflowType.SEND_EMAIL
 """Workflow type of one email."""
 JSON_ENCODING = b"json/plain"
 """The payload encoding Postlane's inputs and results use (Temporal's JSON converter)."""

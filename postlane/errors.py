@@ -56,17 +56,20 @@ class ErrorType(StrEnum):
     """The input names a lane the workers' configuration does not have: failed at once."""
     ACTION_REFUSED = "ActionRefused"
     """An update's validator refused an operator action (retry, discard, approve, ...)."""
+    EMAIL_DISCARDED = "EmailDiscarded"
+    """An operator discarded the dead-lettered email: it ends cancelled with this type."""
 
 
 class PostlaneError(Exception):
     """Base class of every error Postlane raises on purpose."""
 
 
-class InvalidEmail(PostlaneError, ValueError):
-    """The email (or its send options) is invalid; nothing was started.
+class InvalidInput(PostlaneError, ValueError):
+    """Something given to Postlane is invalid (an argument, an option, a file); nothing was
+    started or changed. The subclasses say what it was.
 
     Attributes:
-        field: dotted path of the offending field, e.g. ``to.0`` or ``headers``.
+        field: the offending field, option or file, e.g. ``since`` or ``spec.toml: steps.0``.
         reason: what is wrong with it.
     """
 
@@ -74,6 +77,33 @@ class InvalidEmail(PostlaneError, ValueError):
         self.field = field
         self.reason = reason
         super().__init__(f"{field}: {reason}")
+
+
+class InvalidEmail(InvalidInput):
+    """The email (or its send options) is invalid; nothing was started.
+
+    Attributes:
+        field: dotted path of the offending field, e.g. ``to.0`` or ``headers``.
+        reason: what is wrong with it.
+    """
+
+
+class InvalidSpec(InvalidInput):
+    """A sequence spec is invalid: its file is unreadable or not TOML, or a field is wrong
+    (``field`` names the file and the field, e.g. ``spec.toml: steps.2.timeout``)."""
+
+
+class InvalidRecipients(InvalidInput):
+    """A recipients file is unreadable or has no address column (``field`` is the file)."""
+
+
+class UnknownLane(InvalidInput):
+    """No configured lane has this name."""
+
+    def __init__(self, lane: str, known: list[str]) -> None:
+        names = ", ".join(known) or "none configured"
+        super().__init__("lane", f"no lane is named {lane!r} (lanes: {names})")
+        self.lane = lane
 
 
 class UnknownSender(InvalidEmail):

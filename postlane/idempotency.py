@@ -19,8 +19,8 @@ from typing import Any
 
 from temporalio.client import WorkflowHandle
 
+from postlane.email.models import Email
 from postlane.errors import IdempotencyConflict
-from postlane.models import Email
 
 CONTENT_HASH = "postlane_content_hash"
 """Memo key holding the hash of what a workflow was started with."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from temporalio.common import SearchAttributeKey, SearchAttributePair, TypedSearchAttributes
 
-from postlane.models import Email
+from postlane.email.models import Email
 
 STATUS = SearchAttributeKey.for_keyword("PostlaneStatus")
 LANE = SearchAttributeKey.for_keyword("PostlaneLane")

@@ -21,8 +21,8 @@ from activities.suppression import SuppressionActivities
 from postlane.config import InboxConfig, LaneConfig, Settings
 from postlane.errors import ConfigurationError
 from postlane.ids import INBOUND_TASK_QUEUE, WORKFLOW_TASK_QUEUE
-from postlane.inboxes import start_inbox_watcher
-from postlane.lanes import start_lane_workflow
+from postlane.inbound.inboxes import start_inbox_watcher
+from postlane.lanes.limits import start_lane_workflow
 from workflows import WORKFLOWS, workflow_runner
 
 log = structlog.get_logger(__name__)
@@ -67,7 +67,7 @@ def build_workers(
     """The orchestration worker (if `workflows`), one send worker per lane, and the IMAP
     poll worker on ``postlane.inbound`` (if `inbound`).
 
-    `agents` are compose-step activities (see `postlane.agent`), hosted on ``postlane``.
+    `agents` are compose-step activities (see `postlane.sequences.agent`), hosted on ``postlane``.
     """
     workers: list[Worker] = []
     if workflows:
@@ -133,7 +133,7 @@ async def run_workers(
 
     `ready` is set once the lanes' and inboxes' workflows are started and the workers are
     polling. `sends=False` serves no lane; `inbound=False` polls no inbox. `agents` are
-    compose-step activities (see `postlane.agent`).
+    compose-step activities (see `postlane.sequences.agent`).
 
     Raises:
         ConfigurationError: see `select_lanes` and `select_inboxes`.

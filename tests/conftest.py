@@ -30,10 +30,15 @@ import pytest_timeout
 from temporalio.testing import WorkflowEnvironment
 
 from postlane import search_attributes as sa
-from postlane.binaries import dev_server_path
 from postlane.config import LaneConfig
 from postlane.connection import data_converter
-from postlane.models import RetrySettings, Warmup
+from postlane.dev.binaries import dev_server_path
+from postlane.email.models import (
+    RetrySettings,
+)
+from postlane.lanes.models import (
+    Warmup,
+)
 from postlane.testing import PostlaneTestEnv, default_test_lane, postlane_test_env
 
 # The plugin users load the same way (it has no pytest11 entry point, so it never loads

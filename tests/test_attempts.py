@@ -20,11 +20,11 @@ from temporalio.api.sdk.v1 import WorkflowMetadata
 from temporalio.testing import WorkflowEnvironment
 
 from postlane import Email, EmailStatus, PermanentDeliveryError, PostlaneClient, Settings
-from postlane.catcher import Phase, SmtpCatcher
-from postlane.cli import format_attempts
+from postlane.cli.app import format_attempts
+from postlane.dev.catcher import Phase, SmtpCatcher
+from postlane.email.models import MAX_ATTEMPT_HISTORY, RetrySettings
 from postlane.errors import ErrorType
 from postlane.ids import email_workflow_id
-from postlane.models import MAX_ATTEMPT_HISTORY, RetrySettings
 from postlane.testing import PostlaneTestEnv, running_workers
 from tests.conftest import PATIENT_LANE
 from tests.procs import assert_eventually, postlane_env, run_postlane, write_config
@@ -263,7 +263,7 @@ async def test_every_attempt_count_matches_the_transactions_the_server_saw(
 
             row = (await assert_eventually(listed, within=30, what="dlq list")).splitlines()[1]
             assert re.split(r"\s{2,}", row)[3::2] == ["3", OUTAGE]  # attempts, last reply
-            await pl.discard(parked)
+            await pl.dlq.discard(parked)
 
         # Without a worker the server alone still says one attempt and the bare reply.
         report = await pl.describe(refused)

@@ -21,15 +21,15 @@ from temporalio.client import WorkflowHistory
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Replayer
 
-from postlane.catcher import CaughtMessage, SmtpCatcher
 from postlane.client import CancelOutcome, PostlaneClient
 from postlane.config import LaneConfig, Settings
 from postlane.connection import data_converter
+from postlane.dev.catcher import CaughtMessage, SmtpCatcher
+from postlane.email.models import EmailStatus, RetrySettings
 from postlane.errors import ActionRefused, EmailNotFound
 from postlane.ids import email_workflow_id
-from postlane.models import EmailStatus, RetrySettings
-from postlane.sequence_models import SequenceStatus
-from postlane.sequence_spec import Recipient, load_spec
+from postlane.sequences.models import SequenceStatus
+from postlane.sequences.spec import Recipient, load_spec
 from postlane.testing import catcher_lane, running_workers
 from tests.conftest import TINY_LANE
 from tests.procs import assert_eventually, postlane_env, run_postlane, write_config
@@ -256,7 +256,7 @@ async def test_cancel_of_a_dead_letter_ends_cancelled_and_retry_is_refused(
                 f"error: ActionRefused: {key}: cannot retry: the email is cancelled"
             )
             with pytest.raises(ActionRefused, match="cannot discard: the email is cancelled"):
-                await pl.discard(key)
+                await pl.dlq.discard(key)
             assert smtp.messages == []
 
 
@@ -303,7 +303,7 @@ async def test_unsubscribe_of_a_sequence_whose_email_is_retrying_cancels_the_ema
         spec_file.write_text(SEQUENCE.format(name=f"seq-{uuid.uuid4().hex[:6]}"))
         smtp.fail("data", OUTAGE, times=1_000)
         async with running_workers(dev_env, pl.settings):
-            seq = await pl.start_sequence(
+            seq = await pl.sequences.start(
                 load_spec(spec_file), Recipient(address=f"ann-{uuid.uuid4().hex[:6]}@example.test")
             )
             child = f"{seq.key}:intro"
@@ -344,7 +344,7 @@ async def test_cancel_of_a_sequence_whose_email_is_at_data_records_it_sent(
         spec_file.write_text(SEQUENCE.format(name=f"seq-{uuid.uuid4().hex[:6]}"))
         smtp.delay("data", 15.0)  # the cancel lands while the server holds DATA
         async with running_workers(dev_env, pl.settings):
-            seq = await pl.start_sequence(
+            seq = await pl.sequences.start(
                 load_spec(spec_file), Recipient(address=f"ann-{uuid.uuid4().hex[:6]}@example.test")
             )
             child = f"{seq.key}:intro"
@@ -358,16 +358,16 @@ async def test_cancel_of_a_sequence_whose_email_is_at_data_records_it_sent(
 
             await assert_eventually(child_started, within=30, what="the step's email started")
             await send_in_data(dev_env, email_workflow_id(child))
-            assert await pl.cancel_sequence(seq.key)
+            assert await pl.sequences.cancel(seq.key)
             receipt = await pl.handle(child).result()
             assert await pl.status(child) == EmailStatus.SENT
             assert await cancel_came_before_completion(pl, email_workflow_id(child))
 
             async def cancelled() -> bool:
-                return (await pl.sequence_status(seq.key)).status == SequenceStatus.CANCELLED
+                return (await pl.sequences.status(seq.key)).status == SequenceStatus.CANCELLED
 
             await assert_eventually(cancelled, within=30, what="the sequence cancelled")
-            report = await pl.sequence_status(seq.key)
+            report = await pl.sequences.status(seq.key)
             assert [m.message_id for m in report.sent] == [receipt.message_id]
             assert raw_message_ids(smtp.messages) == [receipt.message_id]
             await retry_all_sends_nothing(env, lane, smtp, smtp.messages)

@@ -7,11 +7,11 @@ from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
-from postlane.cli import _report_cancel, format_attempts, format_dead_letters, parse_since
+from postlane.cli.app import _report_cancel, format_attempts, format_dead_letters, parse_since
+from postlane.cli.progress import ProgressBar
 from postlane.client import CancelOutcome, CancelResult
-from postlane.errors import InvalidEmail
-from postlane.models import AttemptRecord, DeliveryReceipt, EmailReport, EmailStatus
-from postlane.progress import ProgressBar
+from postlane.email.models import AttemptRecord, DeliveryReceipt, EmailReport, EmailStatus
+from postlane.errors import InvalidEmail, InvalidInput
 
 NOW = datetime(2026, 3, 10, 12, 0, tzinfo=UTC)
 
@@ -37,8 +37,9 @@ def test_parse_since_durations_and_times(value: str, expected: datetime) -> None
 
 @pytest.mark.parametrize("value", ["", "2", "h", "2 hours", "-2h", "2y", "yesterday", "2h 30m"])
 def test_parse_since_rejects_other_text(value: str) -> None:
-    with pytest.raises(InvalidEmail) as caught:
+    with pytest.raises(InvalidInput) as caught:
         parse_since(value, NOW)
+    assert not isinstance(caught.value, InvalidEmail)  # an option, not an email's field
     assert caught.value.field == "since"
 
 

@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 from temporalio.testing import WorkflowEnvironment
 
-from postlane.catcher import SmtpCatcher
 from postlane.client import CancelOutcome, EmailHandle, PostlaneClient
 from postlane.config import Settings
+from postlane.dev.catcher import SmtpCatcher
+from postlane.email.models import EmailStatus, RetrySettings
 from postlane.errors import ActionRefused, EmailCancelled, PermanentDeliveryError
-from postlane.models import EmailStatus, RetrySettings
 from postlane.testing import running_workers
 from tests.procs import (
     WorkerProcess,
@@ -61,7 +61,7 @@ async def test_dlq_list_and_retry_all_deliver_each_once(
             handles = [await pl.send(an_email(f"#{n}"), key=f"{key}-{n}") for n in range(3)]
 
             async def parked() -> bool:
-                return len(await pl.dead_letters(lane=lane.name)) == 3
+                return len(await pl.dlq.list(lane=lane.name)) == 3
 
             await assert_eventually(parked, within=60, what="three emails dead-lettered")
             rc, out, err = await run_postlane(["dlq", "list", "--lane", lane.name], env)
@@ -127,7 +127,7 @@ async def test_dlq_discard_all_twice_ends_each_cancelled(
             )
 
             async def listed() -> bool:  # visibility catches up with the parked status
-                return sorted(await pl.dead_letter_keys(lane=lane.name)) == keys
+                return sorted(await pl.dlq.keys(lane=lane.name)) == keys
 
             await assert_eventually(listed, within=30, what="both listed by the server")
             args = ["dlq", "discard", "--all", "--lane", lane.name]
@@ -224,13 +224,9 @@ async def test_outage_parks_across_worker_kill_then_retry_all_delivers_each_once
             assert rc == 0, err
             assert table_rows(out) == []
             # The server filters on PostlaneParkedAt (dead_letter_keys does not filter again).
-            assert (
-                await pl.dead_letter_keys(lane=lane.name, since=datetime.fromisoformat(later)) == []
-            )
+            assert await pl.dlq.keys(lane=lane.name, since=datetime.fromisoformat(later)) == []
             hour_ago = datetime.now(UTC) - timedelta(hours=1)
-            assert sorted(await pl.dead_letter_keys(lane=lane.name, since=hour_ago)) == sorted(
-                everyone
-            )
+            assert sorted(await pl.dlq.keys(lane=lane.name, since=hour_ago)) == sorted(everyone)
 
             # Each late email's attempts: the first by the killed worker, the last by its
             # replacement; every one with the provider's reply and its SMTP server.
@@ -259,7 +255,7 @@ async def test_outage_parks_across_worker_kill_then_retry_all_delivers_each_once
             args = ["dlq", "retry", "--all", "--lane", lane.name]
 
             async def only_retried_listed() -> bool:
-                return sorted(await pl.dead_letter_keys(lane=lane.name)) == sorted(retried)
+                return sorted(await pl.dlq.keys(lane=lane.name)) == sorted(retried)
 
             await assert_eventually(only_retried_listed, within=30, what="visibility caught up")
             rc, out, err = await run_postlane(args, env)
@@ -313,7 +309,7 @@ async def test_retry_and_discard_of_an_email_that_is_not_parked_are_refused(
                 f"error: ActionRefused: {key}: cannot retry: the email is queued, not dead_letter"
             )
             with pytest.raises(ActionRefused) as refused:
-                await pl.discard(key)
+                await pl.dlq.discard(key)
             assert (refused.value.action, refused.value.reason) == (
                 "discard",
                 "cannot discard: the email is queued, not dead_letter",

@@ -26,12 +26,12 @@ from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Replayer, Worker
 
 from activities.smtp import ACCEPTED_SIGNAL, SmtpActivities
-from postlane.catcher import CaughtMessage, SmtpCatcher
 from postlane.client import PostlaneClient
 from postlane.config import LaneConfig, Settings
 from postlane.connection import data_converter
+from postlane.dev.catcher import CaughtMessage, SmtpCatcher
+from postlane.email.models import DeliveryReceipt, Email, RetrySettings
 from postlane.ids import WORKFLOW_TASK_QUEUE
-from postlane.models import DeliveryReceipt, Email, RetrySettings
 from postlane.testing import catcher_lane
 from postlane.worker import build_workers
 from workflows import WORKFLOWS, workflow_runner

@@ -30,14 +30,14 @@ from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Replayer
 
 from postlane import search_attributes as sa
-from postlane.catcher import SmtpCatcher
 from postlane.client import PostlaneClient
 from postlane.config import LaneConfig, Settings
 from postlane.connection import data_converter
+from postlane.dev.catcher import SmtpCatcher
+from postlane.email.models import DeliveryReceipt, Email, EmailStatus, RetrySettings
 from postlane.errors import IdempotencyConflict, InvalidEmail
 from postlane.idempotency import CONTENT_HASH
 from postlane.ids import WORKFLOW_TASK_QUEUE, email_workflow_id, message_id
-from postlane.models import DeliveryReceipt, Email, EmailStatus, RetrySettings
 from postlane.testing import PostlaneTestEnv, catcher_lane
 from tests.procs import (
     REPO_ROOT,

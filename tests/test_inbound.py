@@ -8,8 +8,8 @@ from datetime import UTC, datetime
 import pytest
 
 from postlane.ids import email_workflow_id, message_id, sequence_workflow_id, unsubscribe_token
-from postlane.inbound import classify, route, strip_quoted
-from postlane.sequence_models import MAX_THREAD_TEXT, InboundKind
+from postlane.inbound.classify import classify, route, strip_quoted
+from postlane.sequences.models import MAX_THREAD_TEXT, InboundKind
 
 FIRST = message_id(email_workflow_id("trial-zoe:first"), "acme.test")
 """What the sequence ``trial-zoe`` sent in its step ``first``."""

@@ -19,16 +19,16 @@ from temporalio.client import WorkflowExecutionStatus
 from temporalio.service import RPCError, RPCStatusCode
 from temporalio.testing import WorkflowEnvironment
 
-from postlane.catcher import SmtpCatcher
 from postlane.client import PostlaneClient
 from postlane.config import InboxConfig, LaneConfig, Settings
 from postlane.connection import data_converter
+from postlane.dev.catcher import SmtpCatcher
+from postlane.email.models import RetrySettings
 from postlane.ids import INBOUND_TASK_QUEUE, inbox_workflow_id, sequence_workflow_id
-from postlane.inbound_models import WatcherReport
-from postlane.inboxes import watcher_status
-from postlane.models import RetrySettings
-from postlane.sequence_models import InboundEvent, SequenceReport, SequenceStatus
-from postlane.sequence_spec import Recipient, SequenceSpec
+from postlane.inbound.inboxes import watcher_status
+from postlane.inbound.models import WatcherReport
+from postlane.sequences.models import InboundEvent, SequenceReport, SequenceStatus
+from postlane.sequences.spec import Recipient, SequenceSpec
 from postlane.testing import catcher_lane
 from tests.imap import Dovecot
 from tests.procs import (
@@ -121,7 +121,7 @@ class Stack:
     async def enroll(self, spec: SequenceSpec, key: str) -> str:
         """Enroll a recipient of the key's own; the Message-ID the catcher saw go out."""
         address = f"{key}@example.test"
-        await self.client.start_sequence(spec, Recipient(address=address), key=key)
+        await self.client.sequences.start(spec, Recipient(address=address), key=key)
 
         def sent() -> str | None:
             for message in self.smtp.messages:
@@ -132,7 +132,7 @@ class Stack:
         return await assert_eventually(sent, within=60, what=f"first email of {key}")
 
     async def sequence(self, key: str) -> SequenceReport:
-        return await self.client.sequence_status(key)
+        return await self.client.sequences.status(key)
 
     async def watcher(self) -> WatcherReport:
         return await watcher_status(self.env.client, self.inbox.name)

@@ -16,8 +16,8 @@ from activities.inbound import InboundActivities
 from postlane.config import InboxConfig, Settings
 from postlane.errors import ErrorType
 from postlane.ids import email_workflow_id, message_id, sequence_workflow_id
-from postlane.inbound_models import InboxCursor, PollRequest, PollResult
-from postlane.sequence_models import InboundKind
+from postlane.inbound.models import InboxCursor, PollRequest, PollResult
+from postlane.sequences.models import InboundKind
 from tests.imap import Dovecot
 from tests.test_inbound import EXCHANGE_OOO, GMAIL_REPLY, POSTFIX_DSN, simple_reply
 

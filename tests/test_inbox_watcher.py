@@ -22,8 +22,9 @@ from postlane.config import InboxConfig
 from postlane.connection import data_converter
 from postlane.errors import ErrorType
 from postlane.ids import INBOUND_TASK_QUEUE, sequence_workflow_id, unsubscribe_token
-from postlane.inbound import classify, route
-from postlane.inbound_models import (
+from postlane.inbound.classify import classify, route
+from postlane.inbound.inboxes import mark_finished, start_inbox_watcher, watcher_status
+from postlane.inbound.models import (
     InboundItem,
     InboxCursor,
     PollRequest,
@@ -31,9 +32,8 @@ from postlane.inbound_models import (
     UnsubscribeRequest,
     WatcherReport,
 )
-from postlane.inboxes import mark_finished, start_inbox_watcher, watcher_status
-from postlane.sequence_models import InboundEvent, SequenceReport, SequenceStatus
-from postlane.sequence_spec import (
+from postlane.sequences.models import InboundEvent, SequenceReport, SequenceStatus
+from postlane.sequences.spec import (
     Recipient,
     SendStep,
     SequenceSpec,
@@ -166,7 +166,7 @@ async def polled(pl: PostlaneTestEnv, inbox: InboxConfig, polls: int) -> Watcher
 async def enroll(pl: PostlaneTestEnv, spec: SequenceSpec, key: str) -> str:
     """Start the sequence; return the Message-ID of its first email, once it is out."""
     before = len(pl.outbox)
-    await pl.client.start_sequence(spec, recipient(key), key=key)
+    await pl.client.sequences.start(spec, recipient(key), key=key)
     caught = await pl.smtp.wait_for_async(before + 1)
     return caught[before].message_id
 
@@ -180,7 +180,7 @@ async def test_watcher_reply_stops_sequence_before_its_next_send(
 
     await start_inbox_watcher(pl.env.client, inbox)
 
-    report = await pl.client.sequence(key).result()
+    report = await pl.client.sequences.get(key).result()
     assert report.status == SequenceStatus.REPLIED
     assert [m.step for m in report.sent] == ["first"]
     assert [r.message_id for r in report.replies] == ["<r-1@example.test>"]
@@ -203,11 +203,11 @@ async def test_watcher_out_of_office_does_not_stop_and_poll_now_cuts_the_wait(
     watcher = await polled(pl, inbox, 2)  # the day-long interval did not have to pass
 
     assert watcher.delivered == 1
-    seq = await pl.client.sequence_status(key)
+    seq = await pl.client.sequences.status(key)
     assert seq.status == SequenceStatus.ACTIVE
     assert seq.auto_replies == 1 and seq.replies == []
     await pl.sleep(timedelta(hours=1, minutes=1))  # the wait ends: the follow-up goes out
-    report = await pl.client.sequence(key).result()
+    report = await pl.client.sequences.get(key).result()
     assert report.status == SequenceStatus.COMPLETED
     assert [m.step for m in report.sent] == ["first", "follow-up"]
 
@@ -226,7 +226,7 @@ async def test_watcher_redelivered_reply_is_applied_once(
     assert watcher.delivered == 2
 
     async def thanked() -> SequenceReport | None:
-        report = await pl.client.sequence_status(key)
+        report = await pl.client.sequences.status(key)
         return report if report.step == "linger" else None
 
     report = await assert_eventually(thanked, what="the thanks sent")
@@ -240,7 +240,7 @@ async def test_watcher_skips_events_for_unknown_or_finished_sequences(
     pl: PostlaneTestEnv, imap: FakeImap, key: str
 ) -> None:
     first = await enroll(pl, FOLLOW_UP, key)
-    await pl.client.cancel_sequence(key)
+    await pl.client.sequences.cancel(key)
 
     # Closed, not just reporting "cancelled": a cancelled sequence first stops its email in
     # flight, and the watcher rightly signals a sequence that is still running.
@@ -250,7 +250,7 @@ async def test_watcher_skips_events_for_unknown_or_finished_sequences(
         return (await handle.describe()).status == WorkflowExecutionStatus.CANCELED
 
     await assert_eventually(closed, what="the sequence closed as cancelled")
-    assert (await pl.client.sequence_status(key)).status == SequenceStatus.CANCELLED
+    assert (await pl.client.sequences.status(key)).status == SequenceStatus.CANCELLED
     inbox = new_inbox(imap)
     ghost = sequence_workflow_id("never-enrolled")
     imap.mailboxes[inbox.name] += [
@@ -280,11 +280,11 @@ async def test_watcher_unsubscribe_stops_sequence_and_suppresses(
 
     await start_inbox_watcher(pl.env.client, inbox)
 
-    report = await pl.client.sequence(key).result()
+    report = await pl.client.sequences.get(key).result()
     assert report.status == SequenceStatus.UNSUBSCRIBED
     assert report.stop_reason == "unsubscribed mail from zoe@example.test"
     assert len(pl.outbox) == 1
-    assert await pl.client.is_suppressed(SENDER, recipient(key).address)
+    assert await pl.client.suppressions.is_suppressed(SENDER, recipient(key).address)
     assert imap.unsubscribes == []
 
 
@@ -338,7 +338,7 @@ async def test_watcher_hard_bounce_stops_sequence(
 
     await start_inbox_watcher(pl.env.client, inbox)
 
-    report = await pl.client.sequence(key).result()
+    report = await pl.client.sequences.get(key).result()
     assert report.status == SequenceStatus.BOUNCED
     assert report.stop_reason == "bounced 5.1.1"
     assert len(pl.outbox) == 1
@@ -382,13 +382,15 @@ async def test_record_reply_routes_raw_mail_like_the_watcher(pl: PostlaneTestEnv
     ooo = simple_reply(f"In-Reply-To: {first}", subject="Automatic reply: x", message_id="<a@x>")
     reply = simple_reply(f"In-Reply-To: {first}", message_id="<b@x>")
 
-    assert await pl.client.record_reply(ooo) == key
-    assert await pl.client.record_reply(simple_reply("")) is None  # answers nothing of ours
-    assert await pl.client.record_reply(reply) == key
-    assert await pl.client.record_reply(reply.decode()) == key  # the same again, as str
+    assert await pl.client.sequences.record_reply(ooo) == key
+    assert (
+        await pl.client.sequences.record_reply(simple_reply("")) is None
+    )  # answers nothing of ours
+    assert await pl.client.sequences.record_reply(reply) == key
+    assert await pl.client.sequences.record_reply(reply.decode()) == key  # the same again, as str
 
     async def thanked() -> SequenceReport | None:
-        report = await pl.client.sequence_status(key)
+        report = await pl.client.sequences.status(key)
         return report if report.step == "linger" else None
 
     report = await assert_eventually(thanked, what="the thanks sent")
@@ -397,6 +399,6 @@ async def test_record_reply_routes_raw_mail_like_the_watcher(pl: PostlaneTestEnv
     assert [m.step for m in report.sent] == ["first", "thanks"]
 
     token = unsubscribe_token(sequence_workflow_id(key))
-    assert await pl.client.record_reply(unsubscribe_mail(token)) == key
-    final = await pl.client.sequence(key).result()
+    assert await pl.client.sequences.record_reply(unsubscribe_mail(token)) == key
+    final = await pl.client.sequences.get(key).result()
     assert final.status == SequenceStatus.UNSUBSCRIBED

@@ -13,7 +13,7 @@ import pytest_asyncio
 from temporalio.worker import Replayer
 
 from postlane.connection import data_converter
-from postlane.inboxes import start_inbox_watcher
+from postlane.inbound.inboxes import start_inbox_watcher
 from postlane.testing import PostlaneTestEnv, postlane_test_env
 from tests.conftest import LANES
 from tests.test_inbox_watcher import FakeImap, imap, new_inbox, polled, simple_reply

@@ -26,12 +26,12 @@ from temporalio.service import RPCError, RPCStatusCode
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
-from postlane.catcher import SmtpCatcher
 from postlane.client import PostlaneClient
 from postlane.config import LaneConfig, Settings
+from postlane.dev.catcher import SmtpCatcher
+from postlane.email.models import Email, EmailStatus, RetrySettings
 from postlane.ids import WORKFLOW_TASK_QUEUE, lane_workflow_id
-from postlane.lanes import start_lane_workflow
-from postlane.models import Email, EmailStatus, RetrySettings
+from postlane.lanes.limits import start_lane_workflow
 from postlane.testing import catcher_lane, running_workers
 from tests.procs import (
     RunningSend,

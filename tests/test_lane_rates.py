@@ -18,14 +18,14 @@ from temporalio.worker import Worker
 
 from activities.resolve import LaneResolver
 from postlane import search_attributes as sa
-from postlane.binaries import dev_server_path
-from postlane.catcher import SmtpCatcher
 from postlane.client import PostlaneClient
 from postlane.config import Settings
 from postlane.connection import data_converter
+from postlane.dev.binaries import dev_server_path
+from postlane.dev.catcher import SmtpCatcher
+from postlane.email.models import EmailStatus
 from postlane.ids import WORKFLOW_TASK_QUEUE
-from postlane.lanes import start_lane_workflow
-from postlane.models import EmailStatus
+from postlane.lanes.limits import start_lane_workflow
 from postlane.worker import run_workers
 from tests.conftest import DEV_SERVER_ARGS
 from tests.procs import (
@@ -229,7 +229,7 @@ async def test_lanes_set_changes_rate_on_server_live(
         await wait_for_pollers(client, lane.task_queue, [worker])
 
         async def rate_is(value: float) -> bool:
-            return (await pl.lane(lane.name)).server_rate == value
+            return (await pl.lanes.get(lane.name)).server_rate == value
 
         await assert_eventually(lambda: rate_is(4), what="the configured rate on the server")
         rc, out, err = await run_postlane(["lanes", "set", lane.name, "--rate", "120/m"], env)
@@ -301,5 +301,5 @@ async def settled_statuses(pl: PostlaneClient, key: str) -> list[str]:
 
 
 async def two_waiting(pl: PostlaneClient, lane: str) -> bool:
-    status = (await pl.lane(lane)).status
+    status = (await pl.lanes.get(lane)).status
     return status is not None and (status.used_last_hour, status.waiting) == (3, 2)

@@ -18,9 +18,16 @@ from bench import lane_scale
 from postlane import Email, EmailStatus
 from postlane import search_attributes as sa
 from postlane.config import LaneConfig
+from postlane.email.models import (
+    EmailReport,
+)
 from postlane.ids import email_workflow_id, lane_workflow_id
-from postlane.lanes import start_lane_workflow
-from postlane.models import EmailReport, LaneStatus, SlotRequest, ThrottleReport
+from postlane.lanes.limits import start_lane_workflow
+from postlane.lanes.models import (
+    LaneStatus,
+    SlotRequest,
+    ThrottleReport,
+)
 from postlane.testing import PostlaneTestEnv, postlane_test_env
 from tests.conftest import CAPPED_LANE, FRAGILE_LANE, TINY_LANE, TOUCHY_LANE, WARM_LANE
 from tests.procs import assert_eventually

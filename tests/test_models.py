@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from postlane import Attachment, Email, InvalidEmail
-from postlane.models import MAX_EMAIL_BYTES, MAX_RECIPIENTS, Priority
+from postlane.email.models import MAX_EMAIL_BYTES, MAX_RECIPIENTS, Priority
 
 GOOD = {
     "sender": "agent@acme.test",

@@ -7,7 +7,10 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from postlane.models import LaneLimits, Warmup
+from postlane.lanes.models import (
+    LaneLimits,
+    Warmup,
+)
 from workflows import _quota as quota
 
 T0 = datetime(2026, 11, 23, 10, 0, 30, tzinfo=UTC)

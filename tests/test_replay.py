@@ -32,8 +32,8 @@ from postlane.ids import (
     suppression_workflow_id,
     unsubscribe_token,
 )
-from postlane.inboxes import start_inbox_watcher
-from postlane.sequence_models import SequenceStatus
+from postlane.inbound.inboxes import start_inbox_watcher
+from postlane.sequences.models import SequenceStatus
 from postlane.testing import PostlaneTestEnv, postlane_test_env
 from tests.conftest import TINY_LANE
 from tests.procs import assert_eventually
@@ -211,10 +211,10 @@ async def test_replay_fresh_inbox_and_suppression_history(
         unsubscribe_mail(unsubscribe_token(sequence_workflow_id(key)))
     )
     await start_inbox_watcher(pl.env.client, inbox)
-    report = await pl.client.sequence(key).result()
+    report = await pl.client.sequences.get(key).result()
     assert report.status == SequenceStatus.UNSUBSCRIBED
     address = recipient(key).address
-    assert await pl.client.lift_suppression(SENDER, address)
+    assert await pl.client.suppressions.lift(SENDER, address)
     suppression = pl.client.temporal.get_workflow_handle(suppression_workflow_id(SENDER, address))
     with pl.env.auto_time_skipping_disabled():
         await suppression.result()

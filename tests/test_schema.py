@@ -14,9 +14,7 @@ from jsonschema import Draft202012Validator
 from activities.resolve import resolve
 from postlane.config import LaneConfig, Settings
 from postlane.contract import parse_send_email_input
-from postlane.errors import InvalidEmail
-from postlane.idempotency import email_digest
-from postlane.models import (
+from postlane.email.models import (
     DeliveryReceipt,
     Email,
     EmailReport,
@@ -24,6 +22,10 @@ from postlane.models import (
     LaneQuery,
     RetrySettings,
     SendEmailInput,
+)
+from postlane.errors import InvalidEmail
+from postlane.idempotency import email_digest
+from postlane.lanes.models import (
     Warmup,
 )
 from tests.procs import POSTLANE_SCRIPT, REPO_ROOT
@@ -103,7 +105,7 @@ def test_schema_of_one_model_and_of_an_unknown_one() -> None:
     assert one.returncode == 0 and json.loads(one.stdout)["title"] == "DeliveryReceipt"
     unknown = postlane_schema("Nope")
     assert unknown.returncode == 2
-    assert unknown.stderr.startswith("error: InvalidEmail: model: 'Nope' is not one of")
+    assert unknown.stderr.startswith("error: InvalidInput: model: 'Nope' is not one of")
 
 
 # -- what SendEmail checks of any client's input ---------------------------------------------

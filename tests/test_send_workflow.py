@@ -17,6 +17,7 @@ from postlane import (
     PermanentDeliveryError,
     PostlaneClient,
     Settings,
+    UnknownLane,
     UnknownSender,
 )
 from postlane.client import CancelOutcome
@@ -163,7 +164,7 @@ async def test_dead_letter_discard_ends_cancelled(pl: PostlaneTestEnv, key: str)
     pl.smtp.fail("data", "421 4.7.0 Try again later", times=3)
     handle = await pl.client.send(email(sender="ops@fragile.test"), key=key)
     await wait_status(pl, key, EmailStatus.DEAD_LETTER)
-    assert await pl.client.discard(key) is True
+    assert await pl.client.dlq.discard(key) is True
     with pytest.raises(EmailCancelled, match="discarded"):
         await handle.result()
     assert await pl.client.status(key) == EmailStatus.CANCELLED
@@ -232,7 +233,7 @@ async def test_dead_letter_retry_with_new_recipient_and_lane(pl: PostlaneTestEnv
     with pytest.raises(InvalidEmail) as caught:
         await pl.client.retry(key, to=["not an address"])
     assert caught.value.field.startswith("to")
-    with pytest.raises(InvalidEmail):
+    with pytest.raises(UnknownLane):
         await pl.client.retry(key, lane="no-such-lane")
     assert await pl.client.retry(key, to=["carol@example.test"], lane="test") is True
     receipt = await handle.result()

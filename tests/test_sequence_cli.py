@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 from temporalio.testing import WorkflowEnvironment
 
-from postlane.catcher import SmtpCatcher
 from postlane.client import PostlaneClient
 from postlane.config import Settings
+from postlane.dev.catcher import SmtpCatcher
 from postlane.errors import ActionRefused, SequenceNotFound
-from postlane.sequence_models import SequenceReport, SequenceStatus
-from postlane.sequence_spec import Recipient, load_spec
+from postlane.sequences.models import SequenceReport, SequenceStatus
+from postlane.sequences.spec import Recipient, load_spec
 from postlane.testing import fake_compose, running_workers
 from tests.procs import assert_eventually, postlane_env, run_postlane, write_config
 from tests.test_integration import address_of, new_lane
@@ -87,7 +87,7 @@ async def test_bulk_enrollment_validates_first_and_never_enrolls_twice(
         assert f"{people}:6: address:" in err
         assert "nothing was enrolled" in err
         with pytest.raises(SequenceNotFound):
-            await pl.sequence_status(f"{name}:ann@example.test")
+            await pl.sequences.status(f"{name}:ann@example.test")
 
         people.write_text("email,name,timezone,company\n" + "\n".join(ROWS) + "\n")
         async with running_workers(dev_env, settings):
@@ -126,7 +126,7 @@ async def test_bulk_enrollment_validates_first_and_never_enrolls_twice(
             assert rc == 0 and "pause sent" in out
 
             async def paused() -> bool:
-                return (await pl.sequence_status(key)).status == SequenceStatus.PAUSED
+                return (await pl.sequences.status(key)).status == SequenceStatus.PAUSED
 
             await assert_eventually(paused, what="sequence paused")
 
@@ -141,7 +141,8 @@ async def test_bulk_enrollment_validates_first_and_never_enrolls_twice(
             rc, _, _ = await run_postlane(["sequence", "unsubscribe", key], env)
             assert rc == 0
             await assert_eventually(
-                lambda: pl.is_suppressed("ada@it.test", "ben@example.test"), what="suppressed"
+                lambda: pl.suppressions.is_suppressed("ada@it.test", "ben@example.test"),
+                what="suppressed",
             )
             # A new campaign from the same sender skips Ben.
             rc, out, err = await run_postlane(
@@ -160,8 +161,8 @@ async def test_bulk_enrollment_validates_first_and_never_enrolls_twice(
             assert rc == 0, err
             assert "2 enrolled, 0 already enrolled, 1 suppressed" in out
             for address in ("ann@example.test", "cat@example.test"):
-                await pl.cancel_sequence(f"{name}:{address}")
-                await pl.cancel_sequence(f"{name}-2:{address}")
+                await pl.sequences.cancel(f"{name}:{address}")
+                await pl.sequences.cancel(f"{name}-2:{address}")
 
 
 @pytest.mark.timeout(120)
@@ -173,18 +174,18 @@ async def test_raw_reply_stops_the_sequence_before_its_next_send(
         settings = Settings(lanes=[lane])
         pl = PostlaneClient(dev_env.client, settings)
         spec, _, name = files(tmp_path, [])
-        from postlane.sequence_spec import Recipient
+        from postlane.sequences.spec import Recipient
 
         async with running_workers(dev_env, settings):
             key = f"{name}:eve@example.test"
-            handle = await pl.start_sequence(
+            handle = await pl.sequences.start(
                 load_spec(spec),
                 Recipient(address="eve@example.test", name="Eve", variables={"company": "Umbra"}),
                 key=key,
             )
 
             async def waiting() -> SequenceReport | None:
-                r = await pl.sequence_status(key)
+                r = await pl.sequences.status(key)
                 return r if r.step == "wait" else None
 
             await assert_eventually(waiting, within=60, what="intro sent, waiting for a reply")
@@ -196,7 +197,7 @@ async def test_raw_reply_stops_the_sequence_before_its_next_send(
             reply["Message-ID"] = "<reply-1@example.test>"
             reply["In-Reply-To"] = intro.message_id
             reply.set_content("Yes, let's talk on Monday.\n\n> Hi Eve, a question about Umbra.")
-            assert await pl.record_reply(reply.as_bytes()) == key
+            assert await pl.sequences.record_reply(reply.as_bytes()) == key
             final = await handle.result()
     assert final.status == SequenceStatus.REPLIED
     assert [m.step for m in final.sent] == ["intro"]
@@ -242,12 +243,12 @@ async def test_refused_operator_actions_say_why_and_exit_2(
             return await run_postlane(["sequence", *args], env)
 
         async with running_workers(dev_env, settings, agents=[fake_compose]):
-            await pl.start_sequence(
+            await pl.sequences.start(
                 load_spec(spec), Recipient(address="fay@example.test", name="Fay"), key=key
             )
 
             async def held() -> bool:
-                status = (await pl.sequence_status(key)).status
+                status = (await pl.sequences.status(key)).status
                 return status == SequenceStatus.AWAITING_APPROVAL
 
             await assert_eventually(held, within=60, what="the draft held for approval")
@@ -258,7 +259,7 @@ async def test_refused_operator_actions_say_why_and_exit_2(
                 " sequence is at 'nudge'); only a draft awaiting approval can be approved"
             )
             with pytest.raises(ActionRefused, match="step 'intro' is not the current step"):
-                await pl.approve(key, "intro")
+                await pl.sequences.approve(key, "intro")
 
             assert await cli("pause", key) == (0, f"{key}: pause sent\n", "")
             rc, out, err = await cli("pause", key)
@@ -267,7 +268,7 @@ async def test_refused_operator_actions_say_why_and_exit_2(
                 f"error: ActionRefused: {key}: the sequence is already paused",
             ), out
             with pytest.raises(ActionRefused, match="already paused") as refused:
-                await pl.pause_sequence(key)
+                await pl.sequences.pause(key)
             assert (refused.value.key, refused.value.action) == (key, "pause")
             assert (await cli("resume", key))[0] == 0
             rc, out, err = await cli("resume", key)
@@ -276,22 +277,22 @@ async def test_refused_operator_actions_say_why_and_exit_2(
                 f"error: ActionRefused: {key}: the sequence is not paused",
             ), out
             with pytest.raises(ActionRefused, match="not paused"):
-                await pl.resume_sequence(key)
+                await pl.sequences.resume(key)
             assert smtp.messages == []  # nothing refused has let the draft out
 
             assert await cli("approve", key, "nudge") == (0, f"{key}: approve sent\n", "")
 
             async def waiting() -> bool:
-                return (await pl.sequence_status(key)).step == "wait"
+                return (await pl.sequences.status(key)).step == "wait"
 
             await assert_eventually(waiting, within=60, what="the approved draft sent")
             rc, out, err = await cli("approve", key, "nudge")  # decided already: no draft now
             assert rc == 2, (out, err)
             assert "step 'nudge' is not the current step (the sequence is at 'wait')" in err
             with pytest.raises(ActionRefused, match="step 'wait' has no draft awaiting approval"):
-                await pl.approve(key, "wait")
+                await pl.sequences.approve(key, "wait")
             assert [m.recipients for m in smtp.messages] == [["fay@example.test"]]
-            assert await pl.cancel_sequence(key)
+            assert await pl.sequences.cancel(key)
             rc, out, err = await cli("approve", key, "wait")  # finished: refused as well
             assert rc == 2, (out, err)
             assert err.strip() == (

@@ -27,19 +27,19 @@ HISTORIES = Path(__file__).parent / "histories"
 
 
 async def _replied(pl: PostlaneTestEnv, key: str) -> None:
-    await pl.client.start_sequence(spec(), bob(), key=key)
+    await pl.client.sequences.start(spec(), bob(), key=key)
     await at_step(pl, key, "wait1", 1)
     await pl.sleep(5 * DAY)
-    await pl.client.record_reply(reply_event(await at_step(pl, key, "wait2", 2)))
+    await pl.client.sequences.record_reply(reply_event(await at_step(pl, key, "wait2", 2)))
     await assert_eventually(lambda: finished(pl, key))
 
 
 async def _paused_then_continued_as_new(pl: PostlaneTestEnv, key: str) -> None:
-    handle = await pl.client.start_sequence(spec(), bob(), key=key, history_limit=10)
+    handle = await pl.client.sequences.start(spec(), bob(), key=key, history_limit=10)
     await at_step(pl, key, "wait1", 1)
-    await pl.client.pause_sequence(key)
+    await pl.client.sequences.pause(key)
     await assert_eventually(lambda: _paused(pl, key))
-    await pl.client.resume_sequence(key)
+    await pl.client.sequences.resume(key)
     await handle.result()
 
 
@@ -48,14 +48,14 @@ async def _paused(pl: PostlaneTestEnv, key: str) -> bool:
 
 
 async def _composed_and_approved(pl: PostlaneTestEnv, key: str) -> None:
-    await pl.client.start_sequence(compose_spec(approval=True), bob(), key=key)
+    await pl.client.sequences.start(compose_spec(approval=True), bob(), key=key)
     await pl.sleep(3 * DAY)
 
     async def held() -> bool:
         return (await report(pl, key)).draft is not None
 
     await assert_eventually(held)
-    await pl.client.approve(key, "nudge", subject="Re: Hello again")
+    await pl.client.sequences.approve(key, "nudge", subject="Re: Hello again")
     await assert_eventually(lambda: finished(pl, key))
 
 

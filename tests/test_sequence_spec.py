@@ -9,10 +9,16 @@ import pytest
 
 from postlane.client import PostlaneClient
 from postlane.config import LaneConfig, Settings
-from postlane.errors import InvalidEmail, UnknownSender
-from postlane.models import MAX_HEADER_LENGTH
-from postlane.sequence_models import references, sequence_email
-from postlane.sequence_spec import Recipient, load_spec, spec_from_dict
+from postlane.email.models import MAX_HEADER_LENGTH
+from postlane.errors import (
+    InvalidEmail,
+    InvalidRecipients,
+    InvalidSpec,
+    UnknownLane,
+    UnknownSender,
+)
+from postlane.sequences.models import references, sequence_email
+from postlane.sequences.spec import Recipient, load_spec, spec_from_dict
 from workflows._calendar import next_local_time, next_opening
 
 EXAMPLES = Path(__file__).parent.parent / "examples"
@@ -48,8 +54,9 @@ SEND = {"type": "send", "id": "a", "subject": "Hi", "text": "Hello"}
     ],
 )
 def test_invalid_specs_name_the_field(data: dict[str, object], field: str, reason: str) -> None:
-    with pytest.raises(InvalidEmail) as err:
+    with pytest.raises(InvalidSpec) as err:
         spec_from_dict(data)
+    assert not isinstance(err.value, InvalidEmail)  # a spec is not an email
     assert err.value.field == field
     assert reason in err.value.reason
 
@@ -62,11 +69,44 @@ def test_durations_read_like_people_write_them() -> None:
 def test_load_spec_names_the_file(tmp_path: Path) -> None:
     bad = tmp_path / "spec.toml"
     bad.write_text('name = "s"\nsender = "ada@acme.test"\n[[steps]]\ntype = "wait"\nid = "w"\n')
-    with pytest.raises(InvalidEmail, match=rf"{bad}: steps.0.wait.duration"):
+    with pytest.raises(InvalidSpec, match=rf"{bad}: steps.0.wait.duration"):
         load_spec(bad)
     bad.write_text("name = ")
-    with pytest.raises(InvalidEmail, match=str(bad)):
+    with pytest.raises(InvalidSpec, match=str(bad)) as err:
         load_spec(bad)
+    assert err.value.field == str(bad) and err.value.reason.startswith("not TOML")
+
+
+def test_unreadable_spec_file_is_an_invalid_spec_naming_the_file(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.toml"
+    with pytest.raises(InvalidSpec) as err:
+        load_spec(missing)
+    assert not isinstance(err.value, InvalidEmail)
+    assert err.value.field == str(missing)
+    assert "No such file" in err.value.reason
+
+
+def test_recipients_file_without_address_column_names_the_file(tmp_path: Path) -> None:
+    from postlane.cli.sequence import read_recipients
+
+    people = tmp_path / "people.csv"
+    people.write_text("name,company\nBob,Acme\n")
+    with pytest.raises(InvalidRecipients) as err:
+        read_recipients(people)
+    assert not isinstance(err.value, InvalidEmail)
+    assert err.value.field == str(people)
+    assert "'email' column" in err.value.reason and "name, company" in err.value.reason
+    with pytest.raises(InvalidRecipients) as err:
+        read_recipients(tmp_path / "missing.csv")
+    assert err.value.field == str(tmp_path / "missing.csv")
+
+
+async def test_retry_through_an_unknown_lane_is_unknown_lane() -> None:
+    with pytest.raises(UnknownLane) as err:
+        await client().retry("some-key", lane="nope")
+    assert not isinstance(err.value, InvalidEmail)
+    assert err.value.field == "lane" and err.value.lane == "nope"
+    assert "'nope'" in err.value.reason and "lanes: a" in err.value.reason
 
 
 def client() -> PostlaneClient:
@@ -75,14 +115,14 @@ def client() -> PostlaneClient:
 
 
 def test_example_spec_renders_for_every_example_row() -> None:
-    from postlane.cli_sequence import read_recipients
+    from postlane.cli.sequence import read_recipients
 
     example = load_spec(EXAMPLES / "sequence.toml")
     rows = read_recipients(EXAMPLES / "people.csv")
     assert len(rows) == 3
     for _, row in rows:
         assert isinstance(row, Recipient)
-        inp = client().prepare_sequence(example, row)
+        inp = client().sequences.prepare(example, row)
         assert inp.key == f"q4-outreach:{row.address}"
         assert row.variables["company"] in inp.rendered["intro"].subject
         assert inp.one_click and "https://acme.test/unsubscribe?t=pl-" in inp.list_unsubscribe
@@ -93,11 +133,11 @@ def test_templates_are_sandboxed_and_strict() -> None:
     templates = {"t": {"subject": "Hi {{ name }}", "text": "{{ ''.__class__.__mro__ }}"}}
     unsafe = spec_from_dict(spec({"type": "send", "id": "a", "template": "t"}, templates=templates))
     with pytest.raises(InvalidEmail) as err:
-        client().prepare_sequence(unsafe, Recipient(address="bob@example.test"))
+        client().sequences.prepare(unsafe, Recipient(address="bob@example.test"))
     assert err.value.field == "templates.t.text"
     html = {"t": {"subject": "Hi", "html": "<p>{{ company }}</p>"}}
     escaped = spec_from_dict(spec({"type": "send", "id": "a", "template": "t"}, templates=html))
-    inp = client().prepare_sequence(
+    inp = client().sequences.prepare(
         escaped, Recipient(address="bob@example.test", variables={"company": "<b>A&B</b>"})
     )
     assert inp.rendered["a"].html == "<p>&lt;b&gt;A&amp;B&lt;/b&gt;</p>"
@@ -107,13 +147,13 @@ def test_rendered_email_is_validated_and_sender_needs_a_lane() -> None:
     templates = {"t": {"subject": "Hi {{ company }}", "text": "x"}}
     s = spec_from_dict(spec({"type": "send", "id": "a", "template": "t"}, templates=templates))
     with pytest.raises(InvalidEmail) as err:
-        client().prepare_sequence(
+        client().sequences.prepare(
             s, Recipient(address="bob@example.test", variables={"company": "A\nBcc: x@y.test"})
         )
     assert err.value.field == "steps.a.subject"
     other = spec_from_dict(spec(SEND, sender="ada@elsewhere.test"))
     with pytest.raises(UnknownSender):
-        client().prepare_sequence(other, Recipient(address="bob@example.test"))
+        client().sequences.prepare(other, Recipient(address="bob@example.test"))
 
 
 def test_next_local_time_follows_the_zone_across_dst() -> None:
@@ -150,7 +190,7 @@ def test_references_keep_root_and_latest_within_one_header_line() -> None:
 
 def test_a_long_thread_still_makes_a_valid_email() -> None:
     s = spec_from_dict(spec(SEND))
-    inp = client().prepare_sequence(s, Recipient(address="bob@example.test"))
+    inp = client().sequences.prepare(s, Recipient(address="bob@example.test"))
     ids = [f"<pl.{'y' * 90}{n:03d}@acme.test>" for n in range(30)]
     email = sequence_email(inp, inp.rendered["a"], ids)
     assert email.headers["In-Reply-To"] == ids[-1]

@@ -18,8 +18,8 @@ from postlane.errors import (
     SequenceNotFound,
 )
 from postlane.ids import sequence_email_key
-from postlane.sequence_models import InboundEvent, InboundKind, SequenceReport, SequenceStatus
-from postlane.sequence_spec import Recipient, SequenceSpec, spec_from_dict
+from postlane.sequences.models import InboundEvent, InboundKind, SequenceReport, SequenceStatus
+from postlane.sequences.spec import Recipient, SequenceSpec, spec_from_dict
 from postlane.testing import PostlaneTestEnv
 from tests.procs import assert_eventually
 
@@ -59,7 +59,7 @@ def bob(address: str = "bob@example.test", **kw: object) -> Recipient:
 
 
 async def report(pl: PostlaneTestEnv, key: str) -> SequenceReport:
-    return await pl.client.sequence_status(key)
+    return await pl.client.sequences.status(key)
 
 
 async def at_step(pl: PostlaneTestEnv, key: str, step: str, sent: int) -> SequenceReport:
@@ -92,7 +92,7 @@ def reply_event(
 
 async def test_no_reply_walks_all_three_steps_threaded(pl: PostlaneTestEnv, key: str) -> None:
     start = await pl.now()
-    handle = await pl.client.start_sequence(three_step_spec(), bob(), key=key)
+    handle = await pl.client.sequences.start(three_step_spec(), bob(), key=key)
     first = await at_step(pl, key, "wait1", 1)
     assert first.next_action == "wait for a reply"
     assert first.next_at is not None and first.next_at - start >= 4 * DAY - timedelta(minutes=1)
@@ -115,11 +115,11 @@ async def test_no_reply_walks_all_three_steps_threaded(pl: PostlaneTestEnv, key:
 
 
 async def test_reply_on_day_5_stops_before_step_3(pl: PostlaneTestEnv, key: str) -> None:
-    handle = await pl.client.start_sequence(three_step_spec(), bob(), key=key)
+    handle = await pl.client.sequences.start(three_step_spec(), bob(), key=key)
     await at_step(pl, key, "wait1", 1)
     await pl.sleep(5 * DAY)
     waiting = await at_step(pl, key, "wait2", 2)
-    await pl.client.record_reply(reply_event(waiting))
+    await pl.client.sequences.record_reply(reply_event(waiting))
     final = await handle.result()
     assert final.status == SequenceStatus.REPLIED
     assert [m.step for m in final.sent] == ["intro", "follow"]
@@ -130,11 +130,11 @@ async def test_reply_on_day_5_stops_before_step_3(pl: PostlaneTestEnv, key: str)
 
 
 async def test_out_of_office_does_not_stop(pl: PostlaneTestEnv, key: str) -> None:
-    handle = await pl.client.start_sequence(three_step_spec(), bob(), key=key)
+    handle = await pl.client.sequences.start(three_step_spec(), bob(), key=key)
     waiting = await at_step(pl, key, "wait1", 1)
     ooo = reply_event(waiting, InboundKind.AUTO_REPLY)
-    assert await pl.client.record_reply(ooo) == key
-    assert await pl.client.record_reply(ooo) == key  # the same message twice counts once
+    assert await pl.client.sequences.record_reply(ooo) == key
+    assert await pl.client.sequences.record_reply(ooo) == key  # the same message twice counts once
     final = await handle.result()
     assert final.status == SequenceStatus.COMPLETED
     assert len(final.sent) == 3
@@ -146,9 +146,9 @@ async def test_unsubscribe_stops_and_blocks_a_second_enrollment(
     pl: PostlaneTestEnv, key: str
 ) -> None:
     address = f"u-{key}@example.test"
-    await pl.client.start_sequence(three_step_spec(), bob(address), key=key)
+    await pl.client.sequences.start(three_step_spec(), bob(address), key=key)
     await at_step(pl, key, "wait1", 1)
-    assert await pl.client.unsubscribe(key, reason="clicked the link")
+    assert await pl.client.sequences.unsubscribe(key, reason="clicked the link")
     # Not handle.result(): the test server would skip virtual time past the suppression
     # workflow's default 10-year execution timeout (real servers have none).
     final = await assert_eventually(
@@ -157,28 +157,29 @@ async def test_unsubscribe_stops_and_blocks_a_second_enrollment(
     assert final.status == SequenceStatus.UNSUBSCRIBED
     assert len(final.sent) == 1
     await assert_eventually(
-        lambda: pl.client.is_suppressed("ada@acme.test", address), what="suppression recorded"
+        lambda: pl.client.suppressions.is_suppressed("ada@acme.test", address),
+        what="suppression recorded",
     )
     with pytest.raises(RecipientSuppressed):
-        await pl.client.start_sequence(three_step_spec(), bob(address), key=f"{key}-again")
+        await pl.client.sequences.start(three_step_spec(), bob(address), key=f"{key}-again")
     with pytest.raises(SequenceNotFound):
-        await pl.client.sequence_status(f"{key}-again")
+        await pl.client.sequences.status(f"{key}-again")
     # Another sender may still write to them; lifting the suppression re-allows this one.
-    assert not await pl.client.is_suppressed("grace@acme.test", address)
-    assert await pl.client.lift_suppression("ada@acme.test", address)
-    assert not await pl.client.is_suppressed("ada@acme.test", address)
+    assert not await pl.client.suppressions.is_suppressed("grace@acme.test", address)
+    assert await pl.client.suppressions.lift("ada@acme.test", address)
+    assert not await pl.client.suppressions.is_suppressed("ada@acme.test", address)
 
 
 async def test_hard_bounce_stops_soft_bounce_does_not(pl: PostlaneTestEnv, key: str) -> None:
-    handle = await pl.client.start_sequence(three_step_spec(), bob(), key=key)
+    handle = await pl.client.sequences.start(three_step_spec(), bob(), key=key)
     waiting = await at_step(pl, key, "wait1", 1)
     soft = reply_event(waiting, InboundKind.BOUNCE, n=1).model_copy(
         update={"hard": False, "status": "4.2.2"}
     )
-    await pl.client.record_reply(soft)
+    await pl.client.sequences.record_reply(soft)
     assert (await report(pl, key)).status == SequenceStatus.ACTIVE
     hard = reply_event(waiting, InboundKind.BOUNCE, n=2).model_copy(update={"status": "5.1.1"})
-    await pl.client.record_reply(hard)
+    await pl.client.sequences.record_reply(hard)
     final = await handle.result()
     assert final.status == SequenceStatus.BOUNCED
     assert final.stop_reason == "bounced 5.1.1"
@@ -187,16 +188,16 @@ async def test_hard_bounce_stops_soft_bounce_does_not(pl: PostlaneTestEnv, key: 
 
 async def test_pause_across_a_step_delays_it(pl: PostlaneTestEnv, key: str) -> None:
     start = await pl.now()
-    handle = await pl.client.start_sequence(three_step_spec(), bob(), key=key)
+    handle = await pl.client.sequences.start(three_step_spec(), bob(), key=key)
     await at_step(pl, key, "wait1", 1)
-    assert await pl.client.pause_sequence(key)
+    assert await pl.client.sequences.pause(key)
     paused = await report(pl, key)
     assert paused.status == SequenceStatus.PAUSED
     await pl.sleep(7 * DAY)  # the follow-up was due on day 4
     still = await report(pl, key)
     assert still.status == SequenceStatus.PAUSED
     assert len(still.sent) == 1
-    assert await pl.client.resume_sequence(key)
+    assert await pl.client.sequences.resume(key)
     resumed = await at_step(pl, key, "wait2", 2)
     follow_day = (resumed.sent[1].sent_at - start) / DAY  # type: ignore[operator]
     assert follow_day >= 7
@@ -206,7 +207,7 @@ async def test_pause_across_a_step_delays_it(pl: PostlaneTestEnv, key: str) -> N
 
 
 async def test_continue_as_new_keeps_state(pl: PostlaneTestEnv, key: str) -> None:
-    handle = await pl.client.start_sequence(three_step_spec(), bob(), key=key, history_limit=10)
+    handle = await pl.client.sequences.start(three_step_spec(), bob(), key=key, history_limit=10)
     final = await handle.result()
     assert final.runs > 1
     assert [m.step for m in final.sent] == ["intro", "follow", "last"]
@@ -217,23 +218,23 @@ async def test_continue_as_new_keeps_state(pl: PostlaneTestEnv, key: str) -> Non
 
 async def test_enrollment_is_idempotent(pl: PostlaneTestEnv, key: str) -> None:
     spec = three_step_spec(steps=[{"type": "send", "id": "only", "template": "intro"}])
-    first = await pl.client.start_sequence(spec, bob(), key=key)
+    first = await pl.client.sequences.start(spec, bob(), key=key)
     await first.result()
-    again = await pl.client.start_sequence(spec, bob(), key=key)
+    again = await pl.client.sequences.start(spec, bob(), key=key)
     assert (await again.result()).status == SequenceStatus.COMPLETED
     assert len([m for m in pl.outbox if m.recipients == ["bob@example.test"]]) == 1
     with pytest.raises(IdempotencyConflict):
-        await pl.client.start_sequence(spec, bob("carol@example.test"), key=key)
+        await pl.client.sequences.start(spec, bob("carol@example.test"), key=key)
 
 
 async def test_template_that_does_not_render_starts_nothing(pl: PostlaneTestEnv, key: str) -> None:
     no_pitch = Recipient(address="dan@example.test", name="Dan")
     with pytest.raises(InvalidEmail) as err:
-        await pl.client.start_sequence(three_step_spec(), no_pitch, key=key)
+        await pl.client.sequences.start(three_step_spec(), no_pitch, key=key)
     assert err.value.field == "templates.intro.text"
     assert "pitch" in err.value.reason
     with pytest.raises(SequenceNotFound):
-        await pl.client.sequence_status(key)
+        await pl.client.sequences.status(key)
     assert pl.outbox == []
 
 
@@ -246,9 +247,9 @@ async def test_reply_branch_sends_a_thank_you(pl: PostlaneTestEnv, key: str) -> 
             {"type": "send", "id": "thanks", "subject": "Re: Hello", "text": "Thank you!"},
         ]
     )
-    handle = await pl.client.start_sequence(spec, bob(), key=key)
+    handle = await pl.client.sequences.start(spec, bob(), key=key)
     waiting = await at_step(pl, key, "wait1", 1)
-    await pl.client.record_reply(reply_event(waiting))
+    await pl.client.sequences.record_reply(reply_event(waiting))
     final = await handle.result()
     assert final.status == SequenceStatus.COMPLETED
     assert [m.step for m in final.sent] == ["intro", "thanks"]
@@ -266,7 +267,7 @@ async def test_sending_hours_hold_a_send_until_the_window_opens(
         sending_hours="09:00-10:00",
         steps=[{"type": "send", "id": "intro", "template": "intro"}],
     )
-    handle = await pl.client.start_sequence(spec, bob(timezone=zone), key=key)
+    handle = await pl.client.sequences.start(spec, bob(timezone=zone), key=key)
     final = await handle.result()
     from zoneinfo import ZoneInfo
 
@@ -290,7 +291,7 @@ def compose_spec(**compose: object) -> SequenceSpec:
 
 
 async def test_compose_step_sends_the_agents_draft_in_thread(pl: PostlaneTestEnv, key: str) -> None:
-    handle = await pl.client.start_sequence(compose_spec(), bob(), key=key)
+    handle = await pl.client.sequences.start(compose_spec(), bob(), key=key)
     final = await handle.result()
     assert final.status == SequenceStatus.COMPLETED
     assert [m.step for m in final.sent] == ["intro", "nudge"]
@@ -306,7 +307,7 @@ async def test_invalid_draft_is_asked_again_then_held_for_approval(
     pl: PostlaneTestEnv, key: str
 ) -> None:
     spec = compose_spec(instructions="[[invalid]] Ask about {{ pitch }}.", approval=True)
-    await pl.client.start_sequence(spec, bob(), key=key)
+    await pl.client.sequences.start(spec, bob(), key=key)
     await pl.sleep(3 * DAY)
 
     async def held() -> SequenceReport | None:
@@ -319,7 +320,7 @@ async def test_invalid_draft_is_asked_again_then_held_for_approval(
     assert "(draft 2," in (waiting.draft.text or "")
     assert waiting.next_action == "approval of nudge"
     assert len([m for m in pl.outbox if m.recipients == ["bob@example.test"]]) == 1
-    assert await pl.client.approve(key, "nudge", text="Edited by a person.", by="ops")
+    assert await pl.client.sequences.approve(key, "nudge", text="Edited by a person.", by="ops")
     final = await assert_eventually(lambda: finished(pl, key), what="approved draft sent")
     assert final.status == SequenceStatus.COMPLETED
     sent = [m for m in pl.outbox if m.recipients == ["bob@example.test"]][-1]
@@ -327,14 +328,14 @@ async def test_invalid_draft_is_asked_again_then_held_for_approval(
 
 
 async def test_rejected_draft_is_never_sent(pl: PostlaneTestEnv, key: str) -> None:
-    await pl.client.start_sequence(compose_spec(approval=True), bob(), key=key)
+    await pl.client.sequences.start(compose_spec(approval=True), bob(), key=key)
     await pl.sleep(3 * DAY)
 
     async def held() -> bool:
         return (await report(pl, key)).status == SequenceStatus.AWAITING_APPROVAL
 
     await assert_eventually(held, what="draft held for approval")
-    assert await pl.client.approve(key, "nudge", approved=False, by="ops")
+    assert await pl.client.sequences.approve(key, "nudge", approved=False, by="ops")
     final = await assert_eventually(lambda: finished(pl, key), what="sequence stopped")
     assert final.status == SequenceStatus.CANCELLED
     assert [m.step for m in final.sent] == ["intro"]
@@ -345,7 +346,7 @@ async def test_smtp_refusal_of_a_send_ends_the_sequence_bounced(
     pl: PostlaneTestEnv, key: str
 ) -> None:
     pl.smtp.fail("data", "550 5.1.1 <bob@example.test>: no such user")
-    handle = await pl.client.start_sequence(three_step_spec(), bob(), key=key)
+    handle = await pl.client.sequences.start(three_step_spec(), bob(), key=key)
     final = await handle.result()
     assert final.status == SequenceStatus.BOUNCED
     assert "550 5.1.1" in (final.stop_reason or "")
@@ -353,9 +354,9 @@ async def test_smtp_refusal_of_a_send_ends_the_sequence_bounced(
 
 
 async def test_cancel_stops_a_waiting_sequence(pl: PostlaneTestEnv, key: str) -> None:
-    await pl.client.start_sequence(three_step_spec(), bob(), key=key)
+    await pl.client.sequences.start(three_step_spec(), bob(), key=key)
     await at_step(pl, key, "wait1", 1)
-    assert await pl.client.cancel_sequence(key)
+    assert await pl.client.sequences.cancel(key)
 
     async def cancelled() -> SequenceReport | None:
         r = await report(pl, key)
@@ -363,5 +364,5 @@ async def test_cancel_stops_a_waiting_sequence(pl: PostlaneTestEnv, key: str) ->
 
     final = await assert_eventually(cancelled, what="sequence cancelled")
     assert len(final.sent) == 1
-    assert not await pl.client.cancel_sequence(key)  # already over: nothing changes
-    assert not await pl.client.pause_sequence(key)
+    assert not await pl.client.sequences.cancel(key)  # already over: nothing changes
+    assert not await pl.client.sequences.pause(key)

@@ -26,11 +26,11 @@ from temporalio.testing import ActivityEnvironment
 import activities.smtp as smtp_module
 from activities.smtp import SmtpActivities
 from activities.smtp_errors import CONFIGURATION_ERROR
-from postlane.catcher import CaughtMessage, Phase, SmtpCatcher
 from postlane.config import LaneConfig, Settings, load_settings
+from postlane.dev.catcher import CaughtMessage, Phase, SmtpCatcher
+from postlane.email.models import Attachment, DeliveryReceipt, Email, SmtpSendRequest
 from postlane.errors import ConfigurationError, ErrorType
 from postlane.ids import email_workflow_id, message_id
-from postlane.models import Attachment, DeliveryReceipt, Email, SmtpSendRequest
 from tests.procs import assert_eventually, free_port
 
 LANE = "test"

@@ -17,10 +17,10 @@ from typing import Any
 import pytest
 from temporalio.testing import WorkflowEnvironment
 
-from postlane.catcher import SmtpCatcher
 from postlane.client import PostlaneClient
 from postlane.config import LaneConfig, Settings
-from postlane.models import Email, RetrySettings
+from postlane.dev.catcher import SmtpCatcher
+from postlane.email.models import Email, RetrySettings
 from postlane.testing import catcher_lane
 from tests.postfix import Postfix
 from tests.procs import (

@@ -12,12 +12,12 @@ import pytest
 from temporalio.testing import WorkflowEnvironment
 
 from postlane import search_attributes as sa
-from postlane.binaries import dev_server_path
-from postlane.catcher import SmtpCatcher
 from postlane.client import PostlaneClient
 from postlane.config import Settings
 from postlane.connection import data_converter
-from postlane.models import RetrySettings
+from postlane.dev.binaries import dev_server_path
+from postlane.dev.catcher import SmtpCatcher
+from postlane.email.models import RetrySettings
 from postlane.testing import running_workers
 from tests.conftest import DEV_SERVER_ARGS
 from tests.procs import assert_eventually, free_port
@@ -73,7 +73,7 @@ async def test_web_ui_lists_dead_lettered_email_by_status(key: str) -> None:
                 await pl.send(an_email("Quarterly report"), key=key)
 
                 async def parked() -> bool:
-                    return [r.key for r in await pl.dead_letters(lane=lane.name)] == [key]
+                    return [r.key for r in await pl.dlq.list(lane=lane.name)] == [key]
 
                 await assert_eventually(parked, within=60, what="the email dead-lettered")
                 query = f'PostlaneStatus="dead_letter" AND PostlaneLane="{lane.name}"'

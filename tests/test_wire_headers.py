@@ -1,5 +1,5 @@
 """Headers as they appear on the wire: the raw bytes the SMTP server received, read with
-the strict checker in `postlane.wire`, never through a decoding parser."""
+the strict checker in `postlane.dev.wire`, never through a decoding parser."""
 
 from __future__ import annotations
 
@@ -23,10 +23,12 @@ from temporalio.testing import ActivityEnvironment
 
 from activities.mime import render_message
 from activities.smtp import SmtpActivities
-from postlane import wire
-from postlane.catcher import CaughtMessage, SmtpCatcher
 from postlane.client import content_hash
 from postlane.config import LaneConfig, Settings
+from postlane.dev import wire
+from postlane.dev.catcher import CaughtMessage, SmtpCatcher
+from postlane.dev.wire import InvalidWireMessage, check_message, list_unsubscribe_uris
+from postlane.email.models import Attachment, Email, EmailStatus, SendEmailInput, SmtpSendRequest
 from postlane.errors import ErrorType, InvalidEmail, PermanentDeliveryError
 from postlane.idempotency import content_digest
 from postlane.ids import (
@@ -35,11 +37,9 @@ from postlane.ids import (
     sequence_from_unsubscribe_token,
     workflow_id_from_message_id,
 )
-from postlane.models import Attachment, Email, EmailStatus, SendEmailInput, SmtpSendRequest
-from postlane.sequence_models import references
-from postlane.sequence_spec import Recipient, spec_from_dict
+from postlane.sequences.models import references
+from postlane.sequences.spec import Recipient, spec_from_dict
 from postlane.testing import PostlaneTestEnv
-from postlane.wire import InvalidWireMessage, check_message, list_unsubscribe_uris
 
 # The README's own example: sequence "q4-outreach", recipient ann@example.test, so the
 # intro's key is "q4-outreach:ann@example.test:intro" and its Message-ID is long.
@@ -416,7 +416,7 @@ async def test_sequence_follow_up_threads_on_the_wire(pl: PostlaneTestEnv) -> No
         }
     )
     key = "q4-outreach:ann@example.test"  # the README's example key
-    handle = await pl.client.start_sequence(spec, Recipient(address="ann@example.test"), key=key)
+    handle = await pl.client.sequences.start(spec, Recipient(address="ann@example.test"), key=key)
     await handle.result()
     mine = [m for m in pl.outbox if _workflow_of(m).startswith(f"email:{key}:")]
     intro, follow, last = sorted(mine, key=lambda m: m.received_at)

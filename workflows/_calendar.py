@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime, time, timedelta
 from zoneinfo import ZoneInfo
 
-from postlane.sequence_spec import WEEKDAYS
+from postlane.sequences.spec import WEEKDAYS
 
 
 def _allowed(day: datetime, days: Sequence[str] | None) -> bool:

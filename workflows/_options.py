@@ -6,8 +6,8 @@ from datetime import timedelta
 
 from temporalio.common import RetryPolicy
 
+from postlane.email.models import RetrySettings
 from postlane.errors import ErrorType
-from postlane.models import RetrySettings
 
 SMTP_START_TO_CLOSE = timedelta(minutes=5)
 """One whole SMTP transaction; each reply is separately bounded by the lane's smtp_timeout."""

@@ -9,7 +9,9 @@ from __future__ import annotations
 from bisect import bisect_right
 from datetime import datetime, timedelta
 
-from postlane.models import LaneLimits
+from postlane.lanes.models import (
+    LaneLimits,
+)
 
 HOUR = timedelta(hours=1)
 DAY = timedelta(days=1)

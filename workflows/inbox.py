@@ -17,7 +17,7 @@ from temporalio.exceptions import ActivityError, FailureError
 
 with workflow.unsafe.imports_passed_through():
     from postlane.ids import INBOUND_TASK_QUEUE
-    from postlane.inbound_models import (
+    from postlane.inbound.models import (
         InboundItem,
         PollRequest,
         PollResult,
@@ -27,7 +27,8 @@ with workflow.unsafe.imports_passed_through():
         WatcherReport,
         WatcherState,
     )
-    from postlane.sequence_models import InboundKind
+    from postlane.names import Activity, InboxMessages, SequenceMessages, WorkflowType
+    from postlane.sequences.models import InboundKind
     from workflows._options import (
         IMAP_HEARTBEAT,
         IMAP_START_TO_CLOSE,
@@ -36,24 +37,22 @@ with workflow.unsafe.imports_passed_through():
     )
 
 
-@workflow.defn(name="InboxWatcher")
+@workflow.defn(name=WorkflowType.INBOX_WATCHER)
 class InboxWatcherWorkflow:
     """Polls one inbox for ever and routes what it finds to the sequences it answers."""
 
-    def __init__(self) -> None:
-        self._inbox = ""
-        self._config: WatcherConfig | None = None
-        self._s = WatcherState()
+    @workflow.init
+    def __init__(self, inp: WatcherInput) -> None:
+        # Set before any handler runs: a ``configure`` sent with the start then replaces
+        # the input's settings, as it did when the handler ran first.
+        self._inbox = inp.inbox
+        self._config = inp.config
+        self._s = inp.state if inp.state is not None else WatcherState()
         self._poll_now = False
 
     @workflow.run
     async def run(self, inp: WatcherInput) -> None:
         """Poll, deliver, sleep; continue as new now and then, carrying the cursor."""
-        self._inbox = inp.inbox
-        if self._config is None:  # a ``configure`` sent with the start came first
-            self._config = inp.config
-        if inp.state is not None:
-            self._s = inp.state
         self._publish()
         while True:
             more = await self._poll()
@@ -74,11 +73,10 @@ class InboxWatcherWorkflow:
 
     async def _poll(self) -> bool:
         """One poll and its deliveries. Returns True if more mail is waiting."""
-        assert self._config is not None
         self._poll_now = False
         try:
             result: PollResult = await workflow.execute_activity(
-                "poll_inbox",
+                Activity.POLL_INBOX,
                 PollRequest(
                     inbox=self._inbox,
                     cursor=self._s.cursor,
@@ -133,9 +131,9 @@ class InboxWatcherWorkflow:
             if not item.running:
                 raise _NotRunning(item.target)
             if unsubscribe:
-                await handle.signal("unsubscribe", reason)
+                await handle.signal(SequenceMessages.UNSUBSCRIBE, reason)
             else:
-                await handle.signal("inbound", event)
+                await handle.signal(SequenceMessages.INBOUND, event)
             return True
         except (FailureError, _NotRunning) as err:
             workflow.logger.info(
@@ -149,7 +147,7 @@ class InboxWatcherWorkflow:
             # A finished sequence cannot stop, but its recipient must still be suppressed.
             try:
                 await workflow.execute_activity(
-                    "record_unsubscribe",
+                    Activity.RECORD_UNSUBSCRIBE,
                     UnsubscribeRequest(key=item.target.split(":", 1)[1], reason=reason),
                     result_type=bool,
                     task_queue=INBOUND_TASK_QUEUE,
@@ -179,23 +177,23 @@ class InboxWatcherWorkflow:
             details += f"; last error: {s.last_error}"
         workflow.set_current_details(details)
 
-    @workflow.signal(name="poll_now")
+    @workflow.signal(name=InboxMessages.POLL_NOW)
     def poll_now(self) -> None:
         """Poll at once instead of at the end of the current interval."""
         self._poll_now = True
 
-    @workflow.signal(name="configure")
+    @workflow.signal(name=InboxMessages.CONFIGURE)
     def configure(self, config: WatcherConfig) -> None:
         """Take the inbox's current settings (every worker sends them at start)."""
         self._config = config
 
-    @workflow.query(name="status")
+    @workflow.query(name=InboxMessages.STATUS)
     def status(self) -> WatcherReport:
         """Where the inbox has been read up to, and what was done with what was found."""
         s = self._s
         return WatcherReport(
             inbox=self._inbox,
-            config=self._config or WatcherConfig(),
+            config=self._config,
             cursor=s.cursor,
             polls=s.polls,
             delivered=s.delivered,

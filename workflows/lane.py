@@ -17,7 +17,7 @@ from datetime import datetime, timedelta
 from temporalio import workflow
 
 with workflow.unsafe.imports_passed_through():
-    from postlane.models import (
+    from postlane.lanes.models import (
         LaneLimits,
         LaneRateRequest,
         LaneState,
@@ -27,10 +27,11 @@ with workflow.unsafe.imports_passed_through():
         SlotRequest,
         ThrottleReport,
     )
+    from postlane.names import Activity, EmailMessages, LaneMessages, WorkflowType
     from workflows import _quota as quota
     from workflows._options import ADMIN_RETRY, ADMIN_START_TO_CLOSE
 
-SET_LANE_RATE_ACTIVITY = "set_lane_rate"
+SET_LANE_RATE_ACTIVITY = Activity.SET_LANE_RATE
 BACKOFF_COALESCE = timedelta(seconds=10)
 """Throttle replies this close together count as one event (one halving)."""
 RECOVERY_STEP = timedelta(minutes=1)
@@ -102,7 +103,7 @@ def _order(request: SlotRequest) -> tuple[int, float]:
     return request.priority.key, request.since.timestamp() if request.since else float("-inf")
 
 
-@workflow.defn(name="Lane")
+@workflow.defn(name=WorkflowType.LANE)
 class LaneWorkflow:
     """Quota, warm-up and backpressure of one lane (workflow ID ``lane:<name>``)."""
 
@@ -471,7 +472,7 @@ class LaneWorkflow:
         async def one(request: SlotRequest, grant: SlotGrant) -> bool:
             try:
                 await workflow.get_external_workflow_handle(request.workflow_id).signal(
-                    "slot_granted", grant
+                    EmailMessages.SLOT_GRANTED, grant
                 )
             except Exception:  # the email is gone (cancelled, terminated): no slot used
                 return False
@@ -479,12 +480,12 @@ class LaneWorkflow:
 
         return sum(await asyncio.gather(*(one(r, g) for r, g in grants)))
 
-    @workflow.signal(name="request_slot")
+    @workflow.signal(name=LaneMessages.REQUEST_SLOT)
     def request_slot(self, request: SlotRequest) -> None:
         """An email asks to be sent; it gets ``slot_granted`` back, now or later."""
         self._arrived.append(request)
 
-    @workflow.signal(name="configure")
+    @workflow.signal(name=LaneMessages.CONFIGURE)
     def configure(self, limits: LaneLimits) -> None:
         """A worker (re)started with this lane's configuration: apply it."""
         s = self.state
@@ -499,7 +500,7 @@ class LaneWorkflow:
         self._dirty = True
         self._replan = True  # other caps move the waiting emails' slots
 
-    @workflow.signal(name="set_rate")
+    @workflow.signal(name=LaneMessages.SET_RATE)
     def set_rate(self, change: RateChange) -> None:
         """An operator changed the lane's rate live (``postlane lanes set``)."""
         s = self.state
@@ -510,7 +511,7 @@ class LaneWorkflow:
         s.ceiling, s.ceiling_until = None, None
         self._dirty = True
 
-    @workflow.signal(name="throttled")
+    @workflow.signal(name=LaneMessages.THROTTLED)
     def throttled(self, report: ThrottleReport) -> None:
         """The provider said "slow down": halve the lane's rate and recover gradually."""
         s, now = self.state, workflow.now()
@@ -532,7 +533,7 @@ class LaneWorkflow:
         s.recover_at = now + quiet
         self._dirty = True
 
-    @workflow.query(name="status")
+    @workflow.query(name=LaneMessages.STATUS)
     def status(self) -> LaneStatus:
         """Rates, backpressure, cap usage and waiting emails."""
         s, now = self.state, workflow.now()

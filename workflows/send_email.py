@@ -17,10 +17,7 @@ from temporalio.workflow import ActivityCancellationType, ActivityHandle
 with workflow.unsafe.imports_passed_through():
     from postlane import search_attributes as sa
     from postlane.contract import parse_send_email_input
-    from postlane.errors import ErrorType, InvalidEmail
-    from postlane.idempotency import CONTENT_HASH, email_digest
-    from postlane.ids import lane_task_queue, lane_workflow_id, message_id
-    from postlane.models import (
+    from postlane.email.models import (
         MAX_ATTEMPT_HISTORY,
         AttemptRecord,
         DeliveryReceipt,
@@ -30,10 +27,16 @@ with workflow.unsafe.imports_passed_through():
         LaneResolution,
         RetryRequest,
         SendEmailInput,
-        SlotGrant,
-        SlotRequest,
         SmtpSendRequest,
     )
+    from postlane.errors import ErrorType, InvalidEmail
+    from postlane.idempotency import CONTENT_HASH, email_digest
+    from postlane.ids import lane_task_queue, lane_workflow_id, message_id
+    from postlane.lanes.models import (
+        SlotGrant,
+        SlotRequest,
+    )
+    from postlane.names import Activity, EmailMessages, LaneMessages, WorkflowType
     from workflows._options import (
         NON_RETRYABLE,
         SMTP_HEARTBEAT,
@@ -41,16 +44,16 @@ with workflow.unsafe.imports_passed_through():
         smtp_retry,
     )
 
-SEND_EMAIL_ACTIVITY = "send_email"
+SEND_EMAIL_ACTIVITY = Activity.SEND_EMAIL
 SLOT_REQUEST_RETRY = timedelta(seconds=30)
-DISCARDED = "EmailDiscarded"
+DISCARDED = ErrorType.EMAIL_DISCARDED
 PARKED_AT_PATCH = "postlane-parked-at"
 """Workflows that parked before this patch did not upsert `PostlaneParkedAt`."""
 WORKER_AUTHORITY_PATCH = "postlane-worker-authority"
 """Since this patch the workflow checks its own input, takes the lane, its retry policy and
 caps from the workers (``resolve_lane``), and sets its search attributes and memo itself.
 Workflows started before it trusted the caller's `SendEmailInput`."""
-RESOLVE_LANE_ACTIVITY = "resolve_lane"
+RESOLVE_LANE_ACTIVITY = Activity.RESOLVE_LANE
 RESOLVE_START_TO_CLOSE = timedelta(seconds=10)
 RESOLVE_RETRY = RetryPolicy(maximum_interval=timedelta(minutes=1))
 """Resolution reads the worker's settings in memory; a failure is a bug, retried visibly."""
@@ -73,7 +76,7 @@ SLOT_REASK_JITTER = 120
 """Seconds of spread, fixed per email, so a recovering lane is not asked by all at once."""
 
 
-@workflow.defn(name="SendEmail")
+@workflow.defn(name=WorkflowType.SEND_EMAIL)
 class SendEmailWorkflow:
     """Sends one email through its lane's task queue.
 
@@ -345,7 +348,7 @@ class SendEmailWorkflow:
             request = SlotRequest(workflow_id=workflow.info().workflow_id, priority=req.priority)
             while True:
                 try:
-                    await lane.signal("request_slot", request)
+                    await lane.signal(LaneMessages.REQUEST_SLOT, request)
                     break
                 except Exception:  # the lane's workflow is not running yet: a worker starts it
                     self._last_error = f"waiting for lane {req.lane!r} quota workflow"
@@ -371,7 +374,7 @@ class SendEmailWorkflow:
                 recheck_at=told.recheck_at if told else None,
             )
             try:
-                await lane.signal("request_slot", request)
+                await lane.signal(LaneMessages.REQUEST_SLOT, request)
             except Exception:  # the lane's workflow is not running yet: a worker starts it
                 self._last_error = f"waiting for lane {req.lane!r} quota workflow"
                 self._set_status(EmailStatus.SCHEDULED)
@@ -396,7 +399,7 @@ class SendEmailWorkflow:
                     due = plan.recheck_at or plan.at + reask
         self._scheduled_for = None
 
-    @workflow.signal(name="slot_granted")
+    @workflow.signal(name=EmailMessages.SLOT_GRANTED)
     def slot_granted(self, grant: SlotGrant) -> None:
         """The lane's answer: go now, or (``planned``) the time a slot is expected."""
         if self._slot_granted and self._slot_reasking:
@@ -462,7 +465,7 @@ class SendEmailWorkflow:
             return self._receipt.attempts
         return self._attempts + self._failed_in_send
 
-    @workflow.signal(name="retry")
+    @workflow.signal(name=EmailMessages.RETRY)
     def retry(self, request: RetryRequest) -> None:
         """Send a dead-lettered email again (ignored in any other state).
 
@@ -472,7 +475,7 @@ class SendEmailWorkflow:
             self._retry_requested = True
             self._correction = request
 
-    @workflow.update(name="retry")
+    @workflow.update(name=EmailMessages.RETRY)
     def retry_update(self, request: RetryRequest) -> None:
         """Send a dead-lettered email again, optionally corrected; refused in any other state."""
         self._retry_requested = True
@@ -480,9 +483,9 @@ class SendEmailWorkflow:
 
     @retry_update.validator
     def _validate_retry(self, request: RetryRequest) -> None:
-        self._refuse_unless_parked("retry")
+        self._refuse_unless_parked(EmailMessages.RETRY)
 
-    @workflow.signal(name="attempt_failed")
+    @workflow.signal(name=EmailMessages.ATTEMPT_FAILED)
     def attempt_failed(self, record: AttemptRecord) -> None:
         """A send attempt failed (signalled by the activity; history keeps only the last).
 
@@ -495,7 +498,7 @@ class SendEmailWorkflow:
         self._last_error = record.reply
         self._publish_details(self._status)
 
-    @workflow.signal(name="delivery_accepted")
+    @workflow.signal(name=EmailMessages.DELIVERY_ACCEPTED)
     def delivery_accepted(self, receipt: DeliveryReceipt) -> None:
         """The SMTP server accepted DATA (signalled by the activity before it completes).
 
@@ -505,12 +508,12 @@ class SendEmailWorkflow:
         if self._accepted is None:
             self._accepted = receipt
 
-    @workflow.query(name="accepted_receipt")
+    @workflow.query(name=EmailMessages.ACCEPTED_RECEIPT)
     def accepted_receipt(self) -> DeliveryReceipt | None:
         """The receipt of the DATA the server accepted, once the activity signalled it."""
         return self._accepted
 
-    @workflow.signal(name="discard")
+    @workflow.signal(name=EmailMessages.DISCARD)
     def discard(self, request: RetryRequest) -> None:
         """Give up on a dead-lettered email (ignored in any other state).
 
@@ -519,14 +522,14 @@ class SendEmailWorkflow:
         if self._status == EmailStatus.DEAD_LETTER:
             self._discard_requested = True
 
-    @workflow.update(name="discard")
+    @workflow.update(name=EmailMessages.DISCARD)
     def discard_update(self, request: RetryRequest) -> None:
         """Give up on a dead-lettered email (it ends cancelled); refused in any other state."""
         self._discard_requested = True
 
     @discard_update.validator
     def _validate_discard(self, request: RetryRequest) -> None:
-        self._refuse_unless_parked("discard")
+        self._refuse_unless_parked(EmailMessages.DISCARD)
 
     def _refuse_unless_parked(self, action: str) -> None:
         """Reject an operator's `action` (update validator) unless the email is parked."""
@@ -543,7 +546,7 @@ class SendEmailWorkflow:
                 non_retryable=True,
             )
 
-    @workflow.query(name="status")
+    @workflow.query(name=EmailMessages.STATUS)
     def status(self) -> EmailReport:
         """Where this email is: status, attempts, last SMTP reply, receipt."""
         req = self._input

@@ -22,6 +22,7 @@ from temporalio.workflow import ParentClosePolicy
 
 with workflow.unsafe.imports_passed_through():
     from postlane import search_attributes as sa
+    from postlane.email.models import DeliveryReceipt, Email, EmailStatus, SendEmailInput
     from postlane.errors import ErrorType, InvalidEmail
     from postlane.ids import (
         WORKFLOW_TASK_QUEUE,
@@ -29,8 +30,8 @@ with workflow.unsafe.imports_passed_through():
         message_id,
         sequence_email_key,
     )
-    from postlane.models import DeliveryReceipt, Email, EmailStatus, SendEmailInput
-    from postlane.sequence_models import (
+    from postlane.names import Activity, SequenceMessages, WorkflowType
+    from postlane.sequences.models import (
         MAX_THREAD_TEXT,
         Approval,
         ComposeRequest,
@@ -47,8 +48,9 @@ with workflow.unsafe.imports_passed_through():
         ThreadMessage,
         sequence_email,
     )
-    from postlane.sequence_spec import (
+    from postlane.sequences.spec import (
         STOP,
+        AnyStep,
         ComposeStep,
         SendStep,
         StopStep,
@@ -60,14 +62,14 @@ with workflow.unsafe.imports_passed_through():
     from workflows._options import ADMIN_RETRY, ADMIN_START_TO_CLOSE, COMPOSE_RETRY
     from workflows.send_email import application_failure
 
-SUPPRESS_ACTIVITY = "suppress_recipient"
+SUPPRESS_ACTIVITY = Activity.SUPPRESS_RECIPIENT
 MAX_SEEN = 200
 CANCEL_STOPS_CHILD_PATCH = "postlane-cancel-stops-child"
 """Since this patch a cancelled sequence cancels its email in flight and waits for how it
 ended (before, the email was left to the parent-close policy and its outcome unrecorded)."""
 
 
-@workflow.defn(name="Sequence")
+@workflow.defn(name=WorkflowType.SEQUENCE)
 class SequenceWorkflow:
     """Runs one recipient through a `SequenceSpec`, one step at a time.
 
@@ -77,17 +79,17 @@ class SequenceWorkflow:
     every wait is a condition with a deadline, never a bare sleep.
     """
 
-    def __init__(self) -> None:
-        self._in: SequenceInput | None = None
-        self._s = SequenceState()
+    @workflow.init
+    def __init__(self, inp: SequenceInput) -> None:
+        # The input is known before any handler runs, so no handler sees a half-built
+        # workflow (and none needs to check).
+        self._in = inp
+        self._s = inp.state if inp.state is not None else SequenceState()
         self._published: str | None = None
 
     @workflow.run
     async def run(self, inp: SequenceInput) -> SequenceReport:
         """Walk the steps until the end, a ``stop`` step, or a stop condition."""
-        self._in = inp
-        if inp.state is not None:
-            self._s = inp.state
         self._publish()
         steps = inp.spec.steps
         try:
@@ -95,7 +97,7 @@ class SequenceWorkflow:
                 step = steps[self._s.position]
                 if self._s.entered_at is None:
                     self._s.entered_at = workflow.now()
-                target = await self._run_step(step)
+                target = await self._run_step(step, self._s.entered_at)
                 if self._s.stop_reason is not None:
                     break
                 self._advance(target)
@@ -114,18 +116,16 @@ class SequenceWorkflow:
 
     # -- steps -------------------------------------------------------------------------
 
-    async def _run_step(self, step: object) -> str | None:
+    async def _run_step(self, step: AnyStep, entered_at: datetime) -> str | None:
         """Run one step; return the step to go to (None: the following one, or ``stop``)."""
-        assert self._in is not None
         if isinstance(step, SendStep):
             await self._send(step.id, self._in.rendered[step.id], thread=step.thread)
             return step.next
         if isinstance(step, WaitStep):
-            await self._wait(self._deadline(step))
+            await self._wait(self._deadline(step, entered_at))
             return step.next
         if isinstance(step, WaitForReplyStep):
-            assert self._s.entered_at is not None
-            deadline = self._s.deadline or self._s.entered_at + step.timeout
+            deadline = self._s.deadline or entered_at + step.timeout
             self._s.deadline = deadline
             replied = await self._wait(deadline, until=lambda: self._s.reply_branch)
             if replied:
@@ -133,7 +133,7 @@ class SequenceWorkflow:
                 return step.on_reply
             return step.on_timeout or step.next
         if isinstance(step, ComposeStep):
-            draft = await self._compose(step)
+            draft = await self._compose(step, entered_at)
             if draft is not None:
                 await self._send(step.id, RenderedMessage(**draft.model_dump()), thread=step.thread)
             return step.next
@@ -142,7 +142,6 @@ class SequenceWorkflow:
         raise ApplicationError(f"unknown step {step!r}", non_retryable=True)
 
     def _advance(self, target: str | None) -> None:
-        assert self._in is not None
         if target == STOP:
             self._s.position = len(self._in.spec.steps)
         elif target is None:
@@ -155,15 +154,17 @@ class SequenceWorkflow:
         self._s.approval = None
         self._publish()
 
-    def _deadline(self, step: WaitStep) -> datetime:
-        assert self._in is not None and self._s.entered_at is not None
+    def _deadline(self, step: WaitStep, entered_at: datetime) -> datetime:
         if self._s.deadline is None:
             if step.duration is not None:
-                deadline = self._s.entered_at + step.duration
-            else:
-                assert step.until is not None
+                deadline = entered_at + step.duration
+            elif step.until is not None:
                 deadline = next_local_time(
-                    self._s.entered_at, parse_clock(step.until), self._zone(), step.days
+                    entered_at, parse_clock(step.until), self._zone(), step.days
+                )
+            else:  # the spec's validation forbids it; a hand-made input might not
+                raise ApplicationError(
+                    f"wait step {step.id!r} has neither duration nor until", non_retryable=True
                 )
             if step.within_sending_hours:
                 deadline = self._opening(deadline)
@@ -171,11 +172,9 @@ class SequenceWorkflow:
         return self._s.deadline
 
     def _zone(self) -> str:
-        assert self._in is not None
         return self._in.recipient.timezone or self._in.spec.timezone
 
     def _opening(self, at: datetime) -> datetime:
-        assert self._in is not None
         spec = self._in.spec
         return next_opening(at, spec.window, self._zone(), spec.sending_days)
 
@@ -202,7 +201,6 @@ class SequenceWorkflow:
 
     async def _send(self, step: str, content: RenderedMessage, *, thread: bool) -> None:
         """Send one email as a child workflow; cancel it if a stop arrives first."""
-        assert self._in is not None
         inp = self._in
         while self._s.stop_reason is None:
             opening = self._opening(workflow.now())
@@ -231,7 +229,7 @@ class SequenceWorkflow:
         )
         try:
             child = await workflow.start_child_workflow(
-                "SendEmail",
+                WorkflowType.SEND_EMAIL,
                 request,
                 id=email_workflow_id(key),
                 task_queue=WORKFLOW_TASK_QUEUE,
@@ -280,7 +278,6 @@ class SequenceWorkflow:
             self._finish(SequenceStatus.FAILED, f"step {step}: email not sent: {err}")
 
     def _email(self, content: RenderedMessage, *, thread: bool) -> Email:
-        assert self._in is not None
         return sequence_email(self._in, content, self._thread_ids() if thread else [])
 
     def _thread_ids(self) -> list[str]:
@@ -306,9 +303,8 @@ class SequenceWorkflow:
             )
         )
 
-    async def _compose(self, step: ComposeStep) -> Draft | None:
+    async def _compose(self, step: ComposeStep, entered_at: datetime) -> Draft | None:
         """Ask the agent for a draft until one validates; hold it for approval if asked."""
-        assert self._in is not None
         inp = self._in
         feedback: str | None = None
         draft: Draft | None = self._s.draft
@@ -352,15 +348,16 @@ class SequenceWorkflow:
         self._s.draft = draft
         if not step.approval:
             return draft
-        return await self._approved(step, draft)
+        return await self._approved(step, draft, entered_at)
 
-    async def _approved(self, step: ComposeStep, draft: Draft) -> Draft | None:
-        assert self._s.entered_at is not None
+    async def _approved(
+        self, step: ComposeStep, draft: Draft, entered_at: datetime
+    ) -> Draft | None:
         self._s.status = SequenceStatus.AWAITING_APPROVAL
         self._publish(next_action=f"approve {step.id}")
         deadline = None
         if step.approval_timeout is not None:
-            deadline = self._s.entered_at + step.approval_timeout
+            deadline = entered_at + step.approval_timeout
         decided = await self._wait(deadline, until=lambda: self._s.approval is not None)
         if self._s.stop_reason is not None:
             return None
@@ -413,7 +410,6 @@ class SequenceWorkflow:
 
     async def _suppress(self) -> None:
         """Keep this address out of the sender's future sequences."""
-        assert self._in is not None
         inp = self._in
         await workflow.execute_activity(
             SUPPRESS_ACTIVITY,
@@ -438,7 +434,6 @@ class SequenceWorkflow:
         self._publish()
 
     def _should_continue_as_new(self) -> bool:
-        assert self._in is not None
         info = workflow.info()
         return self._s.position < len(self._in.spec.steps) and (
             info.is_continue_as_new_suggested()
@@ -467,7 +462,7 @@ class SequenceWorkflow:
 
     # -- signals and query -------------------------------------------------------------
 
-    @workflow.signal(name="inbound")
+    @workflow.signal(name=SequenceMessages.INBOUND)
     def inbound(self, event: InboundEvent) -> None:
         """A reply, auto-reply, bounce or unsubscribe for this sequence (idempotent)."""
         if event.message_id and event.message_id in self._s.seen:
@@ -494,7 +489,6 @@ class SequenceWorkflow:
         if self._answers_current_send(step, event):
             # A reply to the email this step is sending (it went out; its child workflow
             # has not reported back yet) belongs to the step that follows.
-            assert self._in is not None
             position = self._s.position + 1
             steps = self._in.spec.steps
             step = steps[position] if position < len(steps) else None
@@ -503,12 +497,12 @@ class SequenceWorkflow:
         else:
             self._finish(SequenceStatus.REPLIED, f"replied {event.from_address}".strip())
 
-    @workflow.signal(name="unsubscribe")
+    @workflow.signal(name=SequenceMessages.UNSUBSCRIBE)
     def unsubscribe(self, reason: str = "") -> None:
         """Stop, and keep this recipient out of the sender's future sequences."""
         self._finish(SequenceStatus.UNSUBSCRIBED, f"unsubscribed {reason}".strip())
 
-    @workflow.signal(name="pause")
+    @workflow.signal(name=SequenceMessages.PAUSE)
     def pause(self) -> None:
         """Hold the sequence where it is: nothing is sent until ``resume``.
 
@@ -519,43 +513,43 @@ class SequenceWorkflow:
             self._s.paused = True
             self._publish()
 
-    @workflow.update(name="pause")
+    @workflow.update(name=SequenceMessages.PAUSE)
     def pause_update(self) -> None:
         """Hold the sequence; refused if it has finished or is paused already."""
         self.pause()
 
     @pause_update.validator
     def _validate_pause(self) -> None:
-        self._refuse_if_finished("pause")
+        self._refuse_if_finished(SequenceMessages.PAUSE)
         if self._s.paused:
             _refuse("the sequence is already paused")
 
-    @workflow.signal(name="resume")
+    @workflow.signal(name=SequenceMessages.RESUME)
     def resume(self) -> None:
         """Go on; a wait whose time passed during the pause ends at once."""
         if self._s.paused:
             self._s.paused = False
             self._publish()
 
-    @workflow.update(name="resume")
+    @workflow.update(name=SequenceMessages.RESUME)
     def resume_update(self) -> None:
         """Go on; refused unless the sequence is paused."""
         self.resume()
 
     @resume_update.validator
     def _validate_resume(self) -> None:
-        self._refuse_if_finished("resume")
+        self._refuse_if_finished(SequenceMessages.RESUME)
         if not self._s.paused:
             _refuse("the sequence is not paused")
 
-    @workflow.signal(name="approve")
+    @workflow.signal(name=SequenceMessages.APPROVE)
     def approve(self, decision: Approval) -> None:
         """Approve (optionally edited) or reject the draft a compose step holds."""
         step = self._current_step()
         if isinstance(step, ComposeStep) and step.id == decision.step and self._s.draft:
             self._s.approval = decision
 
-    @workflow.update(name="approve")
+    @workflow.update(name=SequenceMessages.APPROVE)
     def approve_update(self, decision: Approval) -> None:
         """Approve (optionally edited) or reject the draft awaiting approval; refused for
         any other step, or when no draft waits."""
@@ -563,7 +557,7 @@ class SequenceWorkflow:
 
     @approve_update.validator
     def _validate_approve(self, decision: Approval) -> None:
-        self._refuse_if_finished("approve")
+        self._refuse_if_finished(SequenceMessages.APPROVE)
         step = self._current_step()
         current = getattr(step, "id", None)
         if current != decision.step:
@@ -599,7 +593,7 @@ class SequenceWorkflow:
             return None
         return self._in.spec.steps[self._s.position]
 
-    @workflow.query(name="status")
+    @workflow.query(name=SequenceMessages.STATUS)
     def status(self) -> SequenceReport:
         """The current step, what happens next and when, what was sent so far."""
         inp = self._in

@@ -10,10 +10,11 @@ from __future__ import annotations
 from temporalio import workflow
 
 with workflow.unsafe.imports_passed_through():
-    from postlane.sequence_models import Suppression
+    from postlane.names import SuppressionMessages, WorkflowType
+    from postlane.sequences.models import Suppression
 
 
-@workflow.defn(name="Suppression")
+@workflow.defn(name=WorkflowType.SUPPRESSION)
 class SuppressionWorkflow:
     """Holds one unsubscribe; ends only when an operator lifts it."""
 
@@ -31,12 +32,12 @@ class SuppressionWorkflow:
         await workflow.wait_condition(lambda: self._lifted)
         return suppression
 
-    @workflow.signal(name="lift")
+    @workflow.signal(name=SuppressionMessages.LIFT)
     def lift(self, reason: str = "") -> None:
         """Allow this sender to enroll the address again."""
         self._lifted = True
 
-    @workflow.query(name="status")
+    @workflow.query(name=SuppressionMessages.STATUS)
     def status(self) -> Suppression | None:
         """Who is suppressed for whom, and why."""
         return self._input

@@ -32,13 +32,13 @@ from temporalio.api.testservice.v1 import SleepRequest
 from temporalio.service import RPCError, RPCStatusCode
 from temporalio.testing import WorkflowEnvironment
 
-from postlane.binaries import test_server_path
-from postlane.catcher import CaughtMessage, SmtpCatcher
 from postlane.client import PostlaneClient
 from postlane.config import LaneConfig, Settings
 from postlane.connection import data_converter
-from postlane.models import RetrySettings
-from postlane.setup import ensure_search_attributes
+from postlane.dev.binaries import test_server_path
+from postlane.dev.catcher import CaughtMessage, SmtpCatcher
+from postlane.email.models import RetrySettings
+from postlane.namespace import ensure_search_attributes
 from postlane.testing.agents import fake_compose
 
 TEST_LANE = "test"

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from temporalio import activity
 
-from postlane.agent import COMPOSE_ACTIVITY
-from postlane.sequence_models import ComposeRequest, Draft
+from postlane.sequences.agent import COMPOSE_ACTIVITY
+from postlane.sequences.models import ComposeRequest, Draft
 
 INVALID_MARKER = "[[invalid]]"
 """Instructions containing this get a draft that fails validation on the first attempt."""

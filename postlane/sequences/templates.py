@@ -13,8 +13,8 @@ from jinja2 import StrictUndefined, TemplateError
 from jinja2.sandbox import SandboxedEnvironment
 
 from postlane.errors import InvalidEmail
-from postlane.sequence_models import RenderedMessage
-from postlane.sequence_spec import ComposeStep, Recipient, SendStep, SequenceSpec, Template
+from postlane.sequences.models import RenderedMessage
+from postlane.sequences.spec import ComposeStep, Recipient, SendStep, SequenceSpec, Template
 
 # One environment per escaping mode; both are stateless once built and safe to share.
 _TEXT = SandboxedEnvironment(

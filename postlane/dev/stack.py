@@ -16,15 +16,15 @@ from pathlib import Path
 
 from temporalio.client import Client
 
-from postlane.binaries import dev_server_path
-from postlane.catcher import CaughtMessage, SmtpCatcher
 from postlane.client import PostlaneClient
 from postlane.config import Settings, dev_lane
 from postlane.connection import DEFAULT_NAMESPACE, data_converter
+from postlane.dev.binaries import dev_server_path
+from postlane.dev.catcher import CaughtMessage, SmtpCatcher
+from postlane.email.models import Email
 from postlane.errors import ConfigurationError
 from postlane.logs import configure_logging
-from postlane.models import Email
-from postlane.setup import ensure_namespace, ensure_search_attributes
+from postlane.namespace import ensure_namespace, ensure_search_attributes
 
 DEMO_KEY = "postlane-demo-welcome"
 STARTUP_TIMEOUT = 60.0

@@ -14,7 +14,10 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from postlane.config import LaneConfig
 from postlane.ids import WORKFLOW_TASK_QUEUE, lane_task_queue, lane_workflow_id
-from postlane.models import LaneState
+from postlane.lanes.models import (
+    LaneState,
+)
+from postlane.names import LaneMessages, WorkflowType
 
 log = structlog.get_logger(__name__)
 
@@ -75,12 +78,12 @@ async def start_lane_workflow(client: Client, lane: LaneConfig) -> None:
     applies an edited ``postlane.toml``.
     """
     await client.start_workflow(
-        "Lane",
+        WorkflowType.LANE,
         LaneState(name=lane.name, limits=lane.limits(), effective_rate=lane.rate_per_second),
         id=lane_workflow_id(lane.name),
         task_queue=WORKFLOW_TASK_QUEUE,
         id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
-        start_signal="configure",
+        start_signal=LaneMessages.CONFIGURE,
         start_signal_args=[lane.limits()],
         static_summary=f"Lane {lane.name}: rate, caps and backpressure",
         # A burst of slot requests makes for long workflow tasks on a loaded host.

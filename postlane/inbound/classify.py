@@ -37,7 +37,7 @@ from postlane.ids import (
     sequence_of_email,
     workflow_id_from_message_id,
 )
-from postlane.sequence_models import MAX_THREAD_TEXT, InboundEvent, InboundKind
+from postlane.sequences.models import MAX_THREAD_TEXT, InboundEvent, InboundKind
 
 _MSGID_RE = re.compile(r"<[^<>\s]+>")
 _QUOTED_MSGID_RE = re.compile(r"(?im)^[ \t>]*Message-ID:[ \t]*(<[^<>\s]+>)")

@@ -1,6 +1,6 @@
 """Wire models of sequences: the workflow's input and state, signals, query and agent I/O.
 
-Like `postlane.models`, these only ever gain fields with defaults, so running sequences
+Like `postlane.email.models`, these only ever gain fields with defaults, so running sequences
 keep working across upgrades.
 """
 
@@ -11,8 +11,8 @@ from enum import StrEnum
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from postlane.models import MAX_HEADER_LENGTH, Email, Priority, RetrySettings
-from postlane.sequence_spec import Recipient, SequenceSpec
+from postlane.email.models import MAX_HEADER_LENGTH, Email, Priority, RetrySettings
+from postlane.sequences.spec import Recipient, SequenceSpec
 
 MAX_THREAD_TEXT = 4000
 """Characters of each message body kept for the thread an agent sees."""

@@ -16,11 +16,17 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
-from postlane.errors import InvalidEmail, PostlaneError, RecipientSuppressed
-from postlane.models import invalid_email_from
-from postlane.progress import ProgressBar
-from postlane.sequence_models import SequenceInput, SequenceReport
-from postlane.sequence_spec import Recipient, SequenceSpec, load_spec
+from postlane.cli.progress import ProgressBar
+from postlane.email.models import invalid_email_from
+from postlane.errors import (
+    InvalidEmail,
+    InvalidInput,
+    InvalidRecipients,
+    PostlaneError,
+    RecipientSuppressed,
+)
+from postlane.sequences.models import SequenceInput, SequenceReport
+from postlane.sequences.spec import Recipient, SequenceSpec, load_spec
 
 if TYPE_CHECKING:
     from postlane.client import PostlaneClient
@@ -71,16 +77,16 @@ async def run(pl: PostlaneClient, args: argparse.Namespace) -> int:
     if command == "start":
         return await _start(pl, args)
     if command == "status":
-        print(format_report(await pl.sequence_status(args.key)))
+        print(format_report(await pl.sequences.status(args.key)))
         return EXIT_OK
     if command == "list":
-        found = await pl.sequences(campaign=args.campaign, status=args.status)
+        found = await pl.sequences.list(campaign=args.campaign, status=args.status)
         for key, status in found:
             print(f"{status:<18} {key}")
         print(f"{len(found)} sequence(s)", file=sys.stderr)
         return EXIT_OK
     if command == "approve":
-        ok = await pl.approve(
+        ok = await pl.sequences.approve(
             args.key,
             args.step,
             approved=not args.reject,
@@ -90,16 +96,16 @@ async def run(pl: PostlaneClient, args: argparse.Namespace) -> int:
         )
     else:
         act = {
-            "pause": pl.pause_sequence,
-            "resume": pl.resume_sequence,
-            "cancel": pl.cancel_sequence,
-            "unsubscribe": pl.unsubscribe,
+            "pause": pl.sequences.pause,
+            "resume": pl.sequences.resume,
+            "cancel": pl.sequences.cancel,
+            "unsubscribe": pl.sequences.unsubscribe,
         }[command]
         ok = await act(args.key)
     if ok:
         print(f"{args.key}: {command} sent")
         return EXIT_OK
-    report = await pl.sequence_status(args.key)
+    report = await pl.sequences.status(args.key)
     print(f"{args.key}: already {report.status}; nothing changed")
     return EXIT_FAILED
 
@@ -108,18 +114,20 @@ def read_recipients(path: Path) -> list[tuple[int, Recipient | InvalidEmail]]:
     """Rows of a recipients CSV as (line number, recipient or the reason it is invalid).
 
     Raises:
-        InvalidEmail: the file is unreadable or has no ``email`` column.
+        InvalidRecipients: the file is unreadable or has no ``email`` column.
     """
     try:
         handle = path.open(newline="", encoding="utf-8-sig")
     except OSError as exc:
-        raise InvalidEmail(str(path), exc.strerror or str(exc)) from None
+        raise InvalidRecipients(str(path), exc.strerror or str(exc)) from None
     with handle:
         reader = csv.DictReader(handle)
         columns = [c.strip().lower() for c in reader.fieldnames or []]
         address_column = next((c for c in _ADDRESS_COLUMNS if c in columns), None)
         if address_column is None:
-            raise InvalidEmail(f"{path}", "needs an 'email' column")
+            raise InvalidRecipients(
+                str(path), f"needs an 'email' column; it has: {', '.join(columns)}"
+            )
         rows: list[tuple[int, Recipient | InvalidEmail]] = []
         for row in reader:
             clean = {k.strip().lower(): (v or "").strip() for k, v in row.items() if k}
@@ -150,7 +158,7 @@ async def _start(pl: PostlaneClient, args: argparse.Namespace) -> int:
             )
         except ValidationError as exc:
             raise invalid_email_from(exc) from None
-        handle = await pl.start_sequence(
+        handle = await pl.sequences.start(
             spec, recipient, key=f"{campaign}:{recipient.address.lower()}"
         )
         state = "enrolled" if handle.created else "already enrolled"
@@ -169,7 +177,7 @@ async def _start(pl: PostlaneClient, args: argparse.Namespace) -> int:
     progress = ProgressBar(len(prepared), "enrolling")
     for inp in prepared:
         try:
-            handle = await pl.start_sequence(inp.spec, inp.recipient, key=inp.key)
+            handle = await pl.sequences.start(inp.spec, inp.recipient, key=inp.key)
             outcome = detail = "enrolled" if handle.created else "already enrolled"
         except RecipientSuppressed:
             outcome = detail = "suppressed"
@@ -199,7 +207,7 @@ def _validate(
             continue
         seen.add(key)
         try:
-            prepared.append(pl.prepare_sequence(spec, row, key=key))
+            prepared.append(pl.sequences.prepare(spec, row, key=key))
         except InvalidEmail as exc:
             invalid.append((line, exc))
     return prepared, invalid
@@ -208,7 +216,7 @@ def _validate(
 def _pair(value: str) -> tuple[str, str]:
     name, sep, val = value.partition("=")
     if not sep or not name.strip():
-        raise InvalidEmail("var", f"{value!r} is not NAME=VALUE")
+        raise InvalidInput("var", f"{value!r} is not NAME=VALUE")
     return name.strip(), val
 
 

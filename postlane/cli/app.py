@@ -21,14 +21,20 @@ from typing import TYPE_CHECKING, Any
 
 from temporalio.service import RPCError
 
-from postlane import cli_sequence
-from postlane.errors import ActionRefused, ConfigurationError, InvalidEmail, PostlaneError
-from postlane.progress import ProgressBar
+from postlane.cli import sequence as cli_sequence
+from postlane.cli.progress import ProgressBar
+from postlane.errors import (
+    ActionRefused,
+    ConfigurationError,
+    InvalidEmail,
+    InvalidInput,
+    PostlaneError,
+)
 
 if TYPE_CHECKING:
     from postlane.client import CancelResult, PostlaneClient
     from postlane.config import Settings
-    from postlane.models import EmailReport
+    from postlane.email.models import EmailReport
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
 
@@ -152,7 +158,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         rc = asyncio.run(_dispatch(args))
     except KeyboardInterrupt:
         rc = 130
-    except (InvalidEmail, ConfigurationError, ActionRefused) as exc:
+    except (InvalidInput, ConfigurationError, ActionRefused) as exc:
         rc = _fail(exc, EXIT_INVALID)
     except PostlaneError as exc:
         rc = _fail(exc, EXIT_FAILED)
@@ -174,7 +180,7 @@ def _schema(model: str | None) -> int:
     found = schemas()
     if model is not None:
         if model not in found:
-            raise InvalidEmail("model", f"{model!r} is not one of {', '.join(found)}")
+            raise InvalidInput("model", f"{model!r} is not one of {', '.join(found)}")
         print(json.dumps(found[model], indent=2))
         return EXIT_OK
     print(json.dumps(found, indent=2))
@@ -190,7 +196,7 @@ def _fail(exc: BaseException, rc: int) -> int:
 async def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "dev":
         try:
-            from postlane.dev import DevStack
+            from postlane.dev.stack import DevStack
         except ModuleNotFoundError as exc:  # a production install has no dev stack
             if exc.name != "aiosmtpd":
                 raise
@@ -248,13 +254,13 @@ async def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "lanes":
         if args.lanes_command == "set":
             rate = parse_rate(args.rate)
-            await pl.set_lane_rate(args.name, rate, reason="postlane lanes set")
+            await pl.lanes.set_rate(args.name, rate, reason="postlane lanes set")
             print(f"lane {args.name}: rate set to {rate:g}/s")
             return EXIT_OK
-        print(format_lanes(await pl.lanes()))
+        print(format_lanes(await pl.lanes.list()))
         return EXIT_OK
     if args.command == "setup":
-        from postlane.setup import ensure_namespace, ensure_search_attributes
+        from postlane.namespace import ensure_namespace, ensure_search_attributes
 
         await ensure_namespace(pl.temporal, pl.temporal.namespace)
         await ensure_search_attributes(pl.temporal, pl.temporal.namespace)
@@ -286,20 +292,20 @@ async def _dlq(pl: PostlaneClient, args: argparse.Namespace) -> int:
     now = datetime.now(UTC)
     since = parse_since(args.since, now) if args.since else None
     if args.dlq_command == "list":
-        print(format_dead_letters(await pl.dead_letters(lane=args.lane, since=since), now))
+        print(format_dead_letters(await pl.dlq.list(lane=args.lane, since=since), now))
         return EXIT_OK
     if bool(args.keys) == bool(args.all):
-        raise InvalidEmail("keys", "give KEY... or --all, not both")
+        raise InvalidInput("keys", "give KEY... or --all, not both")
     if args.keys and (args.lane or since):
-        raise InvalidEmail("keys", "--lane and --since select with --all only")
-    keys = args.keys or await pl.dead_letter_keys(lane=args.lane, since=since)
+        raise InvalidInput("keys", "--lane and --since select with --all only")
+    keys = args.keys or await pl.dlq.keys(lane=args.lane, since=since)
     retry = args.dlq_command == "retry"
     changed_as = "going out again" if retry else "discarded"
     bar = ProgressBar(len(keys), f"dlq {args.dlq_command}")
     changed = unchanged = failed = 0
     for key in keys:
         try:
-            ok = await (pl.retry(key) if retry else pl.discard(key))
+            ok = await (pl.retry(key) if retry else pl.dlq.discard(key))
             result = changed_as if ok else f"unchanged: {await pl.status(key)}"
         except ActionRefused:
             # Not parked (any more): safe to run twice, the second run changes nothing.
@@ -386,7 +392,7 @@ def parse_since(value: str, now: datetime) -> datetime:
     it names no zone) → an aware datetime.
 
     Raises:
-        InvalidEmail: anything else (field ``since``).
+        InvalidInput: anything else (field ``since``).
     """
     text = value.strip()
     if re.fullmatch(r"(?:\d+[smhdw])+", text):
@@ -395,7 +401,7 @@ def parse_since(value: str, now: datetime) -> datetime:
     try:
         when = datetime.fromisoformat(text)
     except ValueError:
-        raise InvalidEmail(
+        raise InvalidInput(
             "since", f"{value!r} is neither a duration like 2h, 30m, 3d nor an ISO 8601 time"
         ) from None
     return when if when.tzinfo is not None else when.replace(tzinfo=UTC)
@@ -421,10 +427,10 @@ async def _connect(args: argparse.Namespace, settings: Settings) -> PostlaneClie
 
 
 async def _worker(args: argparse.Namespace) -> int:
-    from postlane.agent import load_agent
     from postlane.config import load_settings
     from postlane.connection import connect_temporal
     from postlane.logs import configure_logging
+    from postlane.sequences.agent import load_agent
     from postlane.worker import run_workers
 
     configure_logging(json=args.json_logs)
@@ -454,7 +460,7 @@ def _split(values: list[str]) -> list[str]:
 
 
 def _email_from_args(args: argparse.Namespace) -> tuple[Any, str]:
-    from postlane.models import Email
+    from postlane.email.models import Email
 
     headers: dict[str, str] = {}
     for item in args.header:

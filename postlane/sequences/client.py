@@ -1,7 +1,8 @@
-"""Sequence operations of `PostlaneClient`: enroll, inspect, pause, stop, route replies."""
+"""``pl.sequences``: enroll recipients in sequences, inspect, pause, stop, route replies."""
 
 from __future__ import annotations
 
+import builtins
 import re
 from datetime import UTC, datetime
 from typing import Any
@@ -43,12 +44,12 @@ from postlane.ids import (
     SEQUENCE_ID_PREFIX,
     WORKFLOW_TASK_QUEUE,
     sequence_workflow_id,
-    suppression_workflow_id,
     unsubscribe_token,
     validate_key,
 )
-from postlane.inbound import classify, route
-from postlane.sequence_models import (
+from postlane.inbound.classify import classify, route
+from postlane.names import SequenceMessages, WorkflowType
+from postlane.sequences.models import (
     Approval,
     InboundEvent,
     InboundKind,
@@ -56,12 +57,11 @@ from postlane.sequence_models import (
     SequenceInput,
     SequenceReport,
     SequenceStatus,
-    Suppression,
     sequence_email,
 )
-from postlane.sequence_spec import Recipient, SequenceSpec
-from postlane.suppressions import is_suppressed, start_suppression
-from postlane.templates import render_sequence, render_string, variables_for
+from postlane.sequences.spec import Recipient, SequenceSpec
+from postlane.sequences.suppressions import Suppressions
+from postlane.sequences.templates import render_sequence, render_string, variables_for
 
 _CAMPAIGN_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _STATUSES = {s.value for s in SequenceStatus}
@@ -72,7 +72,7 @@ class SequenceHandle:
 
     def __init__(
         self,
-        client: SequenceOperations,
+        client: Sequences,
         key: str,
         handle: WorkflowHandle[Any, Any] | None = None,
         *,
@@ -88,21 +88,23 @@ class SequenceHandle:
         self._handle = handle or client.temporal.get_workflow_handle(self.workflow_id)
 
     async def status(self) -> SequenceReport:
-        """See `SequenceOperations.sequence_status`."""
-        return await self._client.sequence_status(self.key)
+        """See `Sequences.status`."""
+        return await self._client.status(self.key)
 
     async def result(self) -> SequenceReport:
         """Wait until the sequence ends and return its final report."""
         return SequenceReport.model_validate(await self._handle.result())
 
 
-class SequenceOperations:
-    """Mixed into `PostlaneClient`; needs its ``temporal`` client and ``settings``."""
+class Sequences:
+    """``pl.sequences``: the sequence part of `PostlaneClient`, on the client's connection."""
 
-    temporal: Client
-    settings: Settings
+    def __init__(self, temporal: Client, settings: Settings, suppressions: Suppressions) -> None:
+        self.temporal = temporal
+        self.settings = settings
+        self._suppressions = suppressions
 
-    def prepare_sequence(
+    def prepare(
         self,
         spec: SequenceSpec,
         recipient: Recipient,
@@ -160,7 +162,7 @@ class SequenceOperations:
             _check_email(inp, step, content)
         return inp
 
-    async def start_sequence(
+    async def start(
         self,
         spec: SequenceSpec,
         recipient: Recipient,
@@ -174,22 +176,22 @@ class SequenceOperations:
         sequence, running or finished: nobody is enrolled twice.
 
         Raises:
-            InvalidEmail, UnknownSender: see `prepare_sequence`; nothing was started.
+            InvalidEmail, UnknownSender: see `prepare`; nothing was started.
             RecipientSuppressed: the address unsubscribed from this sender.
             IdempotencyConflict: the key was used for a different spec or recipient.
         """
-        inp = self.prepare_sequence(spec, recipient, key=key, history_limit=history_limit)
+        inp = self.prepare(spec, recipient, key=key, history_limit=history_limit)
         digest = content_digest(spec.model_dump_json(), recipient.model_dump_json())
         workflow_id = sequence_workflow_id(inp.key)
         existing = await self._existing(workflow_id)
         if existing is not None:
             await check_same_content(existing, inp.key, digest)
             return SequenceHandle(self, inp.key, existing)
-        if await self.is_suppressed(spec.sender, recipient.address):
+        if await self._suppressions.is_suppressed(spec.sender, recipient.address):
             raise RecipientSuppressed(spec.sender, recipient.address)
         try:
             handle = await self.temporal.start_workflow(
-                "Sequence",
+                WorkflowType.SEQUENCE,
                 inp,
                 id=workflow_id,
                 task_queue=WORKFLOW_TASK_QUEUE,
@@ -227,11 +229,11 @@ class SequenceOperations:
             raise
         return handle
 
-    def sequence(self, key: str) -> SequenceHandle:
+    def get(self, key: str) -> SequenceHandle:
         """The handle of a sequence enrolled earlier with `key` (not checked to exist)."""
         return SequenceHandle(self, key)
 
-    async def sequence_status(self, key: str) -> SequenceReport:
+    async def status(self, key: str) -> SequenceReport:
         """Current step, next action and its time, what was sent, why it stopped.
 
         Raises:
@@ -243,7 +245,7 @@ class SequenceOperations:
         report: SequenceReport | None
         try:
             report = SequenceReport.model_validate(
-                await handle.query("status", result_type=SequenceReport)
+                await handle.query(SequenceMessages.STATUS, result_type=SequenceReport)
             )
         except (RPCError, WorkflowFailureError):
             report = None
@@ -256,9 +258,9 @@ class SequenceOperations:
             return report.model_copy(update={"status": closed, "step": None, "next_at": None})
         return SequenceReport(key=key, status=closed, recipient="")
 
-    async def sequences(
+    async def list(
         self, *, campaign: str | None = None, status: SequenceStatus | str | None = None
-    ) -> list[tuple[str, SequenceStatus]]:
+    ) -> builtins.list[tuple[str, SequenceStatus]]:
         """Enrolled sequences as (key, status), from visibility (needs a real server).
 
         Args:
@@ -268,7 +270,7 @@ class SequenceOperations:
         Raises:
             InvalidEmail: an unknown status or a campaign name that is not a valid name.
         """
-        query = 'WorkflowType="Sequence"'
+        query = f'WorkflowType="{WorkflowType.SEQUENCE}"'
         if campaign is not None:
             if not _CAMPAIGN_RE.match(campaign):
                 raise InvalidEmail("campaign", f"{campaign!r} is not a campaign name")
@@ -278,7 +280,7 @@ class SequenceOperations:
                 query += f' AND PostlaneStatus="{SequenceStatus(status).value}"'
             except ValueError:
                 raise InvalidEmail("status", f"{status!r} is not a sequence status") from None
-        found: list[tuple[str, SequenceStatus]] = []
+        found: builtins.list[tuple[str, SequenceStatus]] = []
         async for execution in self.temporal.list_workflows(query):
             stored = execution.typed_search_attributes.get(sa.STATUS)
             state = SequenceStatus(stored) if stored in _STATUSES else SequenceStatus.ACTIVE
@@ -338,8 +340,8 @@ class SequenceOperations:
             raise
         return True
 
-    async def pause_sequence(self, key: str) -> bool:
-        """Hold a sequence: nothing is sent until `resume_sequence`.
+    async def pause(self, key: str) -> bool:
+        """Hold a sequence: nothing is sent until `resume`.
 
         Returns:
             True if paused; False if it had finished.
@@ -347,9 +349,9 @@ class SequenceOperations:
         Raises:
             ActionRefused: it is paused already.
         """
-        return await self._update(key, "pause")
+        return await self._update(key, SequenceMessages.PAUSE)
 
-    async def resume_sequence(self, key: str) -> bool:
+    async def resume(self, key: str) -> bool:
         """Let a paused sequence go on.
 
         Returns:
@@ -358,9 +360,9 @@ class SequenceOperations:
         Raises:
             ActionRefused: it is not paused.
         """
-        return await self._update(key, "resume")
+        return await self._update(key, SequenceMessages.RESUME)
 
-    async def cancel_sequence(self, key: str) -> bool:
+    async def cancel(self, key: str) -> bool:
         """Stop a sequence now (an email already handed to its lane may still go out).
 
         Returns:
@@ -396,8 +398,8 @@ class SequenceOperations:
         decision = Approval(
             step=step, approved=approved, subject=subject, text=text, html=html, by=by
         )
-        if not await self._update(key, "approve", decision):
-            status = (await self.sequence_status(key)).status
+        if not await self._update(key, SequenceMessages.APPROVE, decision):
+            status = (await self.status(key)).status
             raise ActionRefused(key, "approve", f"cannot approve: the sequence is {status}")
         return True
 
@@ -409,11 +411,11 @@ class SequenceOperations:
         Returns:
             True if a running sequence was stopped.
         """
-        if await self._signal(key, "unsubscribe", reason or "by request"):
+        if await self._signal(key, SequenceMessages.UNSUBSCRIBE, reason or "by request"):
             return True
         inp = await self._input_of(sequence_workflow_id(key))
         if inp is not None:
-            await self.suppress(
+            await self._suppressions.add(
                 inp.spec.sender, inp.recipient.address, reason=reason, source=inp.key
             )
         return False
@@ -428,26 +430,6 @@ class SequenceOperations:
                 return values[0] if isinstance(values[0], SequenceInput) else None
             break
         return None
-
-    async def suppress(
-        self, sender: str, address: str, *, reason: str = "", source: str = "operator"
-    ) -> None:
-        """Keep `address` out of `sender`'s sequences from now on (idempotent)."""
-        suppression = Suppression(sender=sender, address=address, reason=reason, source=source)
-        await start_suppression(self.temporal, suppression)
-
-    async def is_suppressed(self, sender: str, address: str) -> bool:
-        """True while `address` is suppressed for `sender`."""
-        return await is_suppressed(self.temporal, sender, address)
-
-    async def lift_suppression(self, sender: str, address: str) -> bool:
-        """Allow `sender` to enroll `address` again. False if it was not suppressed."""
-        if not await self.is_suppressed(sender, address):
-            return False
-        handle = self.temporal.get_workflow_handle(suppression_workflow_id(sender, address))
-        await handle.signal("lift", "operator")
-        await handle.result()  # ends as soon as its worker sees the signal
-        return True
 
     async def record_reply(self, message: bytes | str | InboundEvent) -> str | None:
         """Route an inbound message (raw RFC 5322 bytes, or a parsed event) to its sequence.
@@ -474,7 +456,7 @@ class SequenceOperations:
         try:
             if event.kind == InboundKind.UNSUBSCRIBE:
                 await self.unsubscribe(key, reason=f"mail from {event.from_address}".strip())
-            elif not await self._signal(key, "inbound", event):
+            elif not await self._signal(key, SequenceMessages.INBOUND, event):
                 return None
         except SequenceNotFound:
             return None

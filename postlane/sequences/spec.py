@@ -20,12 +20,14 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
 
-from postlane.errors import InvalidEmail
-from postlane.models import Priority, check_address, invalid_email_from
+from postlane.email.models import Priority, check_address, invalid_email_from
+from postlane.errors import InvalidSpec
+from postlane.names import Activity
 
 STOP = "stop"
 """Branch target that ends the sequence."""
@@ -76,10 +78,36 @@ def parse_clock(value: str) -> time:
     return time(int(match.group(1)), int(match.group(2)))
 
 
-class Template(BaseModel):
-    """A Jinja2 email template, rendered per recipient (sandboxed, strict undefined)."""
+STRICT_FIELDS = {"strict_fields": True}
+"""Validation context of user-written specs (`spec_from_dict`): unknown fields are refused."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+
+class _SpecPart(BaseModel):
+    """A part of a spec: strict about unknown fields where a person wrote it, lenient on
+    the wire.
+
+    A spec travels inside `SequenceInput`, so a newer client's extra field must not break
+    an older worker (fields are ignored by default). A spec file with a misspelt field,
+    though, would silently lose it, so `spec_from_dict` validates with `STRICT_FIELDS`
+    and each unknown field is refused by name.
+    """
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_unknown_fields(cls, data: Any, info: ValidationInfo) -> Any:
+        if isinstance(data, dict) and isinstance(info.context, dict):
+            if info.context.get("strict_fields"):
+                known = set(cls.model_fields)
+                for name in data:
+                    if name not in known:
+                        raise ValueError(f"{name}: unknown field (misspelt?)")
+        return data
+
+
+class Template(_SpecPart):
+    """A Jinja2 email template, rendered per recipient (sandboxed, strict undefined)."""
 
     subject: str = Field(min_length=1)
     text: str | None = None
@@ -92,9 +120,7 @@ class Template(BaseModel):
         return self
 
 
-class _Step(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
+class _Step(_SpecPart):
     id: str
     """Unique within the spec; also the last part of the step's email key."""
     next: str | None = None
@@ -182,7 +208,7 @@ class ComposeStep(_Step):
     type: Literal["compose"] = "compose"
     instructions: str = ""
     """Jinja2 template rendered per recipient and handed to the agent."""
-    activity: str = "compose_email"
+    activity: str = Activity.COMPOSE_EMAIL
     """Name of the agent activity (``postlane worker --agent module:function``)."""
     task_queue: str | None = None
     """Queue of the worker that hosts the agent; default Postlane's own (``postlane``)."""
@@ -208,10 +234,8 @@ AnyStep = Annotated[
 ]
 
 
-class SequenceSpec(BaseModel):
+class SequenceSpec(_SpecPart):
     """A multi-step sequence, the same for every recipient enrolled in it."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str
     """Campaign name; bulk enrollment keys each recipient ``<name>:<address>``."""
@@ -296,10 +320,8 @@ class SequenceSpec(BaseModel):
         return next(i for i, s in enumerate(self.steps) if s.id == step_id)
 
 
-class Recipient(BaseModel):
+class Recipient(_SpecPart):
     """One person enrolled in a sequence, with the variables its templates use."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     address: str
     name: str | None = None
@@ -330,29 +352,30 @@ def spec_from_dict(data: dict[str, Any]) -> SequenceSpec:
     """Validate a spec given as plain data.
 
     Raises:
-        InvalidEmail: naming the first bad field, e.g. ``steps.2.timeout``.
+        InvalidSpec: naming the first bad field, e.g. ``steps.2.timeout``.
     """
     try:
-        return SequenceSpec.model_validate(data)
+        return SequenceSpec.model_validate(data, context=STRICT_FIELDS)
     except ValidationError as exc:
-        raise invalid_email_from(exc) from None
+        err = invalid_email_from(exc)
+        raise InvalidSpec(err.field, err.reason) from None
 
 
 def load_spec(path: str | Path) -> SequenceSpec:
     """Read and validate ``spec.toml``.
 
     Raises:
-        InvalidEmail: the file is unreadable, not TOML, or a field is invalid; the message
+        InvalidSpec: the file is unreadable, not TOML, or a field is invalid; the message
             names the file and the field.
     """
     path = Path(path)
     try:
         data = tomllib.loads(path.read_text())
     except OSError as exc:
-        raise InvalidEmail(str(path), exc.strerror or str(exc)) from None
+        raise InvalidSpec(str(path), exc.strerror or str(exc)) from None
     except tomllib.TOMLDecodeError as exc:
-        raise InvalidEmail(str(path), str(exc)) from None
+        raise InvalidSpec(str(path), f"not TOML: {exc}") from None
     try:
         return spec_from_dict(data)
-    except InvalidEmail as exc:
-        raise InvalidEmail(f"{path}: {exc.field}", exc.reason) from None
+    except InvalidSpec as exc:
+        raise InvalidSpec(f"{path}: {exc.field}", exc.reason) from None

@@ -17,7 +17,8 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from postlane import search_attributes as sa
 from postlane.ids import WORKFLOW_TASK_QUEUE, suppression_workflow_id
-from postlane.sequence_models import Suppression
+from postlane.names import SuppressionMessages, WorkflowType
+from postlane.sequences.models import Suppression
 
 SUPPRESSED = "suppressed"
 """`PostlaneStatus` of suppression workflows: ``PostlaneStatus="suppressed"`` lists them."""
@@ -26,7 +27,7 @@ SUPPRESSED = "suppressed"
 async def start_suppression(client: Client, suppression: Suppression) -> None:
     """Suppress the address for the sender; a no-op if it already is."""
     await client.start_workflow(
-        "Suppression",
+        WorkflowType.SUPPRESSION,
         suppression,
         id=suppression_workflow_id(suppression.sender, suppression.address),
         task_queue=WORKFLOW_TASK_QUEUE,
@@ -48,3 +49,31 @@ async def is_suppressed(client: Client, sender: str, address: str) -> bool:
             return False
         raise
     return desc.status == WorkflowExecutionStatus.RUNNING
+
+
+class Suppressions:
+    """``pl.suppressions``: addresses kept out of a sender's sequences, on the client's
+    connection."""
+
+    def __init__(self, temporal: Client) -> None:
+        self.temporal = temporal
+
+    async def add(
+        self, sender: str, address: str, *, reason: str = "", source: str = "operator"
+    ) -> None:
+        """Keep `address` out of `sender`'s sequences from now on (idempotent)."""
+        suppression = Suppression(sender=sender, address=address, reason=reason, source=source)
+        await start_suppression(self.temporal, suppression)
+
+    async def is_suppressed(self, sender: str, address: str) -> bool:
+        """True while `address` is suppressed for `sender`."""
+        return await is_suppressed(self.temporal, sender, address)
+
+    async def lift(self, sender: str, address: str) -> bool:
+        """Allow `sender` to enroll `address` again. False if it was not suppressed."""
+        if not await self.is_suppressed(sender, address):
+            return False
+        handle = self.temporal.get_workflow_handle(suppression_workflow_id(sender, address))
+        await handle.signal(SuppressionMessages.LIFT, "operator")
+        await handle.result()  # ends as soon as its worker sees the signal
+        return True

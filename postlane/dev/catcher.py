@@ -22,8 +22,8 @@ from typing import Any, Literal
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
-from postlane import wire
-from postlane.wire import InvalidWireMessage
+from postlane.dev import wire
+from postlane.dev.wire import InvalidWireMessage
 
 Phase = Literal["mail", "rcpt", "data"]
 
@@ -73,7 +73,7 @@ class CaughtMessage:
     mail_options: tuple[str, ...] = ()
     """The MAIL FROM parameters, e.g. ``("SMTPUTF8",)``."""
     wire_problems: tuple[str, ...] = ()
-    """What `postlane.wire.check_message` found wrong with `raw` (empty: valid)."""
+    """What `postlane.dev.wire.check_message` found wrong with `raw` (empty: valid)."""
 
     def headers(self, name: str) -> list[bytes]:
         """The raw values of the header fields named `name`, exactly as received: the bytes
@@ -250,7 +250,7 @@ class SmtpCatcher:
         logins: if set, offer AUTH (PLAIN, LOGIN; also without TLS) for these
             user name → password pairs; the login is recorded on each `CaughtMessage`.
         smtputf8: offer SMTPUTF8 (RFC 6531); off by default, like a conservative server.
-        strict: every accepted message is checked on the wire (`postlane.wire`); reading
+        strict: every accepted message is checked on the wire (`postlane.dev.wire`); reading
             the messages (`messages`, `wait_for`), `clear` and `stop` raise
             `InvalidWireMessage` for each invalid one not reported yet, so the test that
             sent it fails. Off, the problems are only recorded (`wire_problems`).

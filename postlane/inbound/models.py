@@ -7,7 +7,7 @@ from datetime import datetime, timedelta
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from postlane.sequence_models import InboundEvent
+from postlane.sequences.models import InboundEvent
 
 
 class InboxCursor(BaseModel):

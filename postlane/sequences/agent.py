@@ -19,9 +19,10 @@ from collections.abc import Callable
 from typing import Any
 
 from postlane.errors import ConfigurationError
-from postlane.sequence_models import ComposeRequest, Draft, ThreadMessage
+from postlane.names import Activity
+from postlane.sequences.models import ComposeRequest, Draft, ThreadMessage
 
-COMPOSE_ACTIVITY = "compose_email"
+COMPOSE_ACTIVITY = Activity.COMPOSE_EMAIL
 """Default activity name of a compose step."""
 
 

@@ -8,7 +8,8 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from postlane.config import InboxConfig
 from postlane.ids import WORKFLOW_TASK_QUEUE, inbox_workflow_id
-from postlane.inbound_models import InboundItem, WatcherConfig, WatcherInput, WatcherReport
+from postlane.inbound.models import InboundItem, WatcherConfig, WatcherInput, WatcherReport
+from postlane.names import InboxMessages, WorkflowType
 
 
 def watcher_config(inbox: InboxConfig) -> WatcherConfig:
@@ -30,12 +31,12 @@ async def start_inbox_watcher(
     if history_limit is not None:
         inp = inp.model_copy(update={"history_limit": history_limit})
     await client.start_workflow(
-        "InboxWatcher",
+        WorkflowType.INBOX_WATCHER,
         inp,
         id=inbox_workflow_id(inbox.name),
         task_queue=WORKFLOW_TASK_QUEUE,
         id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
-        start_signal="configure",
+        start_signal=InboxMessages.CONFIGURE,
         start_signal_args=[config],
         static_summary=f"Inbox {inbox.name}: replies, bounces and unsubscribes",
         static_details=f"folder {inbox.folder} on {inbox.imap_host}:{inbox.port}",
@@ -45,7 +46,7 @@ async def start_inbox_watcher(
 async def watcher_status(client: Client, inbox: str) -> WatcherReport:
     """The ``status`` query of an inbox's watcher: cursor, polls, deliveries, last error."""
     handle = client.get_workflow_handle(inbox_workflow_id(inbox))
-    report = await handle.query("status", result_type=WatcherReport)
+    report = await handle.query(InboxMessages.STATUS, result_type=WatcherReport)
     return WatcherReport.model_validate(report)
 
 

@@ -1,0 +1,5 @@
+"""The ``postlane`` command line: email commands, ``postlane sequence ...``, progress bars."""
+
+from postlane.cli.app import main
+
+__all__ = ["main"]

@@ -1,0 +1,1 @@
+"""One email: its model and checks (`models`) and how addresses are read (`addresses`)."""

@@ -1,0 +1,2 @@
+"""Inbound mail: classifying a message (`classify`), the watcher's wire models and starting
+the inbox watchers (`inboxes`)."""

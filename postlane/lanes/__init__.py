@@ -1,0 +1,1 @@
+"""Lanes (sending accounts): their wire models and the limits the server enforces per lane."""
