@@ -41,7 +41,7 @@ DEV_ONLY = {
 IMPORT_EVERYTHING = """
 import importlib, json, pkgutil, sys
 import postlane, workflows, activities
-OPTIONAL = {"dev", "catcher", "testing"}
+OPTIONAL = {"dev", "catcher", "testing", "__main__"}  # __main__ would run the CLI
 names = []
 for package in (postlane, workflows, activities):
     for info in pkgutil.walk_packages(package.__path__, package.__name__ + "."):

@@ -27,9 +27,9 @@ from temporalio.worker import UnsandboxedWorkflowRunner, Worker
 
 from postlane.client import PostlaneClient
 from postlane.config import Settings
+from postlane.email.models import EmailStatus
 from postlane.ids import email_workflow_id
 from postlane.logs import RepeatedWorkflowTaskFailures
-from postlane.email.models import EmailStatus
 from postlane.testing import PostlaneTestEnv, default_test_lane
 from tests.procs import assert_eventually
 
