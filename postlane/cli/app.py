@@ -77,6 +77,19 @@ def _parser() -> argparse.ArgumentParser:
         help="host a compose-step agent activity (repeatable)",
     )
 
+    exp = sub.add_parser(
+        "exporter",
+        help="serve cluster-wide gauges (lane backlog, pollers, dead letters) to Prometheus",
+        description="Ask Temporal about every configured lane and serve the answers on "
+        "/metrics; run one per cluster (docs/alerts.md).",
+    )
+    exp.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
+    exp.add_argument("--port", type=int, default=9466, help="HTTP port (default 9466)")
+    exp.add_argument(
+        "--interval", type=float, default=15.0, help="seconds between collections (default 15)"
+    )
+    exp.add_argument("--json-logs", action="store_true", help="log one JSON object per line")
+
     inbound = sub.add_parser(
         "inbound",
         help="watch the configured inboxes (IMAP) for replies, bounces and unsubscribes",
@@ -215,6 +228,8 @@ async def _dispatch(args: argparse.Namespace) -> int:
         return await _worker(args)
     if args.command == "schema":
         return _schema(args.model)
+    if args.command == "exporter":
+        return await _exporter(args)
 
     from postlane.config import load_settings
 
@@ -452,6 +467,26 @@ async def _worker(args: argparse.Namespace) -> int:
         inbound=not args.no_inbound,
         agents=agents,
     )
+    return EXIT_OK
+
+
+async def _exporter(args: argparse.Namespace) -> int:
+    from temporalio.client import Client
+
+    from postlane.config import load_settings
+    from postlane.connection import connect_temporal
+    from postlane.exporter import Exporter
+    from postlane.logs import configure_logging
+
+    if not args.interval > 0:
+        raise InvalidInput("interval", f"{args.interval:g} must be greater than 0")
+    configure_logging(json=args.json_logs)
+    settings = load_settings()
+
+    async def connect() -> Client:  # retried every round: serve while Temporal is down
+        return await connect_temporal(args.address, args.namespace)
+
+    await Exporter(connect, settings, interval=args.interval).run(args.host, args.port)
     return EXIT_OK
 
 

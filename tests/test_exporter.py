@@ -1,0 +1,178 @@
+"""``postlane exporter`` on the real dev server: a parked dead letter, a backlog on a lane no
+worker serves, scraped over HTTP as Prometheus would, and checked by ``promtool``."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import subprocess
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from temporalio.testing import WorkflowEnvironment
+
+from postlane.client import PostlaneClient
+from postlane.config import LaneConfig, Settings
+from postlane.dev.catcher import SmtpCatcher
+from postlane.email.models import Email, EmailStatus, RetrySettings
+from postlane.testing import running_workers
+from tests.procs import (
+    POSTLANE_SCRIPT,
+    assert_eventually,
+    free_port,
+    postlane_env,
+    write_config,
+)
+from tests.sysdeps import require
+from tests.test_integration import address_of, an_email, new_lane
+
+pytestmark = pytest.mark.devserver
+
+Samples = dict[tuple[str, str], float]
+"""(metric name, lane label) -> value."""
+
+
+@contextlib.contextmanager
+def exporter_process(address: str, lanes: list[LaneConfig], tmp_path: Path) -> Iterator[str]:
+    """``postlane exporter`` for `lanes` against the Temporal server at `address`, as an OS
+    process; yields its ``/metrics`` URL."""
+    config = write_config(tmp_path / "exporter.toml", lanes)
+    port = free_port()
+    err = (tmp_path / "exporter.err").open("wb")
+    proc = subprocess.Popen(
+        [str(POSTLANE_SCRIPT), "exporter", "--host", "127.0.0.1", "--port", str(port)]
+        + ["--interval", "0.5"],
+        env=postlane_env(address, config),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=err,
+    )
+    err.close()
+    try:
+        yield f"http://127.0.0.1:{port}/metrics"
+    finally:
+        proc.kill()
+        proc.wait(30)
+
+
+def _get(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+async def get(url: str) -> tuple[int, str]:
+    """(status, body) of a GET, off the event loop; a refused connection is an
+    AssertionError, so `assert_eventually` waits through the process's start."""
+    try:
+        return await asyncio.to_thread(_get, url)
+    except urllib.error.URLError as exc:
+        raise AssertionError(f"GET {url}: {exc.reason}") from None
+
+
+async def scrape(url: str) -> str:
+    """The exporter's ``/metrics`` text once a collection has succeeded."""
+
+    async def ready() -> str | None:
+        status, body = await get(url)
+        assert status == 200, (status, body)
+        return body if "postlane_exporter_collect_success 1" in body else None
+
+    return await assert_eventually(ready, within=60, what="a successful collection")
+
+
+def samples(text: str) -> Samples:
+    """The exporter's lane samples (it only ever labels by ``lane``)."""
+    found: Samples = {}
+    for line in text.splitlines():
+        if line.startswith("#") or "{" not in line:
+            continue
+        name, _, rest = line.partition('{lane="')
+        lane, _, value = rest.partition('"} ')
+        found[(name, lane)] = float(value)
+    return found
+
+
+def metric_names(text: str) -> set[str]:
+    """The names a scrape declares (``# TYPE`` lines): present even with no samples."""
+    return {ln.split()[2] for ln in text.splitlines() if ln.startswith("# TYPE ")}
+
+
+def promtool_check_metrics(text: str) -> None:
+    """``promtool check metrics``: the text parses as Prometheus's format, and lints clean."""
+    promtool = require("promtool", "prometheus")
+    result = subprocess.run(
+        [promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.timeout(180)
+async def test_exporter_serves_backlog_pollers_and_dead_letters(
+    dev_env: WorkflowEnvironment, key: str, tmp_path: Path
+) -> None:
+    with SmtpCatcher() as smtp:
+        served = new_lane(smtp, retry=RetrySettings(maximum_attempts=1))
+        idle = new_lane(smtp, senders=["*@idle.test"])
+        settings = Settings(lanes=[served, idle])
+        pl = PostlaneClient(dev_env.client, settings)
+        smtp.fail("data", "451 4.3.0 mailbox temporarily unavailable", times=1)
+        # A worker for `served` only: `idle`'s sends wait on its queue with no poller.
+        async with running_workers(dev_env, settings, lanes=[served.name]):
+            await pl.send(an_email("parks"), key=f"{key}-dlq")
+            for n in range(3):
+                email = Email(
+                    sender="agent@idle.test", to=["bob@example.test"], subject=f"#{n}", text="x"
+                )
+                await pl.send(email, key=f"{key}-idle-{n}")
+
+            async def parked() -> bool:
+                return await pl.status(f"{key}-dlq") == EmailStatus.DEAD_LETTER
+
+            await assert_eventually(parked, within=60, what="the email dead-lettered")
+
+            with exporter_process(address_of(dev_env), [served, idle], tmp_path) as url:
+
+                async def settled() -> Samples:
+                    got = samples(await scrape(url))
+                    assert got[("postlane_lane_backlog", idle.name)] == 3, got
+                    assert got[("postlane_dead_letters", served.name)] == 1, got
+                    assert got[("postlane_lane_pollers", served.name)] >= 1, got
+                    return got
+
+                got = await assert_eventually(settled, within=60, what="the exporter's gauges")
+                text = await scrape(url)
+                status, health = await get(url.replace("/metrics", "/healthz"))
+                ready_status, _ = await get(url.replace("/metrics", "/readyz"))
+    assert smtp.messages == []  # nothing was accepted: one refusal, three never tried
+    assert got[("postlane_lane_pollers", idle.name)] == 0
+    assert got[("postlane_lane_backlog_age_seconds", idle.name)] > 0
+    assert got[("postlane_lane_backlog", served.name)] == 0
+    assert got[("postlane_dead_letters", idle.name)] == 0
+    # The rate the lane's send worker set on the server; no worker has set `idle`'s.
+    assert ("postlane_lane_rate_limit_per_second", idle.name) not in got
+    assert got[("postlane_lane_rate_limit_per_second", served.name)] == 50
+    assert (status, health, ready_status) == (200, "ok\n", 200)
+    promtool_check_metrics(text)
+
+
+async def test_exporter_not_ready_while_temporal_unreachable(tmp_path: Path) -> None:
+    """No server: /metrics says the collection failed and serves no lane series; /readyz
+    is 503 so Kubernetes keeps the pod out of the Service."""
+    with exporter_process(f"127.0.0.1:{free_port()}", [new_lane()], tmp_path) as url:
+        base = url.removesuffix("/metrics")
+
+        async def served() -> tuple[int, str]:
+            return await get(f"{base}/healthz")
+
+        await assert_eventually(served, within=60, what="the exporter listening")
+        status, _ = await get(f"{base}/readyz")
+        _, text = await get(url)
+    assert status == 503
+    assert "postlane_exporter_collect_success 0" in text
+    assert 'lane="' not in text
