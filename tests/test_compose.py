@@ -23,7 +23,17 @@ POSTLANE_TOML = ROOT / "deploy" / "postlane.toml"
 DYNAMIC_CONFIG = ROOT / "deploy" / "dynamicconfig" / "development-sql.yaml"
 ENV_EXAMPLE = ROOT / ".env.example"
 
-EXPECTED_SERVICES = {"postgresql", "temporal", "temporal-ui", "postlane-setup", "worker", "mailpit"}
+EXPECTED_SERVICES = {
+    "postgresql",
+    "temporal",
+    "temporal-ui",
+    "postlane-setup",
+    "worker",
+    "mailpit",
+    "exporter",
+    "prometheus",
+    "grafana",
+}
 PARTITION_KEYS = ("matching.numTaskqueueReadPartitions", "matching.numTaskqueueWritePartitions")
 # Variables that would change what `config` prints; the test wants the file's own defaults.
 _CLEAN_PREFIXES = ("TEMPORAL_", "POSTLANE_", "POSTGRES_", "COMPOSE_", "ACME_SMTP_")
