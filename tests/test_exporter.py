@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import subprocess
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from temporalio.testing import WorkflowEnvironment
@@ -30,6 +33,8 @@ from tests.sysdeps import require
 from tests.test_integration import address_of, an_email, new_lane
 
 pytestmark = pytest.mark.devserver
+
+RULES = Path(__file__).resolve().parent.parent / "deploy" / "prometheus" / "alerts.yml"
 
 Samples = dict[tuple[str, str], float]
 """(metric name, lane label) -> value."""
@@ -176,3 +181,98 @@ async def test_exporter_not_ready_while_temporal_unreachable(tmp_path: Path) -> 
     assert status == 503
     assert "postlane_exporter_collect_success 0" in text
     assert 'lane="' not in text
+
+
+@pytest.mark.timeout(180)
+async def test_real_prometheus_scrapes_the_exporter_and_evaluates_the_rules(
+    dev_env: WorkflowEnvironment, key: str, tmp_path: Path
+) -> None:
+    """Debian's Prometheus, with deploy/prometheus/alerts.yml, scrapes the exporter: its
+    query API returns the backlog, every rule evaluates without error on real series, and
+    the lane nobody polls has its alert pending."""
+    prometheus = require("prometheus", "prometheus")
+    with SmtpCatcher() as smtp:
+        served = new_lane(smtp)
+        idle = new_lane(smtp, senders=["*@idle.test"])
+        settings = Settings(lanes=[served, idle])
+        pl = PostlaneClient(dev_env.client, settings)
+        async with running_workers(dev_env, settings, lanes=[served.name]):
+            for n in range(2):
+                email = Email(
+                    sender="agent@idle.test", to=["bob@example.test"], subject=f"#{n}", text="x"
+                )
+                await pl.send(email, key=f"{key}-{n}")
+
+            with exporter_process(address_of(dev_env), [idle], tmp_path) as url:
+                await scrape(url)
+                with prometheus_process(prometheus, url, tmp_path) as api:
+
+                    async def backlog() -> float:
+                        body = await query(api, f'postlane_lane_backlog{{lane="{idle.name}"}}')
+                        assert body["data"]["result"], body
+                        return float(body["data"]["result"][0]["value"][1])
+
+                    assert await assert_eventually(backlog, within=60, what="the backlog") == 2
+
+                    async def evaluated() -> list[dict[str, Any]]:
+                        status, text = await get(f"{api}/api/v1/rules")
+                        assert status == 200, text
+                        rules = [r for g in json.loads(text)["data"]["groups"] for r in g["rules"]]
+                        # Not yet evaluated: "0001-01-01T00:00:00Z".
+                        assert rules and all(r["lastEvaluation"] > "2000" for r in rules), rules
+                        return rules
+
+                    rules = await assert_eventually(evaluated, within=60, what="rules evaluated")
+
+                    async def pending() -> list[dict[str, Any]]:
+                        status, text = await get(f"{api}/api/v1/alerts")
+                        alerts = json.loads(text)["data"]["alerts"]
+                        return [
+                            a
+                            for a in alerts
+                            if a["labels"]["alertname"] == "PostlaneLaneNoPollers"
+                            and a["labels"].get("lane") == idle.name
+                        ]
+
+                    (alert,) = await assert_eventually(pending, within=60, what="NoPollers pending")
+    assert [r["name"] for r in rules if r["health"] != "ok"] == [], rules
+    assert len(rules) == 17
+    assert alert["state"] == "pending"  # `for: 5m` has not passed yet
+    assert alert["labels"]["severity"] == "page"
+
+
+@contextlib.contextmanager
+def prometheus_process(binary: str, target: str, tmp_path: Path) -> Iterator[str]:
+    """Prometheus scraping `target` every second with the repository's alert rules;
+    yields its base URL."""
+    host_port = target.removeprefix("http://").removesuffix("/metrics")
+    config = tmp_path / "prometheus.yml"
+    config.write_text(
+        "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
+        f"rule_files: [{str(RULES)!r}]\n"
+        "scrape_configs:\n"
+        f"  - {{job_name: postlane-exporter, static_configs: [{{targets: ['{host_port}']}}]}}\n",
+        encoding="utf-8",
+    )
+    port = free_port()
+    log = (tmp_path / "prometheus.log").open("wb")
+    proc = subprocess.Popen(
+        [binary, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}"]
+        + [f"--web.listen-address=127.0.0.1:{port}"],
+        stdin=subprocess.DEVNULL,
+        stdout=log,
+        stderr=log,
+    )
+    log.close()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.kill()
+        proc.wait(30)
+
+
+async def query(api: str, promql: str) -> dict[str, Any]:
+    status, text = await get(f"{api}/api/v1/query?{urllib.parse.urlencode({'query': promql})}")
+    assert status == 200, text
+    body: dict[str, Any] = json.loads(text)
+    return body
