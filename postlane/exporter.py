@@ -27,10 +27,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
+import structlog
 from temporalio.api.enums.v1 import RateLimitSource, TaskQueueType
 from temporalio.api.taskqueue.v1 import TaskQueue
 from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest
@@ -39,7 +39,7 @@ from temporalio.client import Client
 from postlane.config import Settings
 from postlane.ids import lane_task_queue
 
-log = logging.getLogger(__name__)
+log = structlog.get_logger(__name__)
 
 _SET_SOURCES = (RateLimitSource.RATE_LIMIT_SOURCE_API, RateLimitSource.RATE_LIMIT_SOURCE_WORKER)
 
@@ -50,6 +50,9 @@ DEFAULT_INTERVAL = 15.0
 interval); a scrape returns the last round's answers."""
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 """Prometheus's text exposition format."""
+COLLECT_TIMEOUT = 30.0
+"""Seconds one round may take: a server that stops answering mid-round shows as a failed
+collection, not as the last answers served forever."""
 MAX_CONCURRENT_LANES = 8
 """Lanes described at the same time: a cluster with many lanes is not hit all at once."""
 
@@ -168,6 +171,12 @@ class Exporter:
 
     Paths: ``/metrics`` (the gauges), ``/healthz`` (200 while the process serves),
     ``/readyz`` (200 once a collection has succeeded, 503 before or after a failed one).
+
+    Args:
+        client: a connected client, or a coroutine function that connects: the exporter
+            then serves (``collect_success 0``) until the server answers.
+        settings: the configuration whose lanes are described.
+        interval: seconds between two collections.
     """
 
     def __init__(
@@ -177,13 +186,6 @@ class Exporter:
         *,
         interval: float = DEFAULT_INTERVAL,
     ) -> None:
-        """
-        Args:
-            client: a connected client, or a coroutine function that connects: the
-                exporter then serves (``collect_success 0``) until the server answers.
-            settings: the configuration whose lanes are described.
-            interval: seconds between two collections.
-        """
         self._client = client if isinstance(client, Client) else None
         self._connect = None if isinstance(client, Client) else client
         self.lanes = [lane.name for lane in settings.lanes]
@@ -193,12 +195,13 @@ class Exporter:
     async def collect_once(self) -> None:
         """One round of questions; the snapshot is replaced whole, success or not."""
         try:
-            if self._client is None:
-                assert self._connect is not None
-                self._client = await self._connect()
-            lanes = await collect(self._client, self.lanes)
+            async with asyncio.timeout(COLLECT_TIMEOUT):
+                if self._client is None:
+                    assert self._connect is not None
+                    self._client = await self._connect()
+                lanes = await collect(self._client, self.lanes)
         except Exception as exc:  # any failure: serve "collection failed", not stale data
-            log.warning("exporter.collect_failed: %s: %s", type(exc).__name__, exc)
+            log.warning("exporter.collect_failed", error_type=type(exc).__name__, error=str(exc))
             self.snapshot = Snapshot(lanes=[], success=False)
         else:
             self.snapshot = Snapshot(lanes=lanes, success=True)
@@ -214,7 +217,7 @@ class Exporter:
         """Serve until `stop` is set (or forever); `ready` is set once the port listens."""
         stop = stop or asyncio.Event()
         server = await asyncio.start_server(self._handle, host, port)
-        log.info("exporter.serving on %s:%d, lanes %s", host, port, ", ".join(self.lanes))
+        log.info("exporter.serving", host=host, port=port, lanes=self.lanes)
         if ready is not None:
             ready.set()
         try:
