@@ -14,7 +14,9 @@ Prometheus gets one series per lane however many workers run:
 - ``postlane_lane_pollers{lane}``: workers the server saw polling the queue recently;
 - ``postlane_dead_letters{lane}``: emails parked as dead letters (a visibility count);
 - ``postlane_exporter_collect_success``: 1 when the last round of questions to the
-  server all succeeded. A failed round drops the lane series rather than serve stale ones.
+  server all succeeded. After a failed round the last good lane figures are served for
+  up to `KEEP_LAST_GOOD` seconds, so one slow round does not reset every alert's ``for``
+  timer; after that the lane series go away rather than serve stale figures.
 
 It is a process of its own rather than a duty one worker is elected to: it needs no leader
 election (which Temporal does not offer workers), it keeps working while every worker is
@@ -53,6 +55,8 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 COLLECT_TIMEOUT = 30.0
 """Seconds one round may take: a server that stops answering mid-round shows as a failed
 collection, not as the last answers served forever."""
+KEEP_LAST_GOOD = 60.0
+"""Seconds the last good lane figures are still served while collections fail."""
 MAX_CONCURRENT_LANES = 8
 """Lanes described at the same time: a cluster with many lanes is not hit all at once."""
 
@@ -87,6 +91,8 @@ class Snapshot:
 
     lanes: list[LaneGauges] = field(default_factory=list)
     success: bool = False
+    collected_at: float = 0.0
+    """Event-loop time of the round the lane figures come from."""
 
 
 async def describe_lane(client: Client, lane: str) -> LaneGauges:
@@ -194,17 +200,22 @@ class Exporter:
 
     async def collect_once(self) -> None:
         """One round of questions; the snapshot is replaced whole, success or not."""
+        loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(COLLECT_TIMEOUT):
                 if self._client is None:
                     assert self._connect is not None
                     self._client = await self._connect()
                 lanes = await collect(self._client, self.lanes)
-        except Exception as exc:  # any failure: serve "collection failed", not stale data
+        except Exception as exc:  # any failure: say so, and soon stop serving old figures
             log.warning("exporter.collect_failed", error_type=type(exc).__name__, error=str(exc))
-            self.snapshot = Snapshot(lanes=[], success=False)
+            last = self.snapshot
+            fresh = loop.time() - last.collected_at <= KEEP_LAST_GOOD
+            self.snapshot = Snapshot(
+                lanes=last.lanes if fresh else [], success=False, collected_at=last.collected_at
+            )
         else:
-            self.snapshot = Snapshot(lanes=lanes, success=True)
+            self.snapshot = Snapshot(lanes=lanes, success=True, collected_at=loop.time())
 
     async def run(
         self,

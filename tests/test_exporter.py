@@ -17,10 +17,14 @@ from typing import Any
 import pytest
 from temporalio.testing import WorkflowEnvironment
 
+from postlane import exporter as exporter_module
+from postlane import search_attributes as sa
 from postlane.client import PostlaneClient
 from postlane.config import LaneConfig, Settings
+from postlane.dev.binaries import dev_server_path
 from postlane.dev.catcher import SmtpCatcher
 from postlane.email.models import Email, EmailStatus, RetrySettings
+from postlane.exporter import Exporter, render
 from postlane.testing import running_workers
 from tests.procs import (
     POSTLANE_SCRIPT,
@@ -276,3 +280,34 @@ async def query(api: str, promql: str) -> dict[str, Any]:
     assert status == 200, text
     body: dict[str, Any] = json.loads(text)
     return body
+
+
+@pytest.mark.timeout(120)
+async def test_a_failed_round_serves_the_last_figures_for_a_while(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A server that stops answering: the next rounds fail (collect_success 0) but keep the
+    last good lane figures for `KEEP_LAST_GOOD` seconds, then serve none."""
+    server = await WorkflowEnvironment.start_local(
+        dev_server_existing_path=dev_server_path(), search_attributes=list(sa.ALL)
+    )
+    lane = new_lane()
+    exp = Exporter(server.client, Settings(lanes=[lane]))
+    try:
+        await exp.collect_once()
+        first = render(exp.snapshot)
+    finally:
+        await server.shutdown()
+    monkeypatch.setattr(exporter_module, "COLLECT_TIMEOUT", 3.0)  # the client retries longer
+    await exp.collect_once()
+    kept = render(exp.snapshot)
+    monkeypatch.setattr(exporter_module, "KEEP_LAST_GOOD", 0.0)
+    await exp.collect_once()
+    dropped = render(exp.snapshot)
+
+    assert "postlane_exporter_collect_success 1" in first
+    assert f'postlane_lane_backlog{{lane="{lane.name}"}} 0' in first
+    assert "postlane_exporter_collect_success 0" in kept
+    assert samples(kept) == samples(first)
+    assert "postlane_exporter_collect_success 0" in dropped
+    assert samples(dropped) == {}
