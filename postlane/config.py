@@ -22,6 +22,7 @@ from typing import Literal, Protocol, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from postlane.durations import Duration
 from postlane.email.addresses import normalise_sender_pattern
 from postlane.email.models import (
     RetrySettings,
@@ -32,7 +33,6 @@ from postlane.lanes.models import (
     LaneLimits,
     Warmup,
 )
-from postlane.sequences.spec import Duration
 
 DEFAULT_CONFIG_FILE = "postlane.toml"
 DEV_LANE = "default"

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
-import re
 import sys
 import uuid
 from collections.abc import Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -23,6 +23,7 @@ from temporalio.service import RPCError
 
 from postlane.cli import sequence as cli_sequence
 from postlane.cli.progress import ProgressBar
+from postlane.durations import format_duration, parse_duration
 from postlane.errors import (
     ActionRefused,
     ConfigurationError,
@@ -332,7 +333,7 @@ def format_dead_letters(reports: Sequence[EmailReport], now: datetime) -> str:
     for r in reports:
         parked = "-"
         if r.parked_at is not None:
-            parked = f"{_utc(r.parked_at)} ({_age(now - r.parked_at)} ago)"
+            parked = f"{_utc(r.parked_at)} ({format_duration(now - r.parked_at)} ago)"
         rows.append(
             (
                 r.key,
@@ -375,18 +376,6 @@ def _utc(when: datetime) -> str:
     return when.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%SZ")
 
 
-def _age(delta: timedelta) -> str:
-    seconds = max(0, int(delta.total_seconds()))
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size:
-            return f"{seconds // size}{unit}"
-    return f"{seconds}s"
-
-
-_SINCE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
-_SINCE_PART = re.compile(r"(\d+)([smhdw])")
-
-
 def parse_since(value: str, now: datetime) -> datetime:
     """``30m``, ``2h``, ``3d``, ``1w``, ``1h30m`` before `now`, or an ISO 8601 time (UTC if
     it names no zone) → an aware datetime.
@@ -395,9 +384,8 @@ def parse_since(value: str, now: datetime) -> datetime:
         InvalidInput: anything else (field ``since``).
     """
     text = value.strip()
-    if re.fullmatch(r"(?:\d+[smhdw])+", text):
-        seconds = sum(int(n) * _SINCE_UNITS[u] for n, u in _SINCE_PART.findall(text))
-        return now - timedelta(seconds=seconds)
+    with contextlib.suppress(ValueError):
+        return now - parse_duration(text)
     try:
         when = datetime.fromisoformat(text)
     except ValueError:
