@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 from datetime import UTC, datetime, timedelta, timezone
 
+import pyte  # type: ignore[import-untyped]
 import pytest
 
 from postlane.cli.app import _report_cancel, format_attempts, format_dead_letters, parse_since
@@ -62,22 +63,18 @@ def test_progress_bar_in_a_log_one_line_per_item() -> None:
     ]
 
 
-def test_progress_bar_on_a_terminal_redraws_below_the_results() -> None:
+def test_progress_bar_on_a_terminal_is_a_live_bar_below_the_results() -> None:
     out = _Tty()
     bar = ProgressBar(2, "dlq discard", out, width=4)
     bar.step("first-key", "discarded")
     bar.step("k2", "unchanged: sent")
     bar.close()
-    text = out.getvalue()
-    assert "\x1b" not in text  # plain text: carriage returns and spaces only
-    # What a terminal shows: each \r returns to the line's start and overwrites it.
-    screen = [line.split("\r")[-1].rstrip() for line in text.split("\n")]
-    assert screen == [
-        "first-key: discarded",
-        "k2: unchanged: sent",
-        "dlq discard [####] 2/2",
-        "",
-    ]
+    # What a terminal shows once the bar is done: the results, then the finished bar.
+    screen = pyte.Screen(60, 6)
+    pyte.Stream(screen).feed(out.getvalue().replace("\n", "\r\n"))
+    shown = [line.rstrip() for line in screen.display if line.strip()]
+    assert shown[:2] == ["first-key: discarded", "k2: unchanged: sent"]
+    assert len(shown) == 3 and shown[2].startswith("dlq discard") and shown[2].endswith("2/2")
 
 
 def test_progress_bar_with_nothing_to_do_says_so() -> None:
@@ -213,3 +210,14 @@ def test_cancel_report_and_exit_code_per_outcome(
     assert out.splitlines()[0] == first_line
     if result.receipt is not None:
         assert DeliveryReceipt.model_validate_json(out.split("\n", 1)[1]) == result.receipt
+
+
+def test_tables_align_columns_and_print_text_verbatim() -> None:
+    from postlane.cli.app import _table
+
+    text = _table([["KEY", "LAST REPLY"], ["k1", "550 [bold]no[/bold] <a@b>"], ["key-22", "421"]])
+    assert text.splitlines() == [
+        "KEY     LAST REPLY",
+        "k1      550 [bold]no[/bold] <a@b>",
+        "key-22  421",
+    ]

@@ -19,6 +19,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from rich.console import Console
+from rich.table import Table
 from temporalio.service import RPCError
 
 from postlane.cli import sequence as cli_sequence
@@ -396,10 +398,18 @@ def parse_since(value: str, now: datetime) -> datetime:
 
 
 def _table(rows: Sequence[Sequence[str]]) -> str:
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return "\n".join(
-        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows
-    )
+    """`rows` (the first is the header) as plain, aligned columns two spaces apart."""
+    table = Table(box=None, pad_edge=False, padding=(0, 1), show_header=True, header_style="")
+    for title in rows[0]:
+        table.add_column(title, no_wrap=True, overflow="ignore")
+    for row in rows[1:]:
+        table.add_row(*row)
+    # Wide enough never to wrap: the output is read by scripts as much as by people.
+    width = sum(max(len(row[i]) for row in rows) + 2 for i in range(len(rows[0])))
+    console = Console(width=width, no_color=True, highlight=False, markup=False)
+    with console.capture() as captured:
+        console.print(table)
+    return "\n".join(line.rstrip() for line in captured.get().splitlines())
 
 
 async def _connect(args: argparse.Namespace, settings: Settings) -> PostlaneClient:
