@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 from pydantic import TypeAdapter, ValidationError
 
+from postlane.config import load_settings
 from postlane.durations import Duration, format_duration, parse_duration
 from postlane.sequences.spec import WaitStep
 
@@ -59,3 +61,16 @@ def test_a_spec_wait_takes_the_same_forms() -> None:
 )
 def test_format_duration_shows_the_largest_whole_unit(delta: timedelta, text: str) -> None:
     assert format_duration(delta) == text
+
+
+def test_postlane_toml_retry_durations_take_the_same_forms(tmp_path: Path) -> None:
+    config = tmp_path / "postlane.toml"
+    config.write_text(
+        '[[lanes]]\nname = "a"\nsenders = ["*@a.test"]\nsmtp_host = "127.0.0.1"\n'
+        'rate_per_second = 1\n[lanes.retry]\ninitial_interval = "5s"\nretry_window = "1w"\n'
+    )
+    retry = load_settings(config).lane("a").retry
+    assert (retry.initial_interval, retry.retry_window) == (
+        timedelta(seconds=5),
+        timedelta(weeks=1),
+    )
