@@ -20,20 +20,7 @@ from temporalio.runtime import (
     TelemetryFilter,
 )
 
-from postlane.errors import ErrorType
-
-EXPECTED_FAILURES = frozenset(
-    {
-        ErrorType.SMTP_TRANSIENT,
-        ErrorType.SMTP_THROTTLED,
-        ErrorType.SMTP_PERMANENT,
-        ErrorType.SMTP_TLS,
-        ErrorType.LANE_UNKNOWN,
-        ErrorType.CONFIGURATION,
-    }
-)
-"""Failures the send activity raises on purpose, after logging its own one-line
-``email.attempt_failed`` event; the SDK's traceback for them is noise."""
+from postlane.errors import SEND_FAILURES
 
 
 class ExpectedActivityFailures(logging.Filter):
@@ -49,7 +36,7 @@ class ExpectedActivityFailures(logging.Filter):
         if getattr(record, "__temporal_error_identifier", None) != "ActivityFailure":
             return True
         exc = record.exc_info[1] if record.exc_info else None
-        return not (isinstance(exc, ApplicationError) and exc.type in EXPECTED_FAILURES)
+        return not (isinstance(exc, ApplicationError) and exc.type in SEND_FAILURES)
 
 
 WORKFLOW_TASK_FAILURE_WINDOW = timedelta(minutes=10)
