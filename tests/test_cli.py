@@ -221,3 +221,35 @@ def test_tables_align_columns_and_print_text_verbatim() -> None:
         "k1      550 [bold]no[/bold] <a@b>",
         "key-22  421",
     ]
+
+
+def test_lanes_table_shows_the_window_the_next_slot_and_the_ceiling() -> None:
+    from postlane.cli.app import format_lanes
+    from postlane.lanes.models import LaneReport, LaneStatus
+
+    capped = LaneStatus(
+        name="capped",
+        configured_rate=8,
+        effective_rate=2,
+        backing_off=True,
+        last_throttle="421 4.7.0 slow down",
+        hourly_cap=500,
+        used_last_hour=500,
+        waiting=1500,
+        window=500,
+        next_slot_at=datetime(2026, 3, 10, 13, 0, 30, tzinfo=UTC),
+        ceiling=6,
+    )
+    reports = [
+        LaneReport(name="capped", status=capped, backlog=3, backlog_age=timedelta(minutes=4)),
+        LaneReport(name="idle"),
+    ]
+    header, first, second = (line.split("  ") for line in format_lanes(reports).splitlines())
+    cells = dict(
+        zip([h.strip() for h in header if h], [c.strip() for c in first if c], strict=True)
+    )
+    assert cells["BACKPRESSURE"] == "backing off: 421 4.7.0 slow down (recovers to 6/s)"
+    assert cells["WAITING"] == "1500 (500 planned)"
+    assert cells["NEXT SLOT"] == "2026-03-10 13:00:30Z"
+    assert (cells["HOUR"], cells["AGE"]) == ("500/500", "4m")
+    assert [c.strip() for c in second if c] == ["idle", *["-"] * 10]

@@ -522,6 +522,7 @@ def format_lanes(reports: Sequence[Any]) -> str:
             "HOUR",
             "DAY",
             "WAITING",
+            "NEXT SLOT",
             "BACKLOG",
             "AGE",
             "IN FLIGHT",
@@ -534,13 +535,24 @@ def format_lanes(reports: Sequence[Any]) -> str:
                 r.name,
                 f"{st.configured_rate:g}" if st else "-",
                 f"{st.effective_rate:g}" if st else "-",
-                ("backing off: " + (st.last_throttle or "")[:30]) if st and st.backing_off else "-",
+                _backpressure(st) if st else "-",
                 f"{st.used_last_hour}/{st.hourly_cap}" if st and st.hourly_cap else "-",
                 f"{st.used_last_day}/{st.daily_cap}" if st and st.daily_cap else "-",
-                str(st.waiting) if st else "-",
+                f"{st.waiting} ({st.window} planned)" if st and st.waiting else "0" if st else "-",
+                _utc(st.next_slot_at) if st and st.next_slot_at else "-",
                 "-" if r.backlog is None else str(r.backlog),
-                "-" if r.backlog_age is None else f"{r.backlog_age.total_seconds():.0f}s",
+                "-" if r.backlog_age is None else format_duration(r.backlog_age),
                 "-" if r.in_flight is None else str(r.in_flight),
             )
         )
     return _table(rows)
+
+
+def _backpressure(status: Any) -> str:
+    """``-``, or why the lane runs below its rate and how high it will recover."""
+    if not status.backing_off:
+        return "-"
+    text = "backing off: " + (status.last_throttle or "")[:30]
+    if status.ceiling is not None:
+        text += f" (recovers to {status.ceiling:g}/s)"
+    return text
