@@ -149,6 +149,9 @@ def _parser() -> argparse.ArgumentParser:
     lane_set = lanes_sub.add_parser("set", help="change a lane's rate live, e.g. --rate 5/s")
     lane_set.add_argument("name")
     lane_set.add_argument("--rate", required=True, help="N/s, N/m or N/h")
+    top = sub.add_parser("top", help="live view: lanes, backlog, sends and errors, dead letters")
+    top.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes")
+    top.add_argument("--once", action="store_true", help="print one frame and exit")
     return p
 
 
@@ -254,6 +257,14 @@ async def _dispatch(args: argparse.Namespace) -> int:
         return await _dlq(pl, args)
     if args.command == "sequence":
         return await cli_sequence.run(pl, args)
+    if args.command == "top":
+        from rich.console import Console
+
+        from postlane.cli.top import run_top
+
+        # Off a terminal (a pipe, a file) one frame is printed wide rather than cut to 80.
+        console = Console() if sys.stdout.isatty() else Console(width=200)
+        return await run_top(pl, interval=args.interval, once=args.once, console=console)
     if args.command == "lanes":
         if args.lanes_command == "set":
             rate = parse_rate(args.rate)
