@@ -1,0 +1,235 @@
+"""Metrics, health endpoints and JSON logs of a real worker process, read by a real
+Prometheus (Debian's package) on the real dev server, against the SMTP catcher's ground
+truth."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from temporalio.testing import WorkflowEnvironment
+
+from postlane.client import PostlaneClient
+from postlane.config import LaneConfig, Settings
+from postlane.dev.catcher import SmtpCatcher
+from postlane.email.models import Email, EmailStatus, RetrySettings
+from postlane.metrics import ENQUEUE_TO_ACCEPTED_BUCKETS, SMTP_TRANSACTION_BUCKETS, Metric
+from tests.procs import (
+    REPO_ROOT,
+    WorkerProcess,
+    assert_eventually,
+    free_port,
+    postlane_env,
+    wait_for_pollers,
+    write_config,
+)
+from tests.prom import Prometheus, finite, http_get
+from tests.test_integration import address_of, new_lane, send_in_data
+
+pytestmark = pytest.mark.devserver
+
+OUTAGE = "451 4.3.0 mailbox temporarily unavailable"
+RETRY = RetrySettings(
+    initial_interval=timedelta(seconds=1), maximum_interval=timedelta(seconds=1), maximum_attempts=3
+)
+
+
+def email_from(lane: LaneConfig, subject: str, to: str = "bob@example.test") -> Email:
+    return Email(sender=f"news@{lane.name}.test", to=[to], subject=subject, text="hello")
+
+
+def lane_on(smtp: SmtpCatcher, **fields: Any) -> LaneConfig:
+    lane = new_lane(smtp, retry=RETRY, **fields)
+    return lane.model_copy(update={"senders": [f"*@{lane.name}.test"]})
+
+
+def observed_env(dev_env: WorkflowEnvironment, config: Path, metrics: int, health: int = 0) -> Any:
+    return postlane_env(
+        address_of(dev_env),
+        config,
+        POSTLANE_METRICS_PORT=str(metrics),
+        POSTLANE_METRICS_ADDRESS="127.0.0.1",
+        POSTLANE_HEALTH_PORT=str(health),
+    )
+
+
+def _json_or_none(line: str) -> dict[str, Any] | None:
+    try:
+        value = json.loads(line)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+async def status_is(pl: PostlaneClient, key: str, status: EmailStatus) -> bool:
+    return await pl.status(key) == status
+
+
+@pytest.mark.timeout(240)
+async def test_prometheus_reads_counts_failures_and_quantiles_from_a_real_worker(
+    dev_env: WorkflowEnvironment, key: str, tmp_path: Path
+) -> None:
+    """Two lanes send through a worker process; emails are sent, retried after transient
+    failures, refused for good and dead-lettered. Prometheus, scraping the worker every
+    second, reports exactly what the SMTP catchers saw, failures by kind, and finite P99s
+    inside the histograms' ranges. Every send-path log line (JSON) names its email."""
+    client = dev_env.client
+    with SmtpCatcher() as smtp_a, SmtpCatcher() as smtp_b:
+        a, b = lane_on(smtp_a), lane_on(smtp_b)
+        pl = PostlaneClient(client, Settings(lanes=[a, b]))
+        port = free_port()
+        env = observed_env(dev_env, write_config(tmp_path / "postlane.toml", [a, b]), port)
+        with (
+            WorkerProcess.start(env, tmp_path, "--json-logs") as worker,
+            Prometheus.start(tmp_path / "prom", {"w1": f"127.0.0.1:{port}"}) as prom,
+        ):
+            await wait_for_pollers(client, a.task_queue, [worker])
+            await wait_for_pollers(client, b.task_queue, [worker])
+            # Lane a: one email after two transient failures, then two more at once.
+            smtp_a.fail("data", OUTAGE, times=2)
+            await (await pl.send(email_from(a, "one"), key=f"{key}-a0")).result()
+            for n in (1, 2):
+                await pl.send(email_from(a, f"a{n}"), key=f"{key}-a{n}")
+            # Lane b: one sent, one refused for good, one dead-lettered after 3 attempts.
+            await (await pl.send(email_from(b, "b0"), key=f"{key}-b0")).result()
+            smtp_b.reject_recipient("nobody@example.test")
+            await pl.send(email_from(b, "b1", to="nobody@example.test"), key=f"{key}-b1")
+            await assert_eventually(
+                lambda: status_is(pl, f"{key}-b1", EmailStatus.FAILED), within=60, what="b1"
+            )
+            smtp_b.fail("data", OUTAGE, times=3)
+            await pl.send(email_from(b, "b2"), key=f"{key}-b2")
+            await assert_eventually(
+                lambda: status_is(pl, f"{key}-b2", EmailStatus.DEAD_LETTER), within=90, what="b2"
+            )
+            await smtp_a.wait_for_async(3)
+            truth = {a.name: len(smtp_a.messages), b.name: len(smtp_b.messages)}
+            assert truth == {a.name: 3, b.name: 1}
+
+            async def sent_counts() -> bool:
+                got = await prom.values(f"sum by (lane) ({Metric.EMAILS_SENT})", ["lane"])
+                assert got == {(a.name,): 3.0, (b.name,): 1.0}, got
+                return True
+
+            await assert_eventually(sent_counts, within=60, what="emails sent at Prometheus")
+
+            async def failure_counts() -> bool:
+                got = await prom.values(
+                    f"sum by (lane, kind) ({Metric.EMAIL_FAILURES})", ["lane", "kind"]
+                )
+                assert got == {
+                    (a.name, "transient"): 2.0,
+                    (b.name, "permanent"): 1.0,
+                    (b.name, "transient"): 3.0,
+                    (b.name, "dead_lettered"): 1.0,
+                }, got
+                return True
+
+            await assert_eventually(failure_counts, within=60, what="failures by kind")
+
+            for metric, buckets, count in (
+                (Metric.SMTP_TRANSACTION_SECONDS, SMTP_TRANSACTION_BUCKETS, {a.name: 5, b.name: 5}),
+                (Metric.ENQUEUE_TO_ACCEPTED_SECONDS, ENQUEUE_TO_ACCEPTED_BUCKETS, {a.name: 3, b.name: 1}),
+            ):
+                counts = await prom.values(f"sum by (lane) ({metric}_count)", ["lane"])
+                assert counts == {(k,): float(v) for k, v in count.items()}, metric
+                p99 = await prom.values(
+                    f"histogram_quantile(0.99, sum by (le, lane) ({metric}_bucket))", ["lane"]
+                )
+                assert set(p99) == {(a.name,), (b.name,)}, p99
+                for value in p99.values():
+                    assert finite(value) and 0 < value <= buckets[-1], (metric, p99)
+
+            lanes = await prom.values(
+                f"{Metric.LANE_CONFIGURED_RATE} - on (lane) {Metric.LANE_RATE}", ["lane"]
+            )
+            assert lanes == {(a.name,): 0.0, (b.name,): 0.0}, lanes
+            status, scrape = await http_get(f"http://127.0.0.1:{port}/metrics")
+            assert status == 200
+            (tmp_path / "scrape.txt").write_text(scrape)
+            assert "temporal_worker_task_slots_available" in scrape  # the SDK's own
+
+        send_path = [
+            line
+            for line in map(_json_or_none, worker.stderr.splitlines())
+            if line and line.get("event") in ("email.sent", "email.attempt_failed")
+        ]
+        assert len(send_path) == 3 + 2 + 1 + 1 + 3, send_path
+        for line in send_path:
+            for field in ("workflow_id", "run_id", "lane", "attempt", "message_id"):
+                assert line.get(field), (field, line)
+            assert line["workflow_id"].startswith(f"email:{key}-")
+
+
+@pytest.mark.timeout(240)
+async def test_a_replayed_email_is_not_counted_twice(
+    dev_env: WorkflowEnvironment, key: str, tmp_path: Path
+) -> None:
+    """An email dead-letters on one worker process, which stops; a second process replays
+    its history when it is retried, and sends it. Prometheus's counts, over both
+    processes, equal what the SMTP catcher received: the second process counts the send,
+    not the dead letter again."""
+    client = dev_env.client
+    with SmtpCatcher() as smtp:
+        lane = lane_on(smtp)
+        pl = PostlaneClient(client, Settings(lanes=[lane]))
+        config = write_config(tmp_path / "postlane.toml", [lane])
+        ports = {"first": free_port(), "second": free_port()}
+        targets = {name: f"127.0.0.1:{port}" for name, port in ports.items()}
+        with Prometheus.start(tmp_path / "prom", targets) as prom:
+            env = observed_env(dev_env, config, ports["first"])
+            with WorkerProcess.start(env, tmp_path, name="first") as first:
+                await wait_for_pollers(client, lane.task_queue, [first])
+                await (await pl.send(email_from(lane, "ok"), key=f"{key}-ok")).result()
+                smtp.fail("data", OUTAGE, times=3)
+                await pl.send(email_from(lane, "parked"), key=f"{key}-parked")
+                await assert_eventually(
+                    lambda: status_is(pl, f"{key}-parked", EmailStatus.DEAD_LETTER),
+                    within=90,
+                    what="parked",
+                )
+
+                async def first_counted() -> bool:
+                    got = await prom.values(
+                        f"sum by (kind) ({Metric.EMAIL_FAILURES}{{worker='first'}})", ["kind"]
+                    )
+                    assert got == {("transient",): 3.0, ("dead_lettered",): 1.0}, got
+                    return True
+
+                await assert_eventually(first_counted, within=60, what="first's counts")
+                first.send_signal(signal.SIGTERM)
+                assert await first.wait() == 0, first.describe_exit()
+
+            env = observed_env(dev_env, config, ports["second"])
+            with WorkerProcess.start(env, tmp_path, name="second") as second:
+                await wait_for_pollers(client, lane.task_queue, [second])
+                assert await pl.retry(f"{key}-parked", reason="provider back") is True
+                await smtp.wait_for_async(2)
+                assert len(smtp.messages) == 2  # the ground truth
+                assert (await pl.status(f"{key}-parked")) == EmailStatus.SENT
+
+                async def second_counted() -> bool:
+                    assert await prom.scraped("second")
+                    sent = await prom.values(
+                        f"sum by (worker) (max_over_time({Metric.EMAILS_SENT}[10m]))", ["worker"]
+                    )
+                    assert sent == {("first",): 1.0, ("second",): 1.0}, sent
+                    failures = await prom.values(
+                        f"sum by (kind) ({Metric.EMAIL_FAILURES}{{worker='second'}})", ["kind"]
+                    )
+                    assert failures == {}, failures  # the replayed dead letter is not counted
+                    latency = await prom.values(
+                        f"sum by (worker) (max_over_time("
+                        f"{Metric.ENQUEUE_TO_ACCEPTED_SECONDS}_count[10m]))",
+                        ["worker"],
+                    )
+                    assert latency == {("first",): 1.0, ("second",): 1.0}, latency
+                    return True
+
+                await assert_eventually(second_counted, within=60, what="second's counts")
