@@ -212,7 +212,9 @@ async def test_a_replayed_email_is_not_counted_twice(
                 assert await pl.retry(f"{key}-parked", reason="provider back") is True
                 await smtp.wait_for_async(2)
                 assert len(smtp.messages) == 2  # the ground truth
-                assert (await pl.status(f"{key}-parked")) == EmailStatus.SENT
+                await assert_eventually(
+                    lambda: status_is(pl, f"{key}-parked", EmailStatus.SENT), what="sent"
+                )
 
                 async def second_counted() -> bool:
                     assert await prom.scraped("second")
