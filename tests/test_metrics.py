@@ -235,3 +235,102 @@ async def test_a_replayed_email_is_not_counted_twice(
                     return True
 
                 await assert_eventually(second_counted, within=60, what="second's counts")
+
+
+BLOCKING_WORKER = """
+import signal, sys, time
+from postlane.cli.app import main
+
+# SIGUSR1 blocks the main thread, the one the worker's event loop runs on: a stuck worker.
+signal.signal(signal.SIGUSR1, lambda *_: time.sleep(float(sys.argv[1])))
+sys.exit(main(["worker", *sys.argv[2:]]))
+"""
+
+
+def start_blocking_worker(env: Any, log_dir: Path, block_seconds: float) -> WorkerProcess:
+    """``postlane worker`` in a process whose event loop SIGUSR1 blocks for a while."""
+    out = (log_dir / "worker.out").open("wb")
+    err = (log_dir / "worker.err").open("wb")
+    with out, err:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", BLOCKING_WORKER, str(block_seconds)],
+            cwd=REPO_ROOT,
+            env=dict(env),
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=err,
+        )
+    return WorkerProcess(proc, log_dir, "worker")
+
+
+async def probe(port: int, path: str) -> tuple[int, dict[str, Any]]:
+    status, body = await http_get(f"http://127.0.0.1:{port}{path}")
+    return status, json.loads(body)
+
+
+@pytest.mark.timeout(240)
+async def test_health_tells_a_busy_worker_from_a_stuck_one(
+    dev_env: WorkflowEnvironment, key: str, tmp_path: Path
+) -> None:
+    """A real worker process: ready once polling; still live and ready with every send slot
+    in use (busy); not live when its event loop is blocked (stuck), and live again after;
+    not ready, yet live, while it drains on SIGTERM."""
+    client = dev_env.client
+    with SmtpCatcher() as smtp:
+        lane = lane_on(smtp, max_concurrent=1)
+        pl = PostlaneClient(client, Settings(lanes=[lane]))
+        metrics, health = free_port(), free_port()
+        env = observed_env(
+            dev_env, write_config(tmp_path / "postlane.toml", [lane]), metrics, health
+        )
+        with start_blocking_worker(env, tmp_path, block_seconds=20) as worker:
+            await wait_for_pollers(client, lane.task_queue, [worker])
+
+            async def answers(path: str, code: int, problem: str = "") -> dict[str, Any]:
+                status, body = await probe(health, path)
+                assert status == code, (path, status, body)
+                assert problem in " ".join(body["problems"]), body
+                return body
+
+            await assert_eventually(lambda: answers("/readyz", 200), within=30, what="ready")
+            await answers("/healthz", 200)
+
+            # Busy: the lane's only slot holds a send the server is slow to answer.
+            smtp.delay("data", 8)
+            await pl.send(email_from(lane, "slow"), key=f"{key}-slow")
+            await send_in_data(dev_env, f"email:{key}-slow")
+
+            async def slots_full() -> bool:
+                _, scrape = await http_get(f"http://127.0.0.1:{metrics}/metrics")
+                return any(
+                    line.startswith("temporal_worker_task_slots_available{")
+                    and f'task_queue="{lane.task_queue}"' in line
+                    and 'worker_type="ActivityWorker"' in line
+                    and line.endswith(" 0")
+                    for line in scrape.splitlines()
+                )
+
+            await assert_eventually(slots_full, within=30, what="every send slot in use")
+            await answers("/healthz", 200)
+            await answers("/readyz", 200)
+            await smtp.wait_for_async(1, timeout=60)
+
+            # Stuck: the event loop blocked (the endpoints answer from their own thread).
+            worker.send_signal(signal.SIGUSR1)
+            await assert_eventually(
+                lambda: answers("/healthz", 503, "event loop blocked"), within=30, what="stuck"
+            )
+            await answers("/readyz", 503, "event loop blocked")
+            await assert_eventually(lambda: answers("/healthz", 200), within=40, what="unstuck")
+
+            # Draining: not ready, still live.
+            smtp.delay("data", 8)
+            await pl.send(email_from(lane, "last"), key=f"{key}-last")
+            await send_in_data(dev_env, f"email:{key}-last")
+            worker.send_signal(signal.SIGTERM)
+            await assert_eventually(
+                lambda: answers("/readyz", 503, "shutting down"), within=10, what="draining"
+            )
+            await answers("/healthz", 200)
+            assert await worker.wait() == 0, worker.describe_exit()
+        assert len(smtp.messages) == 2
