@@ -19,12 +19,12 @@ from tests import sysdeps
 from tests.procs import free_port
 
 
-async def http_get(url: str, timeout: float = 5.0) -> tuple[int, str]:
+async def http_get(url: str, wait: float = 5.0) -> tuple[int, str]:
     """(status, body) of a GET, off the event loop; an HTTP error status is returned too."""
 
     def get() -> tuple[int, str]:
         try:
-            with urllib.request.urlopen(url, timeout=timeout) as response:
+            with urllib.request.urlopen(url, timeout=wait) as response:
                 return int(response.status), response.read().decode()
         except urllib.error.HTTPError as exc:
             return int(exc.code), exc.read().decode()

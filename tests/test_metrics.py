@@ -133,12 +133,13 @@ async def test_prometheus_reads_counts_failures_and_quantiles_from_a_real_worker
 
             await assert_eventually(failure_counts, within=60, what="failures by kind")
 
+            # Every transaction (sent or failed) is timed; only accepted emails wait.
             for metric, buckets, count in (
-                (Metric.SMTP_TRANSACTION_SECONDS, SMTP_TRANSACTION_BUCKETS, {a.name: 5, b.name: 5}),
-                (Metric.ENQUEUE_TO_ACCEPTED_SECONDS, ENQUEUE_TO_ACCEPTED_BUCKETS, {a.name: 3, b.name: 1}),
+                (Metric.SMTP_TRANSACTION_SECONDS, SMTP_TRANSACTION_BUCKETS, (5, 5)),
+                (Metric.ENQUEUE_TO_ACCEPTED_SECONDS, ENQUEUE_TO_ACCEPTED_BUCKETS, (3, 1)),
             ):
                 counts = await prom.values(f"sum by (lane) ({metric}_count)", ["lane"])
-                assert counts == {(k,): float(v) for k, v in count.items()}, metric
+                assert counts == {(a.name,): count[0], (b.name,): count[1]}, (metric, counts)
                 p99 = await prom.values(
                     f"histogram_quantile(0.99, sum by (le, lane) ({metric}_bucket))", ["lane"]
                 )
@@ -334,3 +335,77 @@ async def test_health_tells_a_busy_worker_from_a_stuck_one(
             await answers("/healthz", 200)
             assert await worker.wait() == 0, worker.describe_exit()
         assert len(smtp.messages) == 2
+
+
+@pytest.mark.timeout(180)
+async def test_sequence_outcomes_per_campaign_reach_prometheus(
+    dev_env: WorkflowEnvironment, key: str, tmp_path: Path
+) -> None:
+    """Sequences that complete and that end on a reply are counted once each, per
+    campaign and outcome."""
+    from postlane.sequences.models import InboundEvent, InboundKind, SequenceStatus
+    from postlane.sequences.spec import Recipient, spec_from_dict
+
+    client = dev_env.client
+    with SmtpCatcher() as smtp:
+        lane = lane_on(smtp)
+        pl = PostlaneClient(client, Settings(lanes=[lane]))
+        port = free_port()
+        env = observed_env(dev_env, write_config(tmp_path / "postlane.toml", [lane]), port)
+        campaign = f"launch-{key}"
+
+        def spec_waiting(timeout: str) -> Any:
+            return spec_from_dict(
+                {
+                    "name": campaign,
+                    "sender": f"ada@{lane.name}.test",
+                    "templates": {"intro": {"subject": "Hello", "text": "Hi {{ first_name }}"}},
+                    "steps": [
+                        {"type": "send", "id": "intro", "template": "intro"},
+                        {"type": "wait_for_reply", "id": "wait", "timeout": timeout},
+                    ],
+                }
+            )
+
+        spec, waits = spec_waiting("1s"), spec_waiting("1d")
+        with (
+            WorkerProcess.start(env, tmp_path) as worker,
+            Prometheus.start(tmp_path / "prom", {"w1": f"127.0.0.1:{port}"}) as prom,
+        ):
+            await wait_for_pollers(client, lane.task_queue, [worker])
+            done = [
+                await pl.sequences.start(
+                    spec, Recipient(address=f"p{n}@example.test"), key=f"{key}-{n}"
+                )
+                for n in range(2)
+            ]
+            for handle in done:
+                assert (await handle.result()).status == SequenceStatus.COMPLETED
+            await pl.sequences.start(waits, Recipient(address="r@example.test"), key=f"{key}-r")
+
+            async def waiting() -> Any:
+                r = await pl.sequences.status(f"{key}-r")
+                return r if r.step == "wait" and r.sent else None
+
+            report = await assert_eventually(waiting, within=60, what="waiting for a reply")
+            await pl.sequences.record_reply(
+                InboundEvent(
+                    kind=InboundKind.REPLY,
+                    message_id=f"<reply-{key}@example.test>",
+                    refers_to=report.sent[-1].message_id,
+                    from_address="r@example.test",
+                    subject="Re: Hello",
+                    text="yes",
+                )
+            )
+
+            async def outcomes() -> bool:
+                got = await prom.values(
+                    f"sum by (campaign, outcome) ({Metric.SEQUENCE_OUTCOMES})",
+                    ["campaign", "outcome"],
+                )
+                assert got == {(campaign, "completed"): 2.0, (campaign, "replied"): 1.0}, got
+                return True
+
+            await assert_eventually(outcomes, within=60, what="sequence outcomes")
+        assert len(smtp.messages) == 3
