@@ -109,12 +109,15 @@ async def test_prometheus_reads_counts_failures_and_quantiles_from_a_real_worker
                 lambda: status_is(pl, f"{key}-b2", EmailStatus.DEAD_LETTER), within=90, what="b2"
             )
             await smtp_a.wait_for_async(3)
+            # Lane a: a provider's "slow down", then the email goes out; the lane backs off.
+            smtp_a.fail("mail", "450 4.7.1 slow down")
+            await (await pl.send(email_from(a, "a3"), key=f"{key}-a3")).result()
             truth = {a.name: len(smtp_a.messages), b.name: len(smtp_b.messages)}
-            assert truth == {a.name: 3, b.name: 1}
+            assert truth == {a.name: 4, b.name: 1}
 
             async def sent_counts() -> bool:
                 got = await prom.values(f"sum by (lane) ({Metric.EMAILS_SENT})", ["lane"])
-                assert got == {(a.name,): 3.0, (b.name,): 1.0}, got
+                assert got == {(a.name,): 4.0, (b.name,): 1.0}, got
                 return True
 
             await assert_eventually(sent_counts, within=60, what="emails sent at Prometheus")
@@ -125,6 +128,7 @@ async def test_prometheus_reads_counts_failures_and_quantiles_from_a_real_worker
                 )
                 assert got == {
                     (a.name, "transient"): 2.0,
+                    (a.name, "throttle"): 1.0,
                     (b.name, "permanent"): 1.0,
                     (b.name, "transient"): 3.0,
                     (b.name, "dead_lettered"): 1.0,
@@ -135,8 +139,8 @@ async def test_prometheus_reads_counts_failures_and_quantiles_from_a_real_worker
 
             # Every transaction (sent or failed) is timed; only accepted emails wait.
             for metric, buckets, count in (
-                (Metric.SMTP_TRANSACTION_SECONDS, SMTP_TRANSACTION_BUCKETS, (5, 5)),
-                (Metric.ENQUEUE_TO_ACCEPTED_SECONDS, ENQUEUE_TO_ACCEPTED_BUCKETS, (3, 1)),
+                (Metric.SMTP_TRANSACTION_SECONDS, SMTP_TRANSACTION_BUCKETS, (7, 5)),
+                (Metric.ENQUEUE_TO_ACCEPTED_SECONDS, ENQUEUE_TO_ACCEPTED_BUCKETS, (4, 1)),
             ):
                 counts = await prom.values(f"sum by (lane) ({metric}_count)", ["lane"])
                 assert counts == {(a.name,): count[0], (b.name,): count[1]}, (metric, counts)
@@ -147,10 +151,16 @@ async def test_prometheus_reads_counts_failures_and_quantiles_from_a_real_worker
                 for value in p99.values():
                     assert finite(value) and 0 < value <= buckets[-1], (metric, p99)
 
-            lanes = await prom.values(
-                f"{Metric.LANE_CONFIGURED_RATE} - on (lane) {Metric.LANE_RATE}", ["lane"]
-            )
-            assert lanes == {(a.name,): 0.0, (b.name,): 0.0}, lanes
+            async def lane_gauges() -> bool:
+                rates = await prom.values(
+                    f"{Metric.LANE_RATE} / on (lane) {Metric.LANE_CONFIGURED_RATE}", ["lane"]
+                )
+                assert rates == {(a.name,): 0.5, (b.name,): 1.0}, rates
+                backing_off = await prom.values(str(Metric.LANE_BACKING_OFF), ["lane"])
+                assert backing_off == {(a.name,): 1.0, (b.name,): 0.0}, backing_off
+                return True
+
+            await assert_eventually(lane_gauges, within=30, what="lane gauges")
             status, scrape = await http_get(f"http://127.0.0.1:{port}/metrics")
             assert status == 200
             (tmp_path / "scrape.txt").write_text(scrape)
@@ -161,7 +171,7 @@ async def test_prometheus_reads_counts_failures_and_quantiles_from_a_real_worker
             for line in map(_json_or_none, worker.stderr.splitlines())
             if line and line.get("event") in ("email.sent", "email.attempt_failed")
         ]
-        assert len(send_path) == 3 + 2 + 1 + 1 + 3, send_path
+        assert len(send_path) == 4 + 2 + 1 + 1 + 1 + 3, send_path
         for line in send_path:
             for field in ("workflow_id", "run_id", "lane", "attempt", "message_id"):
                 assert line.get(field), (field, line)
