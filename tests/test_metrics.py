@@ -81,7 +81,7 @@ async def test_prometheus_reads_counts_failures_and_quantiles_from_a_real_worker
     inside the histograms' ranges. Every send-path log line (JSON) names its email."""
     client = dev_env.client
     with SmtpCatcher() as smtp_a, SmtpCatcher() as smtp_b:
-        a, b = lane_on(smtp_a), lane_on(smtp_b)
+        a, b = lane_on(smtp_a), lane_on(smtp_b, hourly_cap=1000)
         pl = PostlaneClient(client, Settings(lanes=[a, b]))
         port = free_port()
         env = observed_env(dev_env, write_config(tmp_path / "postlane.toml", [a, b]), port)
@@ -158,6 +158,10 @@ async def test_prometheus_reads_counts_failures_and_quantiles_from_a_real_worker
                 assert rates == {(a.name,): 0.5, (b.name,): 1.0}, rates
                 backing_off = await prom.values(str(Metric.LANE_BACKING_OFF), ["lane"])
                 assert backing_off == {(a.name,): 1.0, (b.name,): 0.0}, backing_off
+                caps = await prom.values(str(Metric.LANE_CAP), ["lane", "window"])
+                assert caps == {(b.name, "hour"): 1000.0}, caps  # lane a has no cap
+                used = await prom.values(str(Metric.LANE_CAP_USED), ["lane", "window"])
+                assert used[(b.name, "hour")] == used[(b.name, "day")] == 3.0, used
                 return True
 
             await assert_eventually(lane_gauges, within=30, what="lane gauges")
