@@ -423,3 +423,41 @@ async def test_sequence_outcomes_per_campaign_reach_prometheus(
 
             await assert_eventually(outcomes, within=60, what="sequence outcomes")
         assert len(smtp.messages) == 3
+
+
+def test_failure_kinds_cover_every_send_error() -> None:
+    """Each error the send activity raises maps to its documented kind."""
+    from postlane.errors import ErrorType
+    from postlane.metrics import FailureKind, failure_kind
+
+    assert {t: failure_kind(t) for t in ErrorType if t.startswith(("Smtp", "Lane", "Conf"))} == {
+        ErrorType.SMTP_TRANSIENT: FailureKind.TRANSIENT,
+        ErrorType.SMTP_THROTTLED: FailureKind.THROTTLE,
+        ErrorType.SMTP_PERMANENT: FailureKind.PERMANENT,
+        ErrorType.SMTPUTF8_UNSUPPORTED: FailureKind.PERMANENT,
+        ErrorType.SMTP_TLS: FailureKind.CONFIGURATION,
+        ErrorType.LANE_UNKNOWN: FailureKind.CONFIGURATION,
+        ErrorType.CONFIGURATION: FailureKind.CONFIGURATION,
+    }
+
+
+async def test_a_taken_metrics_port_is_a_clear_error_before_connecting(tmp_path: Path) -> None:
+    """The worker refuses to start, naming the setting, when its port is taken."""
+    import socket
+
+    from tests.procs import run_postlane
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        # Nothing listens on Temporal's address: the error comes before any connection.
+        env = postlane_env(f"127.0.0.1:{free_port()}", tmp_path / "missing.toml")
+        env.pop("POSTLANE_CONFIG")
+        for flag, field in (("--metrics-port", "metrics_port"), ("--health-port", "health_port")):
+            rc, _, err = await run_postlane(
+                ["worker", flag, str(port), "--metrics-address", "127.0.0.1"], env
+            )
+            assert rc == 2, err
+            assert f"error: ConfigurationError: {field}: cannot serve" in err, err
+            assert "Address already in use" in err, err
