@@ -461,3 +461,60 @@ async def test_a_taken_metrics_port_is_a_clear_error_before_connecting(tmp_path:
             assert rc == 2, err
             assert f"error: ConfigurationError: {field}: cannot serve" in err, err
             assert "Address already in use" in err, err
+
+
+@pytest.mark.timeout(180)
+async def test_readiness_follows_the_temporal_connection(key: str, tmp_path: Path) -> None:
+    """A worker whose Temporal server goes away stays live (its loop turns) but is not
+    ready, saying why; it becomes ready again when the server is back on the same port."""
+    from postlane import search_attributes as sa
+    from postlane.connection import data_converter
+    from postlane.dev.binaries import dev_server_path
+    from tests.conftest import DEV_SERVER_ARGS
+
+    port = free_port()
+
+    async def server() -> WorkflowEnvironment:
+        return await WorkflowEnvironment.start_local(
+            port=port,
+            dev_server_existing_path=dev_server_path(),
+            data_converter=data_converter(),
+            search_attributes=list(sa.ALL),
+            dev_server_extra_args=DEV_SERVER_ARGS,
+        )
+
+    with SmtpCatcher() as smtp:
+        lane = lane_on(smtp)
+        health = free_port()
+        temporal: WorkflowEnvironment | None = await server()
+        assert temporal is not None
+        try:
+            env = observed_env(
+                temporal, write_config(tmp_path / "postlane.toml", [lane]), free_port(), health
+            )
+            with WorkerProcess.start(env, tmp_path) as worker:
+                await wait_for_pollers(temporal.client, lane.task_queue, [worker])
+
+                async def answers(path: str, code: int, problem: str = "") -> bool:
+                    status, body = await probe(health, path)
+                    assert status == code, (path, status, body)
+                    assert problem in " ".join(body["problems"]), body
+                    return True
+
+                await assert_eventually(lambda: answers("/readyz", 200), within=30, what="ready")
+                down, temporal = temporal, None
+                await down.shutdown()
+                await assert_eventually(
+                    lambda: answers("/readyz", 503, "Temporal not reachable"),
+                    within=60,
+                    what="not ready without Temporal",
+                )
+                await answers("/healthz", 200)
+                assert worker.running
+                temporal = await server()
+                await assert_eventually(
+                    lambda: answers("/readyz", 200), within=60, what="ready again"
+                )
+        finally:
+            if temporal is not None:
+                await temporal.shutdown()
