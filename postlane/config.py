@@ -273,6 +273,13 @@ class Settings(BaseSettings):
     lanes: list[LaneConfig] = Field(default_factory=lambda: [dev_lane()])
     inboxes: list[InboxConfig] = Field(default_factory=list)
     """Mailboxes watched for replies, bounces and unsubscribes (``postlane inbound``)."""
+    metrics_port: int = Field(default=0, ge=0, le=65535)
+    """Workers serve Prometheus metrics on this port (``POSTLANE_METRICS_PORT``); 0: off."""
+    metrics_address: str = "0.0.0.0"
+    """Address the metrics and health endpoints bind to (``POSTLANE_METRICS_ADDRESS``)."""
+    health_port: int = Field(default=0, ge=0, le=65535)
+    """Workers serve ``/healthz`` and ``/readyz`` on this port (``POSTLANE_HEALTH_PORT``);
+    0: off."""
 
     @field_validator("lanes")
     @classmethod

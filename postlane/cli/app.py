@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from postlane.client import CancelResult, PostlaneClient
     from postlane.config import Settings
     from postlane.email.models import EmailReport
+    from postlane.health import HealthServer
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
 
@@ -72,6 +73,7 @@ def _parser() -> argparse.ArgumentParser:
     w.add_argument("--no-workflows", action="store_true", help="serve lane sends only")
     w.add_argument("--no-inbound", action="store_true", help="poll no inbox (see inbound)")
     w.add_argument("--json-logs", action="store_true", help="log one JSON object per line")
+    _observability_flags(w)
     w.add_argument(
         "--agent",
         action="append",
@@ -87,6 +89,7 @@ def _parser() -> argparse.ArgumentParser:
         "folders from this host; no sends, no other workflows.",
     )
     inbound.add_argument("--json-logs", action="store_true", help="log one JSON object per line")
+    _observability_flags(inbound)
 
     s = sub.add_parser("send", help="send one email")
     s.add_argument("--from", dest="sender", required=True)
@@ -435,6 +438,24 @@ async def _connect(args: argparse.Namespace, settings: Settings) -> PostlaneClie
         raise RuntimeError(f"cannot reach Temporal at {address}: {exc}") from None
 
 
+def _observability_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        help="serve Prometheus metrics at /metrics on this port (default $POSTLANE_METRICS_PORT;"
+        " 0: off)",
+    )
+    p.add_argument(
+        "--health-port",
+        type=int,
+        help="serve /healthz and /readyz on this port (default $POSTLANE_HEALTH_PORT; 0: off)",
+    )
+    p.add_argument(
+        "--metrics-address",
+        help="address both bind to (default $POSTLANE_METRICS_ADDRESS or 0.0.0.0)",
+    )
+
+
 async def _worker(args: argparse.Namespace) -> int:
     from postlane.config import load_settings
     from postlane.connection import connect_temporal
@@ -445,23 +466,75 @@ async def _worker(args: argparse.Namespace) -> int:
     configure_logging(json=args.json_logs)
     settings = load_settings()
     agents = [load_agent(spec) for spec in getattr(args, "agent", [])]
-    if args.command == "inbound":
-        if not settings.inboxes:
-            raise ConfigurationError("no [[inboxes]] configured: nothing to watch")
+    health_server = _serve_observability(args, settings)
+    try:
+        if args.command == "inbound":
+            if not settings.inboxes:
+                raise ConfigurationError("no [[inboxes]] configured: nothing to watch")
+            client = await connect_temporal(args.address, args.namespace)
+            await run_workers(
+                client,
+                settings,
+                workflows=False,
+                sends=False,
+                inbound=True,
+                health=health_server.health if health_server else None,
+            )
+            return EXIT_OK
+        lanes = [n.strip() for n in args.lanes.split(",") if n.strip()] if args.lanes else None
         client = await connect_temporal(args.address, args.namespace)
-        await run_workers(client, settings, workflows=False, sends=False, inbound=True)
+        await run_workers(
+            client,
+            settings,
+            lanes=lanes,
+            workflows=not args.no_workflows,
+            inbound=not args.no_inbound,
+            agents=agents,
+            health=health_server.health if health_server else None,
+        )
         return EXIT_OK
-    lanes = [n.strip() for n in args.lanes.split(",") if n.strip()] if args.lanes else None
-    client = await connect_temporal(args.address, args.namespace)
-    await run_workers(
-        client,
-        settings,
-        lanes=lanes,
-        workflows=not args.no_workflows,
-        inbound=not args.no_inbound,
-        agents=agents,
-    )
-    return EXIT_OK
+    finally:
+        if health_server is not None:
+            health_server.stop()
+
+
+def _serve_observability(args: argparse.Namespace, settings: Settings) -> HealthServer | None:
+    """Start the metrics exporter (in the SDK runtime, before any client connects) and the
+    health server, as the flags or settings say; the health server, if any.
+
+    Raises:
+        ConfigurationError: a port out of range or taken.
+    """
+    import structlog
+
+    from postlane.health import Health, HealthServer
+    from postlane.logs import forward_core_logs
+    from postlane.metrics import prometheus_config
+
+    address = args.metrics_address or settings.metrics_address
+    metrics_port = settings.metrics_port if args.metrics_port is None else args.metrics_port
+    health_port = settings.health_port if args.health_port is None else args.health_port
+    for field, port in (("metrics_port", metrics_port), ("health_port", health_port)):
+        if not 0 <= port <= 65535:
+            raise ConfigurationError(f"{field}: {port} is not a port (0-65535; 0: off)")
+    log = structlog.get_logger(__name__)
+    if metrics_port:
+        forward_core_logs(prometheus_config(_host_port(address, metrics_port)))
+        log.info("worker.metrics", url=f"http://{_host_port(address, metrics_port)}/metrics")
+    if not health_port:
+        return None
+    try:
+        server = HealthServer(Health(), address, health_port).start()
+    except OSError as exc:
+        raise ConfigurationError(
+            f"health_port: cannot serve health on {_host_port(address, health_port)}: {exc}"
+        ) from exc
+    log.info("worker.health", url=f"http://{_host_port(address, health_port)}/healthz")
+    return server
+
+
+def _host_port(address: str, port: int) -> str:
+    return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
 
 
 def _split(values: list[str]) -> list[str]:
