@@ -24,15 +24,17 @@ lock: $(STAMP)
 	  -o requirements/dev.lock
 
 # Debian packages the tests need: docker-compose only parses docker-compose.yml (no engine);
-# chromium loads the Temporal Web UI headless; dovecot (IMAP) and postfix (SMTP) are servers
-# the tests start themselves, on loopback with configuration of their own; prometheus gives
-# promtool (alert rules and their unit tests, the exporter's output format). A test whose
+# chromium loads the Temporal Web UI headless; tmux is the real terminal `postlane top` is
+# tested in; dovecot (IMAP) and postfix (SMTP) are servers the tests start themselves, on
+# loopback with configuration of their own; prometheus gives promtool (alert rules and
+# their unit tests, the exporter's output format) and a Prometheus server the tests start
+# themselves. A test whose
 # program is missing fails, naming the package (tests/sysdeps.py). Postfix is installed
 # unconfigured ("No configuration": no main.cf, so no system daemon starts on port 25);
 # DPkg::Lock::Timeout waits for another apt run instead of failing.
-SYSTEM_PACKAGES := docker-compose chromium dovecot-imapd postfix prometheus
+SYSTEM_PACKAGES := docker-compose chromium dovecot-imapd postfix tmux prometheus
 $(VENV)/.system: $(STAMP) Makefile
-	{ command -v docker-compose && command -v chromium && test -x /usr/sbin/dovecot && test -x /usr/sbin/postfix && command -v promtool; } >/dev/null || { \
+	{ command -v docker-compose && command -v chromium && test -x /usr/sbin/dovecot && test -x /usr/sbin/postfix && command -v tmux && command -v promtool; } >/dev/null || { \
 	  echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections && \
 	  apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq -o DPkg::Lock::Timeout=600 \

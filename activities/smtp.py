@@ -38,6 +38,7 @@ from postlane.ids import lane_workflow_id
 from postlane.lanes.models import (
     ThrottleReport,
 )
+from postlane.metrics import count_failure, count_sent, failure_kind, observe_smtp_transaction
 from postlane.names import Activity, EmailMessages, LaneMessages
 
 log = structlog.get_logger(__name__)
@@ -288,6 +289,17 @@ class SmtpActivities:
             ApplicationError: typed by `ErrorType`; see `activities.smtp_errors`.
         """
         info = activity.info()
+        # Every line logged while this attempt runs (the SDK's too) says which email it is.
+        with structlog.contextvars.bound_contextvars(
+            workflow_id=info.workflow_id,
+            run_id=info.workflow_run_id,
+            lane=req.lane,
+            attempt=info.attempt,
+            message_id=req.message_id,
+        ):
+            return await self._send_email(req, info)
+
+    async def _send_email(self, req: SmtpSendRequest, info: activity.Info) -> DeliveryReceipt:
         earlier = _accepted_earlier(info.heartbeat_details)
         if earlier is None and info.attempt > 1:
             earlier = await self._recorded_acceptance(req)
@@ -302,7 +314,9 @@ class SmtpActivities:
             raise failure from exc
         progress = _Progress()
         data = render_message(req.email, req.message_id, datetime.now(UTC))
+        meter = activity.metric_meter()
         async with progress.beating():
+            began = time.monotonic()
             transaction = asyncio.create_task(
                 self._deliver(pool, req, data, progress, info.attempt)
             )
@@ -310,6 +324,7 @@ class SmtpActivities:
                 # Shielded: once DATA is under way a cancel must not cut the dialogue in half.
                 receipt = await asyncio.shield(transaction)
             except ApplicationError as err:
+                observe_smtp_transaction(meter, req.lane, time.monotonic() - began)
                 if err.type == ErrorType.SMTP_THROTTLED:
                     await self._report_throttle(req.lane, err)
                 await self._report_attempt(req, err, pool.server)
@@ -320,6 +335,8 @@ class SmtpActivities:
                 else:
                     transaction.cancel()
                     raise
+        observe_smtp_transaction(meter, req.lane, time.monotonic() - began)
+        count_sent(meter, req.lane)
         log.info(
             "email.sent",
             key=req.key,
@@ -375,6 +392,7 @@ class SmtpActivities:
                 if isinstance(receipt, DeliveryReceipt) and receipt.message_id == req.message_id:
                     return receipt
         except RPCError as exc:
+            count_failure(activity.metric_meter(), req.lane, failure_kind(ErrorType.SMTP_TRANSIENT))
             log.warning(
                 "email.attempt_failed",
                 lane=req.lane,
@@ -403,6 +421,7 @@ class SmtpActivities:
         info = activity.info()
         details = err.details[0] if err.details and isinstance(err.details[0], dict) else {}
         phase = details.get("phase")
+        count_failure(activity.metric_meter(), req.lane, failure_kind(err.type))
         log.warning(
             "email.attempt_failed",
             lane=req.lane,

@@ -20,8 +20,14 @@ from pathlib import Path
 from typing import Literal, Protocol, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
 
+from postlane.durations import Duration
 from postlane.email.addresses import normalise_sender_pattern
 from postlane.email.models import (
     RetrySettings,
@@ -32,7 +38,6 @@ from postlane.lanes.models import (
     LaneLimits,
     Warmup,
 )
-from postlane.sequences.spec import Duration
 
 DEFAULT_CONFIG_FILE = "postlane.toml"
 DEV_LANE = "default"
@@ -268,6 +273,13 @@ class Settings(BaseSettings):
     lanes: list[LaneConfig] = Field(default_factory=lambda: [dev_lane()])
     inboxes: list[InboxConfig] = Field(default_factory=list)
     """Mailboxes watched for replies, bounces and unsubscribes (``postlane inbound``)."""
+    metrics_port: int = Field(default=0, ge=0, le=65535)
+    """Workers serve Prometheus metrics on this port (``POSTLANE_METRICS_PORT``); 0: off."""
+    metrics_address: str = "0.0.0.0"
+    """Address the metrics and health endpoints bind to (``POSTLANE_METRICS_ADDRESS``)."""
+    health_port: int = Field(default=0, ge=0, le=65535)
+    """Workers serve ``/healthz`` and ``/readyz`` on this port (``POSTLANE_HEALTH_PORT``);
+    0: off."""
 
     @field_validator("lanes")
     @classmethod
@@ -326,20 +338,23 @@ def _named(items: list[_T], name: str, what: str) -> _T:
     raise ConfigurationError(f"no {what} named {name!r}")
 
 
-class _FileSettings(Settings):
-    """Settings read from a file, where the environment overrides the file's values
-    (plain `Settings(...)` built in code keeps exactly what it is given)."""
+def _from_file(file: Path) -> type[Settings]:
+    """`Settings` read from `file` by pydantic-settings' TOML source, where the environment
+    overrides the file (plain `Settings(...)` built in code keeps exactly what it is given)."""
 
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return env_settings, init_settings
+    class FileSettings(Settings):
+        @classmethod
+        def settings_customise_sources(
+            cls,
+            settings_cls: type[BaseSettings],
+            init_settings: PydanticBaseSettingsSource,
+            env_settings: PydanticBaseSettingsSource,
+            dotenv_settings: PydanticBaseSettingsSource,
+            file_secret_settings: PydanticBaseSettingsSource,
+        ) -> tuple[PydanticBaseSettingsSource, ...]:
+            return env_settings, TomlConfigSettingsSource(settings_cls, toml_file=file)
+
+    return FileSettings
 
 
 def config_path() -> Path:
@@ -360,24 +375,21 @@ def load_settings(path: str | Path | None = None) -> Settings:
     """
     explicit = path is not None or "POSTLANE_CONFIG" in os.environ
     file = Path(path) if path is not None else config_path()
-    text = ""
-    data: dict[str, object] = {}
-    if file.exists():
-        text = file.read_text(encoding="utf-8")
-        try:
-            data = tomllib.loads(text)
-        except tomllib.TOMLDecodeError as exc:
-            at = re.search(r"at line (\d+)", str(exc))
-            where = f"{file}:{at.group(1)}" if at else str(file)
-            raise ConfigurationError(f"{where}: invalid TOML: {exc}") from None
-    elif explicit:
+    if explicit and not file.exists():
         raise ConfigurationError(f"{file}: configuration file not found")
     try:
-        merged = _FileSettings(**data)  # type: ignore[arg-type]
+        merged = _from_file(file)()
         return Settings(**dict(merged))  # every field, already merged and validated
+    except tomllib.TOMLDecodeError as exc:
+        at = re.search(r"at line (\d+)", str(exc))
+        where = f"{file}:{at.group(1)}" if at else str(file)
+        raise ConfigurationError(f"{where}: invalid TOML: {exc}") from None
+    except OSError as exc:
+        raise ConfigurationError(f"{file}: cannot read: {exc.strerror or exc}") from None
     except ValidationError as exc:
         err = exc.errors()[0]
         loc = [str(p) for p in err["loc"]]
+        text = file.read_text(encoding="utf-8", errors="replace") if file.exists() else ""
         line = _line_of(text, err["loc"]) if text else None
         where = f"{file}:{line}" if line else str(file)
         msg = str(err["msg"]).removeprefix("Value error, ")

@@ -60,6 +60,21 @@ class ErrorType(StrEnum):
     """An operator discarded the dead-lettered email: it ends cancelled with this type."""
 
 
+SEND_FAILURES = frozenset(
+    {
+        ErrorType.SMTP_TRANSIENT,
+        ErrorType.SMTP_THROTTLED,
+        ErrorType.SMTP_PERMANENT,
+        ErrorType.SMTP_TLS,
+        ErrorType.LANE_UNKNOWN,
+        ErrorType.CONFIGURATION,
+        ErrorType.SMTPUTF8_UNSUPPORTED,
+    }
+)
+"""Every failure the send activity raises (``activities/smtp*.py``), each after logging its
+own one-line ``email.attempt_failed`` event."""
+
+
 class PostlaneError(Exception):
     """Base class of every error Postlane raises on purpose."""
 

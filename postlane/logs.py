@@ -15,25 +15,13 @@ from temporalio.exceptions import ApplicationError
 from temporalio.runtime import (
     LogForwardingConfig,
     LoggingConfig,
+    PrometheusConfig,
     Runtime,
     TelemetryConfig,
     TelemetryFilter,
 )
 
-from postlane.errors import ErrorType
-
-EXPECTED_FAILURES = frozenset(
-    {
-        ErrorType.SMTP_TRANSIENT,
-        ErrorType.SMTP_THROTTLED,
-        ErrorType.SMTP_PERMANENT,
-        ErrorType.SMTP_TLS,
-        ErrorType.LANE_UNKNOWN,
-        ErrorType.CONFIGURATION,
-    }
-)
-"""Failures the send activity raises on purpose, after logging its own one-line
-``email.attempt_failed`` event; the SDK's traceback for them is noise."""
+from postlane.errors import SEND_FAILURES, ConfigurationError
 
 
 class ExpectedActivityFailures(logging.Filter):
@@ -49,7 +37,7 @@ class ExpectedActivityFailures(logging.Filter):
         if getattr(record, "__temporal_error_identifier", None) != "ActivityFailure":
             return True
         exc = record.exc_info[1] if record.exc_info else None
-        return not (isinstance(exc, ApplicationError) and exc.type in EXPECTED_FAILURES)
+        return not (isinstance(exc, ApplicationError) and exc.type in SEND_FAILURES)
 
 
 WORKFLOW_TASK_FAILURE_WINDOW = timedelta(minutes=10)
@@ -144,16 +132,33 @@ class CoreWorkflowTaskFailures(logging.Filter):
         return getattr(entry, "message", None) != "Failing workflow task"
 
 
-def forward_core_logs() -> None:
+def forward_core_logs(metrics: PrometheusConfig | None = None) -> None:
     """Send the SDK core's log lines through Python logging (this module's handler and
-    filters) instead of straight to stderr. Takes effect for clients connected after it."""
+    filters) instead of straight to stderr. Takes effect for clients connected after it.
+
+    Args:
+        metrics: also serve the SDK's and Postlane's metrics over HTTP for Prometheus, from
+            the same runtime (there is one default runtime per process).
+
+    Raises:
+        ConfigurationError: the metrics address cannot be bound (e.g. the port is taken).
+    """
     forwarding = LogForwardingConfig(logger=logging.getLogger(CORE_LOGGER))
     telemetry = TelemetryConfig(
         logging=LoggingConfig(
             filter=TelemetryFilter(core_level="WARN", other_level="ERROR"), forwarding=forwarding
-        )
+        ),
+        metrics=metrics,
     )
-    Runtime.set_default(Runtime(telemetry=telemetry), error_if_already_set=False)
+    try:
+        runtime = Runtime(telemetry=telemetry)
+    except Exception as exc:  # the core says why in its message (address in use, ...)
+        if metrics is None:
+            raise
+        raise ConfigurationError(
+            f"metrics_port: cannot serve metrics on {metrics.bind_address}: {exc}"
+        ) from exc
+    Runtime.set_default(runtime, error_if_already_set=False)
 
 
 def install_log_filters() -> None:

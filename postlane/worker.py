@@ -20,6 +20,7 @@ from activities.smtp import SmtpActivities
 from activities.suppression import SuppressionActivities
 from postlane.config import InboxConfig, LaneConfig, Settings
 from postlane.errors import ConfigurationError
+from postlane.health import Health
 from postlane.ids import INBOUND_TASK_QUEUE, WORKFLOW_TASK_QUEUE
 from postlane.inbound.inboxes import start_inbox_watcher
 from postlane.lanes.limits import start_lane_workflow
@@ -128,12 +129,14 @@ async def run_workers(
     inbound: bool = True,
     stop: asyncio.Event | None = None,
     ready: asyncio.Event | None = None,
+    health: Health | None = None,
 ) -> None:
     """Run until `stop` is set (or SIGTERM/SIGINT when `stop` is None), then drain.
 
     `ready` is set once the lanes' and inboxes' workflows are started and the workers are
     polling. `sends=False` serves no lane; `inbound=False` polls no inbox. `agents` are
-    compose-step activities (see `postlane.sequences.agent`).
+    compose-step activities (see `postlane.sequences.agent`). `health` is told when the
+    workers run, stop or crash (see `postlane.health`).
 
     Raises:
         ConfigurationError: see `select_lanes` and `select_inboxes`.
@@ -170,6 +173,8 @@ async def run_workers(
         workflows=workflows,
     )
     runs = [asyncio.create_task(w.run()) for w in workers]
+    if health is not None:
+        health.start(client, workers)
     if ready is not None:
         ready.set()
     stopped = asyncio.create_task(stop.wait())
@@ -177,10 +182,16 @@ async def run_workers(
         done, _ = await asyncio.wait([stopped, *runs], return_when=asyncio.FIRST_COMPLETED)
         for task in done:
             if task is not stopped:
+                if health is not None:
+                    health.crashed(repr(task.exception()) if not task.cancelled() else "cancelled")
                 task.result()  # a worker that died on its own: surface why
     finally:
+        if health is not None:
+            health.stopping()
         log.info("worker.stopping", graceful_seconds=GRACEFUL_SHUTDOWN.total_seconds())
         await asyncio.gather(*(w.shutdown() for w in workers), return_exceptions=True)
         stopped.cancel()
         await smtp.close()
+        if health is not None:
+            await health.close()
         log.info("worker.stopped")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 from datetime import UTC, datetime, timedelta, timezone
 
+import pyte  # type: ignore[import-untyped]
 import pytest
 
 from postlane.cli.app import _report_cancel, format_attempts, format_dead_letters, parse_since
@@ -62,22 +63,18 @@ def test_progress_bar_in_a_log_one_line_per_item() -> None:
     ]
 
 
-def test_progress_bar_on_a_terminal_redraws_below_the_results() -> None:
+def test_progress_bar_on_a_terminal_is_a_live_bar_below_the_results() -> None:
     out = _Tty()
     bar = ProgressBar(2, "dlq discard", out, width=4)
     bar.step("first-key", "discarded")
     bar.step("k2", "unchanged: sent")
     bar.close()
-    text = out.getvalue()
-    assert "\x1b" not in text  # plain text: carriage returns and spaces only
-    # What a terminal shows: each \r returns to the line's start and overwrites it.
-    screen = [line.split("\r")[-1].rstrip() for line in text.split("\n")]
-    assert screen == [
-        "first-key: discarded",
-        "k2: unchanged: sent",
-        "dlq discard [####] 2/2",
-        "",
-    ]
+    # What a terminal shows once the bar is done: the results, then the finished bar.
+    screen = pyte.Screen(60, 6)
+    pyte.Stream(screen).feed(out.getvalue().replace("\n", "\r\n"))
+    shown = [line.rstrip() for line in screen.display if line.strip()]
+    assert shown[:2] == ["first-key: discarded", "k2: unchanged: sent"]
+    assert len(shown) == 3 and shown[2].startswith("dlq discard") and shown[2].endswith("2/2")
 
 
 def test_progress_bar_with_nothing_to_do_says_so() -> None:
@@ -213,3 +210,46 @@ def test_cancel_report_and_exit_code_per_outcome(
     assert out.splitlines()[0] == first_line
     if result.receipt is not None:
         assert DeliveryReceipt.model_validate_json(out.split("\n", 1)[1]) == result.receipt
+
+
+def test_tables_align_columns_and_print_text_verbatim() -> None:
+    from postlane.cli.app import _table
+
+    text = _table([["KEY", "LAST REPLY"], ["k1", "550 [bold]no[/bold] <a@b>"], ["key-22", "421"]])
+    assert text.splitlines() == [
+        "KEY     LAST REPLY",
+        "k1      550 [bold]no[/bold] <a@b>",
+        "key-22  421",
+    ]
+
+
+def test_lanes_table_shows_the_window_the_next_slot_and_the_ceiling() -> None:
+    from postlane.cli.app import format_lanes
+    from postlane.lanes.models import LaneReport, LaneStatus
+
+    capped = LaneStatus(
+        name="capped",
+        configured_rate=8,
+        effective_rate=2,
+        backing_off=True,
+        last_throttle="421 4.7.0 slow down",
+        hourly_cap=500,
+        used_last_hour=500,
+        waiting=1500,
+        window=500,
+        next_slot_at=datetime(2026, 3, 10, 13, 0, 30, tzinfo=UTC),
+        ceiling=6,
+    )
+    reports = [
+        LaneReport(name="capped", status=capped, backlog=3, backlog_age=timedelta(minutes=4)),
+        LaneReport(name="idle"),
+    ]
+    header, first, second = (line.split("  ") for line in format_lanes(reports).splitlines())
+    cells = dict(
+        zip([h.strip() for h in header if h], [c.strip() for c in first if c], strict=True)
+    )
+    assert cells["BACKPRESSURE"] == "backing off: 421 4.7.0 slow down (recovers to 6/s)"
+    assert cells["WAITING"] == "1500 (500 planned)"
+    assert cells["NEXT SLOT"] == "2026-03-10 13:00:30Z"
+    assert (cells["HOUR"], cells["AGE"]) == ("500/500", "4m")
+    assert [c.strip() for c in second if c] == ["idle", *["-"] * 10]

@@ -590,6 +590,8 @@ async def test_deferred_emails_are_told_and_sent_at_the_lanes_pace(
     times = [t for t in [*went_first, *sent.values()] if t is not None]
     assert len(times) == 3 * cap and worst_rolling_hour(times) == cap
     recheck = lane_module.DEFER_RECHECK + timedelta(seconds=lane_module.DEFER_SPREAD)
+    slack = timedelta(seconds=5)
     for k, at in plans.items():
         went = sent[k]
-        assert went is not None and at <= went + timedelta(seconds=1) <= at + recheck, k
+        # It asks again by `recheck` past its time; the grant and the send take a moment.
+        assert went is not None and at - slack <= went <= at + recheck + slack, (k, at, went)

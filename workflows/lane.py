@@ -17,6 +17,7 @@ from datetime import datetime, timedelta
 from temporalio import workflow
 
 with workflow.unsafe.imports_passed_through():
+    from postlane import metrics
     from postlane.lanes.models import (
         LaneLimits,
         LaneRateRequest,
@@ -148,6 +149,7 @@ class LaneWorkflow:
                 await self._grant_windowed()
             else:
                 await self._grant()
+            self._publish_metrics()
             if self._should_continue_as_new():
                 await workflow.wait_condition(workflow.all_handlers_finished)
                 if self._windowed and self._arrived and not self._must_continue_as_new():
@@ -532,6 +534,24 @@ class LaneWorkflow:
             )
         s.recover_at = now + quiet
         self._dirty = True
+
+    def _publish_metrics(self) -> None:
+        """The lane's rate, backpressure and cap gauges, after each pass.
+
+        From the workflow (not the rate activity) because only it knows cap usage, and its
+        meter is silent while replaying, so a worker never publishes a replayed, stale value.
+        """
+        st = self.status()
+        metrics.set_lane_gauges(
+            workflow.metric_meter(),
+            st.name,
+            rate=st.effective_rate,
+            configured_rate=st.configured_rate,
+            caps={
+                metrics.CapWindow.HOUR: (st.used_last_hour, st.hourly_cap),
+                metrics.CapWindow.DAY: (st.used_last_day, st.daily_cap),
+            },
+        )
 
     @workflow.query(name=LaneMessages.STATUS)
     def status(self) -> LaneStatus:

@@ -15,6 +15,7 @@ from temporalio.exceptions import ActivityError, ApplicationError, is_cancelled_
 from temporalio.workflow import ActivityCancellationType, ActivityHandle
 
 with workflow.unsafe.imports_passed_through():
+    from postlane import metrics
     from postlane import search_attributes as sa
     from postlane.contract import parse_send_email_input
     from postlane.email.models import (
@@ -271,6 +272,7 @@ class SendEmailWorkflow:
                         }
                     )
                     self._set_status(EmailStatus.SENT)
+                    _observe_accepted(accepted)
                     return self._receipt
                 failure = application_failure(err)
                 if is_cancelled_exception(err) and self._patched(CANCEL_ENDS_CANCELLED_PATCH):
@@ -315,6 +317,7 @@ class SendEmailWorkflow:
                 update={"attempts": self._attempts, "dispatched_at": dispatched_at}
             )
             self._set_status(EmailStatus.SENT)
+            _observe_accepted(receipt)
             return self._receipt
 
     async def _outcome(self, send: ActivityHandle[DeliveryReceipt]) -> DeliveryReceipt:
@@ -417,6 +420,10 @@ class SendEmailWorkflow:
         if self._patched(PARKED_AT_PATCH):
             workflow.upsert_search_attributes([sa.PARKED_AT.value_set(self._parked_at)])
         self._set_status(EmailStatus.DEAD_LETTER)
+        if self._input is not None:  # replay-safe: the meter is silent while replaying
+            metrics.count_failure(
+                workflow.metric_meter(), self._input.lane, metrics.FailureKind.DEAD_LETTERED
+            )
         workflow.logger.warning("email dead-lettered: %s", self._last_error)
         await workflow.wait_condition(lambda: self._retry_requested or self._discard_requested)
         if self._discard_requested:
@@ -563,6 +570,16 @@ class SendEmailWorkflow:
             attempt_history=list(self._attempt_history),
             receipt=self._receipt,
         )
+
+
+def _observe_accepted(receipt: DeliveryReceipt) -> None:
+    """Record the time from this workflow's start to the server's 250 for DATA.
+
+    Through the workflow's meter, which records nothing while replaying; it is no command,
+    so no patch is needed."""
+    accepted_at = receipt.sent_at or workflow.now()
+    waited = (accepted_at - workflow.info().start_time).total_seconds()
+    metrics.observe_enqueue_to_accepted(workflow.metric_meter(), receipt.lane, waited)
 
 
 def _started_status() -> EmailStatus:

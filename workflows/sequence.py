@@ -21,6 +21,7 @@ from temporalio.exceptions import (
 from temporalio.workflow import ParentClosePolicy
 
 with workflow.unsafe.imports_passed_through():
+    from postlane import metrics
     from postlane import search_attributes as sa
     from postlane.email.models import DeliveryReceipt, Email, EmailStatus, SendEmailInput
     from postlane.errors import ErrorType, InvalidEmail
@@ -431,6 +432,10 @@ class SequenceWorkflow:
         if self._s.stop_reason is None:
             self._s.stop_reason = reason
             self._s.status = status
+            # Replay-safe: the workflow's meter records nothing while replaying.
+            metrics.count_sequence_outcome(
+                workflow.metric_meter(), self._in.spec.name, status.value
+            )
         self._publish()
 
     def _should_continue_as_new(self) -> bool:

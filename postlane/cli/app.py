@@ -10,19 +10,22 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
-import re
 import sys
 import uuid
 from collections.abc import Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from rich.console import Console
+from rich.table import Table
 from temporalio.service import RPCError
 
 from postlane.cli import sequence as cli_sequence
 from postlane.cli.progress import ProgressBar
+from postlane.durations import format_duration, parse_duration
 from postlane.errors import (
     ActionRefused,
     ConfigurationError,
@@ -35,6 +38,7 @@ if TYPE_CHECKING:
     from postlane.client import CancelResult, PostlaneClient
     from postlane.config import Settings
     from postlane.email.models import EmailReport
+    from postlane.health import HealthServer
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
 
@@ -69,6 +73,7 @@ def _parser() -> argparse.ArgumentParser:
     w.add_argument("--no-workflows", action="store_true", help="serve lane sends only")
     w.add_argument("--no-inbound", action="store_true", help="poll no inbox (see inbound)")
     w.add_argument("--json-logs", action="store_true", help="log one JSON object per line")
+    _observability_flags(w)
     w.add_argument(
         "--agent",
         action="append",
@@ -97,6 +102,7 @@ def _parser() -> argparse.ArgumentParser:
         "folders from this host; no sends, no other workflows.",
     )
     inbound.add_argument("--json-logs", action="store_true", help="log one JSON object per line")
+    _observability_flags(inbound)
 
     s = sub.add_parser("send", help="send one email")
     s.add_argument("--from", dest="sender", required=True)
@@ -159,6 +165,9 @@ def _parser() -> argparse.ArgumentParser:
     lane_set = lanes_sub.add_parser("set", help="change a lane's rate live, e.g. --rate 5/s")
     lane_set.add_argument("name")
     lane_set.add_argument("--rate", required=True, help="N/s, N/m or N/h")
+    top = sub.add_parser("top", help="live view: lanes, backlog, sends and errors, dead letters")
+    top.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes")
+    top.add_argument("--once", action="store_true", help="print one frame and exit")
     return p
 
 
@@ -266,6 +275,14 @@ async def _dispatch(args: argparse.Namespace) -> int:
         return await _dlq(pl, args)
     if args.command == "sequence":
         return await cli_sequence.run(pl, args)
+    if args.command == "top":
+        from rich.console import Console
+
+        from postlane.cli.top import run_top
+
+        # Off a terminal (a pipe, a file) one frame is printed wide rather than cut to 80.
+        console = Console() if sys.stdout.isatty() else Console(width=200)
+        return await run_top(pl, interval=args.interval, once=args.once, console=console)
     if args.command == "lanes":
         if args.lanes_command == "set":
             rate = parse_rate(args.rate)
@@ -347,7 +364,7 @@ def format_dead_letters(reports: Sequence[EmailReport], now: datetime) -> str:
     for r in reports:
         parked = "-"
         if r.parked_at is not None:
-            parked = f"{_utc(r.parked_at)} ({_age(now - r.parked_at)} ago)"
+            parked = f"{_utc(r.parked_at)} ({format_duration(now - r.parked_at)} ago)"
         rows.append(
             (
                 r.key,
@@ -390,18 +407,6 @@ def _utc(when: datetime) -> str:
     return when.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%SZ")
 
 
-def _age(delta: timedelta) -> str:
-    seconds = max(0, int(delta.total_seconds()))
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size:
-            return f"{seconds // size}{unit}"
-    return f"{seconds}s"
-
-
-_SINCE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
-_SINCE_PART = re.compile(r"(\d+)([smhdw])")
-
-
 def parse_since(value: str, now: datetime) -> datetime:
     """``30m``, ``2h``, ``3d``, ``1w``, ``1h30m`` before `now`, or an ISO 8601 time (UTC if
     it names no zone) → an aware datetime.
@@ -410,9 +415,8 @@ def parse_since(value: str, now: datetime) -> datetime:
         InvalidInput: anything else (field ``since``).
     """
     text = value.strip()
-    if re.fullmatch(r"(?:\d+[smhdw])+", text):
-        seconds = sum(int(n) * _SINCE_UNITS[u] for n, u in _SINCE_PART.findall(text))
-        return now - timedelta(seconds=seconds)
+    with contextlib.suppress(ValueError):
+        return now - parse_duration(text)
     try:
         when = datetime.fromisoformat(text)
     except ValueError:
@@ -423,10 +427,18 @@ def parse_since(value: str, now: datetime) -> datetime:
 
 
 def _table(rows: Sequence[Sequence[str]]) -> str:
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return "\n".join(
-        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows
-    )
+    """`rows` (the first is the header) as plain, aligned columns two spaces apart."""
+    table = Table(box=None, pad_edge=False, padding=(0, 1), show_header=True, header_style="")
+    for title in rows[0]:
+        table.add_column(title, no_wrap=True, overflow="ignore")
+    for row in rows[1:]:
+        table.add_row(*row)
+    # Wide enough never to wrap: the output is read by scripts as much as by people.
+    width = sum(max(len(row[i]) for row in rows) + 2 for i in range(len(rows[0])))
+    console = Console(width=width, no_color=True, highlight=False, markup=False)
+    with console.capture() as captured:
+        console.print(table)
+    return "\n".join(line.rstrip() for line in captured.get().splitlines())
 
 
 async def _connect(args: argparse.Namespace, settings: Settings) -> PostlaneClient:
@@ -441,6 +453,24 @@ async def _connect(args: argparse.Namespace, settings: Settings) -> PostlaneClie
         raise RuntimeError(f"cannot reach Temporal at {address}: {exc}") from None
 
 
+def _observability_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        help="serve Prometheus metrics at /metrics on this port (default $POSTLANE_METRICS_PORT;"
+        " 0: off)",
+    )
+    p.add_argument(
+        "--health-port",
+        type=int,
+        help="serve /healthz and /readyz on this port (default $POSTLANE_HEALTH_PORT; 0: off)",
+    )
+    p.add_argument(
+        "--metrics-address",
+        help="address both bind to (default $POSTLANE_METRICS_ADDRESS or 0.0.0.0)",
+    )
+
+
 async def _worker(args: argparse.Namespace) -> int:
     from postlane.config import load_settings
     from postlane.connection import connect_temporal
@@ -451,23 +481,75 @@ async def _worker(args: argparse.Namespace) -> int:
     configure_logging(json=args.json_logs)
     settings = load_settings()
     agents = [load_agent(spec) for spec in getattr(args, "agent", [])]
-    if args.command == "inbound":
-        if not settings.inboxes:
-            raise ConfigurationError("no [[inboxes]] configured: nothing to watch")
+    health_server = _serve_observability(args, settings)
+    try:
+        if args.command == "inbound":
+            if not settings.inboxes:
+                raise ConfigurationError("no [[inboxes]] configured: nothing to watch")
+            client = await connect_temporal(args.address, args.namespace)
+            await run_workers(
+                client,
+                settings,
+                workflows=False,
+                sends=False,
+                inbound=True,
+                health=health_server.health if health_server else None,
+            )
+            return EXIT_OK
+        lanes = [n.strip() for n in args.lanes.split(",") if n.strip()] if args.lanes else None
         client = await connect_temporal(args.address, args.namespace)
-        await run_workers(client, settings, workflows=False, sends=False, inbound=True)
+        await run_workers(
+            client,
+            settings,
+            lanes=lanes,
+            workflows=not args.no_workflows,
+            inbound=not args.no_inbound,
+            agents=agents,
+            health=health_server.health if health_server else None,
+        )
         return EXIT_OK
-    lanes = [n.strip() for n in args.lanes.split(",") if n.strip()] if args.lanes else None
-    client = await connect_temporal(args.address, args.namespace)
-    await run_workers(
-        client,
-        settings,
-        lanes=lanes,
-        workflows=not args.no_workflows,
-        inbound=not args.no_inbound,
-        agents=agents,
-    )
-    return EXIT_OK
+    finally:
+        if health_server is not None:
+            health_server.stop()
+
+
+def _serve_observability(args: argparse.Namespace, settings: Settings) -> HealthServer | None:
+    """Start the metrics exporter (in the SDK runtime, before any client connects) and the
+    health server, as the flags or settings say; the health server, if any.
+
+    Raises:
+        ConfigurationError: a port out of range or taken.
+    """
+    import structlog
+
+    from postlane.health import Health, HealthServer
+    from postlane.logs import forward_core_logs
+    from postlane.metrics import prometheus_config
+
+    address = args.metrics_address or settings.metrics_address
+    metrics_port = settings.metrics_port if args.metrics_port is None else args.metrics_port
+    health_port = settings.health_port if args.health_port is None else args.health_port
+    for field, port in (("metrics_port", metrics_port), ("health_port", health_port)):
+        if not 0 <= port <= 65535:
+            raise ConfigurationError(f"{field}: {port} is not a port (0-65535; 0: off)")
+    log = structlog.get_logger(__name__)
+    if metrics_port:
+        forward_core_logs(prometheus_config(_host_port(address, metrics_port)))
+        log.info("worker.metrics", url=f"http://{_host_port(address, metrics_port)}/metrics")
+    if not health_port:
+        return None
+    try:
+        server = HealthServer(Health(), address, health_port).start()
+    except OSError as exc:
+        raise ConfigurationError(
+            f"health_port: cannot serve health on {_host_port(address, health_port)}: {exc}"
+        ) from exc
+    log.info("worker.health", url=f"http://{_host_port(address, health_port)}/healthz")
+    return server
+
+
+def _host_port(address: str, port: int) -> str:
+    return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
 
 
 async def _exporter(args: argparse.Namespace) -> int:
@@ -559,6 +641,7 @@ def format_lanes(reports: Sequence[Any]) -> str:
             "HOUR",
             "DAY",
             "WAITING",
+            "NEXT SLOT",
             "BACKLOG",
             "AGE",
             "IN FLIGHT",
@@ -571,13 +654,24 @@ def format_lanes(reports: Sequence[Any]) -> str:
                 r.name,
                 f"{st.configured_rate:g}" if st else "-",
                 f"{st.effective_rate:g}" if st else "-",
-                ("backing off: " + (st.last_throttle or "")[:30]) if st and st.backing_off else "-",
+                _backpressure(st) if st else "-",
                 f"{st.used_last_hour}/{st.hourly_cap}" if st and st.hourly_cap else "-",
                 f"{st.used_last_day}/{st.daily_cap}" if st and st.daily_cap else "-",
-                str(st.waiting) if st else "-",
+                f"{st.waiting} ({st.window} planned)" if st and st.waiting else "0" if st else "-",
+                _utc(st.next_slot_at) if st and st.next_slot_at else "-",
                 "-" if r.backlog is None else str(r.backlog),
-                "-" if r.backlog_age is None else f"{r.backlog_age.total_seconds():.0f}s",
+                "-" if r.backlog_age is None else format_duration(r.backlog_age),
                 "-" if r.in_flight is None else str(r.in_flight),
             )
         )
     return _table(rows)
+
+
+def _backpressure(status: Any) -> str:
+    """``-``, or why the lane runs below its rate and how high it will recover."""
+    if not status.backing_off:
+        return "-"
+    text = "backing off: " + (status.last_throttle or "")[:30]
+    if status.ceiling is not None:
+        text += f" (recovers to {status.ceiling:g}/s)"
+    return text

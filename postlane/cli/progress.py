@@ -1,17 +1,20 @@
-"""A plain-text progress bar for bulk CLI actions, on stderr so stdout stays parseable."""
+"""The progress bar of bulk CLI actions, on stderr so stdout stays parseable."""
 
 from __future__ import annotations
 
 import sys
 from typing import TextIO
 
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
 
 class ProgressBar:
-    """A plain-text progress bar for bulk actions, with one line per item's result.
+    """A progress bar for bulk actions, with one line per item's result.
 
-    On a terminal the bar stays on the last line, redrawn with a carriage return, and the
-    items' results scroll above it; elsewhere (a pipe, a log file) every item prints one
-    line that carries the bar, so a log shows how far a run got.
+    On a terminal it is rich's live bar on the last line, with the items' results
+    scrolling above it. Elsewhere (a pipe, a log file) every item prints one plain line
+    that carries a text bar, so a log shows how far a run got.
     """
 
     def __init__(self, total: int, label: str, stream: TextIO | None = None, width: int = 24):
@@ -20,13 +23,22 @@ class ProgressBar:
         self.done = 0
         self._stream = stream if stream is not None else sys.stderr
         self._width = width
-        self._tty = self._stream.isatty()
-        self._drawn = 0
-        if self._tty:
-            self._draw()
+        self.console: Console | None = None
+        """The terminal's console (None off a terminal); it records what it showed."""
+        self._live: Progress | None = None
+        if self._stream.isatty():
+            self.console = Console(file=self._stream, force_terminal=True, record=True)
+            self._live = Progress(
+                TextColumn("{task.description}"),
+                BarColumn(bar_width=width),
+                MofNCompleteColumn(),
+                console=self.console,
+            )
+            self._task = self._live.add_task(label, total=total)
+            self._live.start()
 
     def bar(self) -> str:
-        """The bar as it stands, e.g. ``dlq retry [######------------------] 1/4``."""
+        """The plain bar as it stands, e.g. ``dlq retry [######------------------] 1/4``."""
         filled = self._width * self.done // self.total if self.total else self._width
         return (
             f"{self.label} [{'#' * filled}{'-' * (self._width - filled)}] {self.done}/{self.total}"
@@ -35,23 +47,17 @@ class ProgressBar:
     def step(self, item: str, result: str) -> None:
         """One more item is done, with this result."""
         self.done += 1
-        if self._tty:
-            self._stream.write("\r" + f"{item}: {result}".ljust(self._drawn) + "\n")
-            self._draw()
-        else:
-            self._stream.write(f"{self.bar()}  {item}: {result}\n")
+        if self._live is not None:
+            self._live.console.print(f"{item}: {result}", markup=False, highlight=False)
+            self._live.update(self._task, completed=self.done, refresh=True)
+            return
+        self._stream.write(f"{self.bar()}  {item}: {result}\n")
         self._stream.flush()
 
     def close(self) -> None:
-        """End the bar's line (a terminal's cursor was left after it)."""
-        if self._tty:
-            self._stream.write("\n")
+        """Leave the finished bar on screen (a terminal) or say there was nothing to do."""
+        if self._live is not None:
+            self._live.stop()
         elif self.total == 0:
             self._stream.write(f"{self.bar()}  nothing to do\n")
-        self._stream.flush()
-
-    def _draw(self) -> None:
-        line = self.bar()
-        self._stream.write("\r" + line.ljust(self._drawn))
-        self._drawn = len(line)
-        self._stream.flush()
+            self._stream.flush()

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from postlane.durations import Duration
 from postlane.email.addresses import parse_mailbox
 from postlane.errors import InvalidEmail
 
@@ -322,12 +323,12 @@ class RetrySettings(BaseModel):
 
     model_config = ConfigDict(frozen=True)
 
-    initial_interval: timedelta = timedelta(seconds=5)
+    initial_interval: Duration = timedelta(seconds=5)
     backoff: float = Field(default=2.0, ge=1.0)
-    maximum_interval: timedelta = timedelta(minutes=10)
+    maximum_interval: Duration = timedelta(minutes=10)
     maximum_attempts: int = Field(default=0, ge=0)
     """0 means unlimited within `retry_window`."""
-    retry_window: timedelta = timedelta(hours=72)
+    retry_window: Duration = timedelta(hours=72)
     """After this long without success the email is dead-lettered."""
 
 

@@ -16,7 +16,6 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import (
     BaseModel,
-    BeforeValidator,
     ConfigDict,
     Field,
     ValidationError,
@@ -25,6 +24,7 @@ from pydantic import (
     model_validator,
 )
 
+from postlane.durations import Duration
 from postlane.email.models import Priority, check_address, invalid_email_from
 from postlane.errors import InvalidSpec
 from postlane.names import Activity
@@ -36,21 +36,6 @@ Weekday = Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
 _STEP_ID_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,39}$")
 _CLOCK_RE = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)$")
 _VARIABLE_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
-_DURATION_RE = re.compile(r"^(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?$")
-
-
-def parse_duration(value: Any) -> Any:
-    """``"3d"``, ``"36h"``, ``"90m"``, ``"30s"`` (or ``"2d12h"``) → timedelta; else unchanged."""
-    if isinstance(value, str):
-        match = _DURATION_RE.match(value.strip())
-        if match and any(match.groups()):
-            d, h, m, s = (int(g) if g else 0 for g in match.groups())
-            return timedelta(days=d, hours=h, minutes=m, seconds=s)
-    return value
-
-
-Duration = Annotated[timedelta, BeforeValidator(parse_duration)]
-"""A timedelta that also accepts ``3d``, ``12h``, ``30m``, ``45s`` and ISO 8601."""
 
 
 def check_timezone(value: str) -> str:
