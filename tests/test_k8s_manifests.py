@@ -66,10 +66,13 @@ def test_worker_probes_and_metrics_port() -> None:
     pod = by_kind("Deployment", "postlane-worker")["spec"]["template"]
     (container,) = pod["spec"]["containers"]
     env = {e["name"]: e["value"] for e in container["env"]}
-    port = int(env["POSTLANE_METRICS_PORT"])
-    assert container["ports"] == [{"name": "metrics", "containerPort": port}]
-    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
-    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
+    port, health = int(env["POSTLANE_METRICS_PORT"]), int(env["POSTLANE_HEALTH_PORT"])
+    assert container["ports"] == [
+        {"name": "metrics", "containerPort": port},
+        {"name": "health", "containerPort": health},
+    ]
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "health"}
     assert pod["metadata"]["annotations"]["prometheus.io/port"] == str(port)
     # Longer than the worker's 30 s for in-flight sends to finish on SIGTERM.
     assert pod["spec"]["terminationGracePeriodSeconds"] > 30

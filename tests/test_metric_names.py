@@ -2,7 +2,8 @@
 real ``postlane exporter`` or a real worker, both scraped over HTTP here on the dev server.
 
 A typo in a PromQL expression makes an alert that never fires and a panel that stays
-empty, and nothing else notices.
+empty, and nothing else notices. A worker serves a metric only once it has recorded it, so
+the known set is what the worker served plus what it declares (`postlane.metrics.Metric`).
 """
 
 from __future__ import annotations
@@ -15,18 +16,22 @@ import uuid
 from pathlib import Path
 
 import pytest
-from temporalio.client import Client
-from temporalio.runtime import PrometheusConfig, Runtime, TelemetryConfig
 from temporalio.testing import WorkflowEnvironment
 
 from postlane.client import PostlaneClient
 from postlane.config import Settings
-from postlane.connection import data_converter
 from postlane.dev.catcher import SmtpCatcher
-from postlane.email.models import Email
+from postlane.email.models import Email, EmailStatus, RetrySettings
 from postlane.exporter import METRICS as EXPORTER_METRICS
-from postlane.worker import run_workers
-from tests.procs import assert_eventually, free_port
+from postlane.metrics import Metric
+from tests.procs import (
+    WorkerProcess,
+    assert_eventually,
+    free_port,
+    postlane_env,
+    wait_for_pollers,
+    write_config,
+)
 from tests.test_exporter import exporter_process, metric_names, scrape
 from tests.test_integration import address_of, new_lane
 
@@ -36,26 +41,8 @@ ROOT = Path(__file__).resolve().parent.parent
 RULES = ROOT / "deploy" / "prometheus" / "alerts.yml"
 DASHBOARDS = sorted((ROOT / "deploy" / "grafana" / "dashboards").glob("*.json"))
 
-# Postlane's own worker metrics (the SDK meter, next to the temporal_* ones), as the worker
-# declares them; until it does, the names it is specified to serve. Counters have no _total
-# suffix and histograms no unit suffix (the Temporal SDK's Prometheus defaults).
-try:
-    from postlane.metrics import Metric  # type: ignore[import-not-found, unused-ignore]
-
-    WORKER_POSTLANE_METRICS = {str(m.value) for m in Metric}
-except ImportError:
-    WORKER_POSTLANE_METRICS = {
-        "postlane_emails_sent",
-        "postlane_email_failures",
-        "postlane_smtp_transaction_seconds",
-        "postlane_enqueue_to_accepted_seconds",
-        "postlane_lane_rate_per_second",
-        "postlane_lane_configured_rate_per_second",
-        "postlane_lane_backing_off",
-        "postlane_lane_cap_used",
-        "postlane_lane_cap",
-        "postlane_sequence_outcomes",
-    }
+# Every metric the worker declares; a scrape shows only those something has recorded.
+WORKER_POSTLANE_METRICS = {str(m.value) for m in Metric}
 
 PROMETHEUS_METRICS = {"up"}
 """Series Prometheus makes itself for every target."""
@@ -137,38 +124,38 @@ def _get(url: str) -> str:
         return str(response.read().decode())
 
 
-async def worker_metric_names(dev_env: WorkflowEnvironment, smtp: SmtpCatcher) -> set[str]:
-    """Names a real worker serves over the Temporal SDK's Prometheus endpoint, after it
-    has sent one email."""
+async def worker_metric_names(
+    dev_env: WorkflowEnvironment, smtp: SmtpCatcher, tmp_path: Path
+) -> set[str]:
+    """Names a real worker process serves on ``POSTLANE_METRICS_PORT`` once it has sent an
+    email on a capped lane and dead-lettered another."""
+    lane = new_lane(smtp, hourly_cap=100, retry=RetrySettings(maximum_attempts=1))
     port = free_port()
-    runtime = Runtime(
-        telemetry=TelemetryConfig(metrics=PrometheusConfig(bind_address=f"127.0.0.1:{port}"))
-    )
-    client = await Client.connect(
+    env = postlane_env(
         address_of(dev_env),
-        namespace=dev_env.client.namespace,
-        runtime=runtime,
-        data_converter=data_converter(),
+        write_config(tmp_path / "worker.toml", [lane]),
+        POSTLANE_METRICS_PORT=str(port),
+        POSTLANE_METRICS_ADDRESS="127.0.0.1",
     )
-    lane = new_lane(smtp)
-    settings = Settings(lanes=[lane])
-    stop, ready = asyncio.Event(), asyncio.Event()
-    task = asyncio.create_task(run_workers(client, settings, inbound=False, stop=stop, ready=ready))
-    try:
-        await asyncio.wait_for(ready.wait(), 60)
+    pl = PostlaneClient(dev_env.client, Settings(lanes=[lane]))
+    with WorkerProcess.start(env, tmp_path) as worker:
+        await wait_for_pollers(dev_env.client, lane.task_queue, [worker])
         email = Email(sender="agent@it.test", to=["bob@example.test"], subject="m", text="x")
-        handle = await PostlaneClient(client, settings).send(email, key=uuid.uuid4().hex)
-        await asyncio.wait_for(handle.result(), 60)
+        await asyncio.wait_for((await pl.send(email, key=uuid.uuid4().hex)).result(), 60)
+        smtp.fail("data", "451 4.3.0 mailbox temporarily unavailable", times=1)
+        parked = await pl.send(email, key=uuid.uuid4().hex)
+
+        async def dead_lettered() -> bool:
+            return await pl.status(parked.key) == EmailStatus.DEAD_LETTER
+
+        await assert_eventually(dead_lettered, within=60, what="the email dead-lettered")
 
         async def served() -> set[str]:
             text = await asyncio.to_thread(_get, f"http://127.0.0.1:{port}/metrics")
             names = metric_names(text)
-            return names if "temporal_activity_execution_latency" in names else set()
+            return names if "postlane_lane_cap_used" in names else set()
 
         return await assert_eventually(served, within=30, what="the worker's metrics")
-    finally:
-        stop.set()
-        await task
 
 
 @pytest.mark.timeout(180)
@@ -177,11 +164,14 @@ async def test_alerts_and_dashboards_use_only_served_metrics(
 ) -> None:
     assert DASHBOARDS, "no dashboard in deploy/grafana/dashboards"
     with SmtpCatcher() as smtp:
-        worker = await worker_metric_names(dev_env, smtp)
+        worker = await worker_metric_names(dev_env, smtp, tmp_path)
     with exporter_process(address_of(dev_env), [new_lane()], tmp_path) as url:
         exporter = metric_names(await scrape(url))
     assert exporter == set(EXPORTER_METRICS)
     assert "temporal_worker_task_slots_used" in worker
+    # What the worker recorded is what it declares (nothing undeclared is served).
+    assert {n for n in worker if n.startswith("postlane_")} <= WORKER_POSTLANE_METRICS
+    assert {"postlane_emails_sent", "postlane_email_failures"} <= worker
 
     known = exporter | worker | WORKER_POSTLANE_METRICS | PROMETHEUS_METRICS | recording_rules()
     used: dict[str, set[str]] = {
