@@ -39,6 +39,7 @@ from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest
 from temporalio.client import Client
 
 from postlane.config import Settings
+from postlane.errors import ConfigurationError
 from postlane.ids import lane_task_queue
 
 log = structlog.get_logger(__name__)
@@ -225,9 +226,16 @@ class Exporter:
         stop: asyncio.Event | None = None,
         ready: asyncio.Event | None = None,
     ) -> None:
-        """Serve until `stop` is set (or forever); `ready` is set once the port listens."""
+        """Serve until `stop` is set (or forever); `ready` is set once the port listens.
+
+        Raises:
+            ConfigurationError: the port cannot be listened on (taken, or not allowed).
+        """
         stop = stop or asyncio.Event()
-        server = await asyncio.start_server(self._handle, host, port)
+        try:
+            server = await asyncio.start_server(self._handle, host, port)
+        except OSError as exc:
+            raise ConfigurationError(f"port: cannot serve on {host}:{port}: {exc}") from None
         log.info("exporter.serving", host=host, port=port, lanes=self.lanes)
         if ready is not None:
             ready.set()

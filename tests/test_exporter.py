@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import socket
 import subprocess
 import urllib.error
 import urllib.parse
@@ -31,6 +32,7 @@ from tests.procs import (
     assert_eventually,
     free_port,
     postlane_env,
+    run_postlane,
     write_config,
 )
 from tests.sysdeps import require
@@ -311,3 +313,18 @@ async def test_a_failed_round_serves_the_last_figures_for_a_while(
     assert samples(kept) == samples(first)
     assert "postlane_exporter_collect_success 0" in dropped
     assert samples(dropped) == {}
+
+
+async def test_a_taken_port_is_a_clear_error(tmp_path: Path) -> None:
+    config = write_config(tmp_path / "exporter.toml", [new_lane()])
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        rc, out, err = await run_postlane(
+            ["exporter", "--host", "127.0.0.1", "--port", str(port)],
+            postlane_env(f"127.0.0.1:{free_port()}", config),
+            within=60,
+        )
+    assert rc == 2, err
+    assert err.startswith(f"error: ConfigurationError: port: cannot serve on 127.0.0.1:{port}")
