@@ -124,7 +124,8 @@ def observe_smtp_transaction(meter: MetricMeter, lane: str, seconds: float) -> N
 
 
 def observe_enqueue_to_accepted(meter: MetricMeter, lane: str, seconds: float) -> None:
-    """How long an email on `lane` took from its workflow's start to the 250 for DATA."""
+    """How long an email on `lane` took from when it was due (its workflow's start, or a
+    later ``send_at``) to the 250 for DATA."""
     meter.create_histogram_float(
         Metric.ENQUEUE_TO_ACCEPTED_SECONDS, "workflow start to the DATA accepted", "s"
     ).record(max(seconds, 0.0), {"lane": lane})

@@ -272,7 +272,7 @@ class SendEmailWorkflow:
                         }
                     )
                     self._set_status(EmailStatus.SENT)
-                    _observe_accepted(accepted)
+                    _observe_accepted(accepted, due=req.send_at)
                     return self._receipt
                 failure = application_failure(err)
                 if is_cancelled_exception(err) and self._patched(CANCEL_ENDS_CANCELLED_PATCH):
@@ -317,7 +317,7 @@ class SendEmailWorkflow:
                 update={"attempts": self._attempts, "dispatched_at": dispatched_at}
             )
             self._set_status(EmailStatus.SENT)
-            _observe_accepted(receipt)
+            _observe_accepted(receipt, due=req.send_at)
             return self._receipt
 
     async def _outcome(self, send: ActivityHandle[DeliveryReceipt]) -> DeliveryReceipt:
@@ -572,13 +572,15 @@ class SendEmailWorkflow:
         )
 
 
-def _observe_accepted(receipt: DeliveryReceipt) -> None:
-    """Record the time from this workflow's start to the server's 250 for DATA.
+def _observe_accepted(receipt: DeliveryReceipt, *, due: datetime | None) -> None:
+    """Record the time from when the email was due (its start, or a later ``send_at``) to
+    the server's 250 for DATA, so a scheduled email is not counted late by its schedule.
 
     Through the workflow's meter, which records nothing while replaying; it is no command,
     so no patch is needed."""
     accepted_at = receipt.sent_at or workflow.now()
-    waited = (accepted_at - workflow.info().start_time).total_seconds()
+    started = workflow.info().start_time
+    waited = (accepted_at - max(started, due or started)).total_seconds()
     metrics.observe_enqueue_to_accepted(workflow.metric_meter(), receipt.lane, waited)
 
 
