@@ -351,7 +351,7 @@ class PostlaneClient:
         """
         return (await self._describe(key, ask_workflow=False)).status
 
-    async def describe(self, key: str) -> EmailReport:
+    async def describe(self, key: str, *, wait: timedelta | None = None) -> EmailReport:
         """Status, lane, attempts, last SMTP reply and the recent failed attempts of an email.
 
         No worker needs to run: without one, the report holds what the server knows (status,
@@ -359,12 +359,19 @@ class PostlaneClient:
         workflow adds recipients, its attempt history and, for a finished email, how it got
         there.
 
+        Args:
+            wait: how long to wait for a worker to answer for the email's workflow (default:
+                the server's query timeout for a running email, `CLOSED_QUERY_TIMEOUT` for
+                a finished one); a live view passes a short one.
+
         Raises:
             EmailNotFound: no email has this key.
         """
-        return await self._describe(key, ask_workflow=True)
+        return await self._describe(key, ask_workflow=True, wait=wait)
 
-    async def _describe(self, key: str, *, ask_workflow: bool) -> EmailReport:
+    async def _describe(
+        self, key: str, *, ask_workflow: bool, wait: timedelta | None = None
+    ) -> EmailReport:
         """`describe`; the status alone (`ask_workflow` False) needs only the server."""
         handle = self.handle(key)._handle
         try:
@@ -399,7 +406,7 @@ class PostlaneClient:
         update: dict[str, Any] = {"status": status, "attempts": attempts, "last_error": last_error}
         if desc.status != WorkflowExecutionStatus.RUNNING and ask_workflow:
             # A finished email's workflow still answers (a worker replays it): how it got here.
-            finished = await _query_report(handle, rpc_timeout=CLOSED_QUERY_TIMEOUT)
+            finished = await _query_report(handle, rpc_timeout=wait or CLOSED_QUERY_TIMEOUT)
             if finished is not None:
                 update.update(
                     attempts=finished.attempts,
@@ -422,7 +429,7 @@ class PostlaneClient:
             # A workflow whose task keeps failing answers no query: say why, don't wait.
             update["stuck"] = await workflow_task_failure(self.temporal, desc)
             # None: no worker is polling; the search attributes still tell a lot.
-            live = None if update["stuck"] else await _query_report(handle)
+            live = None if update["stuck"] else await _query_report(handle, rpc_timeout=wait)
             if live is not None:
                 update.update(
                     subject=live.subject,

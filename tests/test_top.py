@@ -136,10 +136,24 @@ async def test_top_shows_sends_backlog_and_the_newest_dead_letter_live(
                 tmux.close()
 
 
-async def test_top_once_prints_one_frame_and_exits(
-    dev_env: WorkflowEnvironment, tmp_path: Path
+async def test_top_once_answers_with_every_worker_gone(
+    dev_env: WorkflowEnvironment, key: str, tmp_path: Path
 ) -> None:
-    lane = new_lane()
+    """Workers down is when an operator looks: a dead letter no worker can answer for still
+    shows (from the server), and the frame comes at once instead of waiting on queries."""
+    with SmtpCatcher() as smtp:
+        lane = new_lane(smtp, retry=RetrySettings(maximum_attempts=1))
+        settings = Settings(lanes=[lane])
+        pl = PostlaneClient(dev_env.client, settings)
+        smtp.fail("data", "451 4.3.0 mailbox temporarily unavailable", times=1)
+        async with running_workers(dev_env, settings):
+            await pl.send(an_email("parks"), key=f"{key}-parked")
+
+            async def parked() -> bool:
+                return await pl.status(f"{key}-parked") == EmailStatus.DEAD_LETTER
+
+            await assert_eventually(parked, within=60, what="one email dead-lettered")
+    # No worker runs now.
     env = postlane_env(address_of(dev_env), write_config(tmp_path / "postlane.toml", [lane]))
     proc = await asyncio.create_subprocess_exec(
         str(POSTLANE_SCRIPT),
@@ -151,5 +165,6 @@ async def test_top_once_prints_one_frame_and_exits(
     )
     out, err = await asyncio.wait_for(proc.communicate(), 60)
     assert proc.returncode == 0, err.decode()
-    text = out.decode()
-    assert lane.name in text and "newest dead letters" in text
+    rows = [line.replace("│", " ").split() for line in out.decode().splitlines()]
+    assert any(r[:2] == [lane.name, "-"] for r in rows), out.decode()  # no lane workflow
+    assert any(r[:2] == [f"{key}-parked", lane.name] for r in rows), out.decode()

@@ -32,6 +32,8 @@ SPARK = "▁▂▃▄▅▆▇█"
 HISTORY = 20
 """Refreshes a lane's sparkline of sends covers."""
 NEWEST_DEAD_LETTERS = 5
+WORKER_ANSWER = timedelta(seconds=2)
+"""How long a refresh waits for a worker to answer about one dead letter (its last reply)."""
 
 
 @dataclass
@@ -96,7 +98,9 @@ async def sample(pl: PostlaneClient) -> Sample:
         )
     )
     keys = await pl.dlq.keys()  # the longest parked first
-    newest = [await pl.describe(k) for k in keys[-NEWEST_DEAD_LETTERS:]][::-1]
+    # A parked email whose workers are gone answers no query: show what the server knows.
+    newest = [await pl.describe(k, wait=WORKER_ANSWER) for k in keys[-NEWEST_DEAD_LETTERS:]]
+    newest.reverse()
     return Sample(at=datetime.now(UTC), lanes=lanes, counts=counts, dead_letters=newest)
 
 

@@ -4,6 +4,7 @@ lane's rate live."""
 from __future__ import annotations
 
 import builtins
+from datetime import timedelta
 from typing import Any
 
 from temporalio.api.enums.v1 import TaskQueueType
@@ -17,6 +18,9 @@ from postlane.errors import ConfigurationError
 from postlane.ids import lane_task_queue, lane_workflow_id
 from postlane.lanes.models import LaneReport, LaneStatus, RateChange
 from postlane.names import LaneMessages
+
+LANE_ANSWER = timedelta(seconds=5)
+"""How long a report waits for a worker to answer for the lane's workflow (none may run)."""
 
 
 class Lanes:
@@ -40,7 +44,9 @@ class Lanes:
         status: LaneStatus | None = None
         try:
             handle = self.temporal.get_workflow_handle(lane_workflow_id(name))
-            status = await handle.query(LaneMessages.STATUS, result_type=LaneStatus)
+            status = await handle.query(
+                LaneMessages.STATUS, result_type=LaneStatus, rpc_timeout=LANE_ANSWER
+            )
         except RPCError:
             status = None  # not started yet, or no worker to answer
         report: dict[str, Any] = {"name": name, "status": status}
