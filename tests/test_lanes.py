@@ -20,11 +20,13 @@ from postlane import search_attributes as sa
 from postlane.config import LaneConfig
 from postlane.email.models import (
     EmailReport,
+    Priority,
 )
 from postlane.ids import email_workflow_id, lane_workflow_id
 from postlane.lanes.limits import start_lane_workflow
 from postlane.lanes.models import (
     LaneStatus,
+    SlotGrant,
     SlotRequest,
     ThrottleReport,
 )
@@ -32,6 +34,7 @@ from postlane.testing import PostlaneTestEnv, postlane_test_env
 from tests.conftest import CAPPED_LANE, FRAGILE_LANE, TINY_LANE, TOUCHY_LANE, WARM_LANE
 from tests.procs import assert_eventually
 from workflows import lane as lane_module
+from workflows import send_email as workflows_send_email
 
 
 @pytest_asyncio.fixture
@@ -595,3 +598,111 @@ async def test_deferred_emails_are_told_and_sent_at_the_lanes_pace(
         went = sent[k]
         # It asks again by `recheck` past its time; the grant and the send take a moment.
         assert went is not None and at - slack <= went <= at + recheck + slack, (k, at, went)
+
+
+async def _slot_messages(
+    pl: PostlaneTestEnv, lane: str
+) -> list[tuple[str, str, SlotGrant | SlotRequest]]:
+    """The lane's current run's slot asks received and answers sent, in order, from its history.
+
+    Each item: ("ask" or "answer", the email's workflow ID, the decoded message).
+    """
+    handle = pl.client.temporal.get_workflow_handle(lane_workflow_id(lane))
+    converter = pl.client.temporal.data_converter.payload_converter
+    messages: list[tuple[str, str, SlotGrant | SlotRequest]] = []
+    async for event in handle.fetch_history_events():
+        if event.event_type == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_SIGNALED:
+            got = event.workflow_execution_signaled_event_attributes
+            if got.signal_name == "request_slot":
+                [ask] = converter.from_payloads(got.input.payloads, [SlotRequest])
+                messages.append(("ask", ask.workflow_id, ask))
+        elif event.event_type == _SIGNAL_SENT:
+            sent = event.signal_external_workflow_execution_initiated_event_attributes
+            [answer] = converter.from_payloads(sent.input.payloads, [SlotGrant])
+            messages.append(("answer", sent.workflow_execution.workflow_id, answer))
+    return messages
+
+
+async def test_a_deferred_email_is_counted_once_whatever_happens_to_its_asks(
+    key: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An ask the lane drops, or never receives, leaves its email counted once, and known.
+
+    Behind the window the lane keeps only a count per recheck time, and an email's next ask
+    names the recheck it was told, so the lane can stop counting it. Two ways an ask goes
+    unanswered: the lane drops it unread (too old to trust, as after a long backlog, or too
+    many to carry through a continue-as-new), or the lane is not there (reset). Either way
+    the email stays counted once, and asks again naming the same recheck time.
+    """
+    monkeypatch.setattr(lane_module, "WINDOW", 1)
+    lane = LaneConfig(
+        name="recount",
+        senders=["*@recount.test"],
+        smtp_host="127.0.0.1",
+        rate_per_second=1,
+        hourly_cap=1,
+    )
+    handle_id = lane_workflow_id(lane.name)
+    async with postlane_test_env([lane]) as pl:
+        await pl.client.send(email("recount.test", 0), key=f"{key}-0")
+        await assert_eventually(lambda: len(pl.outbox) == 1, what="the hour's one slot used")
+        later = [f"{key}-{n}" for n in range(1, 4)]
+        for n, k in enumerate(later, start=1):
+            await pl.client.send(email("recount.test", n), key=k, priority="bulk")
+
+        async def all_told() -> LaneStatus | None:
+            plans = [(await pl.client.describe(k)).scheduled_for for k in later]
+            if None in plans:
+                return None
+            return await quiet_lane_status(pl, lane.name)
+
+        status = await assert_eventually(all_told, what="every email told its plan")
+        assert (status.window, status.waiting) == (1, 3)
+
+        # The last one is deferred (counted, not held): an ask of its, dropped unread.
+        last = email_workflow_id(later[-1])
+        told: dict[str, datetime] = {}
+        for kind, wid, message in await _slot_messages(pl, lane.name):
+            if kind == "answer" and isinstance(message, SlotGrant) and message.recheck_at:
+                told[wid] = message.recheck_at
+        assert set(told) == {email_workflow_id(k) for k in later}
+        recheck = told[last]
+        now = await pl.now()
+        stale = SlotRequest(
+            workflow_id=last,
+            priority=Priority.BULK,
+            since=now - timedelta(minutes=20),
+            asked_at=now - lane_module.STALE_REQUEST - timedelta(minutes=1),
+            recheck_at=recheck,
+        )
+        await pl.client.temporal.get_workflow_handle(handle_id).signal("request_slot", stale)
+        status = await assert_eventually(
+            partial(quiet_lane_status, pl, lane.name), what="the lane to take in the ask"
+        )
+        assert (status.window, status.waiting) == (1, 3)
+
+        # The lane goes away before anyone's recheck time: every ask then fails, and the
+        # emails keep asking. A worker starting the lane again hears from each.
+        await pl.client.temporal.get_workflow_handle(handle_id).terminate(reason="test: lane reset")
+        await pl.sleep(max(told.values()) - now + timedelta(minutes=1))
+        await start_lane_workflow(pl.client.temporal, lane)
+        await pl.sleep(workflows_send_email.SLOT_REQUEST_RETRY + timedelta(seconds=5))
+
+        async def asked_again() -> dict[str, SlotRequest] | None:
+            asks = {
+                wid: m
+                for kind, wid, m in reversed(await _slot_messages(pl, lane.name))
+                if kind == "ask" and isinstance(m, SlotRequest)
+            }
+            return asks if len(asks) == len(later) else None
+
+        asks = await assert_eventually(asked_again, what="each email to ask the new lane")
+        assert asks[last].recheck_at == recheck
+
+        await pl.sleep(timedelta(hours=4))
+        await assert_eventually(lambda: len(pl.outbox) == 4, what="every email sent")
+        done = await assert_eventually(
+            partial(quiet_lane_status, pl, lane.name), what="the lane to be quiet"
+        )
+    assert done.waiting == 0
+    assert len({m.message_id for m in pl.outbox}) == 4  # each sent once, at the server

@@ -80,6 +80,12 @@ PACED_MAX_HISTORY = 1000
 stream of requests keeps from a quiet moment stays short enough to replay in well under a
 second when a request arriving during the continue-as-new fails that task."""
 
+COUNT_ON_TAKE_PATCH = "lane-count-on-take"
+"""Runs from this patch stop counting a deferred email only when its ask is taken in line.
+Before, every ask that named a recheck time uncounted one, so an ask dropped as stale, or
+lost when a continue-as-new could not carry every request, left its email counted twice once
+it asked again (it asked without a recheck time), or a repeated ask uncounted another email."""
+
 AIMD_PATCH = "lane-aimd-backoff"
 """Runs from this patch recover to a ceiling below a rate that was throttled again."""
 CEILING_FRACTION = 0.75
@@ -321,14 +327,11 @@ class LaneWorkflow:
         recent = self._recent_digests()
         taken: list[SlotRequest] = []
         retell: list[str] = []
+        on_take = workflow.patched(COUNT_ON_TAKE_PATCH)
         while self._arrived and len(taken) + len(retell) < budget:
             r = self._arrived.popleft()
-            if r.recheck_at is not None:
-                key = _deferred_key(r, r.recheck_at)
-                if s.deferred.get(key, 0) > 1:
-                    s.deferred[key] -= 1
-                else:
-                    s.deferred.pop(key, None)
+            if not on_take:
+                self._uncount(r)
             if r.asked_at is not None and now - r.asked_at > STALE_REQUEST:
                 continue  # it asks again if it still waits
             if r.workflow_id in window_ids:
@@ -336,6 +339,8 @@ class LaneWorkflow:
                 continue
             if _digest(r.workflow_id) in recent:
                 continue  # granted already: never a second slot
+            if on_take:
+                self._uncount(r)
             taken.append(r)
             window_ids.add(r.workflow_id)
         s.waiting = sorted([*s.waiting, *taken], key=_order)
@@ -442,6 +447,16 @@ class LaneWorkflow:
             s.deferred[key] = s.deferred.get(key, 0) + 1
             grants.append((r, SlotGrant(at=at, planned=True, recheck_at=recheck)))
         await self._tell(grants)
+
+    def _uncount(self, request: SlotRequest) -> None:
+        """Stop counting a deferred email that asked again (by the recheck it was told)."""
+        if request.recheck_at is None:
+            return
+        s, key = self.state, _deferred_key(request, request.recheck_at)
+        if s.deferred.get(key, 0) > 1:
+            s.deferred[key] -= 1
+        else:
+            s.deferred.pop(key, None)
 
     def _forget_old(self, now: datetime) -> None:
         s = self.state

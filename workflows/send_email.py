@@ -367,8 +367,13 @@ class SendEmailWorkflow:
         reask = SLOT_REASK + timedelta(seconds=jitter)
         self._slot_granted, self._slot_plan, self._slot_reasking = False, None, True
         since = workflow.now()
+        # The last plan told, kept across asks that got no answer: a lane that lost the ask
+        # (it continued as new with too many requests to carry) still counts this email
+        # under that plan's recheck time, and knows it by it when the email asks again.
+        # Only the signal's input changes, which replay does not compare: no patch needed.
+        told: SlotGrant | None = None
         while not self._slot_granted:
-            told, self._slot_plan = self._slot_plan, None
+            told, self._slot_plan = self._slot_plan or told, None
             request = SlotRequest(
                 workflow_id=workflow_id,
                 priority=req.priority,
