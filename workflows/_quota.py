@@ -1,7 +1,10 @@
 """Rolling hourly and daily caps, counted in per-minute buckets (pure, deterministic).
 
 A bucket counts against a window while any moment of its minute lies inside the window,
-so the caps hold for every rolling hour and day, not just clock-aligned ones.
+so the caps hold for every rolling hour and day, not just clock-aligned ones. Lanes pass a
+longer `hold` (`SEND_HOLD`): a slot is counted when granted, and its email sends a moment
+later, so a bucket keeps counting for a while after its minute, or sends from the end of one
+window and the start of the next could fall within one rolling hour.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ from postlane.lanes.models import (
 HOUR = timedelta(hours=1)
 DAY = timedelta(days=1)
 MINUTE = timedelta(minutes=1)
+SEND_HOLD = 2 * MINUTE
+"""How long past its minute's start a bucket counts, allowing a minute from grant to send."""
 UNLIMITED = 1 << 31
 
 
@@ -24,9 +29,9 @@ def bucket_key(at: datetime) -> str:
     return at.replace(second=0, microsecond=0).isoformat()
 
 
-def used(buckets: dict[str, int], now: datetime, span: timedelta) -> int:
-    """Slots granted in the rolling `span` ending at `now`."""
-    return sum(n for key, n in buckets.items() if datetime.fromisoformat(key) + MINUTE > now - span)
+def used(buckets: dict[str, int], now: datetime, span: timedelta, hold: timedelta = MINUTE) -> int:
+    """Slots granted in the rolling `span` ending at `now` (a bucket counts for `hold` more)."""
+    return sum(n for key, n in buckets.items() if datetime.fromisoformat(key) + hold > now - span)
 
 
 def daily_cap(limits: LaneLimits, warmup_started: datetime | None, now: datetime) -> int | None:
@@ -40,31 +45,39 @@ def daily_cap(limits: LaneLimits, warmup_started: datetime | None, now: datetime
 
 
 def capacity(
-    buckets: dict[str, int], limits: LaneLimits, warmup_started: datetime | None, now: datetime
+    buckets: dict[str, int],
+    limits: LaneLimits,
+    warmup_started: datetime | None,
+    now: datetime,
+    hold: timedelta = MINUTE,
 ) -> int:
     """How many slots may be granted at `now`."""
     room = UNLIMITED
     if limits.hourly_cap is not None:
-        room = min(room, limits.hourly_cap - used(buckets, now, HOUR))
+        room = min(room, limits.hourly_cap - used(buckets, now, HOUR, hold))
     cap = daily_cap(limits, warmup_started, now)
     if cap is not None:
-        room = min(room, cap - used(buckets, now, DAY))
+        room = min(room, cap - used(buckets, now, DAY, hold))
     return max(0, room)
 
 
 def next_opening(
-    buckets: dict[str, int], limits: LaneLimits, warmup_started: datetime | None, now: datetime
+    buckets: dict[str, int],
+    limits: LaneLimits,
+    warmup_started: datetime | None,
+    now: datetime,
+    hold: timedelta = MINUTE,
 ) -> datetime:
     """The earliest time after `now` at which a slot frees up (a bucket ages out, a new day)."""
     candidates = []
     for key in buckets:
         start = datetime.fromisoformat(key)
-        candidates += [start + MINUTE + HOUR, start + MINUTE + DAY]
+        candidates += [start + hold + HOUR, start + hold + DAY]
     if limits.warmup is not None and warmup_started is not None:
         days = (now - warmup_started) // DAY + 1
         candidates.append(warmup_started + days * DAY)
     for at in sorted(c for c in candidates if c > now):
-        if capacity(buckets, limits, warmup_started, at) > 0:
+        if capacity(buckets, limits, warmup_started, at, hold) > 0:
             return at
     return now + DAY  # unreachable with positive caps; a safe, visible fallback
 
@@ -75,24 +88,25 @@ def slot_times(
     warmup_started: datetime | None,
     now: datetime,
     count: int,
+    hold: timedelta = MINUTE,
 ) -> list[datetime]:
     """When the next `count` slots would be granted if nothing else asked first."""
     sim = dict(buckets)
     at, times = now, list[datetime]()
     while len(times) < count:
-        room = capacity(sim, limits, warmup_started, at)
+        room = capacity(sim, limits, warmup_started, at, hold)
         if room > 0:
             take = min(room, count - len(times))
             times += [at] * take
             sim[bucket_key(at)] = sim.get(bucket_key(at), 0) + take
         else:
-            at = next_opening(sim, limits, warmup_started, at)
+            at = next_opening(sim, limits, warmup_started, at, hold)
     return times
 
 
 def prune(buckets: dict[str, int], now: datetime) -> dict[str, int]:
-    """Drop buckets that no window can see any more."""
-    return {k: n for k, n in buckets.items() if datetime.fromisoformat(k) + MINUTE + DAY > now}
+    """Drop buckets that no window can see any more (with the longest hold)."""
+    return {k: n for k, n in buckets.items() if datetime.fromisoformat(k) + SEND_HOLD + DAY > now}
 
 
 class Planner:
@@ -113,8 +127,9 @@ class Planner:
         limits: LaneLimits,
         warmup_started: datetime | None,
         now: datetime,
+        hold: timedelta = MINUTE,
     ) -> None:
-        self._limits, self._warmup, self._now = limits, warmup_started, now
+        self._limits, self._warmup, self._now, self._hold = limits, warmup_started, now, hold
         items = sorted((datetime.fromisoformat(k), n) for k, n in buckets.items())
         self._starts = [start for start, _ in items]
         self._sums = [0]
@@ -122,8 +137,8 @@ class Planner:
             self._sums.append(self._sums[-1] + n)
 
     def _used(self, at: datetime, span: timedelta) -> int:
-        # A bucket counts while `start + MINUTE > at - span`, i.e. start > at - span - MINUTE.
-        first = bisect_right(self._starts, at - span - MINUTE)
+        # A bucket counts while `start + hold > at - span`, i.e. start > at - span - hold.
+        first = bisect_right(self._starts, at - span - self._hold)
         return self._sums[-1] - self._sums[first]
 
     def capacity(self, at: datetime) -> int:
@@ -146,10 +161,11 @@ class Planner:
 
     def next_opening(self, at: datetime) -> datetime:
         """The earliest time after `at` with a free slot (same rule as `next_opening`)."""
-        hour_from = bisect_right(self._starts, at - MINUTE - HOUR)
-        day_from = bisect_right(self._starts, at - MINUTE - DAY)
-        hour = [s + MINUTE + HOUR for s in self._starts[hour_from:]]
-        day = [s + MINUTE + DAY for s in self._starts[day_from:]]
+        hold = self._hold
+        hour_from = bisect_right(self._starts, at - hold - HOUR)
+        day_from = bisect_right(self._starts, at - hold - DAY)
+        hour = [s + hold + HOUR for s in self._starts[hour_from:]]
+        day = [s + hold + DAY for s in self._starts[day_from:]]
         if self._limits.warmup is not None and self._warmup is not None:
             day.append(self._warmup + ((at - self._warmup) // DAY + 1) * DAY)
         for candidate in sorted(c for c in [*hour, *day] if c > at):
@@ -162,9 +178,9 @@ class Planner:
         hourly, daily = self._limits.hourly_cap, daily_cap(self._limits, self._warmup, self._now)
         options = []
         if hourly is not None:
-            options.append((hourly, HOUR + MINUTE))
+            options.append((hourly, HOUR + self._hold))
         if daily is not None:
-            options.append((daily, DAY + MINUTE))
+            options.append((daily, DAY + self._hold))
         if not options:
             return UNLIMITED, DAY
         return min(options, key=lambda o: o[0] / (o[1] / MINUTE))

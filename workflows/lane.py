@@ -86,6 +86,10 @@ Before, every ask that named a recheck time uncounted one, so an ask dropped as 
 lost when a continue-as-new could not carry every request, left its email counted twice once
 it asked again (it asked without a recheck time), or a repeated ask uncounted another email."""
 
+SEND_HOLD_PATCH = "lane-send-hold"
+"""Runs from this patch count a granted slot for `quota.SEND_HOLD` past its minute (before:
+one minute), so that sends, which follow grants by a moment, also keep the caps."""
+
 AIMD_PATCH = "lane-aimd-backoff"
 """Runs from this patch recover to a ceiling below a rate that was throttled again."""
 CEILING_FRACTION = 0.75
@@ -127,6 +131,7 @@ class LaneWorkflow:
         self._windowed = False
         self._paced = False
         self._recent: set[str] | None = None
+        self._hold = quota.MINUTE
 
     @property
     def state(self) -> LaneState:
@@ -141,6 +146,8 @@ class LaneWorkflow:
             s.warmup_started = workflow.now()
         self._windowed = workflow.patched(WINDOW_PATCH)
         self._paced = self._windowed and workflow.patched(PACED_PATCH)
+        if self._windowed and workflow.patched(SEND_HOLD_PATCH):
+            self._hold = quota.SEND_HOLD
         while True:
             try:
                 await workflow.wait_condition(
@@ -185,7 +192,7 @@ class LaneWorkflow:
         s, now = self.state, workflow.now()
         wakeups: list[datetime] = []
         if s.waiting and self._windowed:
-            planner = quota.Planner(s.buckets, s.limits, s.warmup_started, now)
+            planner = quota.Planner(s.buckets, s.limits, s.warmup_started, now, self._hold)
             wakeups.append(planner.next_opening(now))
         elif s.waiting:
             wakeups.append(quota.next_opening(s.buckets, s.limits, s.warmup_started, now))
@@ -272,7 +279,9 @@ class LaneWorkflow:
         s.waiting = sorted([*s.waiting, *fresh], key=lambda r: r.priority.key)
         s.unplanned += [r.workflow_id for r in fresh]
         # Bounded work per workflow task keeps each task short however large the burst.
-        room = min(quota.capacity(s.buckets, s.limits, s.warmup_started, now), SIGNALS_PER_TASK)
+        room = min(
+            quota.capacity(s.buckets, s.limits, s.warmup_started, now, self._hold), SIGNALS_PER_TASK
+        )
         go, s.waiting = s.waiting[:room], s.waiting[room:]
         # Counted before they are told, so `status` never shows a grant in flight as neither
         # waiting nor used; an email found gone gives its slot back.
@@ -307,7 +316,7 @@ class LaneWorkflow:
             await self._tell(told)
             s.planned.update((r.workflow_id, grant.at) for r, grant in told)
             s.unplanned = [r.workflow_id for r, _ in plans[budget:]]
-        more_room = quota.capacity(s.buckets, s.limits, s.warmup_started, now) > 0
+        more_room = quota.capacity(s.buckets, s.limits, s.warmup_started, now, self._hold) > 0
         if s.unplanned or (s.waiting and more_room):
             self._dirty = True  # more to do: next task, right away
 
@@ -352,7 +361,7 @@ class LaneWorkflow:
 
         # Counted before they are told, so `status` never shows a grant in flight as neither
         # waiting nor used; an email found gone gives its slot back.
-        room = min(quota.capacity(s.buckets, s.limits, s.warmup_started, now), budget)
+        room = min(quota.capacity(s.buckets, s.limits, s.warmup_started, now, self._hold), budget)
         go, s.waiting = s.waiting[:room], s.waiting[room:]
         key = quota.bucket_key(now)
         if go:
@@ -391,7 +400,7 @@ class LaneWorkflow:
         replan, self._replan = bool(taken) or self._replan, False
         unplanned = set(s.unplanned)
         if s.waiting and (unplanned or replan) and budget > 0:
-            planner = quota.Planner(s.buckets, s.limits, s.warmup_started, now)
+            planner = quota.Planner(s.buckets, s.limits, s.warmup_started, now, self._hold)
             times = planner.times(list(range(len(s.waiting))))
             plans = [
                 (r, SlotGrant(at=at, planned=True, recheck_at=at + WINDOW_RECHECK))
@@ -402,7 +411,7 @@ class LaneWorkflow:
             await self._tell(told_now)
             s.planned.update((r.workflow_id, grant.at) for r, grant in told_now)
             s.unplanned = [r.workflow_id for r, _ in plans[budget:]]
-        more_room = quota.capacity(s.buckets, s.limits, s.warmup_started, now) > 0
+        more_room = quota.capacity(s.buckets, s.limits, s.warmup_started, now, self._hold) > 0
         if self._arrived or s.unplanned or (s.waiting and more_room):
             self._dirty = True  # more to do: next task, right away
 
@@ -429,7 +438,7 @@ class LaneWorkflow:
                         ahead += n
             positions.append(ahead)
         wanted = sorted(set(positions))
-        planner = quota.Planner(s.buckets, s.limits, s.warmup_started, now)
+        planner = quota.Planner(s.buckets, s.limits, s.warmup_started, now, self._hold)
         offsets: list[int] = []
         at_position = dict(zip(wanted, planner.times(wanted, offsets=offsets), strict=True))
         offset_of = dict(zip(wanted, offsets, strict=True))
@@ -574,7 +583,7 @@ class LaneWorkflow:
         s, now = self.state, workflow.now()
         next_slot = None
         if s.waiting or s.deferred:
-            planner = quota.Planner(s.buckets, s.limits, s.warmup_started, now)
+            planner = quota.Planner(s.buckets, s.limits, s.warmup_started, now, self._hold)
             next_slot = planner.next_opening(now)
         return LaneStatus(
             name=s.name,
@@ -585,8 +594,8 @@ class LaneWorkflow:
             recover_at=s.recover_at,
             hourly_cap=s.limits.hourly_cap,
             daily_cap=quota.daily_cap(s.limits, s.warmup_started, now),
-            used_last_hour=quota.used(s.buckets, now, quota.HOUR),
-            used_last_day=quota.used(s.buckets, now, quota.DAY),
+            used_last_hour=quota.used(s.buckets, now, quota.HOUR, self._hold),
+            used_last_day=quota.used(s.buckets, now, quota.DAY, self._hold),
             waiting=len(s.waiting) + sum(s.deferred.values()),
             next_slot_at=next_slot,
             window=len(s.waiting),

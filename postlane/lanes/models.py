@@ -145,6 +145,9 @@ class LaneStatus(BaseModel):
     daily_cap: int | None = None
     """Today's cap, warm-up applied."""
     used_last_hour: int = 0
+    """Slots counting against the hourly cap: granted in the last hour, plus up to a minute
+    more (a slot counts a little past the hour, so that its send, which follows the grant by
+    a moment, keeps the cap too)."""
     used_last_day: int = 0
     waiting: int = 0
     next_slot_at: datetime | None = None
