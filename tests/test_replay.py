@@ -188,9 +188,13 @@ async def test_replay_fresh_lane_paced_history(key: str, monkeypatch: pytest.Mon
         _record("lane_paced", history)
 
 
-async def test_replay_recorded_lane_paced_history(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("name", ["lane_paced_v1", "lane_paced"])
+async def test_replay_recorded_lane_paced_history(
+    monkeypatch: pytest.MonkeyPatch, name: str
+) -> None:
+    """Recorded before the send hold and count-on-take patches (_v1), and under today's code."""
     monkeypatch.setattr(lane_module, "WINDOW", PACED_WINDOW)
-    text = (HISTORIES / "lane_paced.json").read_text()
+    text = (HISTORIES / f"{name}.json").read_text()
     await _replay(WorkflowHistory.from_json(lane_workflow_id("paced"), text))
 
 
@@ -230,9 +234,9 @@ async def test_replay_fresh_inbox_and_suppression_history(
 RECORDED = [
     *(f"send_email_{n}" for n in sorted(SCENARIOS)),
     "lane",
-    # Recorded under the code before the lane's bounded window (they must replay as they
-    # ran), and again under today's code.
-    *(f"{n}{v}" for n in ("lane_planned", "send_email_slot_planned") for v in ("_v1", "")),
+    # Recorded under the code before the lane's bounded window (_v1), before its send hold
+    # and count-on-take patches (_v2): they must replay as they ran; and under today's code.
+    *(f"{n}{v}" for n in ("lane_planned", "send_email_slot_planned") for v in ("_v1", "_v2", "")),
     *(f"{n}{v}" for n in ("inbox_watcher", "suppression") for v in ("_v1", "")),
     # A query during start split the workflow task right after `resolve_lane` returned; a
     # patch first asked for in the activation that resolved it used to fail this replay.
