@@ -386,6 +386,9 @@ def load_settings(path: str | Path | None = None) -> Settings:
         raise ConfigurationError(f"{where}: invalid TOML: {exc}") from None
     except OSError as exc:
         raise ConfigurationError(f"{file}: cannot read: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        at = exc.object[: exc.start].count(b"\n") + 1
+        raise ConfigurationError(f"{file}:{at}: invalid TOML: not UTF-8 text") from None
     except ValidationError as exc:
         err = exc.errors()[0]
         loc = [str(p) for p in err["loc"]]

@@ -63,6 +63,14 @@ def test_load_settings_syntax_error_names_line(tmp_path: Path) -> None:
     assert str(caught.value).startswith(f"{path}:3: invalid TOML")
 
 
+def test_load_settings_non_utf8_names_line(tmp_path: Path) -> None:
+    path = tmp_path / "postlane.toml"
+    path.write_bytes(b'[[lanes]]\nname = "a"\nsenders = ["x\xff@acme.test"]\n')
+    with pytest.raises(ConfigurationError) as caught:
+        load_settings(path)
+    assert str(caught.value) == f"{path}:3: invalid TOML: not UTF-8 text"
+
+
 def test_load_settings_unknown_key_rejected(tmp_path: Path) -> None:
     path = write(
         tmp_path, TWO_LANES.format(rate=1).replace("rate_per_second = 5", "rate_per_sec = 5")
