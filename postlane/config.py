@@ -387,8 +387,8 @@ def load_settings(path: str | Path | None = None) -> Settings:
     except OSError as exc:
         raise ConfigurationError(f"{file}: cannot read: {exc.strerror or exc}") from None
     except UnicodeDecodeError as exc:
-        at = exc.object[: exc.start].count(b"\n") + 1
-        raise ConfigurationError(f"{file}:{at}: invalid TOML: not UTF-8 text") from None
+        row = exc.object[: exc.start].count(b"\n") + 1
+        raise ConfigurationError(f"{file}:{row}: invalid TOML: not UTF-8 text") from None
     except ValidationError as exc:
         err = exc.errors()[0]
         loc = [str(p) for p in err["loc"]]
