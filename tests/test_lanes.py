@@ -59,12 +59,7 @@ async def _is_scheduled(pl: PostlaneTestEnv, key: str) -> bool:
 
 def worst_rolling_hour(times: list[datetime]) -> int:
     """The most sends in any rolling hour (half-open: [t, t + 1 h))."""
-    times, worst, first = sorted(times), 0, 0
-    for last, at in enumerate(times):
-        while at - times[first] >= timedelta(hours=1):
-            first += 1
-        worst = max(worst, last - first + 1)
-    return worst
+    return lane_scale.worst_rolling(times, timedelta(hours=1))
 
 
 def windows(times: list[datetime], gap: timedelta = timedelta(minutes=30)) -> list[list[datetime]]:

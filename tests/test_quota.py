@@ -7,6 +7,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from bench.lane_scale import worst_rolling
 from postlane.lanes.models import (
     LaneLimits,
     Warmup,
@@ -100,12 +101,7 @@ def test_planner_extrapolates_far_positions_at_the_cap_pace() -> None:
 
 
 def _worst_rolling_hour(times: list[datetime]) -> int:
-    times, worst, first = sorted(times), 0, 0
-    for last, at in enumerate(times):
-        while at - times[first] >= timedelta(hours=1):
-            first += 1
-        worst = max(worst, last - first + 1)
-    return worst
+    return worst_rolling(times, timedelta(hours=1))
 
 
 def _sends_of_a_greedy_lane(hold: timedelta, seed: int) -> list[datetime]:
