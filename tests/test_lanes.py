@@ -564,7 +564,13 @@ async def test_deferred_emails_are_told_and_sent_at_the_lanes_pace(
         hourly_cap=cap,
     )
     async with postlane_test_env([lane]) as pl:
-        first = [await pl.client.send(email("paced.test", n), key=f"{key}-{n}") for n in range(cap)]
+        # The hour's slots all granted in one minute, so they free up in one opening (the
+        # lane counts grants per minute): start at the top of a minute, all at once.
+        now = await pl.now()
+        await pl.sleep(timedelta(seconds=61 - now.second))
+        first = await asyncio.gather(
+            *(pl.client.send(email("paced.test", n), key=f"{key}-{n}") for n in range(cap))
+        )
         await assert_eventually(lambda: len(pl.outbox) == cap, what="the first hour's slots")
         later = [f"{key}-later{n}" for n in range(2 * cap)]
         for n, k in enumerate(later):
