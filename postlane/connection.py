@@ -3,20 +3,42 @@
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import gc
 
 from temporalio.client import Client
 from temporalio.contrib.pydantic import pydantic_data_converter
-from temporalio.converter import DataConverter
+from temporalio.converter import DataConverter, DefaultFailureConverterWithEncodedAttributes
 from temporalio.envconfig import ClientConfig
+
+from postlane.encryption import EncryptionSettings, codec_from_environment
 
 DEFAULT_ADDRESS = "localhost:7233"
 DEFAULT_NAMESPACE = "postlane"
 
 
-def data_converter() -> DataConverter:
-    """The converter every Postlane client and worker must share (pydantic v2 models)."""
-    return pydantic_data_converter
+def data_converter(encryption: EncryptionSettings | None = None) -> DataConverter:
+    """The converter every Postlane client and worker must share (pydantic v2 models).
+
+    With encryption configured (``POSTLANE_ENCRYPTION_KEYS`` or ``_KEY_FILE``, see
+    `postlane.encryption`), payloads are sealed by `AesGcmCodec`, and failure messages and
+    stack traces move into the sealed part of the failure: an SMTP reply often quotes the
+    recipient's address.
+
+    Args:
+        encryption: where the keys come from; default the environment.
+
+    Raises:
+        ConfigurationError: the keys are misconfigured (the message names the setting).
+    """
+    codec = codec_from_environment(encryption)
+    if codec is None:
+        return pydantic_data_converter
+    return dataclasses.replace(
+        pydantic_data_converter,
+        payload_codec=codec,
+        failure_converter_class=DefaultFailureConverterWithEncodedAttributes,
+    )
 
 
 async def connect_temporal(address: str | None = None, namespace: str | None = None) -> Client:
