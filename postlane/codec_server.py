@@ -89,6 +89,8 @@ class CodecServer:
             raise ConfigurationError(
                 f"{TOKEN_VAR}: the codec server needs a token of at least 16 characters"
             )
+        self.token = token
+        """The bearer token (the owner hands it to the Web UI in its endpoint URL)."""
         handler = type(
             "_BoundHandler",
             (_Handler,),

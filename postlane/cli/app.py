@@ -64,6 +64,12 @@ def _parser() -> argparse.ArgumentParser:
     dev.add_argument("--port", type=int, default=7233, help="Temporal gRPC port")
     dev.add_argument("--ui-port", type=int, default=8233, help="Temporal Web UI port")
     dev.add_argument("--smtp-port", type=int, default=1025, help="SMTP catcher port")
+    dev.add_argument(
+        "--codec-port",
+        type=int,
+        default=8081,
+        help="codec server port, when POSTLANE_ENCRYPTION_KEYS is set (default 8081)",
+    )
     dev.add_argument("--no-demo", action="store_true", help="do not send the demo email")
     dev.add_argument(
         "--exit-after-demo", action="store_true", help="stop once the demo is delivered"
@@ -241,6 +247,7 @@ async def _dispatch(args: argparse.Namespace) -> int:
             port=args.port,
             ui_port=args.ui_port,
             smtp_port=args.smtp_port,
+            codec_port=args.codec_port,
         )
         return await stack.run(demo=not args.no_demo, exit_after_demo=args.exit_after_demo)
     if args.command in ("worker", "inbound"):
