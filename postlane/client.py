@@ -263,7 +263,12 @@ class PostlaneClient:
                 id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
                 id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
                 memo={CONTENT_HASH: digest},
-                search_attributes=sa.email_attributes(email, request.lane, status.value),
+                search_attributes=sa.email_attributes(
+                    email,
+                    request.lane,
+                    status.value,
+                    recipient_domain=self.settings.recipient_domain_attribute,
+                ),
                 static_summary=sa.email_summary(email),
                 static_details=f"lane: {request.lane}; priority: {request.priority}; key: {key}",
                 priority=TemporalPriority(priority_key=request.priority.key),

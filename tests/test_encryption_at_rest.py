@@ -240,3 +240,46 @@ class _with_client:  # noqa: N801 - reads as a function at the call site
 
     def __getattr__(self, name: str) -> object:
         return getattr(self._env, name)
+
+
+@pytest.mark.timeout(120)
+async def test_recipient_domain_attribute_can_be_left_out(dev_env: WorkflowEnvironment) -> None:
+    with SmtpCatcher() as smtp:
+        lane = new_lane(smtp)
+        private = Settings(lanes=[lane], recipient_domain_attribute=False)
+        async with running_workers(dev_env, private):
+            # Client and workers both leave it out.
+            email, _ = _email("private")
+            handle = await PostlaneClient(dev_env.client, private).send(email, key=_key())
+            await handle.result()
+            raw = dev_env.client.get_workflow_handle(handle.workflow_id)
+            history = await raw.fetch_history()
+            started = history.events[0].workflow_execution_started_event_attributes
+            assert "PostlaneRecipientDomain" not in started.search_attributes.indexed_fields
+            assert "PostlaneStatus" in started.search_attributes.indexed_fields
+            desc = await dev_env.client.get_workflow_handle(handle.workflow_id).describe()
+            assert desc.typed_search_attributes.get(sa.RECIPIENT_DOMAIN) is None
+            assert desc.typed_search_attributes.get(sa.STATUS) == "sent"
+
+            # A client that still indexes it: the workers' setting removes it at start.
+            email, _ = _email("indexed")
+            public = Settings(lanes=[lane])
+            handle = await PostlaneClient(dev_env.client, public).send(email, key=_key())
+            await handle.result()
+            desc = await dev_env.client.get_workflow_handle(handle.workflow_id).describe()
+            assert desc.typed_search_attributes.get(sa.RECIPIENT_DOMAIN) is None
+            assert desc.typed_search_attributes.get(sa.LANE) == lane.name
+
+        async with running_workers(dev_env, Settings(lanes=[lane])):
+            # The default indexes it, as before.
+            email, _ = _email("default")
+            handle = await PostlaneClient(dev_env.client, Settings(lanes=[lane])).send(
+                email, key=_key()
+            )
+            await handle.result()
+            desc = await dev_env.client.get_workflow_handle(handle.workflow_id).describe()
+            assert desc.typed_search_attributes.get(sa.RECIPIENT_DOMAIN) == ["example.test"]
+
+
+def _key() -> str:
+    return f"domain-{uuid.uuid4().hex[:10]}"
