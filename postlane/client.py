@@ -12,7 +12,6 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, ValidationError
 from temporalio.api.common.v1 import WorkflowExecution
 from temporalio.api.enums.v1 import EventType, PendingActivityState
-from temporalio.api.failure.v1 import Failure
 from temporalio.api.workflowservice.v1 import (
     ResetWorkflowExecutionRequest,
 )
@@ -77,7 +76,7 @@ from postlane.lanes.client import Lanes
 from postlane.names import EmailMessages
 from postlane.sequences.client import Sequences
 from postlane.sequences.suppressions import Suppressions
-from postlane.stuck import workflow_task_failure
+from postlane.stuck import failure_message, workflow_task_failure
 
 NON_RETRYABLE_TYPES = (
     ErrorType.SMTP_PERMANENT,
@@ -403,7 +402,7 @@ class PostlaneClient:
         for pending in desc.raw_description.pending_activities:
             attempts = max(attempts, pending.attempt - 1)
             if pending.last_failure.message:
-                last_error = await _failure_message(self.temporal, pending.last_failure)
+                last_error = await failure_message(self.temporal, pending.last_failure)
             if status == EmailStatus.QUEUED:
                 if pending.state == PendingActivityState.PENDING_ACTIVITY_STATE_STARTED:
                     status = EmailStatus.SENDING
@@ -592,16 +591,6 @@ class PostlaneClient:
                 ) from None
             raise
         return True
-
-
-async def _failure_message(temporal: Client, failure: Failure) -> str:
-    """A failure's message, opened first when encryption sealed it into its attributes."""
-    if not failure.HasField("encoded_attributes"):
-        return failure.message
-    copy = Failure()
-    copy.CopyFrom(failure)  # decoding works in place; the description stays as it came
-    err = await temporal.data_converter.decode_failure(copy)
-    return getattr(err, "message", None) or str(err)
 
 
 async def _query_report(

@@ -11,7 +11,7 @@ from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.converter import DataConverter, DefaultFailureConverterWithEncodedAttributes
 from temporalio.envconfig import ClientConfig
 
-from postlane.encryption import EncryptionSettings, codec_from_environment
+from postlane.encryption import EncryptionSettings, SealedPayloadGuard, codec_from_environment
 
 DEFAULT_ADDRESS = "localhost:7233"
 DEFAULT_NAMESPACE = "postlane"
@@ -33,12 +33,16 @@ def data_converter(encryption: EncryptionSettings | None = None) -> DataConverte
     """
     codec = codec_from_environment(encryption)
     if codec is None:
-        return pydantic_data_converter
+        return _UNSEALED
     return dataclasses.replace(
         pydantic_data_converter,
         payload_codec=codec,
         failure_converter_class=DefaultFailureConverterWithEncodedAttributes,
     )
+
+
+_UNSEALED = dataclasses.replace(pydantic_data_converter, payload_codec=SealedPayloadGuard())
+"""Encryption off: payloads as before, and a clear error for one that is sealed."""
 
 
 async def connect_temporal(address: str | None = None, namespace: str | None = None) -> Client:

@@ -264,6 +264,31 @@ class AesGcmCodec(PayloadCodec):
         return Payload.FromString(plain)
 
 
+class SealedPayloadGuard(PayloadCodec):
+    """The codec of a process without keys: payloads pass as they are, and a sealed one
+    fails with an error that says which setting is missing (instead of the SDK's
+    ``KeyError: 'Unknown payload encoding binary/encrypted'``)."""
+
+    async def encode(self, payloads: Sequence[Payload]) -> list[Payload]:
+        """Leave payloads as they are."""
+        return list(payloads)
+
+    async def decode(self, payloads: Sequence[Payload]) -> list[Payload]:
+        """Leave unsealed payloads as they are.
+
+        Raises:
+            PayloadDecryptionError: a payload is sealed.
+        """
+        for payload in payloads:
+            if payload.metadata.get("encoding") == ENCODING:
+                key_id = payload.metadata.get(KEY_ID_METADATA, b"").decode("ascii", "replace")
+                raise PayloadDecryptionError(
+                    f"payload sealed with key {key_id!r}, and this process has no keys: set"
+                    f" {KEYS_VAR} or {KEY_FILE_VAR}"
+                )
+        return list(payloads)
+
+
 def _aad(key_id: str, compression: bytes) -> bytes:
     return b"\x00".join((_AAD_PREFIX, key_id.encode("ascii"), compression))
 

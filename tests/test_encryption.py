@@ -19,6 +19,7 @@ from postlane.encryption import (
     EncryptionSettings,
     KeyRing,
     PayloadDecryptionError,
+    SealedPayloadGuard,
     codec_from_environment,
     new_key,
 )
@@ -113,7 +114,18 @@ def test_encryption_off_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
     for var in ("KEYS", "KEY_FILE", "ACTIVE_KEY", "COMPRESS"):
         monkeypatch.delenv(f"POSTLANE_ENCRYPTION_{var}", raising=False)
     assert codec_from_environment() is None
-    assert data_converter() is pydantic_data_converter
+    converter = data_converter()
+    assert converter.payload_converter_class is pydantic_data_converter.payload_converter_class
+    assert converter.failure_converter_class is pydantic_data_converter.failure_converter_class
+    assert isinstance(converter.payload_codec, SealedPayloadGuard)
+
+
+async def test_encryption_off_names_the_setting_for_a_sealed_payload() -> None:
+    [sealed] = await AesGcmCodec(_ring("k1")).encode([_payload()])
+    with pytest.raises(PayloadDecryptionError, match="'k1'.*POSTLANE_ENCRYPTION_KEYS"):
+        await SealedPayloadGuard().decode([_payload(), sealed])
+    assert await SealedPayloadGuard().decode([_payload()]) == [_payload()]
+    assert await SealedPayloadGuard().encode([_payload()]) == [_payload()]
 
 
 def test_encryption_from_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
