@@ -31,6 +31,7 @@ from postlane.encryption import (
     PayloadDecryptionError,
     new_key,
 )
+from postlane.sequences.models import Recipient, SequenceSpec
 from postlane.testing import running_workers
 from tests.conftest import DEV_SERVER_ARGS
 from tests.procs import assert_eventually
@@ -159,8 +160,39 @@ async def test_encryption_history_holds_no_plaintext(monkeypatch: pytest.MonkeyP
                     what="enc-revived sent after retry",
                 )
 
+                # A sequence (opaque key: a default key holds the address), whose template
+                # text, variables and rendered email are sealed too.
+                seq_secret = uuid.uuid4().hex[:10]
+                seq_local = f"rcptseq{seq_secret}"
+                spec = SequenceSpec.model_validate(
+                    {
+                        "name": "crypt",
+                        "sender": SENDER,
+                        "templates": {
+                            "intro": {
+                                "subject": "Seq subject {{ pitch }}",
+                                "text": f"Template text tmpl{seq_secret}, {{{{ pitch }}}}",
+                            }
+                        },
+                        "steps": [{"type": "send", "id": "intro", "template": "intro"}],
+                    }
+                )
+                recipient = Recipient(
+                    address=f"{seq_local}@example.test", variables={"pitch": f"var{seq_secret}"}
+                )
+                secrets += [seq_local.encode(), f"tmpl{seq_secret}".encode()]
+                secrets.append(f"var{seq_secret}".encode())
+                await pl.sequences.start(spec, recipient, key="enc-seq")
+
+                async def sequence_done() -> bool:
+                    return (await pl.sequences.status("enc-seq")).status.finished
+
+                await assert_eventually(sequence_done, within=60, what="enc-seq finished")
+
             # The SMTP server got every delivered email whole.
             got = {m.recipients[0]: m for m in smtp.messages}
+            seq_message = got[f"{seq_local}@example.test"]
+            assert seq_message.subject == f"Seq subject var{seq_secret}"
             for email in (sent, retried, revived):
                 message = got[email.to[0]]
                 assert message.subject == email.subject
