@@ -22,7 +22,14 @@ from postlane.dev.binaries import dev_server_path
 from postlane.dev.catcher import SmtpCatcher
 from postlane.encryption import ENCODING, AesGcmCodec, EncryptionSettings, KeyRing, new_key
 from postlane.testing import running_workers
-from tests.procs import POSTLANE_SCRIPT, REPO_ROOT, free_port, postlane_env, run_command
+from tests.procs import (
+    POSTLANE_SCRIPT,
+    REPO_ROOT,
+    free_port,
+    postlane_env,
+    run_command,
+    write_config,
+)
 from tests.test_encryption_at_rest import _email, _keys, dev_server
 from tests.test_integration import address_of, new_lane
 
@@ -235,6 +242,22 @@ async def test_codec_server_decodes_history_for_temporal_cli(tmp_path: Any) -> N
             async with running_workers(env, settings):
                 handle = await PostlaneClient(env.client, settings).send(email, key="codec-cli")
                 await handle.result()
+        # The CLI reads it with the keys, and without them says which setting is missing.
+        cli_env = postlane_env(
+            address_of(env), write_config(tmp_path / "postlane.toml", settings.lanes)
+        )
+        rc, out, err = await run_command(
+            [str(POSTLANE_SCRIPT), "status", "codec-cli"],
+            {**cli_env, "POSTLANE_ENCRYPTION_KEYS": keys},
+        )
+        assert rc == 0, err
+        assert json.loads(out)["subject"] == email.subject
+        rc, out, err = await run_command([str(POSTLANE_SCRIPT), "status", "codec-cli"], cli_env)
+        assert rc == 1
+        assert err.strip().splitlines() == [
+            "error: PayloadDecryptionError: payload sealed with key 'k1', and this process has"
+            " no keys: set POSTLANE_ENCRYPTION_KEYS or POSTLANE_ENCRYPTION_KEY_FILE"
+        ]
         port = free_port()
         server_env = postlane_env(
             address_of(env),
