@@ -13,6 +13,7 @@ from datetime import timedelta
 
 import pytest
 from temporalio.api.common.v1 import Payload
+from temporalio.api.history.v1 import HistoryEvent
 from temporalio.client import Client
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Replayer
@@ -289,6 +290,10 @@ async def test_recipient_domain_attribute_can_be_left_out(dev_env: WorkflowEnvir
             started = history.events[0].workflow_execution_started_event_attributes
             assert "PostlaneRecipientDomain" not in started.search_attributes.indexed_fields
             assert "PostlaneStatus" in started.search_attributes.indexed_fields
+            # Its history (the workers' choice recorded by resolve_lane) replays.
+            await Replayer(workflows=WORKFLOWS, data_converter=data_converter()).replay_workflow(
+                history
+            )
             desc = await dev_env.client.get_workflow_handle(handle.workflow_id).describe()
             assert desc.typed_search_attributes.get(sa.RECIPIENT_DOMAIN) is None
             assert desc.typed_search_attributes.get(sa.STATUS) == "sent"
@@ -301,6 +306,18 @@ async def test_recipient_domain_attribute_can_be_left_out(dev_env: WorkflowEnvir
             desc = await dev_env.client.get_workflow_handle(handle.workflow_id).describe()
             assert desc.typed_search_attributes.get(sa.RECIPIENT_DOMAIN) is None
             assert desc.typed_search_attributes.get(sa.LANE) == lane.name
+            removed = await dev_env.client.get_workflow_handle(handle.workflow_id).fetch_history()
+            upserted = [
+                name
+                for e in removed.events
+                if e.HasField("upsert_workflow_search_attributes_event_attributes")
+                for name in _upserted(e)
+            ]
+            # The removal is a command in its history, and that history replays.
+            assert "PostlaneRecipientDomain" in upserted
+            await Replayer(workflows=WORKFLOWS, data_converter=data_converter()).replay_workflow(
+                removed
+            )
 
         async with running_workers(dev_env, Settings(lanes=[lane])):
             # The default indexes it, as before.
@@ -311,6 +328,12 @@ async def test_recipient_domain_attribute_can_be_left_out(dev_env: WorkflowEnvir
             await handle.result()
             desc = await dev_env.client.get_workflow_handle(handle.workflow_id).describe()
             assert desc.typed_search_attributes.get(sa.RECIPIENT_DOMAIN) == ["example.test"]
+
+
+def _upserted(event: HistoryEvent) -> list[str]:
+    return list(
+        event.upsert_workflow_search_attributes_event_attributes.search_attributes.indexed_fields
+    )
 
 
 def _key() -> str:
