@@ -49,4 +49,9 @@ def resolve(settings: Settings, query: LaneQuery) -> LaneResolution:
                 error=f"no lane serves {query.sender!r}; add it to a lane's senders",
             )
         lane = found
-    return LaneResolution(lane=lane.name, retry=lane.retry, quota=lane.has_quota)
+    return LaneResolution(
+        lane=lane.name,
+        retry=lane.retry,
+        quota=lane.has_quota,
+        recipient_domain_attribute=settings.recipient_domain_attribute,
+    )

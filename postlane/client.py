@@ -76,7 +76,7 @@ from postlane.lanes.client import Lanes
 from postlane.names import EmailMessages
 from postlane.sequences.client import Sequences
 from postlane.sequences.suppressions import Suppressions
-from postlane.stuck import workflow_task_failure
+from postlane.stuck import failure_message, workflow_task_failure
 
 NON_RETRYABLE_TYPES = (
     ErrorType.SMTP_PERMANENT,
@@ -262,7 +262,12 @@ class PostlaneClient:
                 id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
                 id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
                 memo={CONTENT_HASH: digest},
-                search_attributes=sa.email_attributes(email, request.lane, status.value),
+                search_attributes=sa.email_attributes(
+                    email,
+                    request.lane,
+                    status.value,
+                    recipient_domain=self.settings.recipient_domain_attribute,
+                ),
                 static_summary=sa.email_summary(email),
                 static_details=f"lane: {request.lane}; priority: {request.priority}; key: {key}",
                 priority=TemporalPriority(priority_key=request.priority.key),
@@ -397,7 +402,7 @@ class PostlaneClient:
         for pending in desc.raw_description.pending_activities:
             attempts = max(attempts, pending.attempt - 1)
             if pending.last_failure.message:
-                last_error = pending.last_failure.message
+                last_error = await failure_message(self.temporal, pending.last_failure)
             if status == EmailStatus.QUEUED:
                 if pending.state == PendingActivityState.PENDING_ACTIVITY_STATE_STARTED:
                     status = EmailStatus.SENDING

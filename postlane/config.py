@@ -280,6 +280,10 @@ class Settings(BaseSettings):
     health_port: int = Field(default=0, ge=0, le=65535)
     """Workers serve ``/healthz`` and ``/readyz`` on this port (``POSTLANE_HEALTH_PORT``);
     0: off."""
+    recipient_domain_attribute: bool = True
+    """Index each email's recipient domains as ``PostlaneRecipientDomain``
+    (``POSTLANE_RECIPIENT_DOMAIN_ATTRIBUTE``). Search attributes are never encrypted; false
+    keeps the domains out of them (set it on the workers and the sending clients alike)."""
 
     @field_validator("lanes")
     @classmethod

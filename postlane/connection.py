@@ -3,20 +3,46 @@
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import gc
 
 from temporalio.client import Client
 from temporalio.contrib.pydantic import pydantic_data_converter
-from temporalio.converter import DataConverter
+from temporalio.converter import DataConverter, DefaultFailureConverterWithEncodedAttributes
 from temporalio.envconfig import ClientConfig
+
+from postlane.encryption import EncryptionSettings, SealedPayloadGuard, codec_from_environment
 
 DEFAULT_ADDRESS = "localhost:7233"
 DEFAULT_NAMESPACE = "postlane"
 
 
-def data_converter() -> DataConverter:
-    """The converter every Postlane client and worker must share (pydantic v2 models)."""
-    return pydantic_data_converter
+def data_converter(encryption: EncryptionSettings | None = None) -> DataConverter:
+    """The converter every Postlane client and worker must share (pydantic v2 models).
+
+    With encryption configured (``POSTLANE_ENCRYPTION_KEYS`` or ``_KEY_FILE``, see
+    `postlane.encryption`), payloads are sealed by `AesGcmCodec`, and failure messages and
+    stack traces move into the sealed part of the failure: an SMTP reply often quotes the
+    recipient's address.
+
+    Args:
+        encryption: where the keys come from; default the environment.
+
+    Raises:
+        ConfigurationError: the keys are misconfigured (the message names the setting).
+    """
+    codec = codec_from_environment(encryption)
+    if codec is None:
+        return _UNSEALED
+    return dataclasses.replace(
+        pydantic_data_converter,
+        payload_codec=codec,
+        failure_converter_class=DefaultFailureConverterWithEncodedAttributes,
+    )
+
+
+_UNSEALED = dataclasses.replace(pydantic_data_converter, payload_codec=SealedPayloadGuard())
+"""Encryption off: payloads as before, and a clear error for one that is sealed."""
 
 
 async def connect_temporal(address: str | None = None, namespace: str | None = None) -> Client:

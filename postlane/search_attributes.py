@@ -21,13 +21,22 @@ workflow code older than this attribute do not have it."""
 ALL = (STATUS, LANE, RECIPIENT_DOMAIN, TAG, PARKED_AT)
 
 
-def email_attributes(email: Email, lane: str, status: str) -> TypedSearchAttributes:
-    """The attributes an email workflow starts with (a client's send or a sequence's step)."""
+def email_attributes(
+    email: Email, lane: str, status: str, *, recipient_domain: bool = True
+) -> TypedSearchAttributes:
+    """The attributes an email workflow starts with (a client's send or a sequence's step).
+
+    Args:
+        recipient_domain: index the recipients' domains; when False the attribute is empty
+            (``recipient_domain_attribute = false`` in the settings).
+    """
     return TypedSearchAttributes(
         [
             SearchAttributePair(STATUS, status),
             SearchAttributePair(LANE, lane),
-            SearchAttributePair(RECIPIENT_DOMAIN, email.recipient_domains),
+            SearchAttributePair(
+                RECIPIENT_DOMAIN, email.recipient_domains if recipient_domain else []
+            ),
             SearchAttributePair(TAG, list(email.tags)),
         ]
     )

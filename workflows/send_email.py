@@ -110,6 +110,8 @@ class SendEmailWorkflow:
         self._parked_at: datetime | None = None
         self._attempt_history: list[AttemptRecord] = []
         self._headline = ""
+        self._domain_attribute = True
+        """The workers' `LaneResolution.recipient_domain_attribute` (recorded in history)."""
         self._current = False
         """Started by this release's code (`WORKER_AUTHORITY_PATCH`): see `_patched`."""
         self._failed_in_send = 0
@@ -185,6 +187,7 @@ class SendEmailWorkflow:
             start_to_close_timeout=RESOLVE_START_TO_CLOSE,
             retry_policy=RESOLVE_RETRY,
         )
+        self._domain_attribute = resolution.recipient_domain_attribute
         if resolution.error_type is not None:
             kind = ErrorType(resolution.error_type)
             self._reject(kind, _REJECTED_FIELD.get(kind, "lane"), resolution.error)
@@ -210,7 +213,11 @@ class SendEmailWorkflow:
         if given.get(sa.STATUS) is None:
             # No Postlane client started it: no static summary either, so say it here.
             self._headline = sa.email_summary(req.email) + "\n"
-        wanted = sa.email_attributes(req.email, req.lane, self._status.value)
+        # With the workers' recipient_domain_attribute off, a domain some client indexed
+        # at start is removed (an empty list); otherwise the same attributes as before.
+        wanted = sa.email_attributes(
+            req.email, req.lane, self._status.value, recipient_domain=self._domain_attribute
+        )
         # An empty keyword list is not stored: absent and [] are the same.
         updates = [
             pair.key.value_set(pair.value)

@@ -377,6 +377,8 @@ class LaneResolution(BaseModel):
     error_type: str | None = None
     """``UnknownSender`` or ``UnknownLane`` when there is no lane to send through."""
     error: str = ""
+    recipient_domain_attribute: bool = True
+    """The workers index recipient domains as a search attribute (their settings' choice)."""
 
 
 class SmtpSendRequest(BaseModel):

@@ -203,7 +203,10 @@ class Sequences:
                         SearchAttributePair(sa.STATUS, SequenceStatus.ACTIVE.value),
                         SearchAttributePair(sa.LANE, inp.lane),
                         SearchAttributePair(
-                            sa.RECIPIENT_DOMAIN, [recipient.address.rsplit("@", 1)[1].lower()]
+                            sa.RECIPIENT_DOMAIN,
+                            [recipient.address.rsplit("@", 1)[1].lower()]
+                            if self.settings.recipient_domain_attribute
+                            else [],
                         ),
                         SearchAttributePair(sa.TAG, [*spec.tags, f"sequence:{spec.name}"][:10]),
                     ]
