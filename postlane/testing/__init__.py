@@ -40,6 +40,7 @@ from postlane.dev.catcher import CaughtMessage, SmtpCatcher
 from postlane.email.models import RetrySettings
 from postlane.namespace import ensure_search_attributes
 from postlane.testing.agents import fake_compose
+from postlane.tokens import ephemeral_secret
 
 TEST_LANE = "test"
 SLEEP_RPC_TIMEOUT = timedelta(minutes=10)
@@ -140,7 +141,8 @@ async def postlane_test_env(
         await ensure_search_attributes(env.client, env.client.namespace)
         with SmtpCatcher() as smtp:
             settings = Settings(
-                lanes=[catcher_lane(lane, smtp) for lane in (lanes or [default_test_lane()])]
+                lanes=[catcher_lane(lane, smtp) for lane in (lanes or [default_test_lane()])],
+                token_secret=ephemeral_secret(),
             )
             async with running_workers(env, settings, agents=agents):
                 yield PostlaneTestEnv(PostlaneClient(env.client, settings), env, smtp, settings)
