@@ -160,9 +160,13 @@ async def running_workers(
 
     Args:
         settings: the workers' configuration (every lane an email may name must be in it).
+            Without a token secret, the workers get a random one for the block.
         lanes: the lanes to send for; default every lane of `settings`.
     """
     from postlane.worker import run_workers
+
+    if settings.token_secret is None and settings.token_secret_file is None:
+        settings = settings.model_copy(update={"token_secret": ephemeral_secret()})
 
     stop, ready = asyncio.Event(), asyncio.Event()
     task = asyncio.create_task(
