@@ -140,13 +140,14 @@ async def run_workers(
     workers run, stop or crash (see `postlane.health`).
 
     Raises:
-        ConfigurationError: see `select_lanes` and `select_inboxes`; or lanes to serve
-            and no token secret (``POSTLANE_TOKEN_SECRET``), or a malformed one.
+        ConfigurationError: see `select_lanes` and `select_inboxes`; or lanes or inboxes
+            to serve and no token secret (``POSTLANE_TOKEN_SECRET``), or a malformed one.
     """
     served = select_lanes(settings, lanes) if sends else []
     inboxes = select_inboxes(settings) if inbound else []
-    if served:
-        # Sends need it for every Message-ID: refuse to start rather than dead-letter them.
+    if served or inboxes:
+        # Sends need it for every Message-ID, inbound mail to tell ours from forgeries:
+        # refuse to start rather than dead-letter emails or drop replies.
         TokenKeys.from_settings(settings).require()
     if not served and not workflows and not inboxes:
         raise ConfigurationError(
