@@ -462,6 +462,10 @@ class Sequences:
         target = route(event, self._token_keys())
         if target is None:
             return None
+        if event.refers_to and event.kind != InboundKind.UNSUBSCRIBE:
+            # What the sequence is told it answers is what opened here, not what was given.
+            opened = self._token_keys().open_message_id(event.refers_to) or ""
+            event = event.model_copy(update={"refers_to_workflow": opened})
         key = target.removeprefix("sequence:")
         try:
             if event.kind == InboundKind.UNSUBSCRIBE:
