@@ -174,8 +174,7 @@ class TokenKeys:
                 _rejected("message_id", value, "legacy form refused (accept_legacy_tokens off)")
                 return None
             return legacy
-        opened = self._open(self._message_ids, match.group(1), "message_id", value)
-        return opened
+        return self._open(self._message_ids, match.group(1), "message_id", value)
 
     def unsubscribe_token(self, sender: str, sequence_id: str) -> str:
         """The token naming `sequence_id` in unsubscribe links and mailto subjects, valid
