@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import os
 import re
+import sys
 from email import message_from_bytes
 from email.header import decode_header, make_header
 from pathlib import Path
@@ -24,7 +25,7 @@ from postlane.ids import email_workflow_id, message_id, sequence_workflow_id, un
 from postlane.sequences.models import SequenceReport, SequenceStatus
 from postlane.tokens import TokenKeys
 from tests.imap import Dovecot
-from tests.procs import assert_eventually
+from tests.procs import assert_eventually, run_command
 from tests.test_inbound import simple_reply
 from tests.test_inbound_e2e import Stack, dovecot, smtp  # noqa: F401 (fixtures)
 from tests.test_inbox_watcher import FOLLOW_UP as STOP_ON_REPLY
@@ -187,3 +188,22 @@ async def test_info_logs_of_a_send_carry_no_local_part(stack: Stack, key: str) -
     assert len(sent) == 1 and "***@example.test" in sent[0], sent
     assert receipt.message_id in sent[0]  # Message-IDs stay, to tie a line to a message
     assert local not in logs
+
+
+@pytest.mark.timeout(120)
+async def test_worker_without_a_good_secret_stops_and_names_the_setting(stack: Stack) -> None:
+    worker = [sys.executable, "worker.py"]
+    env = dict(stack.process_env)
+    del env["POSTLANE_TOKEN_SECRET"]
+    rc, _out, err = await run_command(worker, env, within=60)
+    assert rc == 2
+    [line] = err.strip().splitlines()
+    assert line.startswith("error: ConfigurationError: token_secret: not set; set ")
+    assert "POSTLANE_TOKEN_SECRET" in line
+
+    env["POSTLANE_TOKEN_SECRET"] = "short"
+    rc, _out, err = await run_command(worker, env, within=60)
+    assert rc == 2
+    assert "token_secret (POSTLANE_TOKEN_SECRET): must be at least 32 characters" in err
+    assert "short" not in err  # the value itself is never printed
+    assert stack.smtp.messages == []  # nothing sent
