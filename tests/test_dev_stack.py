@@ -54,7 +54,7 @@ def test_dev_stack_sends_demo_and_keeps_history(tmp_path: Path) -> None:
     # the catcher gets nothing new.
     second = run_dev(state, ports)
     assert second.returncode == 0, second.stderr
-    assert "demo: <pl." in second.stdout
+    assert "demo: <pl1." in second.stdout
     assert "smtp: " not in second.stdout
     assert len(list((state / "mail").glob("*.eml"))) == 1
 

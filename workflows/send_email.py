@@ -71,6 +71,10 @@ SLOT_REASK_PATCH = "postlane-slot-reask"
 """Emails from this patch on ask their lane again until granted (before: once)."""
 RETRY_LANE_QUOTA_PATCH = "postlane-retry-lane-quota"
 """From this patch on, a dead-letter retry moved to another lane asks that lane for a slot."""
+SEALED_MESSAGE_ID_PATCH = "postlane-sealed-message-id"
+"""Emails started from this patch on have the worker seal their Message-ID (authenticated
+encryption of the workflow ID, `postlane.tokens`); earlier ones keep the base32 form they
+were started with, on every attempt. Decided once, in the first activation."""
 SLOT_REASK = timedelta(minutes=3)
 """An email with no answer from its lane asks again after this (plus up to `SLOT_REASK_JITTER`)."""
 SLOT_REASK_JITTER = 120
@@ -117,6 +121,8 @@ class SendEmailWorkflow:
         self._failed_in_send = 0
         """Failed attempts reported (``attempt_failed``) by the send activity now running."""
         self._cancelling = False
+        self._seal = False
+        """Started since `SEALED_MESSAGE_ID_PATCH`: the worker seals the Message-ID."""
 
     @workflow.run
     async def run(self, raw: RawValue = NO_INPUT) -> DeliveryReceipt:
@@ -131,6 +137,8 @@ class SendEmailWorkflow:
         """
         self._status = _started_status()
         self._current = workflow.patched(WORKER_AUTHORITY_PATCH)
+        # Not `_patched`: an email started by the previous release keeps its Message-ID.
+        self._seal = workflow.patched(SEALED_MESSAGE_ID_PATCH)
         if self._current:
             req = await self._accept(raw)
         else:
@@ -236,7 +244,9 @@ class SendEmailWorkflow:
             email=req.email,
             lane=req.lane,
             key=req.key,
-            message_id=message_id(workflow.info().workflow_id, domain),
+            # Sealed: the worker holds the secret, so it makes the Message-ID from our ID.
+            message_id="" if self._seal else message_id(workflow.info().workflow_id, domain),
+            seal_message_id=self._seal,
         )
         while True:
             self._set_status(EmailStatus.QUEUED)

@@ -30,6 +30,7 @@ from postlane.encryption import codec_from_environment
 from postlane.errors import ConfigurationError
 from postlane.logs import configure_logging
 from postlane.namespace import ensure_namespace, ensure_search_attributes
+from postlane.tokens import ephemeral_secret
 
 DEMO_KEY = "postlane-demo-welcome"
 STARTUP_TIMEOUT = 60.0
@@ -128,7 +129,9 @@ class DevStack:
             with SmtpCatcher(
                 port=self.smtp_port, maildir=maildir, on_message=self._announce, strict=False
             ):
-                settings = Settings(lanes=[dev_lane(self.smtp_port)])
+                settings = Settings(
+                    lanes=[dev_lane(self.smtp_port)], token_secret=ephemeral_secret()
+                )
                 from postlane.worker import run_workers
 
                 worker = asyncio.create_task(run_workers(client, settings, stop=stop))

@@ -390,6 +390,9 @@ class SmtpSendRequest(BaseModel):
     lane: str
     message_id: str
     key: str
+    seal_message_id: bool = False
+    """The worker makes the Message-ID (sealed with its token secret, `postlane.tokens`)
+    from the workflow ID; `message_id` is then empty."""
 
 
 class DeliveryReceipt(BaseModel):

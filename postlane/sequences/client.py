@@ -44,7 +44,6 @@ from postlane.ids import (
     SEQUENCE_ID_PREFIX,
     WORKFLOW_TASK_QUEUE,
     sequence_workflow_id,
-    unsubscribe_token,
     validate_key,
 )
 from postlane.inbound.classify import classify, route
@@ -62,6 +61,7 @@ from postlane.sequences.models import (
 from postlane.sequences.spec import Recipient, SequenceSpec
 from postlane.sequences.suppressions import Suppressions
 from postlane.sequences.templates import render_sequence, render_string, variables_for
+from postlane.tokens import UNSUBSCRIBE_TOKEN_PLACEHOLDER, TokenKeys
 
 _CAMPAIGN_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _STATUSES = {s.value for s in SequenceStatus}
@@ -103,6 +103,14 @@ class Sequences:
         self.temporal = temporal
         self.settings = settings
         self._suppressions = suppressions
+        self._keys: TokenKeys | None = None
+
+    def _token_keys(self) -> TokenKeys:
+        """Keys to open sealed Message-IDs and tokens with (legacy forms only, without a
+        token secret in this process's settings)."""
+        if self._keys is None:
+            self._keys = TokenKeys.from_settings(self.settings)
+        return self._keys
 
     def prepare(
         self,
@@ -131,7 +139,9 @@ class Sequences:
         lane = self.settings.lane_for(spec.sender)
         if lane is None:
             raise UnknownSender(spec.sender)
-        token = unsubscribe_token(sequence_workflow_id(key))
+        # The worker that sends puts the sealed token here: the secret stays with it, and
+        # the token stays out of the workflow's history.
+        token = UNSUBSCRIBE_TOKEN_PLACEHOLDER
         url = ""
         if spec.unsubscribe_url:
             variables = {
@@ -449,12 +459,16 @@ class Sequences:
             event: InboundEvent | None = message
         else:
             raw = message.encode() if isinstance(message, str) else message
-            event = classify(raw, received_at=datetime.now(UTC))
+            event = classify(raw, received_at=datetime.now(UTC), keys=self._token_keys())
         if event is None:
             return None
-        target = route(event)
+        target = route(event, self._token_keys())
         if target is None:
             return None
+        if event.refers_to and event.kind != InboundKind.UNSUBSCRIBE:
+            # What the sequence is told it answers is what opened here, not what was given.
+            opened = self._token_keys().open_message_id(event.refers_to) or ""
+            event = event.model_copy(update={"refers_to_workflow": opened})
         key = target.removeprefix("sequence:")
         try:
             if event.kind == InboundKind.UNSUBSCRIBE:
