@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import secrets
 import signal
 import socket
 from datetime import timedelta
 from pathlib import Path
 
+from pydantic import SecretStr
 from temporalio.client import Client
 
 from postlane.client import PostlaneClient
@@ -30,7 +32,26 @@ from postlane.encryption import codec_from_environment
 from postlane.errors import ConfigurationError
 from postlane.logs import configure_logging
 from postlane.namespace import ensure_namespace, ensure_search_attributes
-from postlane.tokens import ephemeral_secret
+from postlane.tokens import SECRET_ENV
+
+
+def dev_token_secret(state_dir: Path) -> SecretStr:
+    """The dev stack's token secret: ``POSTLANE_TOKEN_SECRET`` if set, else one made on first
+    start and kept beside the stack's history (``token-secret``, readable by its owner only).
+
+    Kept, not made anew per run: an email retried after a restart must carry the same
+    Message-ID, and a reply to mail sent before the restart must still route.
+    """
+    if given := os.environ.get(SECRET_ENV):
+        return SecretStr(given)
+    path = state_dir / "token-secret"
+    if not path.exists():
+        state_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write(secrets.token_urlsafe(48))
+    return SecretStr(path.read_text().strip())
+
 
 DEMO_KEY = "postlane-demo-welcome"
 STARTUP_TIMEOUT = 60.0
@@ -130,7 +151,7 @@ class DevStack:
                 port=self.smtp_port, maildir=maildir, on_message=self._announce, strict=False
             ):
                 settings = Settings(
-                    lanes=[dev_lane(self.smtp_port)], token_secret=ephemeral_secret()
+                    lanes=[dev_lane(self.smtp_port)], token_secret=dev_token_secret(self.state_dir)
                 )
                 from postlane.worker import run_workers
 
