@@ -159,6 +159,20 @@ async def tls_proxy(directory: Path, upstream: str) -> AsyncIterator[TlsProxy]:
 
     Fails the test (naming the Debian package) if nginx is not installed.
     """
+    proxy, proc = _start(directory, upstream)
+    try:
+        await _listening(proxy, proc)
+        yield proxy
+    finally:
+        proc.terminate()
+        try:
+            await asyncio.to_thread(proc.wait, 10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            await asyncio.to_thread(proc.wait, 10)
+
+
+def _start(directory: Path, upstream: str) -> tuple[TlsProxy, subprocess.Popen[bytes]]:
     nginx = require("nginx", "nginx")
     directory.mkdir(parents=True, exist_ok=True)
     ca = trustme.CA()
@@ -193,16 +207,7 @@ async def tls_proxy(directory: Path, upstream: str) -> AsyncIterator[TlsProxy]:
         stderr=err,
     )
     err.close()
-    try:
-        await _listening(proxy, proc)
-        yield proxy
-    finally:
-        proc.terminate()
-        try:
-            await asyncio.to_thread(proc.wait, 10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            await asyncio.to_thread(proc.wait, 10)
+    return proxy, proc
 
 
 async def _listening(proxy: TlsProxy, proc: subprocess.Popen[bytes]) -> None:
