@@ -79,6 +79,7 @@ MAY_CALL = {
         "RecordActivityTaskHeartbeat",
         "RecordWorkerHeartbeat",
         "ShutdownWorker",
+        "StartWorkflowExecution",
         "SignalWithStartWorkflowExecution",
         "SignalWorkflowExecution",
         "UpdateTaskQueueConfig",
@@ -328,5 +329,13 @@ async def test_client_that_does_not_trust_the_server_is_refused(
         assert rc != 0
         assert "UnknownIssuer" in err
         await assert_not_started(dev_env, key)
+
+        # Trusting the CA, but expecting another name than the certificate's.
+        env = tls_env(proxy.mtls_address, config, ca=proxy.ca_file, client=client)
+        env["TEMPORAL_TLS_SERVER_NAME"] = "temporal.elsewhere.test"
+        rc, out2, err2 = await run_postlane(send_args(key, "never", wait=False), env)
+        assert rc != 0
+        assert "NotValidForName" in err2
+        await assert_not_started(dev_env, key)
         assert proxy.calls() == []
-        assert_no_secret([out, err], key_material(client))
+        assert_no_secret([out, err, out2, err2], key_material(client))
