@@ -59,7 +59,47 @@ async def connect_temporal(address: str | None = None, namespace: str | None = N
     config.setdefault("target_host", DEFAULT_ADDRESS)
     config.setdefault("namespace", DEFAULT_NAMESPACE)
     _release_clients_before_exit()
-    return await Client.connect(**config, data_converter=data_converter())
+    try:
+        return await Client.connect(**config, data_converter=data_converter())
+    except RuntimeError as exc:
+        hint = connection_hint(str(exc))
+        if hint is None:
+            raise
+        raise RuntimeError(f"{exc} ({hint})") from exc
+
+
+_HINTS = (
+    (
+        "Unauthenticated",
+        "the server refused this process's credentials: it wants a client certificate"
+        " (TEMPORAL_TLS_CLIENT_CERT_PATH and TEMPORAL_TLS_CLIENT_KEY_PATH) or an API key"
+        " (TEMPORAL_API_KEY) that it accepts",
+    ),
+    (
+        "UnknownIssuer",
+        "the server's certificate is signed by a CA this process does not trust: set"
+        " TEMPORAL_TLS_SERVER_CA_CERT_PATH to that CA",
+    ),
+    (
+        "NotValidForName",
+        "the server's certificate names another host: set TEMPORAL_TLS_SERVER_NAME to the"
+        " name it holds",
+    ),
+    (
+        "H2NotNegotiated",
+        "the TLS endpoint does not offer HTTP/2 by ALPN, which Temporal's client requires:"
+        " a plain TLS tunnel cannot front Temporal, a gRPC-aware proxy can",
+    ),
+)
+
+
+def connection_hint(error: str) -> str | None:
+    """What to set, in Temporal's variables, for a connection refused with `error`.
+
+    The SDK's messages name the TLS or gRPC failure (``InvalidCertificate(UnknownIssuer)``,
+    ``code: Unauthenticated``) but not the setting that fixes it.
+    """
+    return next((hint for marker, hint in _HINTS if marker in error), None)
 
 
 def _release_clients_before_exit() -> None:

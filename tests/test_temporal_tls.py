@@ -297,6 +297,7 @@ async def test_api_key_over_tls(dev_env: WorkflowEnvironment, key: str, tmp_path
                 logs += [out, err]
                 assert rc != 0
                 assert "API key required" in err
+                assert "TEMPORAL_API_KEY" in err
                 await assert_not_started(dev_env, refused)
             logs += [worker.stdout, worker.stderr]
         assert proxy.refused(), "the proxy never saw the wrong key"
@@ -312,6 +313,7 @@ async def test_client_without_certificate_is_refused(
         rc, out, err = await run_postlane(send_args(key, "never", wait=False), env)
         assert rc != 0
         assert "client certificate required" in err
+        assert "TEMPORAL_TLS_CLIENT_CERT_PATH" in err  # names what to set
         assert "Traceback" not in err
         await assert_not_started(dev_env, key)
         assert proxy.calls() == []
@@ -328,6 +330,7 @@ async def test_client_that_does_not_trust_the_server_is_refused(
         rc, out, err = await run_postlane(send_args(key, "never", wait=False), env)
         assert rc != 0
         assert "UnknownIssuer" in err
+        assert "TEMPORAL_TLS_SERVER_CA_CERT_PATH" in err
         await assert_not_started(dev_env, key)
 
         # Trusting the CA, but expecting another name than the certificate's.
@@ -336,6 +339,7 @@ async def test_client_that_does_not_trust_the_server_is_refused(
         rc, out2, err2 = await run_postlane(send_args(key, "never", wait=False), env)
         assert rc != 0
         assert "NotValidForName" in err2
+        assert "TEMPORAL_TLS_SERVER_NAME" in err2
         await assert_not_started(dev_env, key)
         assert proxy.calls() == []
         assert_no_secret([out, err, out2, err2], key_material(client))
