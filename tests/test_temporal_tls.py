@@ -36,7 +36,7 @@ from tests.procs import (
     wait_for_pollers,
     write_config,
 )
-from tests.tls_proxy import ClientFiles, tls_proxy
+from tests.tls_proxy import ClientFiles, plain_tls_tunnel, tls_proxy
 
 pytestmark = pytest.mark.devserver
 
@@ -343,3 +343,18 @@ async def test_client_that_does_not_trust_the_server_is_refused(
         await assert_not_started(dev_env, key)
         assert proxy.calls() == []
         assert_no_secret([out, err, out2, err2], key_material(client))
+
+
+async def test_plain_tls_tunnel_is_refused_for_want_of_http2(
+    dev_env: WorkflowEnvironment, key: str, tmp_path: Path
+) -> None:
+    """Why the proxy is nginx: a TLS-only tunnel (stunnel) offers no HTTP/2 by ALPN, and
+    Temporal's client will not speak gRPC over it. The error says so."""
+    async with plain_tls_tunnel(tmp_path / "tunnel", address_of(dev_env)) as tunnel:
+        config = write_config(tmp_path / "postlane.toml", [new_lane()])
+        env = tls_env(tunnel.mtls_address, config, ca=tunnel.ca_file)
+        rc, out, err = await run_postlane(send_args(key, "never", wait=False), env)
+        assert rc != 0
+        assert "H2NotNegotiated" in err
+        assert "HTTP/2 by ALPN" in err
+        await assert_not_started(dev_env, key)

@@ -161,26 +161,15 @@ async def tls_proxy(directory: Path, upstream: str) -> AsyncIterator[TlsProxy]:
     """
     proxy, proc = _start(directory, upstream)
     try:
-        await _listening(proxy, proc)
+        await _listening(proxy, proc, [proxy.mtls_port, proxy.api_key_port])
         yield proxy
     finally:
-        proc.terminate()
-        try:
-            await asyncio.to_thread(proc.wait, 10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            await asyncio.to_thread(proc.wait, 10)
+        await _stop(proc)
 
 
 def _start(directory: Path, upstream: str) -> tuple[TlsProxy, subprocess.Popen[bytes]]:
     nginx = require("nginx", "nginx")
-    directory.mkdir(parents=True, exist_ok=True)
-    ca = trustme.CA()
-    ca_file = directory / "ca.pem"
-    ca.cert_pem.write_to_path(str(ca_file))
-    ca.issue_cert("localhost", "127.0.0.1").private_key_and_cert_chain_pem.write_to_path(
-        str(directory / "server.pem")
-    )
+    ca, ca_file = _server_certificate(directory)
     proxy = TlsProxy(
         directory,
         ca,
@@ -199,25 +188,30 @@ def _start(directory: Path, upstream: str) -> tuple[TlsProxy, subprocess.Popen[b
             upstream=upstream,
         )
     )
-    err = (directory / "nginx.stderr").open("wb")
-    proc = subprocess.Popen(
-        [nginx, "-p", str(directory), "-e", str(directory / "error.log"), "-c", str(conf)],
-        stdin=subprocess.DEVNULL,
-        stdout=err,
-        stderr=err,
-    )
-    err.close()
-    return proxy, proc
+    args = [nginx, "-p", str(directory), "-e", str(directory / "error.log"), "-c", str(conf)]
+    return proxy, _spawn(args, directory / "nginx.stderr")
 
 
-async def _listening(proxy: TlsProxy, proc: subprocess.Popen[bytes]) -> None:
+def _spawn(args: list[str], output: Path) -> subprocess.Popen[bytes]:
+    with output.open("wb") as out:
+        return subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=out, stderr=out)
+
+
+async def _stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()
+    try:
+        await asyncio.to_thread(proc.wait, 10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        await asyncio.to_thread(proc.wait, 10)
+
+
+async def _listening(proxy: TlsProxy, proc: subprocess.Popen[bytes], ports: list[int]) -> None:
     async def up() -> bool:
         if proc.poll() is not None:  # not an AssertionError: that would mean "not yet"
-            raise RuntimeError(
-                f"nginx exited: {(proxy.directory / 'nginx.stderr').read_text()}"
-                f"{(proxy.directory / 'error.log').read_text()}"
-            )
-        for port in (proxy.mtls_port, proxy.api_key_port):
+            logs = sorted(proxy.directory.glob("*.stderr")) + sorted(proxy.directory.glob("*.log"))
+            raise RuntimeError(f"{proc.args!r} exited: " + "".join(p.read_text() for p in logs))
+        for port in ports:
             try:
                 _, writer = await asyncio.open_connection("127.0.0.1", port)
             except OSError:
@@ -225,4 +219,44 @@ async def _listening(proxy: TlsProxy, proc: subprocess.Popen[bytes]) -> None:
             writer.close()
         return True
 
-    await assert_eventually(up, within=30, what="nginx listening")
+    await assert_eventually(up, within=30, what="the proxy listening")
+
+
+@asynccontextmanager
+async def plain_tls_tunnel(directory: Path, upstream: str) -> AsyncIterator[TlsProxy]:
+    """stunnel terminating TLS in front of `upstream`: TLS only, no ALPN (stunnel 5.68 has
+    none), which Temporal's client refuses. `api_key_port` is unused (0).
+
+    Fails the test (naming the Debian package) if stunnel4 is not installed.
+    """
+    proxy, proc = _start_stunnel(directory, upstream)
+    try:
+        await _listening(proxy, proc, [proxy.mtls_port])
+        yield proxy
+    finally:
+        await _stop(proc)
+
+
+def _start_stunnel(directory: Path, upstream: str) -> tuple[TlsProxy, subprocess.Popen[bytes]]:
+    stunnel = require("stunnel4", "stunnel4")
+    ca, ca_file = _server_certificate(directory)
+    proxy = TlsProxy(directory, ca, ca_file, free_port(), 0, "")
+    conf = directory / "stunnel.conf"
+    conf.write_text(
+        f"foreground = yes\npid =\n[temporal]\naccept = 127.0.0.1:{proxy.mtls_port}\n"
+        f"connect = {upstream}\ncert = {directory / 'server.pem'}\n"
+    )
+    return proxy, _spawn([stunnel, str(conf)], directory / "stunnel.stderr")
+
+
+def _server_certificate(directory: Path) -> tuple[trustme.CA, Path]:
+    """A new CA (``ca.pem``) and a certificate it signed for localhost and 127.0.0.1, with
+    its key (``server.pem``), in `directory`."""
+    directory.mkdir(parents=True, exist_ok=True)
+    ca = trustme.CA()
+    ca_file = directory / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    ca.issue_cert("localhost", "127.0.0.1").private_key_and_cert_chain_pem.write_to_path(
+        str(directory / "server.pem")
+    )
+    return ca, ca_file
