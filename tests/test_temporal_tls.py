@@ -316,6 +316,12 @@ async def test_client_without_certificate_is_refused(
         assert "TEMPORAL_TLS_CLIENT_CERT_PATH" in err  # names what to set
         assert "Traceback" not in err
         await assert_not_started(dev_env, key)
+
+        # A worker without one stops at start, saying what to set.
+        with WorkerProcess.start(env, tmp_path, name="worker") as worker:
+            assert await worker.wait() != 0
+        assert "client certificate required" in worker.stderr
+        assert "TEMPORAL_TLS_CLIENT_CERT_PATH" in worker.stderr
         assert proxy.calls() == []
         assert proxy.refused()
 
