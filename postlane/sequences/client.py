@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import builtins
+from collections.abc import Sequence
 import re
 from datetime import UTC, datetime
 from typing import Any
@@ -27,6 +28,7 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from postlane import search_attributes as sa
 from postlane.config import Settings
+from postlane.erasure import RecipientHasher
 from postlane.errors import (
     ActionRefused,
     InvalidEmail,
@@ -111,6 +113,11 @@ class Sequences:
         if self._keys is None:
             self._keys = TokenKeys.from_settings(self.settings)
         return self._keys
+
+    def _hash_pair(self, address: str) -> list[SearchAttributePair[Sequence[str]]]:
+        """`sa.RECIPIENT_HASH` for `address`, when this process holds the token secret."""
+        hasher = RecipientHasher.from_settings(self.settings)
+        return [SearchAttributePair(sa.RECIPIENT_HASH, [hasher.hash(address)])] if hasher else []
 
     def prepare(
         self,
@@ -219,6 +226,7 @@ class Sequences:
                             else [],
                         ),
                         SearchAttributePair(sa.TAG, [*spec.tags, f"sequence:{spec.name}"][:10]),
+                        *self._hash_pair(recipient.address),
                     ]
                 ),
                 static_summary=f"sequence {spec.name} → {recipient.address}",
