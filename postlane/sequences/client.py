@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import builtins
-from collections.abc import Sequence
 import re
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
