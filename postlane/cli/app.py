@@ -189,7 +189,8 @@ def _parser() -> argparse.ArgumentParser:
         "as JSON. Exit 0: done (also when nothing was found); 1: a workflow could not be "
         "deleted or Temporal failed; 2: a malformed address or no token secret.",
     )
-    forget.add_argument("address", metavar="ADDRESS", help="the recipient address")
+    # Not dest "address": that is the global --address (Temporal's).
+    forget.add_argument("recipient", metavar="ADDRESS", help="the recipient address")
     forget.add_argument(
         "--drop-suppression",
         action="store_true",
@@ -303,12 +304,14 @@ async def _dispatch(args: argparse.Namespace) -> int:
         from datetime import timedelta
 
         from postlane.erasure import normalise_recipient, require_hasher
+        from postlane.logs import configure_logging
 
-        normalise_recipient(args.address)  # bad input fails before touching the network
+        configure_logging()  # the log goes to stderr, the JSON report alone to stdout
+        normalise_recipient(args.recipient)  # bad input fails before touching the network
         require_hasher(settings)
         pl = await _connect(args, settings)
         result = await pl.forget(
-            args.address,
+            args.recipient,
             drop_suppression=args.drop_suppression,
             wait=timedelta(seconds=args.wait),
         )

@@ -1,0 +1,235 @@
+"""Erasure: ``pl.forget`` and ``postlane forget`` on the real dev server.
+
+What is checked is the server's own view (describe, list, count by search attribute) and the
+SMTP catcher's, never forget's report alone.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from temporalio.client import Client, WorkflowExecutionStatus
+from temporalio.service import RPCError, RPCStatusCode
+from temporalio.testing import WorkflowEnvironment
+
+from postlane import search_attributes as sa
+from postlane.client import PostlaneClient
+from postlane.config import Settings
+from postlane.dev.catcher import SmtpCatcher
+from postlane.email.models import Email
+from postlane.erasure import HASH_CHARS, RecipientHasher, normalise_recipient
+from postlane.errors import InvalidInput
+from postlane.ids import (
+    WORKFLOW_TASK_QUEUE,
+    email_workflow_id,
+    sequence_workflow_id,
+    suppression_workflow_id,
+)
+from postlane.sequences.spec import Recipient, SequenceSpec, spec_from_dict
+from postlane.testing import running_workers
+from tests.procs import assert_eventually, postlane_env, run_postlane, write_config
+from tests.test_integration import address_of, new_lane
+
+SENDER = "ada@it.test"
+SECRET = b"a-test-token-secret-of-at-least-32-bytes"
+
+
+def test_recipient_hash_normalises_and_depends_on_the_secret() -> None:
+    hasher = RecipientHasher(SECRET)
+    h = hasher.hash("bob@example.test")
+    assert len(h) == HASH_CHARS and h.isalnum()
+    assert hasher.hash("  Bob@EXAMPLE.test ") == h
+    assert hasher.hash("bob@bücher.example") == hasher.hash("bob@xn--bcher-kva.example")
+    assert hasher.hash("bob2@example.test") != h
+    assert RecipientHasher(SECRET + b"x").hash("bob@example.test") != h
+    assert "bob" not in h
+    with pytest.raises(InvalidInput) as err:
+        normalise_recipient("not-an-address")
+    assert err.value.field == "address"
+
+
+def _spec(name: str) -> SequenceSpec:
+    return spec_from_dict(
+        {
+            "name": name,
+            "sender": SENDER,
+            "steps": [
+                {"type": "send", "id": "intro", "subject": "Hello", "text": "Hi there"},
+                {"type": "wait_for_reply", "id": "wait", "timeout": "3d"},
+                {"type": "send", "id": "follow", "subject": "Again", "text": "Following up"},
+            ],
+        }
+    )
+
+
+async def _exists(client: Client, workflow_id: str) -> WorkflowExecutionStatus | None:
+    """The workflow's status on the server, or None once its history is deleted."""
+    try:
+        return (await client.get_workflow_handle(workflow_id).describe()).status
+    except RPCError as err:
+        if err.status == RPCStatusCode.NOT_FOUND:
+            return None
+        raise
+
+
+async def _count(client: Client, digest: str) -> int:
+    return (await client.count_workflows(f'{sa.RECIPIENT_HASH.name} = "{digest}"')).count
+
+
+def _email(to: str, subject: str = "Hello") -> Email:
+    return Email(sender=SENDER, to=[to], subject=subject, text="a message")
+
+
+@pytest.mark.devserver
+@pytest.mark.timeout(240)
+async def test_forget_deletes_an_address_workflows_and_keeps_its_suppression(
+    dev_env: WorkflowEnvironment,
+) -> None:
+    uid = uuid.uuid4().hex[:8]
+    target, other = f"erin-{uid}@example.test", f"olaf-{uid}@example.test"
+    client = dev_env.client
+    with SmtpCatcher() as smtp:
+        lane = new_lane(smtp, senders=["*@it.test"])
+        settings = Settings(lanes=[lane])
+        pl = PostlaneClient(client, settings)
+        hasher = pl.recipient_hasher()
+        assert hasher is not None
+        mine, theirs = hasher.hash(target), hasher.hash(other)
+        far = "2099-01-01T00:00:00+00:00"
+        async with running_workers(dev_env, settings):
+            sent = await pl.send(_email(target), key=f"sent-{uid}")
+            await sent.result()
+            await pl.send(
+                _email(target.upper().replace("EXAMPLE", "example"), "Later"),
+                key=f"later-{uid}",
+                send_at=datetime.fromisoformat(far),
+            )
+            await (await pl.send(_email(other), key=f"other-{uid}")).result()
+            # Another client, in another language say: no search attributes at all.
+            foreign = await client.start_workflow(
+                "SendEmail",
+                {"email": {"sender": SENDER, "to": [target], "subject": "Hi", "text": "x"}},
+                id=email_workflow_id(f"foreign-{uid}"),
+                task_queue=WORKFLOW_TASK_QUEUE,
+            )
+            await foreign.result()
+            spec = _spec(f"camp-{uid}")
+            mine_seq = await pl.sequences.start(spec, Recipient(address=target))
+            their_seq = await pl.sequences.start(spec, Recipient(address=other))
+            assert mine_seq.workflow_id == sequence_workflow_id(f"camp-{uid}:{target}")
+            await pl.suppressions.add(SENDER, target, reason="asked")
+
+            async def intros_out() -> bool:
+                return sum(m.subject == "Hello" for m in smtp.messages) == 4
+
+            await assert_eventually(intros_out, within=90, what="every Hello delivered")
+            assert {r for m in smtp.messages for r in m.recipients} == {target, other}
+
+            target_ids = {
+                email_workflow_id(f"sent-{uid}"),
+                email_workflow_id(f"later-{uid}"),
+                foreign.id,
+                mine_seq.workflow_id,
+                email_workflow_id(f"camp-{uid}:{target}:intro"),
+            }
+            other_ids = {
+                email_workflow_id(f"other-{uid}"),
+                their_seq.workflow_id,
+                email_workflow_id(f"camp-{uid}:{other}:intro"),
+            }
+
+            async def indexed() -> bool:
+                return await _count(client, mine) == 5 and await _count(client, theirs) == 3
+
+            await assert_eventually(indexed, within=30, what="hashes indexed")
+            listed = {e.id async for e in client.list_workflows(f'PostlaneRecipientHash="{mine}"')}
+            assert listed == target_ids  # the foreign start and the sequence's email included
+
+            result = await pl.forget(target)
+
+            assert set(result.deleted) == target_ids
+            assert set(result.cancelled) == {
+                email_workflow_id(f"later-{uid}"),
+                mine_seq.workflow_id,
+            }
+            suppression = suppression_workflow_id(SENDER, target)
+            assert result.suppressions_kept == [suppression]
+            assert result.recipient_hash == mine and result.not_stopped == []
+            for wid in target_ids:
+                assert await _exists(client, wid) is None, wid
+
+            async def unlisted() -> bool:
+                return await _count(client, mine) == 0
+
+            await assert_eventually(unlisted, within=30, what="visibility forgets them")
+            for wid in other_ids:
+                assert await _exists(client, wid) is not None, wid
+            assert await _count(client, theirs) == 3
+            assert await _exists(client, suppression) == WorkflowExecutionStatus.RUNNING
+            assert await pl.suppressions.is_suppressed(SENDER, target)
+            # The other person's sequence still runs and still answers.
+            assert (await pl.sequences.status(their_seq.key)).status == "active"
+
+            again = await pl.forget(target)
+            assert again.deleted == [] and again.cancelled == []
+            assert again.suppressions_kept == [suppression]
+
+            dropped = await pl.forget(target, drop_suppression=True)
+            assert dropped.deleted == [suppression] and dropped.suppressions_kept == []
+            assert await _exists(client, suppression) is None
+            assert not await pl.suppressions.is_suppressed(SENDER, target)
+            last = await pl.forget(target, drop_suppression=True)
+            assert last.found == 0
+
+            with pytest.raises(InvalidInput) as err:
+                await pl.forget("erin@")
+            assert err.value.field == "address"
+
+
+@pytest.mark.devserver
+@pytest.mark.timeout(240)
+async def test_cli_forget_reports_and_is_safe_to_run_twice(
+    dev_env: WorkflowEnvironment, tmp_path: Path
+) -> None:
+    uid = uuid.uuid4().hex[:8]
+    target = f"fay-{uid}@example.test"
+    client = dev_env.client
+    with SmtpCatcher() as smtp:
+        lane = new_lane(smtp, senders=["*@it.test"])
+        settings = Settings(lanes=[lane])
+        pl = PostlaneClient(client, settings)
+        env = postlane_env(address_of(dev_env), write_config(tmp_path / "postlane.toml", [lane]))
+        async with running_workers(dev_env, settings):
+            await (await pl.send(_email(target), key=f"cli-{uid}")).result()
+            hasher = pl.recipient_hasher()
+            assert hasher is not None
+
+            async def indexed() -> bool:
+                return await _count(client, hasher.hash(target)) == 1
+
+            await assert_eventually(indexed, within=30, what="hash indexed")
+
+            rc, out, err = await run_postlane(["forget", target], env)
+            assert rc == 0, err
+            report: dict[str, Any] = json.loads(out)
+            assert report["deleted"] == [email_workflow_id(f"cli-{uid}")]
+            assert target not in err  # the address is not logged
+            assert await _exists(client, email_workflow_id(f"cli-{uid}")) is None
+
+            rc, out, err = await run_postlane(["forget", target], env)
+            assert rc == 0, err
+            assert json.loads(out)["deleted"] == []
+
+            rc, out, err = await run_postlane(["forget", "fay@"], env)
+            assert rc == 2
+            assert err.startswith("error: InvalidInput: address: 'fay@' is not a valid")
+
+            no_secret = {k: v for k, v in env.items() if k != "POSTLANE_TOKEN_SECRET"}
+            rc, out, err = await run_postlane(["forget", target], no_secret)
+            assert rc == 2
+            assert "error: ConfigurationError: token_secret: not set" in err
