@@ -192,7 +192,7 @@ class PostlaneClient:
         """Lane reports and live rate changes: `Lanes`."""
         self._hasher: RecipientHasher | None | bool = False  # False: not loaded yet
 
-    def recipient_hasher(self) -> RecipientHasher | None:
+    def _recipient_hasher(self) -> RecipientHasher | None:
         """Keyed hashes of addresses under this process's token secret; None without one
         (the workers then index an email's recipients themselves).
 
@@ -262,7 +262,7 @@ class PostlaneClient:
             IdempotencyConflict: the key was used for different content.
         """
         request = self._prepare(email, key=key, priority=priority, send_at=send_at)
-        hasher = self.recipient_hasher()
+        hasher = self._recipient_hasher()
         workflow_id = email_workflow_id(key)
         digest = content_hash(request)
         status = (

@@ -97,7 +97,7 @@ async def test_forget_deletes_an_address_workflows_and_keeps_its_suppression(
         lane = new_lane(smtp, senders=["*@it.test"])
         settings = Settings(lanes=[lane])
         pl = PostlaneClient(client, settings)
-        hasher = pl.recipient_hasher()
+        hasher = RecipientHasher.from_settings(settings)
         assert hasher is not None
         mine, theirs = hasher.hash(target), hasher.hash(other)
         far = "2099-01-01T00:00:00+00:00"
@@ -206,7 +206,7 @@ async def test_cli_forget_reports_and_is_safe_to_run_twice(
         env = postlane_env(address_of(dev_env), write_config(tmp_path / "postlane.toml", [lane]))
         async with running_workers(dev_env, settings):
             await (await pl.send(_email(target), key=f"cli-{uid}")).result()
-            hasher = pl.recipient_hasher()
+            hasher = RecipientHasher.from_settings(settings)
             assert hasher is not None
 
             async def indexed() -> bool:
