@@ -7,19 +7,22 @@ SMTP catcher's, never forget's report alone.
 from __future__ import annotations
 
 import json
+import os
 import uuid
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
-from temporalio.client import Client, WorkflowExecutionStatus
+from temporalio.client import Client, WorkflowExecutionStatus, WorkflowHistory
 from temporalio.service import RPCError, RPCStatusCode
 from temporalio.testing import WorkflowEnvironment
+from temporalio.worker import Replayer
 
 from postlane import search_attributes as sa
 from postlane.client import PostlaneClient
 from postlane.config import Settings
+from postlane.connection import data_converter
 from postlane.dev.catcher import SmtpCatcher
 from postlane.email.models import Email
 from postlane.erasure import HASH_CHARS, RecipientHasher, normalise_recipient
@@ -31,9 +34,13 @@ from postlane.ids import (
     suppression_workflow_id,
 )
 from postlane.sequences.spec import Recipient, SequenceSpec, spec_from_dict
-from postlane.testing import running_workers
+from postlane.testing import PostlaneTestEnv, running_workers
 from tests.procs import assert_eventually, postlane_env, run_postlane, write_config
 from tests.test_integration import address_of, new_lane
+from tests.test_sequences import at_step, bob, finished, three_step_spec
+from workflows import WORKFLOWS, workflow_runner
+from workflows.send_email import RECIPIENT_HASH_PATCH
+from workflows.sequence import RECIPIENT_HASH_PATCH as SEQUENCE_RECIPIENT_HASH_PATCH
 
 SENDER = "ada@it.test"
 SECRET = b"a-test-token-secret-of-at-least-32-bytes"
@@ -233,3 +240,109 @@ async def test_cli_forget_reports_and_is_safe_to_run_twice(
             rc, out, err = await run_postlane(["forget", target], no_secret)
             assert rc == 2
             assert "error: ConfigurationError: token_secret: not set" in err
+
+
+# -- the attribute itself, and replay of the workflows that set it ------------------------
+
+HISTORIES = Path(__file__).parent / "histories"
+
+
+async def _replay(history: WorkflowHistory) -> None:
+    await Replayer(
+        workflows=WORKFLOWS, data_converter=data_converter(), workflow_runner=workflow_runner()
+    ).replay_workflow(history)
+
+
+def _patches(history: WorkflowHistory) -> str:
+    """Every patch marker's recorded data, as text (the patch IDs are in it)."""
+    return " ".join(
+        payload.data.decode(errors="replace")
+        for event in history.events
+        if event.HasField("marker_recorded_event_attributes")
+        for details in event.marker_recorded_event_attributes.details.values()
+        for payload in details.payloads
+    )
+
+
+def _record(name: str, history: WorkflowHistory) -> None:
+    if os.environ.get("POSTLANE_RECORD_HISTORIES"):
+        (HISTORIES / f"{name}.json").write_text(history.to_json())
+
+
+async def test_foreign_start_gets_its_recipient_hash_from_the_workers(
+    pl: PostlaneTestEnv, key: str
+) -> None:
+    """An email started without the attribute (another language, a client without the
+    secret) is indexed by its workers, behind `RECIPIENT_HASH_PATCH`."""
+    handle = await pl.client.temporal.start_workflow(
+        "SendEmail",
+        {
+            "email": {
+                "sender": "agent@acme.test",
+                "to": ["Bob@Example.test"],
+                "cc": ["carol@example.test"],
+                "subject": "s",
+                "text": "t",
+            }
+        },
+        id=email_workflow_id(key),
+        task_queue=WORKFLOW_TASK_QUEUE,
+    )
+    await handle.result()
+    hasher = RecipientHasher.from_settings(pl.client.settings)
+    assert hasher is not None
+    desc = await handle.describe()
+    assert desc.typed_search_attributes.get(sa.RECIPIENT_HASH) == [
+        hasher.hash("bob@example.test"),
+        hasher.hash("carol@example.test"),
+    ]
+    history = await handle.fetch_history()
+    assert RECIPIENT_HASH_PATCH in _patches(history)
+    await _replay(history)
+    _record("send_email_foreign_hashed", history)
+
+
+async def test_client_started_email_records_no_patch(pl: PostlaneTestEnv, key: str) -> None:
+    """The Python client with the secret sets the attribute at start: no extra commands."""
+    handle = await pl.client.send(_email("bob@example.test"), key=key)
+    await handle.result()
+    desc = await pl.client.temporal.get_workflow_handle(handle.workflow_id).describe()
+    hasher = RecipientHasher.from_settings(pl.client.settings)
+    assert hasher is not None
+    assert desc.typed_search_attributes.get(sa.RECIPIENT_HASH) == [hasher.hash("bob@example.test")]
+    history = await pl.client.temporal.get_workflow_handle(handle.workflow_id).fetch_history()
+    assert RECIPIENT_HASH_PATCH not in _patches(history)
+
+
+async def test_sequence_emails_inherit_the_sequence_recipient_hash(
+    pl: PostlaneTestEnv, key: str
+) -> None:
+    await pl.client.sequences.start(three_step_spec(), bob(), key=key)
+    await at_step(pl, key, "wait1", 1)
+    hasher = RecipientHasher.from_settings(pl.client.settings)
+    assert hasher is not None
+    expected = [hasher.hash("bob@example.test")]
+    sequence = pl.client.temporal.get_workflow_handle(sequence_workflow_id(key))
+    assert (await sequence.describe()).typed_search_attributes.get(sa.RECIPIENT_HASH) == expected
+    child = pl.client.temporal.get_workflow_handle(email_workflow_id(f"{key}:intro"))
+    assert (await child.describe()).typed_search_attributes.get(sa.RECIPIENT_HASH) == expected
+    await pl.client.sequences.cancel(key)
+    await assert_eventually(lambda: finished(pl, key))
+    history = await sequence.fetch_history()
+    assert SEQUENCE_RECIPIENT_HASH_PATCH in _patches(history)
+    await _replay(history)
+    _record("sequence_recipient_hash", history)
+
+
+@pytest.mark.parametrize("name", ["send_email_foreign_hashed", "sequence_recipient_hash"])
+async def test_replay_recorded_recipient_hash_history(name: str) -> None:
+    path = HISTORIES / f"{name}.json"
+    assert path.exists(), f"record {path.name}: see tests/test_replay.py's docstring"
+    text = path.read_text()
+    workflow_id = "sequence:recorded" if name.startswith("sequence") else "email:recorded"
+    if not name.startswith("sequence"):
+        started = json.loads(text)["events"][0]
+        workflow_id = started["workflowExecutionStartedEventAttributes"].get(
+            "workflowId", workflow_id
+        )
+    await _replay(WorkflowHistory.from_json(workflow_id, text))
