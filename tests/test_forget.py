@@ -128,11 +128,20 @@ async def test_forget_deletes_an_address_workflows_and_keeps_its_suppression(
             spec = _spec(f"camp-{uid}")
             mine_seq = await pl.sequences.start(spec, Recipient(address=target))
             their_seq = await pl.sequences.start(spec, Recipient(address=other))
+            # An app without the token secret: its sequence has no hash, only its default
+            # key (the address) in its workflow ID; its email is hashed by the workers.
+            with pytest.MonkeyPatch.context() as env:
+                env.delenv("POSTLANE_TOKEN_SECRET")
+                blind = PostlaneClient(client, Settings(lanes=[lane]))
+            assert blind.settings.token_secret is None
+            blind_seq = await blind.sequences.start(
+                _spec(f"blind-{uid}"), Recipient(address=target)
+            )
             assert mine_seq.workflow_id == sequence_workflow_id(f"camp-{uid}:{target}")
             await pl.suppressions.add(SENDER, target, reason="asked")
 
             async def intros_out() -> bool:
-                return sum(m.subject == "Hello" for m in smtp.messages) == 4
+                return sum(m.subject == "Hello" for m in smtp.messages) == 5
 
             await assert_eventually(intros_out, within=90, what="every Hello delivered")
             assert {r for m in smtp.messages for r in m.recipients} == {target, other}
@@ -143,6 +152,7 @@ async def test_forget_deletes_an_address_workflows_and_keeps_its_suppression(
                 foreign.id,
                 mine_seq.workflow_id,
                 email_workflow_id(f"camp-{uid}:{target}:intro"),
+                email_workflow_id(f"blind-{uid}:{target}:intro"),
             }
             other_ids = {
                 email_workflow_id(f"other-{uid}"),
@@ -151,11 +161,14 @@ async def test_forget_deletes_an_address_workflows_and_keeps_its_suppression(
             }
 
             async def indexed() -> bool:
-                return await _count(client, mine) == 5 and await _count(client, theirs) == 3
+                return await _count(client, mine) == 6 and await _count(client, theirs) == 3
 
             await assert_eventually(indexed, within=30, what="hashes indexed")
             listed = {e.id async for e in client.list_workflows(f'PostlaneRecipientHash="{mine}"')}
-            assert listed == target_ids  # the foreign start and the sequence's email included
+            assert listed == target_ids  # the foreign start and the sequences' emails included
+            desc = await client.get_workflow_handle(blind_seq.workflow_id).describe()
+            assert desc.typed_search_attributes.get(sa.RECIPIENT_HASH) is None
+            target_ids.add(blind_seq.workflow_id)
 
             result = await pl.forget(target)
 
@@ -163,6 +176,7 @@ async def test_forget_deletes_an_address_workflows_and_keeps_its_suppression(
             assert set(result.cancelled) == {
                 email_workflow_id(f"later-{uid}"),
                 mine_seq.workflow_id,
+                blind_seq.workflow_id,
             }
             suppression = suppression_workflow_id(SENDER, target)
             assert result.suppressions_kept == [suppression]
