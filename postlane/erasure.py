@@ -153,6 +153,9 @@ async def forget(
     digest = hasher.hash(normal)
     suffix = ":" + normal
     found: dict[str, WorkflowExecutionStatus | None] = {}
+    runs: dict[str, set[str]] = {}
+    """Every run listed per workflow ID: a sequence that continued as new left earlier
+    runs, each with a history of its own."""
     kept: list[str] = []
 
     async def collect(query: str, keep: bool = True) -> list[str]:
@@ -160,6 +163,7 @@ async def forget(
         async for execution in client.list_workflows(query):
             if keep and execution.id not in found:
                 found[execution.id] = execution.status
+            runs.setdefault(execution.id, set()).add(execution.run_id)
             ids.append(execution.id)
         return ids
 
@@ -171,6 +175,8 @@ async def forget(
             found.setdefault(wid, None)
     for wid in [w for w in found if w.startswith(SEQUENCE_ID_PREFIX)]:
         prefix = EMAIL_ID_PREFIX + wid.removeprefix(SEQUENCE_ID_PREFIX) + ":"
+        if '"' in prefix or "\\" in prefix:
+            continue  # a key no query string can quote; its emails carry the hash anyway
         for email_id in await collect(f'WorkflowId STARTS_WITH "{prefix}"', keep=False):
             if ":" not in email_id.removeprefix(prefix):  # not a longer key's email
                 found.setdefault(email_id, None)
@@ -212,18 +218,11 @@ async def forget(
 
     deleted: list[str] = []
     for wid in live:
-        try:
-            await client.workflow_service.delete_workflow_execution(
-                DeleteWorkflowExecutionRequest(
-                    namespace=client.namespace,
-                    workflow_execution=WorkflowExecution(workflow_id=wid),
-                )
-            )
-        except RPCError as err:
-            if err.status != RPCStatusCode.NOT_FOUND:
-                raise
-            continue
-        deleted.append(wid)
+        # The current run first (terminating it if it still runs), then earlier ones.
+        if await _delete(client, wid, ""):
+            deleted.append(wid)
+        for run_id in sorted(runs.get(wid, ())):
+            await _delete(client, wid, run_id)
     # Deletion is asynchronous on the server: wait for it, so a second run finds nothing.
     await _until(client, deleted, wait, lambda s: s is None)
 
@@ -243,6 +242,22 @@ async def forget(
     )
     log.debug("forget.workflows", deleted=result.deleted, kept=result.suppressions_kept)
     return result
+
+
+async def _delete(client: Client, workflow_id: str, run_id: str) -> bool:
+    """Delete one run's history (the current run's with `run_id` empty); False if gone."""
+    try:
+        await client.workflow_service.delete_workflow_execution(
+            DeleteWorkflowExecutionRequest(
+                namespace=client.namespace,
+                workflow_execution=WorkflowExecution(workflow_id=workflow_id, run_id=run_id),
+            )
+        )
+    except RPCError as err:
+        if err.status != RPCStatusCode.NOT_FOUND:
+            raise
+        return False
+    return True
 
 
 async def _until(

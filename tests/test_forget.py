@@ -126,7 +126,8 @@ async def test_forget_deletes_an_address_workflows_and_keeps_its_suppression(
             )
             await foreign.result()
             spec = _spec(f"camp-{uid}")
-            mine_seq = await pl.sequences.start(spec, Recipient(address=target))
+            # It continues as new after its first step: two runs, two histories.
+            mine_seq = await pl.sequences.start(spec, Recipient(address=target), history_limit=10)
             their_seq = await pl.sequences.start(spec, Recipient(address=other))
             # An app without the token secret: its sequence has no hash, only its default
             # key (the address) in its workflow ID; its email is hashed by the workers.
@@ -161,11 +162,17 @@ async def test_forget_deletes_an_address_workflows_and_keeps_its_suppression(
             }
 
             async def indexed() -> bool:
-                return await _count(client, mine) == 6 and await _count(client, theirs) == 3
+                runs = await client.count_workflows(f'WorkflowId = "{mine_seq.workflow_id}"')
+                listed = {
+                    e.id async for e in client.list_workflows(f'PostlaneRecipientHash="{mine}"')
+                }
+                # The foreign start and the sequences' emails included; the sequence has
+                # continued as new, and both its runs are listed.
+                return (
+                    listed == target_ids and runs.count == 2 and await _count(client, theirs) == 3
+                )
 
             await assert_eventually(indexed, within=30, what="hashes indexed")
-            listed = {e.id async for e in client.list_workflows(f'PostlaneRecipientHash="{mine}"')}
-            assert listed == target_ids  # the foreign start and the sequences' emails included
             desc = await client.get_workflow_handle(blind_seq.workflow_id).describe()
             assert desc.typed_search_attributes.get(sa.RECIPIENT_HASH) is None
             target_ids.add(blind_seq.workflow_id)
@@ -183,6 +190,12 @@ async def test_forget_deletes_an_address_workflows_and_keeps_its_suppression(
             assert result.recipient_hash == mine and result.not_stopped == []
             for wid in target_ids:
                 assert await _exists(client, wid) is None, wid
+
+            async def no_run_left() -> bool:
+                query = f'WorkflowId = "{mine_seq.workflow_id}"'
+                return (await client.count_workflows(query)).count == 0
+
+            await assert_eventually(no_run_left, within=30, what="every run of it deleted")
 
             async def unlisted() -> bool:
                 return await _count(client, mine) == 0
