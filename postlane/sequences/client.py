@@ -106,6 +106,7 @@ class Sequences:
         self.settings = settings
         self._suppressions = suppressions
         self._keys: TokenKeys | None = None
+        self._hasher: RecipientHasher | None | bool = False  # False: not loaded yet
 
     def _token_keys(self) -> TokenKeys:
         """Keys to open sealed Message-IDs and tokens with (legacy forms only, without a
@@ -116,7 +117,9 @@ class Sequences:
 
     def _hash_pair(self, address: str) -> list[SearchAttributePair[Sequence[str]]]:
         """`sa.RECIPIENT_HASH` for `address`, when this process holds the token secret."""
-        hasher = RecipientHasher.from_settings(self.settings)
+        if self._hasher is False:
+            self._hasher = RecipientHasher.from_settings(self.settings)
+        hasher = self._hasher if isinstance(self._hasher, RecipientHasher) else None
         return [SearchAttributePair(sa.RECIPIENT_HASH, [hasher.hash(address)])] if hasher else []
 
     def prepare(
