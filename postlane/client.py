@@ -49,6 +49,8 @@ from postlane.email.models import (
     SendEmailInput,
     invalid_email_from,
 )
+from postlane.erasure import FORGET_WAIT, ForgetResult, RecipientHasher, require_hasher
+from postlane.erasure import forget as forget_address
 from postlane.errors import (
     ActionRefused,
     ConfigurationError,
@@ -188,6 +190,18 @@ class PostlaneClient:
         """Emails parked in the dead-letter state: `DeadLetters`."""
         self.lanes = Lanes(client, settings)
         """Lane reports and live rate changes: `Lanes`."""
+        self._hasher: RecipientHasher | None | bool = False  # False: not loaded yet
+
+    def _recipient_hasher(self) -> RecipientHasher | None:
+        """Keyed hashes of addresses under this process's token secret; None without one
+        (the workers then index an email's recipients themselves).
+
+        Raises:
+            ConfigurationError: the token secret is malformed or its file unreadable.
+        """
+        if self._hasher is False:
+            self._hasher = RecipientHasher.from_settings(self.settings)
+        return self._hasher if isinstance(self._hasher, RecipientHasher) else None
 
     @classmethod
     async def connect(
@@ -248,6 +262,7 @@ class PostlaneClient:
             IdempotencyConflict: the key was used for different content.
         """
         request = self._prepare(email, key=key, priority=priority, send_at=send_at)
+        hasher = self._recipient_hasher()
         workflow_id = email_workflow_id(key)
         digest = content_hash(request)
         status = (
@@ -267,6 +282,7 @@ class PostlaneClient:
                     request.lane,
                     status.value,
                     recipient_domain=self.settings.recipient_domain_attribute,
+                    recipient_hashes=hasher.hashes(email.recipients) if hasher else None,
                 ),
                 static_summary=sa.email_summary(email),
                 static_details=f"lane: {request.lane}; priority: {request.priority}; key: {key}",
@@ -507,6 +523,44 @@ class PostlaneClient:
                 reason=_last_reply(err) or str(error),
             )
         return CancelResult(key=key, outcome=CancelOutcome.SENT, already=already, receipt=receipt)
+
+    async def forget(
+        self,
+        address: str,
+        *,
+        drop_suppression: bool = False,
+        wait: timedelta = FORGET_WAIT,
+    ) -> ForgetResult:
+        """Erase a recipient: delete every email and sequence workflow for `address`.
+
+        Finds them by ``PostlaneRecipientHash`` (and sequences by a default key
+        ``<name>:<address>`` in their workflow ID), cancels the running ones, waits up to
+        `wait` for them to stop, then deletes their histories (``DeleteWorkflowExecution``).
+        An email sent to several people is deleted whole. Safe to run twice: a second run
+        finds nothing. Needs visibility (a real server, not the time-skipping one).
+
+        Args:
+            address: the recipient address (matched case-insensitively).
+            drop_suppression: also delete the address's suppressions, so senders may enroll
+                it again; by default they are kept (a lifted one's history is deleted).
+            wait: how long to wait for cancelled workflows to stop, and for the deletions
+                to take effect.
+
+        Returns:
+            What was cancelled, deleted and kept, by workflow ID.
+
+        Raises:
+            InvalidInput: `address` is not a valid address (field ``address``).
+            ConfigurationError: no token secret in this process's settings (the hash needs
+                the workers' secret).
+        """
+        return await forget_address(
+            self.temporal,
+            require_hasher(self.settings),
+            address,
+            drop_suppression=drop_suppression,
+            wait=wait,
+        )
 
     async def retry(
         self,

@@ -75,6 +75,11 @@ SEALED_MESSAGE_ID_PATCH = "postlane-sealed-message-id"
 """Emails started from this patch on have the worker seal their Message-ID (authenticated
 encryption of the workflow ID, `postlane.tokens`); earlier ones keep the base32 form they
 were started with, on every attempt. Decided once, in the first activation."""
+RECIPIENT_HASH_PATCH = "postlane-recipient-hash"
+"""Emails started from this patch on without ``PostlaneRecipientHash`` (by a client without
+the token secret, or in another language) have the workers hash their recipients
+(``resolve_lane``) and upsert it, so ``postlane forget`` finds them. Decided once, in the
+first activation, and only for such emails: the others record no marker."""
 SLOT_REASK = timedelta(minutes=3)
 """An email with no answer from its lane asks again after this (plus up to `SLOT_REASK_JITTER`)."""
 SLOT_REASK_JITTER = 120
@@ -123,6 +128,9 @@ class SendEmailWorkflow:
         self._cancelling = False
         self._seal = False
         """Started since `SEALED_MESSAGE_ID_PATCH`: the worker seals the Message-ID."""
+        self._hash_recipients = False
+        """Started without `sa.RECIPIENT_HASH` since `RECIPIENT_HASH_PATCH`: set it here."""
+        self._recipient_hashes: list[str] = []
 
     @workflow.run
     async def run(self, raw: RawValue = NO_INPUT) -> DeliveryReceipt:
@@ -139,6 +147,11 @@ class SendEmailWorkflow:
         self._current = workflow.patched(WORKER_AUTHORITY_PATCH)
         # Not `_patched`: an email started by the previous release keeps its Message-ID.
         self._seal = workflow.patched(SEALED_MESSAGE_ID_PATCH)
+        self._hash_recipients = (
+            self._current
+            and not workflow.info().typed_search_attributes.get(sa.RECIPIENT_HASH)
+            and workflow.patched(RECIPIENT_HASH_PATCH)
+        )
         if self._current:
             req = await self._accept(raw)
         else:
@@ -190,12 +203,17 @@ class SendEmailWorkflow:
         """
         resolution: LaneResolution = await workflow.execute_local_activity(
             RESOLVE_LANE_ACTIVITY,
-            LaneQuery(sender=req.email.sender, lane=req.lane),
+            LaneQuery(
+                sender=req.email.sender,
+                lane=req.lane,
+                recipients=req.email.recipients if self._hash_recipients else [],
+            ),
             result_type=LaneResolution,
             start_to_close_timeout=RESOLVE_START_TO_CLOSE,
             retry_policy=RESOLVE_RETRY,
         )
         self._domain_attribute = resolution.recipient_domain_attribute
+        self._recipient_hashes = resolution.recipient_hashes
         if resolution.error_type is not None:
             kind = ErrorType(resolution.error_type)
             self._reject(kind, _REJECTED_FIELD.get(kind, "lane"), resolution.error)
@@ -232,6 +250,8 @@ class SendEmailWorkflow:
             for pair in wanted.search_attributes
             if (given.get(pair.key) or None) != (pair.value or None)
         ]
+        if self._hash_recipients and self._recipient_hashes:
+            updates.append(sa.RECIPIENT_HASH.value_set(self._recipient_hashes))
         if updates:
             workflow.upsert_search_attributes(updates)
         if workflow.memo_value(CONTENT_HASH, None) is None:

@@ -72,6 +72,10 @@ CANCEL_STOPS_CHILD_PATCH = "postlane-cancel-stops-child"
 """Since this patch a cancelled sequence cancels its email in flight and waits for how it
 ended (before, the email was left to the parent-close policy and its outcome unrecorded)."""
 
+RECIPIENT_HASH_PATCH = "postlane-sequence-recipient-hash"
+"""Since this patch a sequence's emails start with its ``PostlaneRecipientHash`` (which the
+enrolling client set), so ``postlane forget`` finds them; before, they had none."""
+
 
 @workflow.defn(name=WorkflowType.SEQUENCE)
 class SequenceWorkflow:
@@ -229,6 +233,9 @@ class SequenceWorkflow:
             retry=inp.retry,
             quota=inp.quota,
         )
+        # Without one from the enrolling client, the email's own workers index it.
+        given = workflow.info().typed_search_attributes.get(sa.RECIPIENT_HASH)
+        hashes = list(given) if given and workflow.patched(RECIPIENT_HASH_PATCH) else None
         try:
             child = await workflow.start_child_workflow(
                 WorkflowType.SEND_EMAIL,
@@ -238,7 +245,9 @@ class SequenceWorkflow:
                 result_type=DeliveryReceipt,
                 id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
                 parent_close_policy=ParentClosePolicy.REQUEST_CANCEL,
-                search_attributes=sa.email_attributes(email, inp.lane, EmailStatus.QUEUED.value),
+                search_attributes=sa.email_attributes(
+                    email, inp.lane, EmailStatus.QUEUED.value, recipient_hashes=hashes
+                ),
                 static_summary=sa.email_summary(email),
                 static_details=f"sequence {inp.key}, step {step}; lane: {inp.lane}",
                 priority=TemporalPriority(priority_key=inp.priority.key),

@@ -180,6 +180,28 @@ def _parser() -> argparse.ArgumentParser:
     )
     codec.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     codec.add_argument("--port", type=int, default=8081, help="port (default 8081)")
+    forget = sub.add_parser(
+        "forget",
+        help="erase a recipient: cancel and delete every email and sequence for ADDRESS",
+        description="Find every email and sequence workflow for ADDRESS (by its keyed hash, "
+        "PostlaneRecipientHash), cancel the running ones and delete their histories. The "
+        "address's suppressions are kept unless --drop-suppression. Prints what it removed "
+        "as JSON. Exit 0: done (also when nothing was found); 1: a workflow could not be "
+        "deleted or Temporal failed; 2: a malformed address or no token secret.",
+    )
+    # Not dest "address": that is the global --address (Temporal's).
+    forget.add_argument("recipient", metavar="ADDRESS", help="the recipient address")
+    forget.add_argument(
+        "--drop-suppression",
+        action="store_true",
+        help="also delete the address's suppressions (senders may enroll it again)",
+    )
+    forget.add_argument(
+        "--wait",
+        type=float,
+        default=60.0,
+        help="seconds to wait for cancelled workflows to stop (default 60)",
+    )
     sub.add_parser("keygen", help="print a new random key for POSTLANE_ENCRYPTION_KEYS")
     top = sub.add_parser("top", help="live view: lanes, backlog, sends and errors, dead letters")
     top.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes")
@@ -276,6 +298,24 @@ async def _dispatch(args: argparse.Namespace) -> int:
         if args.wait:
             receipt = await handle.result()
             print(receipt.model_dump_json(indent=2))
+        return EXIT_OK
+
+    if args.command == "forget":
+        from datetime import timedelta
+
+        from postlane.erasure import normalise_recipient, require_hasher
+        from postlane.logs import configure_logging
+
+        configure_logging()  # the log goes to stderr, the JSON report alone to stdout
+        normalise_recipient(args.recipient)  # bad input fails before touching the network
+        require_hasher(settings)
+        pl = await _connect(args, settings)
+        result = await pl.forget(
+            args.recipient,
+            drop_suppression=args.drop_suppression,
+            wait=timedelta(seconds=args.wait),
+        )
+        print(result.model_dump_json(indent=2))
         return EXIT_OK
 
     pl = await _connect(args, settings)

@@ -363,6 +363,8 @@ class LaneQuery(BaseModel):
     sender: str
     lane: str = ""
     """A lane the caller named (checked to exist), or empty to pick the sender's lane."""
+    recipients: list[str] = Field(default_factory=list)
+    """Addresses to hash for ``PostlaneRecipientHash`` (an email started without it)."""
 
 
 class LaneResolution(BaseModel):
@@ -379,6 +381,8 @@ class LaneResolution(BaseModel):
     error: str = ""
     recipient_domain_attribute: bool = True
     """The workers index recipient domains as a search attribute (their settings' choice)."""
+    recipient_hashes: list[str] = Field(default_factory=list)
+    """Keyed hashes of `LaneQuery.recipients` under the workers' token secret."""
 
 
 class SmtpSendRequest(BaseModel):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import builtins
 import re
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -27,6 +28,7 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from postlane import search_attributes as sa
 from postlane.config import Settings
+from postlane.erasure import RecipientHasher
 from postlane.errors import (
     ActionRefused,
     InvalidEmail,
@@ -104,6 +106,7 @@ class Sequences:
         self.settings = settings
         self._suppressions = suppressions
         self._keys: TokenKeys | None = None
+        self._hasher: RecipientHasher | None | bool = False  # False: not loaded yet
 
     def _token_keys(self) -> TokenKeys:
         """Keys to open sealed Message-IDs and tokens with (legacy forms only, without a
@@ -111,6 +114,13 @@ class Sequences:
         if self._keys is None:
             self._keys = TokenKeys.from_settings(self.settings)
         return self._keys
+
+    def _hash_pair(self, address: str) -> list[SearchAttributePair[Sequence[str]]]:
+        """`sa.RECIPIENT_HASH` for `address`, when this process holds the token secret."""
+        if self._hasher is False:
+            self._hasher = RecipientHasher.from_settings(self.settings)
+        hasher = self._hasher if isinstance(self._hasher, RecipientHasher) else None
+        return [SearchAttributePair(sa.RECIPIENT_HASH, [hasher.hash(address)])] if hasher else []
 
     def prepare(
         self,
@@ -219,6 +229,7 @@ class Sequences:
                             else [],
                         ),
                         SearchAttributePair(sa.TAG, [*spec.tags, f"sequence:{spec.name}"][:10]),
+                        *self._hash_pair(recipient.address),
                     ]
                 ),
                 static_summary=f"sequence {spec.name} → {recipient.address}",
