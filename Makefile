@@ -28,13 +28,15 @@ lock: $(STAMP)
 # tested in; dovecot (IMAP) and postfix (SMTP) are servers the tests start themselves, on
 # loopback with configuration of their own; prometheus gives promtool (alert rules and
 # their unit tests, the exporter's output format) and a Prometheus server the tests start
-# themselves. A test whose
+# themselves; nginx is the TLS-terminating gRPC proxy the mTLS and API-key tests put in
+# front of the dev server, which has no TLS of its own (tests/tls_proxy.py), and stunnel4
+# the TLS-only tunnel a test shows Temporal's client refusing (no HTTP/2 by ALPN). A test whose
 # program is missing fails, naming the package (tests/sysdeps.py). Postfix is installed
 # unconfigured ("No configuration": no main.cf, so no system daemon starts on port 25);
 # DPkg::Lock::Timeout waits for another apt run instead of failing.
-SYSTEM_PACKAGES := docker-compose chromium dovecot-imapd postfix tmux prometheus
+SYSTEM_PACKAGES := docker-compose chromium dovecot-imapd postfix tmux prometheus nginx stunnel4
 $(VENV)/.system: $(STAMP) Makefile
-	{ command -v docker-compose && command -v chromium && test -x /usr/sbin/dovecot && test -x /usr/sbin/postfix && command -v tmux && command -v promtool; } >/dev/null || { \
+	{ command -v docker-compose && command -v chromium && test -x /usr/sbin/dovecot && test -x /usr/sbin/postfix && command -v tmux && command -v promtool && test -x /usr/sbin/nginx && command -v stunnel4; } >/dev/null || { \
 	  echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections && \
 	  apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq -o DPkg::Lock::Timeout=600 \

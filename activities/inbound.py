@@ -37,6 +37,7 @@ from postlane.inbound.models import (
     UnsubscribeRequest,
 )
 from postlane.names import Activity
+from postlane.tokens import TokenKeys
 
 log = structlog.get_logger(__name__)
 
@@ -67,6 +68,7 @@ class InboundActivities:
     def __init__(self, settings: Settings, client: Client | None = None) -> None:
         self._settings = settings
         self._client = client
+        self._keys: TokenKeys | None = None
 
     @activity.defn(name=Activity.POLL_INBOX)
     async def poll_inbox(self, req: PollRequest) -> PollResult:
@@ -83,6 +85,8 @@ class InboundActivities:
         inbox = self._inbox(req.inbox)
         try:
             username, password = inbox.credentials()
+            if self._keys is None:
+                self._keys = TokenKeys.from_settings(self._settings)
         except ConfigurationError as exc:
             raise ApplicationError(
                 str(exc), type=ErrorType.CONFIGURATION, non_retryable=True
@@ -90,7 +94,7 @@ class InboundActivities:
         bound = log.bind(inbox=inbox.name, folder=inbox.folder)
         try:
             async with _session(inbox, username, password) as imap:
-                result = await _poll(imap, inbox, req, bound)
+                result = await _poll(imap, inbox, req, bound, self._keys)
         except ImapLoginRefused:
             raise ApplicationError(
                 f"inbox {inbox.name}: the IMAP server refused the login of ${inbox.username_env}",
@@ -142,7 +146,9 @@ class InboundActivities:
         )
 
 
-async def _poll(imap: _Imap, inbox: InboxConfig, req: PollRequest, bound: Any) -> PollResult:
+async def _poll(
+    imap: _Imap, inbox: InboxConfig, req: PollRequest, bound: Any, keys: TokenKeys
+) -> PollResult:
     validity = await imap.examine(inbox.folder)
     cursor = req.cursor
     reset = cursor.uidvalidity is not None and cursor.uidvalidity != validity
@@ -160,11 +166,11 @@ async def _poll(imap: _Imap, inbox: InboxConfig, req: PollRequest, bound: Any) -
     ignored = 0
     for uid, raw, received_at in fetched:
         try:
-            event = classify(raw, received_at=received_at)
+            event = classify(raw, received_at=received_at, keys=keys)
         except Exception:  # one unreadable message must not stop the inbox
             bound.exception("inbound.unreadable", uid=uid)
             event = None
-        target = route(event) if event is not None else None
+        target = route(event, keys) if event is not None else None
         if event is None or target is None:
             ignored += 1
             continue

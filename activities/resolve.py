@@ -11,6 +11,7 @@ from temporalio import activity
 
 from postlane.config import Settings
 from postlane.email.models import LaneQuery, LaneResolution
+from postlane.erasure import RecipientHasher
 from postlane.errors import ErrorType
 from postlane.names import Activity
 
@@ -20,6 +21,7 @@ class LaneResolver:
 
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
+        self._hasher = RecipientHasher.from_settings(settings)
 
     @activity.defn(name=Activity.RESOLVE_LANE)
     async def resolve_lane(self, query: LaneQuery) -> LaneResolution:
@@ -28,7 +30,11 @@ class LaneResolver:
         Unknown senders and lanes are answers, not errors: the workflow fails the email
         with a typed reason instead of retrying something that cannot change by itself.
         """
-        return resolve(self._settings, query)
+        resolution = resolve(self._settings, query)
+        if query.recipients and self._hasher is not None and resolution.error_type is None:
+            hashes = self._hasher.hashes(query.recipients)
+            resolution = resolution.model_copy(update={"recipient_hashes": hashes})
+        return resolution
 
 
 def resolve(settings: Settings, query: LaneQuery) -> LaneResolution:
@@ -49,4 +55,9 @@ def resolve(settings: Settings, query: LaneQuery) -> LaneResolution:
                 error=f"no lane serves {query.sender!r}; add it to a lane's senders",
             )
         lane = found
-    return LaneResolution(lane=lane.name, retry=lane.retry, quota=lane.has_quota)
+    return LaneResolution(
+        lane=lane.name,
+        retry=lane.retry,
+        quota=lane.has_quota,
+        recipient_domain_attribute=settings.recipient_domain_attribute,
+    )

@@ -40,6 +40,7 @@ from postlane.lanes.models import (
 )
 from postlane.metrics import count_failure, count_sent, failure_kind, observe_smtp_transaction
 from postlane.names import Activity, EmailMessages, LaneMessages
+from postlane.tokens import TokenKeys, fill_unsubscribe_token
 
 log = structlog.get_logger(__name__)
 
@@ -263,6 +264,7 @@ class SmtpActivities:
         self._settings = settings
         self._client = client
         self._pools: dict[str, SmtpPool] = {}
+        self._tokens: TokenKeys | None = None
 
     def pool(self, lane: str) -> SmtpPool:
         """The connection pool of `lane` (created on first use)."""
@@ -289,6 +291,12 @@ class SmtpActivities:
             ApplicationError: typed by `ErrorType`; see `activities.smtp_errors`.
         """
         info = activity.info()
+        try:
+            req = self._sealed(req, info.workflow_id or "")
+        except ConfigurationError as exc:
+            raise ApplicationError(
+                str(exc), type=ErrorType.CONFIGURATION, non_retryable=True
+            ) from None
         # Every line logged while this attempt runs (the SDK's too) says which email it is.
         with structlog.contextvars.bound_contextvars(
             workflow_id=info.workflow_id,
@@ -298,6 +306,25 @@ class SmtpActivities:
             message_id=req.message_id,
         ):
             return await self._send_email(req, info)
+
+    def _sealed(self, req: SmtpSendRequest, workflow_id: str) -> SmtpSendRequest:
+        """`req` with what only the worker can make: the sealed Message-ID (when asked
+        for) and the unsubscribe token in place of its placeholder. Both are the same on
+        every attempt, and neither enters the workflow's history as input.
+
+        Raises:
+            ConfigurationError: they are needed and no token secret is configured.
+        """
+        if self._tokens is None:
+            self._tokens = TokenKeys.from_settings(self._settings)
+        update: dict[str, Any] = {}
+        if req.seal_message_id:
+            domain = req.email.sender.rsplit("@", 1)[1]
+            update["message_id"] = self._tokens.message_id(workflow_id, domain)
+        email = fill_unsubscribe_token(req.email, workflow_id, self._tokens)
+        if email is not req.email:
+            update["email"] = email
+        return req.model_copy(update=update) if update else req
 
     async def _send_email(self, req: SmtpSendRequest, info: activity.Info) -> DeliveryReceipt:
         earlier = _accepted_earlier(info.heartbeat_details)

@@ -49,6 +49,8 @@ from postlane.email.models import (
     SendEmailInput,
     invalid_email_from,
 )
+from postlane.erasure import FORGET_WAIT, ForgetResult, RecipientHasher, require_hasher
+from postlane.erasure import forget as forget_address
 from postlane.errors import (
     ActionRefused,
     ConfigurationError,
@@ -76,7 +78,7 @@ from postlane.lanes.client import Lanes
 from postlane.names import EmailMessages
 from postlane.sequences.client import Sequences
 from postlane.sequences.suppressions import Suppressions
-from postlane.stuck import workflow_task_failure
+from postlane.stuck import failure_message, workflow_task_failure
 
 NON_RETRYABLE_TYPES = (
     ErrorType.SMTP_PERMANENT,
@@ -188,6 +190,18 @@ class PostlaneClient:
         """Emails parked in the dead-letter state: `DeadLetters`."""
         self.lanes = Lanes(client, settings)
         """Lane reports and live rate changes: `Lanes`."""
+        self._hasher: RecipientHasher | None | bool = False  # False: not loaded yet
+
+    def _recipient_hasher(self) -> RecipientHasher | None:
+        """Keyed hashes of addresses under this process's token secret; None without one
+        (the workers then index an email's recipients themselves).
+
+        Raises:
+            ConfigurationError: the token secret is malformed or its file unreadable.
+        """
+        if self._hasher is False:
+            self._hasher = RecipientHasher.from_settings(self.settings)
+        return self._hasher if isinstance(self._hasher, RecipientHasher) else None
 
     @classmethod
     async def connect(
@@ -248,6 +262,7 @@ class PostlaneClient:
             IdempotencyConflict: the key was used for different content.
         """
         request = self._prepare(email, key=key, priority=priority, send_at=send_at)
+        hasher = self._recipient_hasher()
         workflow_id = email_workflow_id(key)
         digest = content_hash(request)
         status = (
@@ -262,7 +277,13 @@ class PostlaneClient:
                 id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
                 id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
                 memo={CONTENT_HASH: digest},
-                search_attributes=sa.email_attributes(email, request.lane, status.value),
+                search_attributes=sa.email_attributes(
+                    email,
+                    request.lane,
+                    status.value,
+                    recipient_domain=self.settings.recipient_domain_attribute,
+                    recipient_hashes=hasher.hashes(email.recipients) if hasher else None,
+                ),
                 static_summary=sa.email_summary(email),
                 static_details=f"lane: {request.lane}; priority: {request.priority}; key: {key}",
                 priority=TemporalPriority(priority_key=request.priority.key),
@@ -397,7 +418,7 @@ class PostlaneClient:
         for pending in desc.raw_description.pending_activities:
             attempts = max(attempts, pending.attempt - 1)
             if pending.last_failure.message:
-                last_error = pending.last_failure.message
+                last_error = await failure_message(self.temporal, pending.last_failure)
             if status == EmailStatus.QUEUED:
                 if pending.state == PendingActivityState.PENDING_ACTIVITY_STATE_STARTED:
                     status = EmailStatus.SENDING
@@ -502,6 +523,44 @@ class PostlaneClient:
                 reason=_last_reply(err) or str(error),
             )
         return CancelResult(key=key, outcome=CancelOutcome.SENT, already=already, receipt=receipt)
+
+    async def forget(
+        self,
+        address: str,
+        *,
+        drop_suppression: bool = False,
+        wait: timedelta = FORGET_WAIT,
+    ) -> ForgetResult:
+        """Erase a recipient: delete every email and sequence workflow for `address`.
+
+        Finds them by ``PostlaneRecipientHash`` (and sequences by a default key
+        ``<name>:<address>`` in their workflow ID), cancels the running ones, waits up to
+        `wait` for them to stop, then deletes their histories (``DeleteWorkflowExecution``).
+        An email sent to several people is deleted whole. Safe to run twice: a second run
+        finds nothing. Needs visibility (a real server, not the time-skipping one).
+
+        Args:
+            address: the recipient address (matched case-insensitively).
+            drop_suppression: also delete the address's suppressions, so senders may enroll
+                it again; by default they are kept (a lifted one's history is deleted).
+            wait: how long to wait for cancelled workflows to stop, and for the deletions
+                to take effect.
+
+        Returns:
+            What was cancelled, deleted and kept, by workflow ID.
+
+        Raises:
+            InvalidInput: `address` is not a valid address (field ``address``).
+            ConfigurationError: no token secret in this process's settings (the hash needs
+                the workers' secret).
+        """
+        return await forget_address(
+            self.temporal,
+            require_hasher(self.settings),
+            address,
+            drop_suppression=drop_suppression,
+            wait=wait,
+        )
 
     async def retry(
         self,

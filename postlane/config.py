@@ -19,7 +19,15 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Literal, Protocol, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -280,6 +288,18 @@ class Settings(BaseSettings):
     health_port: int = Field(default=0, ge=0, le=65535)
     """Workers serve ``/healthz`` and ``/readyz`` on this port (``POSTLANE_HEALTH_PORT``);
     0: off."""
+    recipient_domain_attribute: bool = True
+    """Index each email's recipient domains as ``PostlaneRecipientDomain``
+    (``POSTLANE_RECIPIENT_DOMAIN_ATTRIBUTE``). Search attributes are never encrypted; false
+    keeps the domains out of them (set it on the workers and the sending clients alike)."""
+    token_secret: SecretStr | None = None
+    """Key material for Message-IDs and unsubscribe tokens (``POSTLANE_TOKEN_SECRET``; at
+    least 32 characters, the same on every worker). Never put it in the file."""
+    token_secret_file: str | None = None
+    """A file holding the token secret instead (``POSTLANE_TOKEN_SECRET_FILE``)."""
+    accept_legacy_tokens: bool = True
+    """Route replies and unsubscribes that carry the unauthenticated Message-IDs and tokens
+    of mail sent before sealing (``POSTLANE_ACCEPT_LEGACY_TOKENS=false`` turns it off)."""
 
     @field_validator("lanes")
     @classmethod

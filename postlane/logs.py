@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import re
 import sys
 import threading
 import time
@@ -173,19 +175,80 @@ def install_log_filters() -> None:
             logger.addFilter(kind())
 
 
-def configure_logging(*, json: bool = False, level: str = "INFO") -> None:
+LOG_LEVEL_ENV = "POSTLANE_LOG_LEVEL"
+"""The root level when `configure_logging` is given none (default ``INFO``)."""
+
+_ADDRESS_RE = re.compile(
+    r"(?<![\w.!#$%&'*+/=?^`{|}~-])([\w.!#$%&'*+/=?^`{|}~-]+)"
+    r"@((?:[\w-]+\.)+[\w-]+|\[[^\]\s]+\])",
+)
+_OWN_MESSAGE_ID_RE = re.compile(r"^pl1?\.[a-z2-7]+$")
+REDACTED_LOCAL_PART = "***"
+
+
+def redact_addresses(text: str) -> str:
+    """`text` with the local part of every email address in it replaced by ``***``: the
+    domain stays, for telling providers apart. Postlane's own Message-IDs are kept (their
+    left side is opaque, and it is what ties a log line to a message)."""
+
+    def domain_only(match: re.Match[str]) -> str:
+        if _OWN_MESSAGE_ID_RE.match(match.group(1)):
+            return match.group(0)
+        return f"{REDACTED_LOCAL_PART}@{match.group(2)}"
+
+    return _ADDRESS_RE.sub(domain_only, text) if "@" in text else text
+
+
+class RedactAddresses:
+    """structlog processor: addresses in an event's values (the message, the bound
+    context, stdlib records' extras, lists and dicts of them) keep only their domain.
+
+    Recipients' local parts are personal data, and logs travel further than the mail
+    they describe. Keys and workflow IDs that embed an address are redacted alike.
+    """
+
+    def __call__(
+        self, logger: object, method_name: str, event_dict: structlog.types.EventDict
+    ) -> structlog.types.EventDict:
+        """The event with every address reduced to ``***@domain``."""
+        for name, value in event_dict.items():
+            if not name.startswith("_"):  # `_record` and structlog's own bookkeeping
+                event_dict[name] = _redacted(value)
+        return event_dict
+
+
+def _redacted(value: object) -> object:
+    if isinstance(value, str):
+        return redact_addresses(value)
+    if isinstance(value, list | tuple):
+        return type(value)(_redacted(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _redacted(v) for k, v in value.items()}
+    return value
+
+
+def configure_logging(
+    *, json: bool = False, level: str | None = None, full_addresses: bool | None = None
+) -> None:
     """Route structlog and stdlib logging through one handler on stderr.
 
     Args:
         json: one JSON object per line (for log shippers) instead of readable console lines.
-        level: the root level name.
+        level: the root level name; default ``$POSTLANE_LOG_LEVEL`` or ``INFO``.
+        full_addresses: log email addresses whole; default only at ``DEBUG``. Otherwise
+            they appear as ``***@domain`` (`RedactAddresses`).
     """
+    level = (level or os.environ.get(LOG_LEVEL_ENV) or "INFO").upper()
+    if full_addresses is None:
+        full_addresses = logging.getLevelName(level) == logging.DEBUG
     shared: list[structlog.types.Processor] = [
         structlog.contextvars.merge_contextvars,
         structlog.stdlib.add_log_level,
         structlog.stdlib.ExtraAdder(),
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
+    if not full_addresses:
+        shared.append(RedactAddresses())
     renderer: structlog.types.Processor = (
         structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer(colors=False)
     )
@@ -204,6 +267,6 @@ def configure_logging(*, json: bool = False, level: str = "INFO") -> None:
     )
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(level.upper())
+    root.setLevel(level)
     install_log_filters()
     forward_core_logs()

@@ -9,6 +9,7 @@ for nothing. The server knows better: the pending task's attempt (``describe``) 
 from __future__ import annotations
 
 from temporalio.api.enums.v1 import EventType, WorkflowTaskFailedCause
+from temporalio.api.failure.v1 import Failure
 from temporalio.api.history.v1 import HistoryEvent
 from temporalio.api.workflowservice.v1 import GetWorkflowExecutionHistoryReverseRequest
 from temporalio.client import Client, WorkflowExecutionDescription, WorkflowExecutionStatus
@@ -55,8 +56,22 @@ async def workflow_task_failure(client: Client, desc: WorkflowExecutionDescripti
         kind = WorkflowTaskFailedCause.Name(attributes.cause).removeprefix(
             "WORKFLOW_TASK_FAILED_CAUSE_"
         )
-    reason = f"workflow task failing: {kind}: {failure.message}"
+    reason = f"workflow task failing: {kind}: {await failure_message(client, failure)}"
     return f"{reason} (attempt {attempt})" if attempt else reason
+
+
+async def failure_message(client: Client, failure: Failure) -> str:
+    """A failure's message, opened first when encryption sealed it into its attributes
+    (``Encoded failure`` is all the server stores then)."""
+    if not failure.HasField("encoded_attributes"):
+        return failure.message
+    copy = Failure()
+    copy.CopyFrom(failure)  # decoding works in place; the caller's copy stays as it came
+    try:
+        err = await client.data_converter.decode_failure(copy)
+    except Exception:  # a key this process lacks: say what the server says
+        return failure.message
+    return str(getattr(err, "message", None) or err)
 
 
 async def _last_task_outcome(

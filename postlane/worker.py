@@ -24,6 +24,7 @@ from postlane.health import Health
 from postlane.ids import INBOUND_TASK_QUEUE, WORKFLOW_TASK_QUEUE
 from postlane.inbound.inboxes import start_inbox_watcher
 from postlane.lanes.limits import start_lane_workflow
+from postlane.tokens import TokenKeys
 from workflows import WORKFLOWS, workflow_runner
 
 log = structlog.get_logger(__name__)
@@ -139,10 +140,15 @@ async def run_workers(
     workers run, stop or crash (see `postlane.health`).
 
     Raises:
-        ConfigurationError: see `select_lanes` and `select_inboxes`.
+        ConfigurationError: see `select_lanes` and `select_inboxes`; or lanes or inboxes
+            to serve and no token secret (``POSTLANE_TOKEN_SECRET``), or a malformed one.
     """
     served = select_lanes(settings, lanes) if sends else []
     inboxes = select_inboxes(settings) if inbound else []
+    if served or inboxes:
+        # Sends need it for every Message-ID, inbound mail to tell ours from forgeries:
+        # refuse to start rather than dead-letter emails or drop replies.
+        TokenKeys.from_settings(settings).require()
     if not served and not workflows and not inboxes:
         raise ConfigurationError(
             "this worker would serve nothing: no lanes, no workflows and no inboxes"

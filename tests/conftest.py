@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import inspect
+import os
 import traceback
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -40,6 +41,10 @@ from postlane.lanes.models import (
     Warmup,
 )
 from postlane.testing import PostlaneTestEnv, default_test_lane, postlane_test_env
+
+# Every worker a test starts (in process or as a subprocess) makes sealed Message-IDs and
+# unsubscribe tokens; a test that is about a missing secret takes it away itself.
+os.environ.setdefault("POSTLANE_TOKEN_SECRET", "postlane-tests-token-secret-not-for-production")
 
 # The plugin users load the same way (it has no pytest11 entry point, so it never loads
 # into the pytest of someone who installed postlane without the [testing] extra).

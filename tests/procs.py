@@ -122,12 +122,14 @@ def postlane_env(
     address: str, config: Path, *, namespace: str = "default", **extra: str
 ) -> dict[str, str]:
     """This process's environment minus any ``TEMPORAL_*``/``POSTLANE_*`` settings, plus
-    the given Temporal address, namespace and config file (and `extra` variables)."""
+    the given Temporal address, namespace and config file, the tests' token secret (and
+    `extra` variables)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TEMPORAL_", "POSTLANE_"))}
     env.update(
         TEMPORAL_ADDRESS=address,
         TEMPORAL_NAMESPACE=namespace,
         POSTLANE_CONFIG=str(config),
+        POSTLANE_TOKEN_SECRET=os.environ["POSTLANE_TOKEN_SECRET"],
         PYTHONUNBUFFERED="1",
         **extra,
     )

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import socket
+import stat
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from postlane.dev.stack import dev_token_secret
+from postlane.tokens import SECRET_ENV
 from tests.procs import free_port
 
 pytestmark = pytest.mark.devserver
@@ -18,6 +22,8 @@ POSTLANE = str(Path(sys.executable).parent / "postlane")
 
 def run_dev(state: Path, ports: tuple[int, int, int]) -> subprocess.CompletedProcess[str]:
     port, ui_port, smtp_port = ports
+    # As on a fresh machine: no token secret given, so the stack makes and keeps its own.
+    env = {k: v for k, v in os.environ.items() if k != SECRET_ENV}
     return subprocess.run(
         [
             POSTLANE,
@@ -35,6 +41,7 @@ def run_dev(state: Path, ports: tuple[int, int, int]) -> subprocess.CompletedPro
         capture_output=True,
         text=True,
         timeout=150,
+        env=env,
     )
 
 
@@ -49,14 +56,30 @@ def test_dev_stack_sends_demo_and_keeps_history(tmp_path: Path) -> None:
     assert len(emls) == 1
     assert b"Subject: Welcome to Postlane" in emls[0].read_bytes()
     assert (state / "temporal.db").exists()
+    kept = state / "token-secret"
+    assert stat.S_IMODE(kept.stat().st_mode) == 0o600
+    secret = kept.read_text()
 
     # Same state directory: the server finds the demo already sent (idempotent key) and
     # the catcher gets nothing new.
     second = run_dev(state, ports)
     assert second.returncode == 0, second.stderr
-    assert "demo: <pl." in second.stdout
+    assert "demo: <pl1." in second.stdout
     assert "smtp: " not in second.stdout
     assert len(list((state / "mail").glob("*.eml"))) == 1
+    assert kept.read_text() == secret  # the same secret: Message-IDs and replies carry over
+
+
+def test_dev_token_secret_is_kept_unless_given(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv(SECRET_ENV, raising=False)
+    first = dev_token_secret(tmp_path / "state")
+    assert len(first.get_secret_value()) >= 32
+    assert dev_token_secret(tmp_path / "state") == first
+    assert dev_token_secret(tmp_path / "other") != first
+    monkeypatch.setenv(SECRET_ENV, "given-" + "x" * 40)
+    assert dev_token_secret(tmp_path / "state").get_secret_value() == "given-" + "x" * 40
 
 
 def test_dev_stack_port_in_use_is_one_line_error(tmp_path: Path) -> None:

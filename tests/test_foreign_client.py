@@ -37,8 +37,9 @@ from postlane.dev.catcher import SmtpCatcher
 from postlane.email.models import DeliveryReceipt, Email, EmailStatus, RetrySettings
 from postlane.errors import IdempotencyConflict, InvalidEmail
 from postlane.idempotency import CONTENT_HASH
-from postlane.ids import WORKFLOW_TASK_QUEUE, email_workflow_id, message_id
+from postlane.ids import WORKFLOW_TASK_QUEUE, email_workflow_id
 from postlane.testing import PostlaneTestEnv, catcher_lane
+from postlane.tokens import TokenKeys
 from tests.procs import (
     REPO_ROOT,
     WorkerProcess,
@@ -190,7 +191,7 @@ async def test_typescript_client_gets_the_workers_lane_checks_and_visibility(
     # The SMTP server got the first email once, and nothing of the second (over the cap).
     assert len(sent) == 1, [m.subject for m in sent]
     raw = sent[0].raw
-    mid = message_id(email_workflow_id(f"{key}-1"), DOMAIN)
+    mid = TokenKeys.from_settings(Settings()).message_id(email_workflow_id(f"{key}-1"), DOMAIN)
     assert f"Message-ID: {mid}\r\n".encode() in raw
     assert b"Subject: Your code\r\n" in raw and b"847291" in raw
     assert receipt.message_id == mid and receipt.lane == lane.name

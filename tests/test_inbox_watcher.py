@@ -18,7 +18,7 @@ from temporalio.client import Client, WorkflowExecutionStatus
 from temporalio.exceptions import ApplicationError
 from temporalio.worker import Worker
 
-from postlane.config import InboxConfig
+from postlane.config import InboxConfig, Settings
 from postlane.connection import data_converter
 from postlane.errors import ErrorType
 from postlane.ids import INBOUND_TASK_QUEUE, sequence_workflow_id, unsubscribe_token
@@ -41,6 +41,7 @@ from postlane.sequences.spec import (
     WaitStep,
 )
 from postlane.testing import PostlaneTestEnv
+from postlane.tokens import TokenKeys
 from tests.procs import assert_eventually
 from tests.test_inbound import FOLLOW_UP as RETURNED_ID
 from tests.test_inbound import POSTFIX_DSN, simple_reply, unsubscribe_mail
@@ -87,6 +88,8 @@ class FakeImap:
     polls: list[PollRequest] = field(default_factory=list)
     unsubscribes: list[UnsubscribeRequest] = field(default_factory=list)
     client: Client | None = None
+    keys: TokenKeys = field(default_factory=lambda: TokenKeys.from_settings(Settings()))
+    """The workers' keys (the tests' ``POSTLANE_TOKEN_SECRET``), as the real poll has."""
 
     @activity.defn(name="poll_inbox")
     async def poll_inbox(self, req: PollRequest) -> PollResult:
@@ -99,8 +102,8 @@ class FakeImap:
         batch = uids[: req.max_messages]
         items = []
         for uid in batch:
-            event = classify(messages[uid - 1])
-            target = route(event) if event else None
+            event = classify(messages[uid - 1], keys=self.keys)
+            target = route(event, self.keys) if event else None
             if event is not None and target is not None:
                 items.append(InboundItem(uid=uid, event=event, target=target))
         assert self.client is not None

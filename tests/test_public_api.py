@@ -134,7 +134,17 @@ def test_client_keeps_five_email_verbs_and_composes_the_rest() -> None:
         for name in vars(PostlaneClient)
         if callable(getattr(PostlaneClient, name)) and not name.startswith("_")
     }
-    assert public == {"connect", "send", "status", "describe", "retry", "cancel", "handle"}
+    # forget erases a recipient (issue 12): the one verb about a person rather than an email.
+    assert public == {
+        "connect",
+        "send",
+        "status",
+        "describe",
+        "retry",
+        "cancel",
+        "handle",
+        "forget",
+    }
     sentinel = object()
     pl = PostlaneClient(sentinel, Settings())  # type: ignore[arg-type]
     assert isinstance(pl.sequences, Sequences) and pl.sequences.temporal is sentinel

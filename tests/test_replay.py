@@ -238,6 +238,9 @@ RECORDED = [
     # and count-on-take patches (_v2): they must replay as they ran; and under today's code.
     *(f"{n}{v}" for n in ("lane_planned", "send_email_slot_planned") for v in ("_v1", "_v2", "")),
     *(f"{n}{v}" for n in ("inbox_watcher", "suppression") for v in ("_v1", "")),
+    # Sent with the base32 Message-ID, before the worker sealed it (`send_email_sent` now
+    # carries the sealed-message-id patch).
+    "send_email_sent_v1",
     # A query during start split the workflow task right after `resolve_lane` returned; a
     # patch first asked for in the activation that resolved it used to fail this replay.
     "send_email_task_split_after_resolve",

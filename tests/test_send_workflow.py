@@ -23,8 +23,9 @@ from postlane import (
 from postlane.client import CancelOutcome
 from postlane.config import LaneConfig
 from postlane.errors import ActionRefused
-from postlane.ids import email_workflow_id, message_id
+from postlane.ids import email_workflow_id
 from postlane.testing import PostlaneTestEnv
+from postlane.tokens import TokenKeys
 
 
 def email(subject: str = "Your code", *, sender: str = "agent@acme.test", **kw: object) -> Email:
@@ -47,7 +48,8 @@ async def test_send_delivers_once_with_receipt(pl: PostlaneTestEnv, key: str) ->
     assert receipt.rejected == {}
     assert receipt.attempts == 1
     assert receipt.smtp_reply.startswith("250")
-    assert receipt.message_id == message_id(email_workflow_id(key), "acme.test")
+    keys = TokenKeys.from_settings(pl.settings)
+    assert receipt.message_id == keys.message_id(email_workflow_id(key), "acme.test")
     [caught] = pl.outbox
     assert caught.message_id == receipt.message_id
     assert caught.subject == "Your code"

@@ -19,6 +19,7 @@ from postlane.errors import (
 )
 from postlane.sequences.models import references, sequence_email
 from postlane.sequences.spec import Recipient, load_spec, spec_from_dict
+from postlane.tokens import UNSUBSCRIBE_TOKEN_PLACEHOLDER
 from workflows._calendar import next_local_time, next_opening
 
 EXAMPLES = Path(__file__).parent.parent / "examples"
@@ -125,7 +126,11 @@ def test_example_spec_renders_for_every_example_row() -> None:
         inp = client().sequences.prepare(example, row)
         assert inp.key == f"q4-outreach:{row.address}"
         assert row.variables["company"] in inp.rendered["intro"].subject
-        assert inp.one_click and "https://acme.test/unsubscribe?t=pl-" in inp.list_unsubscribe
+        assert (
+            inp.one_click
+            and f"https://acme.test/unsubscribe?t={UNSUBSCRIBE_TOKEN_PLACEHOLDER}"
+            in inp.list_unsubscribe
+        )
         assert "Write a short, friendly last note" in inp.instructions["last"]
 
 

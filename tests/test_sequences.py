@@ -108,7 +108,7 @@ async def test_no_reply_walks_all_three_steps_threaded(pl: PostlaneTestEnv, key:
     assert follow["In-Reply-To"] == final.sent[0].message_id
     assert last["In-Reply-To"] == final.sent[1].message_id
     assert last["References"].split() == [final.sent[0].message_id, final.sent[1].message_id]
-    assert intro["List-Unsubscribe"].startswith("<mailto:ada@acme.test?subject=unsubscribe%20pl-")
+    assert intro["List-Unsubscribe"].startswith("<mailto:ada@acme.test?subject=unsubscribe%20pl1-")
     assert [m.message_id for m in mine] == [s.message_id for s in final.sent]
     # Each send is its own email workflow, keyed <sequence key>:<step>.
     assert (await pl.client.describe(sequence_email_key(key, "follow"))).status == "sent"

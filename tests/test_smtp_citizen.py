@@ -34,6 +34,7 @@ from tests.procs import (
 pytestmark = pytest.mark.devserver
 
 THROTTLE = "450 4.7.1 <app@citizen.test>: Sender address rejected: too many messages"
+LOGGED_THROTTLE = THROTTLE.replace("app@", "***@")  # INFO logs keep only the domain
 
 
 def throttled_lane(smtp: SmtpCatcher, **fields: Any) -> LaneConfig:
@@ -140,8 +141,8 @@ async def test_throttled_attempt_logs_one_line_without_traceback(
     if json_logs:
         failed = log_events(log, "email.attempt_failed")
         assert [(e["lane"], e["key"], e["attempt"], e["reply"]) for e in failed] == [
-            (lane.name, key, 1, THROTTLE),
-            (lane.name, key, 2, THROTTLE),
+            (lane.name, key, 1, LOGGED_THROTTLE),
+            (lane.name, key, 2, LOGGED_THROTTLE),
         ]
         assert {e["error_type"] for e in failed} == {"SmtpThrottledError"}
         assert len(log_events(log, "email.sent")) == 1
@@ -151,7 +152,7 @@ async def test_throttled_attempt_logs_one_line_without_traceback(
         for attempt, line in enumerate(failed_lines, start=1):
             for field in (f"lane={lane.name}", f"key={key}", f"attempt={attempt}", "reply="):
                 assert field in line, (field, line)
-            assert THROTTLE in line
+            assert LOGGED_THROTTLE in line
 
 
 async def test_throttling_postfix_sees_few_sessions_each_ending_with_quit(

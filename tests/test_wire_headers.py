@@ -34,12 +34,11 @@ from postlane.idempotency import content_digest
 from postlane.ids import (
     email_workflow_id,
     message_id,
-    sequence_from_unsubscribe_token,
-    workflow_id_from_message_id,
 )
 from postlane.sequences.models import references
 from postlane.sequences.spec import Recipient, spec_from_dict
 from postlane.testing import PostlaneTestEnv
+from postlane.tokens import TokenKeys
 
 # The README's own example: sequence "q4-outreach", recipient ann@example.test, so the
 # intro's key is "q4-outreach:ann@example.test:intro" and its Message-ID is long.
@@ -418,7 +417,7 @@ async def test_sequence_follow_up_threads_on_the_wire(pl: PostlaneTestEnv) -> No
     key = "q4-outreach:ann@example.test"  # the README's example key
     handle = await pl.client.sequences.start(spec, Recipient(address="ann@example.test"), key=key)
     await handle.result()
-    mine = [m for m in pl.outbox if _workflow_of(m).startswith(f"email:{key}:")]
+    mine = [m for m in pl.outbox if _workflow_of(m, pl.settings).startswith(f"email:{key}:")]
     intro, follow, last = sorted(mine, key=lambda m: m.received_at)
     (intro_id,) = intro.headers("Message-ID")
     assert len(intro_id.strip()) > 78 - len("In-Reply-To: ")  # the README-sized case
@@ -431,15 +430,16 @@ async def test_sequence_follow_up_threads_on_the_wire(pl: PostlaneTestEnv) -> No
     for message in (intro, follow, last):
         assert message.wire_problems == ()
         mailto, https = list_unsubscribe_uris(message.raw)
-        assert mailto.startswith("mailto:ada@acme.test?subject=unsubscribe%20pl-")
-        assert https.startswith("https://acme.test/unsubscribe?t=pl-")
+        assert mailto.startswith("mailto:ada@acme.test?subject=unsubscribe%20pl1-")
+        assert https.startswith("https://acme.test/unsubscribe?t=pl1-")
         for uri in (mailto, https):
-            assert sequence_from_unsubscribe_token(unquote(uri)) == f"sequence:{key}"
+            opened = TokenKeys.from_settings(pl.settings).open_unsubscribe_token(unquote(uri))
+            assert opened == ("ada@acme.test", f"sequence:{key}")
         assert message.headers("List-Unsubscribe-Post") == [b" List-Unsubscribe=One-Click"]
 
 
-def _workflow_of(message: CaughtMessage) -> str:
-    return workflow_id_from_message_id(message.header("Message-ID")) or ""
+def _workflow_of(message: CaughtMessage, settings: Settings) -> str:
+    return TokenKeys.from_settings(settings).open_message_id(message.header("Message-ID")) or ""
 
 
 # -- every caller sees the bare address -----------------------------------------------------

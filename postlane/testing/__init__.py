@@ -40,6 +40,7 @@ from postlane.dev.catcher import CaughtMessage, SmtpCatcher
 from postlane.email.models import RetrySettings
 from postlane.namespace import ensure_search_attributes
 from postlane.testing.agents import fake_compose
+from postlane.tokens import ephemeral_secret
 
 TEST_LANE = "test"
 SLEEP_RPC_TIMEOUT = timedelta(minutes=10)
@@ -140,7 +141,8 @@ async def postlane_test_env(
         await ensure_search_attributes(env.client, env.client.namespace)
         with SmtpCatcher() as smtp:
             settings = Settings(
-                lanes=[catcher_lane(lane, smtp) for lane in (lanes or [default_test_lane()])]
+                lanes=[catcher_lane(lane, smtp) for lane in (lanes or [default_test_lane()])],
+                token_secret=ephemeral_secret(),
             )
             async with running_workers(env, settings, agents=agents):
                 yield PostlaneTestEnv(PostlaneClient(env.client, settings), env, smtp, settings)
@@ -158,9 +160,13 @@ async def running_workers(
 
     Args:
         settings: the workers' configuration (every lane an email may name must be in it).
+            Without a token secret, the workers get a random one for the block.
         lanes: the lanes to send for; default every lane of `settings`.
     """
     from postlane.worker import run_workers
+
+    if settings.token_secret is None and settings.token_secret_file is None:
+        settings = settings.model_copy(update={"token_secret": ephemeral_secret()})
 
     stop, ready = asyncio.Event(), asyncio.Event()
     task = asyncio.create_task(
