@@ -42,6 +42,11 @@ from postlane.lanes.models import (
 )
 from postlane.testing import PostlaneTestEnv, default_test_lane, postlane_test_env
 
+# A developer's shell may hold Postlane or Temporal settings (encryption keys, a config
+# file, a server address); the suite must see only what each test sets itself.
+for _name in [n for n in os.environ if n.startswith(("POSTLANE_", "TEMPORAL_"))]:
+    del os.environ[_name]
+
 # Every worker a test starts (in process or as a subprocess) makes sealed Message-IDs and
 # unsubscribe tokens; a test that is about a missing secret takes it away itself.
 os.environ.setdefault("POSTLANE_TOKEN_SECRET", "postlane-tests-token-secret-not-for-production")
