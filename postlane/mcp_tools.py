@@ -124,7 +124,9 @@ class StartSequenceResult(BaseModel):
 
     model_config = ConfigDict(frozen=True)
 
-    key: str = Field(description="The sequence's key: use it with sequence_status and list_replies.")
+    key: str = Field(
+        description="The sequence's key: use it with sequence_status and list_replies."
+    )
     workflow_id: str = Field(description="The Temporal workflow ID: sequence:<key>.")
     spec: str = Field(description="The name of the spec the recipient was enrolled in.")
     created: bool = Field(
@@ -361,6 +363,7 @@ _KEY_HELP = (
     "content never sends twice (reuse it to retry a call whose outcome you did not see); "
     "the same key with different content is refused; a new email needs a new key."
 )
+
 
 def build_server(
     connect: Callable[[], Awaitable[PostlaneClient]],
@@ -620,16 +623,13 @@ def build_server(
             "same key and content sends nothing new (duplicate: true); the same key with "
             "other content is an error. Bad input is an error naming the field, and then "
             "nothing was sent. " + _STATUSES,
-            ToolAnnotations(
-                destructive_hint=False, idempotent_hint=True, open_world_hint=True
-            ),
+            ToolAnnotations(destructive_hint=False, idempotent_hint=True, open_world_hint=True),
         ),
         (
             email_status,
             "Where an email is now, by its idempotency key: status, lane, attempts, the last "
             "SMTP reply or error, the failed attempts, and once sent the receipt "
-            "(message_id, accepted and rejected recipients, the server's reply). "
-            + _STATUSES,
+            "(message_id, accepted and rejected recipients, the server's reply). " + _STATUSES,
             read_only,
         ),
         (
@@ -681,12 +681,12 @@ def build_server(
             read_only,
         ),
     ]
-    for fn, description, annotations in tools:
+    for fn, description, hints in tools:
         server.add_tool(
             fn,
             name=fn.__name__,
             description=description,
-            annotations=annotations,
+            annotations=hints,
             structured_output=True,
         )
     return server

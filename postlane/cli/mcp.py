@@ -71,9 +71,7 @@ async def run(args: argparse.Namespace) -> int:
 
     configure_logging()  # stderr: on stdio, stdout carries the protocol alone
     settings = load_settings()
-    specs = Path(args.specs)
-    if not specs.is_dir():
-        raise InvalidInput("specs", f"{args.specs!r} is not a directory")
+    specs = _spec_dir(args.specs)
     senders = [s.strip() for value in args.senders for s in value.split(",") if s.strip()]
 
     async def connect() -> PostlaneClient:
@@ -86,6 +84,13 @@ async def run(args: argparse.Namespace) -> int:
         await server.run_stdio_async()
         return EXIT_OK
     return await _serve_http(server, args)
+
+
+def _spec_dir(value: str) -> Path:
+    path = Path(value)
+    if not path.is_dir():
+        raise InvalidInput("specs", f"{value!r} is not a directory")
+    return path
 
 
 async def _serve_http(server: Any, args: argparse.Namespace) -> int:
