@@ -106,7 +106,9 @@ class DeadLetterList(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     count: int = Field(description="How many emails are dead-lettered (with these filters).")
-    emails: list[EmailReport] = Field(description="The longest parked first.")
+    emails: list[EmailReport] = Field(
+        description="Up to `limit` of them in detail, the longest parked first."
+    )
 
 
 class RetryEmailResult(BaseModel):
@@ -485,6 +487,9 @@ def build_server(
             str | None,
             Field(description="Only those parked since this ISO 8601 time (with a zone)."),
         ] = None,
+        limit: Annotated[
+            int, Field(ge=1, le=500, description="At most this many emails in detail.")
+        ] = 50,
     ) -> DeadLetterList:
         when = None
         if since is not None:
@@ -492,13 +497,16 @@ def build_server(
                 when = _parse_send_at(since)
             except _Problem as exc:
                 raise _Problem("InvalidInput", "since", exc.problem.reason) from None
+        if lane is not None and lane not in [known.name for known in settings.lanes]:
+            names = ", ".join(known.name for known in settings.lanes)
+            raise _Problem("UnknownLane", "lane", f"no lane is named {lane!r} (lanes: {names})")
 
         async def act(pl: PostlaneClient) -> DeadLetterList:
-            if lane is not None and lane not in [known.name for known in pl.settings.lanes]:
-                names = ", ".join(known.name for known in pl.settings.lanes)
-                raise _Problem("UnknownLane", "lane", f"no lane is named {lane!r} (lanes: {names})")
-            emails = await pl.dlq.list(lane=lane, since=when)
-            return DeadLetterList(count=len(emails), emails=emails)
+            keys = await pl.dlq.keys(lane=lane, since=when)
+            emails = [await pl.describe(key) for key in keys[:limit]]
+            far_past = datetime.min.replace(tzinfo=UTC)
+            emails.sort(key=lambda r: r.parked_at or far_past)
+            return DeadLetterList(count=len(keys), emails=emails)
 
         result: DeadLetterList = await guarded(act)
         return result

@@ -10,6 +10,7 @@ import contextlib
 import subprocess
 import uuid
 from collections.abc import AsyncIterator
+from datetime import timedelta
 from email import message_from_bytes, policy
 from email.message import EmailMessage
 from pathlib import Path
@@ -29,6 +30,7 @@ from temporalio.testing import WorkflowEnvironment
 from postlane.client import PostlaneClient
 from postlane.config import LaneConfig, Settings
 from postlane.dev.catcher import SmtpCatcher
+from postlane.email.models import RetrySettings
 from postlane.mcp_tools import TOOL_NAMES
 from postlane.testing import running_workers
 from tests.procs import (
@@ -227,6 +229,56 @@ async def test_mcp_cancel_and_sender_scope(dev_env: WorkflowEnvironment, tmp_pat
             assert scoped["error"] == "SenderNotAllowed" and scoped["field"] == "sender"
             assert not await workflow_exists(dev_env.client, f"email:{outside}")
         assert smtp.messages == []
+
+
+@pytest.mark.timeout(180)
+async def test_mcp_dead_letter_listed_then_retried_to_a_corrected_address(
+    dev_env: WorkflowEnvironment, tmp_path: Path
+) -> None:
+    with SmtpCatcher() as smtp:
+        lane = new_lane(
+            smtp,
+            senders=["*@it.test"],
+            retry=RetrySettings(initial_interval=timedelta(seconds=1), maximum_attempts=2),
+        )
+        env = mcp_env(dev_env, tmp_path, lane)
+        key = f"mcp-dlq-{uuid.uuid4().hex[:8]}"
+        smtp.fail("rcpt", "451 4.3.0 mailbox temporarily unavailable", times=2)
+        async with (
+            running_workers(dev_env, Settings(lanes=[lane])),
+            stdio_mcp(env, tmp_path) as mcp,
+        ):
+            ok(await mcp.call_tool("send_email", an_email(key)))
+
+            async def parked() -> dict[str, Any] | None:
+                listed = ok(await mcp.call_tool("list_dead_letters", {"lane": lane.name}))
+                return listed if listed["count"] else None
+
+            listed = await assert_eventually(parked, within=60, what="dead-lettered")
+            [email] = listed["emails"]
+            assert email["key"] == key and email["status"] == "dead_letter"
+            assert email["attempts"] == 2 and "451 4.3.0" in email["last_error"]
+            assert smtp.messages == []
+            unknown = problem(await mcp.call_tool("list_dead_letters", {"lane": "nope"}))
+            assert unknown["field"] == "lane"
+
+            retried = ok(
+                await mcp.call_tool("retry_email", {"key": key, "to": ["bob.new@example.test"]})
+            )
+            assert retried["retried"] is True
+            [caught] = await assert_eventually(lambda: smtp.messages, within=60, what="resent")
+            assert caught.recipients == ["bob.new@example.test"]
+            assert caught.header("To") == "bob.new@example.test"
+
+            async def sent() -> bool:
+                report = ok(await mcp.call_tool("email_status", {"key": key}))
+                return bool(report["status"] == "sent")
+
+            await assert_eventually(sent, within=60, what="status sent")
+            again = problem(await mcp.call_tool("retry_email", {"key": key}))
+            assert again["error"] == "ActionRefused" and "sent" in again["reason"]
+            assert ok(await mcp.call_tool("list_dead_letters", {"lane": lane.name}))["count"] == 0
+        assert len(smtp.messages) == 1
 
 
 @pytest.mark.timeout(180)
