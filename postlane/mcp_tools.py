@@ -29,10 +29,12 @@ from mcp.server.mcpserver.exceptions import ToolError, UnexpectedToolError
 from mcp_types import CallToolResult, InputRequiredResult, TextContent, ToolAnnotations
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.types import ASGIApp, Receive, Scope, Send
-from temporalio.service import RPCError
+from temporalio.common import RawValue
+from temporalio.service import RPCError, RPCStatusCode
 
 from postlane.client import CancelResult, PostlaneClient
 from postlane.config import Settings
+from postlane.contract import parse_send_email_input
 from postlane.email.models import Email, EmailReport, EmailStatus
 from postlane.errors import (
     ActionRefused,
@@ -340,6 +342,36 @@ def _as_problem(exc: BaseException) -> _Problem:
     return _Problem(name, "email", str(exc) or name)
 
 
+async def _sender_of(pl: PostlaneClient, key: str) -> str | None:
+    """The sender an email was started with (read from its first history event, through the
+    data converter, so an encrypted input is read too); None if unreadable.
+
+    Raises:
+        EmailNotFound: no email has this key.
+    """
+    handle = pl.temporal.get_workflow_handle(email_workflow_id(key))
+    try:
+        async for event in handle.fetch_history_events():
+            payloads = list(event.workflow_execution_started_event_attributes.input.payloads)
+            break
+        else:
+            return None
+    except RPCError as err:
+        if err.status == RPCStatusCode.NOT_FOUND:
+            raise EmailNotFound(key) from None
+        raise
+    if not payloads:
+        return None
+    [raw] = await pl.temporal.data_converter.decode(payloads[:1], [RawValue])
+    try:
+        started = parse_send_email_input(
+            raw.payload.data, raw.payload.metadata.get("encoding"), handle.id
+        )
+    except InvalidInput:
+        return None
+    return started.email.sender
+
+
 def _check_key(key: str, field: str = "key") -> None:
     try:
         validate_key(key)
@@ -511,6 +543,18 @@ def build_server(
         result: DeadLetterList = await guarded(act)
         return result
 
+    async def in_scope(pl: PostlaneClient, key: str) -> None:
+        """With ``--senders``, refuse to act on an email sent as someone else."""
+        if not scope.patterns:
+            return
+        sender = await _sender_of(pl, key)
+        if sender is None:
+            raise _Problem("SenderNotAllowed", "key", f"the sender of {key!r} is unknown")
+        try:
+            scope.check(sender)
+        except _Problem as exc:
+            raise _Problem("SenderNotAllowed", "key", f"{key!r}: {exc.problem.reason}") from None
+
     async def retry_email(
         key: Annotated[str, Field(description="The key of a dead_letter or failed email.")],
         to: Annotated[
@@ -521,6 +565,7 @@ def build_server(
         reason: Annotated[str, Field(description="Why, for the audit trail.")] = "",
     ) -> RetryEmailResult:
         async def act(pl: PostlaneClient) -> RetryEmailResult:
+            await in_scope(pl, key)
             retried = await pl.retry(key, reason=reason or "postlane mcp", to=to, lane=lane)
             return RetryEmailResult(key=key, retried=retried, status=await pl.status(key))
 
@@ -539,6 +584,7 @@ def build_server(
         ] = DEFAULT_CANCEL_WAIT,
     ) -> CancelResult:
         async def act(pl: PostlaneClient) -> CancelResult:
+            await in_scope(pl, key)
             return await pl.cancel(key, wait=timedelta(seconds=wait_seconds))
 
         result: CancelResult = await guarded(act)

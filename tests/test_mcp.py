@@ -10,7 +10,7 @@ import contextlib
 import subprocess
 import uuid
 from collections.abc import AsyncIterator
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from email import message_from_bytes, policy
 from email.message import EmailMessage
 from pathlib import Path
@@ -30,7 +30,7 @@ from temporalio.testing import WorkflowEnvironment
 from postlane.client import PostlaneClient
 from postlane.config import LaneConfig, Settings
 from postlane.dev.catcher import SmtpCatcher
-from postlane.email.models import RetrySettings
+from postlane.email.models import Email, EmailStatus, RetrySettings
 from postlane.mcp_tools import TOOL_NAMES
 from postlane.testing import running_workers
 from tests.procs import (
@@ -228,6 +228,20 @@ async def test_mcp_cancel_and_sender_scope(dev_env: WorkflowEnvironment, tmp_pat
             )
             assert scoped["error"] == "SenderNotAllowed" and scoped["field"] == "sender"
             assert not await workflow_exists(dev_env.client, f"email:{outside}")
+
+            # Nor may it stop (or retry) an email someone else sent as another sender.
+            theirs = f"mcp-theirs-{uuid.uuid4().hex[:8]}"
+            pl = PostlaneClient(dev_env.client, Settings(lanes=[lane]))
+            await pl.send(
+                Email(sender="ops@it.test", to=["ann@example.test"], subject="S", text="T"),
+                key=theirs,
+                send_at=datetime(2099, 1, 1, tzinfo=UTC),
+            )
+            for tool in ("cancel_email", "retry_email"):
+                denied = problem(await mcp.call_tool(tool, {"key": theirs}))
+                assert denied["error"] == "SenderNotAllowed" and denied["field"] == "key"
+            assert await pl.status(theirs) == EmailStatus.SCHEDULED
+            await pl.cancel(theirs)
         assert smtp.messages == []
 
 
