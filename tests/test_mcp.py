@@ -39,6 +39,7 @@ from tests.procs import (
     assert_eventually,
     free_port,
     postlane_env,
+    run_postlane,
     write_config,
 )
 from tests.test_integration import address_of, new_lane
@@ -436,3 +437,14 @@ async def test_mcp_streamable_http_needs_the_token(
                     bad = problem(await mcp.call_tool("send_email", an_email("a b")))
                     assert bad["field"] == "key"
         assert len(smtp.messages) == 1
+
+
+@pytest.mark.timeout(60)
+async def test_mcp_refuses_an_open_http_bind_without_a_token(tmp_path: Path) -> None:
+    env = postlane_env("127.0.0.1:1", write_config(tmp_path / "postlane.toml", [new_lane()]))
+    args = ["mcp", "--http", "--host", "0.0.0.0", "--port", str(free_port())]
+    rc, out, err = await run_postlane(args, env)
+    assert rc == 2, (out, err)
+    assert "host: serving on 0.0.0.0 needs a token; set POSTLANE_MCP_TOKEN" in err
+    rc, out, err = await run_postlane(["mcp", "--specs", str(tmp_path / "none")], env)
+    assert rc == 2 and "specs: " in err, (out, err)
