@@ -231,7 +231,8 @@ class _Connection:
             if self._client is None:
                 try:
                     self._client = await self._connect()
-                except RuntimeError as exc:
+                except (RuntimeError, ValueError, OSError, RPCError) as exc:
+                    # ValueError: the TEMPORAL_* variables (TLS files, profile) are wrong.
                     raise _Problem("Unavailable", "temporal", str(exc)) from None
             return self._client
 
