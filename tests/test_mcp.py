@@ -448,3 +448,18 @@ async def test_mcp_refuses_an_open_http_bind_without_a_token(tmp_path: Path) -> 
     assert "host: serving on 0.0.0.0 needs a token; set POSTLANE_MCP_TOKEN" in err
     rc, out, err = await run_postlane(["mcp", "--specs", str(tmp_path / "none")], env)
     assert rc == 2 and "specs: " in err, (out, err)
+
+
+@pytest.mark.timeout(90)
+async def test_mcp_without_temporal_answers_tool_errors_and_stays_up(tmp_path: Path) -> None:
+    lane = new_lane()
+    refused = postlane_env(f"127.0.0.1:{free_port()}", write_config(tmp_path / "pl.toml", [lane]))
+    async with stdio_mcp(refused, tmp_path) as mcp:
+        assert len((await mcp.list_tools()).tools) == len(TOOL_NAMES)
+        for _ in range(2):  # connects again on every call, and still answers
+            down = problem(await mcp.call_tool("send_email", an_email("k-1")))
+            assert down["error"] == "Unavailable" and down["field"] == "temporal"
+            assert "connect" in down["reason"]
+        # Bad input is refused before any connection is tried.
+        bad = problem(await mcp.call_tool("send_email", an_email("k-1", send_at="tomorrow")))
+        assert bad["field"] == "send_at"
