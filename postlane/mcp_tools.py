@@ -47,7 +47,7 @@ from postlane.errors import (
     SequenceNotFound,
     UnknownSender,
 )
-from postlane.ids import email_workflow_id, sequence_workflow_id, validate_key
+from postlane.ids import MAX_KEY_LENGTH, email_workflow_id, sequence_workflow_id, validate_key
 from postlane.sequences.models import InboundEvent, SequenceReport, SequenceStatus
 from postlane.sequences.spec import Recipient, SequenceSpec, load_spec
 
@@ -393,7 +393,8 @@ def _parse_send_at(value: str) -> datetime:
 
 
 _KEY_HELP = (
-    "Idempotency key (required): names this email, 1-200 characters without spaces, e.g. "
+    f"Idempotency key (required): names this email, 1-{MAX_KEY_LENGTH} characters without "
+    "spaces, e.g. "
     "'invoice-2291-reminder'. The workflow ID is email:<key>. The same key with the same "
     "content never sends twice (reuse it to retry a call whose outcome you did not see); "
     "the same key with different content is refused; a new email needs a new key."
@@ -465,7 +466,6 @@ def build_server(
             ),
         ] = None,
     ) -> SendEmailResult:
-        scope.check(sender)  # before anything else: least privilege
         try:
             email = Email(
                 sender=sender,
@@ -481,7 +481,7 @@ def build_server(
             )
         except InvalidInput as exc:
             raise _as_problem(exc) from None
-        scope.check(email.sender)  # the bare address of a "Name <address>" form
+        scope.check(email.sender)  # the bare address, also of a "Name <address>" form
         when = _parse_send_at(send_at) if send_at is not None else None
         _check_key(key)
         if settings.lane_for(email.sender) is None:

@@ -230,6 +230,14 @@ async def test_mcp_cancel_and_sender_scope(dev_env: WorkflowEnvironment, tmp_pat
             assert scoped["error"] == "SenderNotAllowed" and scoped["field"] == "sender"
             assert not await workflow_exists(dev_env.client, f"email:{outside}")
 
+            # The display-name form of an allowed sender is the allowed sender.
+            named = f"mcp-named-{uuid.uuid4().hex[:8]}"
+            later_named = an_email(
+                named, sender="Agent <agent@it.test>", send_at="2099-01-01T00:00:00Z"
+            )
+            assert ok(await mcp.call_tool("send_email", later_named))["status"] == "scheduled"
+            assert ok(await mcp.call_tool("cancel_email", {"key": named}))["outcome"] == "cancelled"
+
             # Nor may it stop (or retry) an email someone else sent as another sender.
             theirs = f"mcp-theirs-{uuid.uuid4().hex[:8]}"
             pl = PostlaneClient(dev_env.client, Settings(lanes=[lane]))
