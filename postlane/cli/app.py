@@ -24,6 +24,7 @@ from rich.console import Console
 from rich.table import Table
 from temporalio.service import RPCError
 
+from postlane.cli import mcp as cli_mcp
 from postlane.cli import sequence as cli_sequence
 from postlane.cli.progress import ProgressBar
 from postlane.durations import format_duration, parse_duration
@@ -166,6 +167,7 @@ def _parser() -> argparse.ArgumentParser:
         action.add_argument("--since", help=f"with --all: {since_help}")
 
     cli_sequence.add_parser(sub)
+    cli_mcp.add_parser(sub)
 
     lanes = sub.add_parser("lanes", help="per lane: rate, backpressure, caps used, backlog")
     lanes_sub = lanes.add_subparsers(dest="lanes_command", metavar="SUBCOMMAND")
@@ -285,6 +287,8 @@ async def _dispatch(args: argparse.Namespace) -> int:
         return EXIT_OK
     if args.command == "codec-server":
         return await _codec_server(args)
+    if args.command == "mcp":
+        return await cli_mcp.run(args)
 
     from postlane.config import load_settings
 
