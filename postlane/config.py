@@ -35,6 +35,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from postlane.api.settings import ApiSettings
 from postlane.durations import Duration
 from postlane.email.addresses import normalise_sender_pattern
 from postlane.email.models import (
@@ -300,6 +301,8 @@ class Settings(BaseSettings):
     accept_legacy_tokens: bool = True
     """Route replies and unsubscribes that carry the unauthenticated Message-IDs and tokens
     of mail sent before sealing (``POSTLANE_ACCEPT_LEGACY_TOKENS=false`` turns it off)."""
+    api: ApiSettings = Field(default_factory=ApiSettings)
+    """The HTTP API (``[api]``; ``postlane api``, docs/api.md)."""
 
     @field_validator("lanes")
     @classmethod
