@@ -153,8 +153,9 @@ IdemHeader = Annotated[
 
 
 def _problems(*codes: int) -> dict[int | str, dict[str, Any]]:
+    problem = {"schema": {"$ref": "#/components/schemas/ProblemDetails"}}
     return {
-        code: {"model": ProblemDetails, "content": {MEDIA_TYPE: {}}, "description": "A problem"}
+        code: {"description": "A problem (RFC 9457)", "content": {MEDIA_TYPE: problem}}
         for code in codes
     }
 
@@ -168,7 +169,7 @@ def create_app(pl: PostlaneClient, *, keys: KeyStore | None = None) -> FastAPI:
     """
     api = pl.settings.api
     store = keys or KeyStore(api.keys_file)
-    in_flight: InFlight[tuple[int, BaseModel]] = InFlight()
+    in_flight: InFlight[tuple[bool, BaseModel]] = InFlight()
     tokens: TokenKeys | None = None
     app = FastAPI(
         title="Postlane",
@@ -202,9 +203,10 @@ def create_app(pl: PostlaneClient, *, keys: KeyStore | None = None) -> FastAPI:
                 raise _too_large(len(data), limit)
         return bytes(data)
 
-    def replayed(response: Response, joined: bool, status: int) -> None:
-        response.status_code = status
-        response.headers["Idempotent-Replayed"] = "true" if joined else "false"
+    def replayed(response: Response, joined: bool, created: bool) -> None:
+        # A request that joined another in flight, or found the workflow already there,
+        # answers what the first request answered.
+        response.headers["Idempotent-Replayed"] = "true" if joined or not created else "false"
 
     @app.get("/healthz", tags=["service"])
     async def healthz(response: Response) -> Health:
@@ -248,17 +250,17 @@ def create_app(pl: PostlaneClient, *, keys: KeyStore | None = None) -> FastAPI:
             )
         email = req.email()
 
-        async def start() -> tuple[int, BaseModel]:
-            await pl.send(email, key=key, priority=req.priority, send_at=req.send_at)
-            log.info("api.email_accepted", key_id=record.id, workflow_id=email_workflow_id(key))
-            return 202, Accepted(
+        async def start() -> tuple[bool, BaseModel]:
+            handle = await pl.send(email, key=key, priority=req.priority, send_at=req.send_at)
+            log.info("api.email_accepted", key_id=record.id, workflow_id=handle.workflow_id)
+            return handle.created, Accepted(
                 key=key, workflow_id=email_workflow_id(key), status_url=f"/v1/emails/{key}"
             )
 
-        (status, body), joined = await in_flight.run(
+        (created, body), joined = await in_flight.run(
             email_workflow_id(key), email_digest(email, req.send_at), start
         )
-        replayed(response, joined, status)
+        replayed(response, joined, created)
         response.headers["Location"] = f"/v1/emails/{key}"
         assert isinstance(body, Accepted)
         return body
@@ -317,15 +319,15 @@ def create_app(pl: PostlaneClient, *, keys: KeyStore | None = None) -> FastAPI:
             f"{spec.model_dump_json()}|{req.recipient.model_dump_json()}".encode()
         ).hexdigest()
 
-        async def start() -> tuple[int, BaseModel]:
+        async def start() -> tuple[bool, BaseModel]:
             handle = await pl.sequences.start(spec, req.recipient, key=key)
             log.info("api.sequence_accepted", key_id=record.id, workflow_id=handle.workflow_id)
-            return 202, Accepted(
+            return handle.created, Accepted(
                 key=key, workflow_id=handle.workflow_id, status_url=f"/v1/sequences/{key}"
             )
 
-        (status, body), joined = await in_flight.run(sequence_workflow_id(key), fingerprint, start)
-        replayed(response, joined, status)
+        (created, body), joined = await in_flight.run(sequence_workflow_id(key), fingerprint, start)
+        replayed(response, joined, created)
         response.headers["Location"] = f"/v1/sequences/{key}"
         assert isinstance(body, Accepted)
         return body
@@ -435,10 +437,18 @@ def create_app(pl: PostlaneClient, *, keys: KeyStore | None = None) -> FastAPI:
                 routes=app.routes,
             )
             components = schema.setdefault("components", {}).setdefault("schemas", {})
-            for model in (SendEmailRequest, StartSequenceRequest, RetryBody):
+            for model in (SendEmailRequest, StartSequenceRequest, RetryBody, ProblemDetails):
                 found = model.model_json_schema(ref_template="#/components/schemas/{model}")
                 components.update(found.pop("$defs", {}))
                 components[model.__name__] = found
+            # FastAPI's own 422 body never goes out: every error is a problem document.
+            for name in ("HTTPValidationError", "ValidationError"):
+                components.pop(name, None)
+            for item in schema["paths"].values():
+                for op in item.values():
+                    responses = op.get("responses", {})
+                    if "HTTPValidationError" in str(responses.get("422", "")):
+                        responses["422"] = _problems(422)[422]
             app.openapi_schema = schema
         return app.openapi_schema
 

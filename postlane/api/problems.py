@@ -28,6 +28,8 @@ from postlane.errors import (
 
 MEDIA_TYPE = "application/problem+json"
 
+_MAPPINGS = frozenset({"headers", "display_names"})
+_KEYED_RE = re.compile(r"^([^\s:'\"]+): (.+)$", re.DOTALL)
 _SUBFIELD_RE = re.compile(r"^([A-Za-z_][\w.-]*(?:\[\d+\])*): (.+)$", re.DOTALL)
 
 
@@ -142,6 +144,9 @@ def field_errors(errors: Any, *, strip: tuple[str, ...] = ("body",)) -> list[Fie
             # A check of the whole model says which field; a field's check, which part.
             field = f"{field}.{sub.group(1)}" if field else sub.group(1)
             detail = sub.group(2)
+        keyed = _KEYED_RE.match(detail) if field in _MAPPINGS else None
+        if keyed is not None:  # a header or an address: the mapping's key is the field
+            field, detail = f"{field}.{keyed.group(1)}", keyed.group(2)
         if err.get("type") == "missing":
             detail = "is required"
         out.append(FieldError(field=field or "body", detail=detail))
