@@ -26,6 +26,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from postlane.email.addresses import normalise_sender_pattern
+from postlane.email.models import check_address
 from postlane.errors import ConfigurationError, InvalidInput
 
 _KEY_RE = re.compile(r"^pl_([0-9a-f]{8})_([A-Za-z0-9_-]{43})$")
@@ -73,7 +74,14 @@ def parse_senders(value: str) -> list[str]:
     out: list[str] = []
     for pattern in patterns:
         try:
-            out.append(normalise_sender_pattern(pattern))
+            normalised = normalise_sender_pattern(pattern)
+            if normalised.startswith("*@"):  # the domain (or *.domain) must be one
+                domain = normalised[2:].removeprefix("*.")
+                try:
+                    check_address(f"x@{domain}")
+                except ValueError:
+                    raise ValueError(f"{domain!r} is not a domain") from None
+            out.append(normalised)
         except ValueError as exc:
             raise InvalidInput("senders", f"{pattern!r}: {exc}") from None
     return out
