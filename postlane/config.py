@@ -445,14 +445,14 @@ def _line_of(text: str, loc: tuple[int | str, ...]) -> int | None:
     if len(loc) >= 2 and isinstance(loc[1], str):  # a key of a plain table, e.g. [api]
         header = re.compile(rf"^\s*\[\s*{re.escape(str(loc[0]))}\s*\]")
         key = re.compile(rf"^\s*{re.escape(str(loc[1]))}\s*=")
-        table = next((i for i, line in enumerate(lines) if header.match(line)), None)
-        if table is not None:
-            for i in range(table + 1, len(lines)):
+        at = next((i for i, line in enumerate(lines) if header.match(line)), None)
+        if at is not None:
+            for i in range(at + 1, len(lines)):
                 if lines[i].lstrip().startswith("["):
                     break
                 if key.match(lines[i]):
                     return i + 1
-            return table + 1
+            return at + 1
     if loc:
         key = re.compile(rf"^\s*{re.escape(str(loc[0]))}\s*=")
         for i, line in enumerate(lines):
