@@ -449,7 +449,7 @@ async def test_wrong_key_is_401_foreign_sender_is_403_and_nothing_starts(api: Ap
     text = api.log_text()
     for plaintext in api.keys.values():
         assert plaintext not in text
-        assert plaintext.split("_")[2] not in text
+        assert plaintext.split("_", 2)[2] not in text
 
 
 # -- problem+json per bad input class --------------------------------------------------------
@@ -721,3 +721,39 @@ async def test_openapi_is_served_and_docs_reference_matches_it(api: Api) -> None
     assert replace_generated(current, render(document)) == current, (
         "docs/api.md is out of date: run python -m postlane.api.reference"
     )
+
+
+@pytest.mark.timeout(120)
+async def test_cancel_retry_and_dead_letters_through_the_api(api: Api) -> None:
+    key = f"api-{uuid.uuid4().hex[:10]}"
+    to = f"{key}@example.test"
+    later = await api.send(key, email_body(to, send_at="2099-01-01T09:00:00+00:00"))
+    assert later.status_code == 202, later.text
+
+    async def scheduled() -> bool:
+        return await email_status(api, key) == "scheduled"
+
+    await assert_eventually(scheduled, within=60, what="scheduled")
+    cancelled = await api.http.post(f"/v1/emails/{key}/cancel", headers=api.auth())
+    assert cancelled.status_code == 200, cancelled.text
+    assert cancelled.json()["outcome"] == "cancelled" and not cancelled.json()["already"]
+    again = await api.http.post(f"/v1/emails/{key}/cancel", headers=api.auth())
+    assert again.json()["outcome"] == "cancelled" and again.json()["already"]
+    assert await email_status(api, key) == "cancelled"
+
+    refused = await api.http.post(f"/v1/emails/{key}/retry", headers=api.auth())
+    problem = assert_problem(refused, 409, "action-refused")
+    assert "cancelled" in problem["detail"]
+    assert await email_status(api, key) == "cancelled"
+
+    anonymous = await api.http.get("/v1/dead-letters")
+    assert_problem(anonymous, 401, "unauthorized", "Authorization")
+    parked = await api.http.get("/v1/dead-letters", headers=api.auth())
+    assert parked.status_code == 200 and isinstance(parked.json(), list)
+    assert key not in [r["key"] for r in parked.json()]
+    naive = await api.http.get("/v1/dead-letters?since=2020-01-01T00:00:00", headers=api.auth())
+    assert_problem(naive, 422, "invalid-input", "since")
+    assert not api.sent_to(to)
+    api_log = (api.logs / "api.err").read_text() + (api.logs / "api.out").read_text()
+    assert "route=/v1/emails/{key:path}/cancel" in api_log  # the route, not the path
+    assert f"/v1/emails/{key}" not in api_log

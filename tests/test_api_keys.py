@@ -21,7 +21,7 @@ def test_a_key_is_stored_as_its_hash_only_and_checks_its_senders(tmp_path: Path)
     record, plaintext = store.create(parse_senders("Agent@Acme.test, *@ops.acme.test"))
     assert plaintext.startswith(f"pl_{record.id}_") and len(plaintext) == 3 + 8 + 1 + 43
     raw = (tmp_path / "keys.json").read_text()
-    assert plaintext not in raw and plaintext.split("_")[2] not in raw
+    assert plaintext not in raw and plaintext.split("_", 2)[2] not in raw
     assert stat.S_IMODE((tmp_path / "keys.json").stat().st_mode) == 0o600
     assert store.authenticate(plaintext) == record
     assert record.allows("agent@acme.test") and record.allows("ALERTS@ops.acme.test")

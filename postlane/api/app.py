@@ -180,6 +180,20 @@ def create_app(pl: PostlaneClient, *, keys: KeyStore | None = None) -> FastAPI:
     install(app)
     app.state.keys = store
 
+    @app.middleware("http")
+    async def log_request(request: Request, call_next: Any) -> Any:
+        response = await call_next(request)
+        # The route's template, never the path itself: paths carry idempotency keys
+        # (often built from addresses) and unsubscribe tokens.
+        route = request.scope.get("route")
+        log.info(
+            "api.request",
+            method=request.method,
+            route=getattr(route, "path", "-"),
+            status=response.status_code,
+        )
+        return response
+
     def check_sender(record: ApiKey, sender: str, field: str) -> None:
         if not record.allows(sender):
             raise Problem(

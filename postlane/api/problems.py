@@ -127,7 +127,9 @@ def field_path(loc: tuple[int | str, ...] | list[int | str]) -> str:
     return out
 
 
-def field_errors(errors: Any, *, strip: tuple[str, ...] = ("body",)) -> list[FieldError]:
+def field_errors(
+    errors: Any, *, strip: tuple[str, ...] = ("body", "query", "path", "header")
+) -> list[FieldError]:
     """pydantic's (or FastAPI's) validation errors as `FieldError`s naming the field.
 
     A model-level check that says ``to[0]: why`` names its own field.

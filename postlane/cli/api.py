@@ -89,6 +89,7 @@ async def run_api(pl: PostlaneClient, args: argparse.Namespace) -> int:
         ssl_certfile=args.ssl_certfile,
         ssl_keyfile=args.ssl_keyfile,
         log_config=None,  # the root logger Postlane configured takes uvicorn's lines
+        access_log=False,  # its lines show paths, which carry keys and tokens: api.request
         proxy_headers=False,
         server_header=False,
     )
