@@ -539,6 +539,18 @@ async def test_every_bad_input_is_a_problem_naming_the_field(api: Api) -> None:
     )
     assert str(MAX_BODY) in problem["detail"]
 
+    async def chunks() -> AsyncIterator[bytes]:  # no Content-Length: counted as it comes
+        yield b'{"sender": "agent@acme.test", "to": ["a@example.test"], "text": "'
+        for _ in range(MAX_BODY // 1000 + 1):
+            yield b"x" * 1000
+        yield b'", "subject": "Big"}'
+
+    chunked = await post(
+        "/v1/emails", content=chunks(), headers={**k("chunked"), "content-type": "application/json"}
+    )
+    assert "content-length" not in chunked.request.headers
+    assert_problem(chunked, 413, "body-too-large", "body")
+
     unknown_spec = await post(
         "/v1/sequences", json={"spec": "nope", "recipient": {"address": to}}, headers=k("spec")
     )
@@ -568,13 +580,18 @@ async def test_every_bad_input_is_a_problem_naming_the_field(api: Api) -> None:
 
 
 async def start_trial(api: Api, key: str, address: str) -> CaughtMessage:
-    response = await api.http.post(
-        "/v1/sequences",
-        json={"spec": "trial", "recipient": {"address": address, "name": "Zoë"}},
-        headers={**api.auth(), "Idempotency-Key": key},
-    )
+    body = {"spec": "trial", "recipient": {"address": address, "name": "Zoë"}}
+    headers = {**api.auth(), "Idempotency-Key": key}
+    response = await api.http.post("/v1/sequences", json=body, headers=headers)
     assert response.status_code == 202, response.text
     assert response.json()["workflow_id"] == sequence_workflow_id(key)
+    assert response.headers["Idempotent-Replayed"] == "false"
+    again = await api.http.post("/v1/sequences", json=body, headers=headers)
+    assert (again.status_code, again.json()) == (202, response.json())
+    assert again.headers["Idempotent-Replayed"] == "true"
+    other = {"spec": "trial", "recipient": {"address": f"other.{address}"}}
+    conflict = await api.http.post("/v1/sequences", json=other, headers=headers)
+    assert_problem(conflict, 422, "idempotency-conflict", "Idempotency-Key")
     await assert_eventually(
         lambda: bool(api.sent_to(address)), within=60, what="the catcher got it"
     )
