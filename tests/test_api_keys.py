@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import stat
 from pathlib import Path
+from typing import cast
 
 import pytest
 
@@ -103,3 +104,29 @@ def test_api_settings_in_the_file_and_bad_ones_name_file_line_field(tmp_path: Pa
 
 def test_docs_reference_is_generated_from_the_current_openapi() -> None:
     assert reference_main([str(REPO_ROOT / "docs" / "api.md"), "--check"]) == 0
+
+
+async def test_temporal_not_answering_is_a_503_problem(tmp_path: Path) -> None:
+    import httpx
+    from temporalio.service import RPCError, RPCStatusCode
+
+    from postlane.api.app import create_app
+    from postlane.client import PostlaneClient
+    from postlane.config import Settings
+
+    class Unreachable:
+        settings = Settings()
+
+        async def describe(self, key: str) -> None:
+            raise RPCError("connection refused", RPCStatusCode.UNAVAILABLE, b"")
+
+    store = KeyStore(tmp_path / "keys.json")
+    _, plaintext = store.create(["*"])
+    app = create_app(cast(PostlaneClient, Unreachable()), keys=store)
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://api") as http:
+        response = await http.get("/v1/emails/k1", headers={"Authorization": f"Bearer {plaintext}"})
+    assert response.status_code == 503
+    assert response.headers["content-type"] == "application/problem+json"
+    assert response.headers["retry-after"] == "5"
+    assert response.json()["type"] == "urn:postlane:problem:temporal-unavailable"

@@ -16,6 +16,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from temporalio.service import RPCError
 
 from postlane.errors import (
     ActionRefused,
@@ -197,6 +198,14 @@ def install(app: FastAPI) -> None:
         ).response(request)
 
     async def on_crash(request: Request, exc: Exception) -> JSONResponse:
+        if isinstance(exc, RPCError):  # nothing was decided: the client may try again
+            return Problem(
+                503,
+                "temporal-unavailable",
+                "Temporal unavailable",
+                f"Temporal did not answer ({exc.status.name}); try again",
+                headers={"Retry-After": "5"},
+            ).response(request)
         return Problem(
             500, "internal", "Internal error", "the server failed; see its log"
         ).response(request)
