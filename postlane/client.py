@@ -158,6 +158,12 @@ class EmailHandle:
             raise _delivery_error(err) from err
         return DeliveryReceipt.model_validate(result)
 
+    @property
+    def created(self) -> bool:
+        """True if the `PostlaneClient.send` that returned this handle started the email;
+        False if the key was already in use (running or finished) or it cannot tell."""
+        return started_new(self._handle)
+
     async def status(self) -> EmailStatus:
         """The current status (see `PostlaneClient.status`)."""
         return await self._client.status(self.key)

@@ -35,6 +35,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from postlane.api.settings import ApiSettings
 from postlane.durations import Duration
 from postlane.email.addresses import normalise_sender_pattern
 from postlane.email.models import (
@@ -300,6 +301,8 @@ class Settings(BaseSettings):
     accept_legacy_tokens: bool = True
     """Route replies and unsubscribes that carry the unauthenticated Message-IDs and tokens
     of mail sent before sealing (``POSTLANE_ACCEPT_LEGACY_TOKENS=false`` turns it off)."""
+    api: ApiSettings = Field(default_factory=ApiSettings)
+    """The HTTP API (``[api]``; ``postlane api``, docs/api.md)."""
 
     @field_validator("lanes")
     @classmethod
@@ -439,6 +442,17 @@ def _line_of(text: str, loc: tuple[int | str, ...]) -> int | None:
                 if key.match(lines[i]):
                     return i + 1
         return start + 1
+    if len(loc) >= 2 and isinstance(loc[1], str):  # a key of a plain table, e.g. [api]
+        header = re.compile(rf"^\s*\[\s*{re.escape(str(loc[0]))}\s*\]")
+        key = re.compile(rf"^\s*{re.escape(str(loc[1]))}\s*=")
+        at = next((i for i, line in enumerate(lines) if header.match(line)), None)
+        if at is not None:
+            for i in range(at + 1, len(lines)):
+                if lines[i].lstrip().startswith("["):
+                    break
+                if key.match(lines[i]):
+                    return i + 1
+            return at + 1
     if loc:
         key = re.compile(rf"^\s*{re.escape(str(loc[0]))}\s*=")
         for i, line in enumerate(lines):

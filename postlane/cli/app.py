@@ -24,6 +24,7 @@ from rich.console import Console
 from rich.table import Table
 from temporalio.service import RPCError
 
+from postlane.cli import api as cli_api
 from postlane.cli import mcp as cli_mcp
 from postlane.cli import sequence as cli_sequence
 from postlane.cli.progress import ProgressBar
@@ -168,6 +169,7 @@ def _parser() -> argparse.ArgumentParser:
 
     cli_sequence.add_parser(sub)
     cli_mcp.add_parser(sub)
+    cli_api.add_parser(sub)
 
     lanes = sub.add_parser("lanes", help="per lane: rate, backpressure, caps used, backlog")
     lanes_sub = lanes.add_subparsers(dest="lanes_command", metavar="SUBCOMMAND")
@@ -293,6 +295,8 @@ async def _dispatch(args: argparse.Namespace) -> int:
     from postlane.config import load_settings
 
     settings = load_settings()
+    if args.command == "api-key":
+        return cli_api.run_keys(args, settings)
     if args.command == "send":
         email, key = _email_from_args(args)  # validate before touching the network
         send_at = _parse_time(args.send_at) if args.send_at else None
@@ -343,6 +347,8 @@ async def _dispatch(args: argparse.Namespace) -> int:
         return await _dlq(pl, args)
     if args.command == "sequence":
         return await cli_sequence.run(pl, args)
+    if args.command == "api":
+        return await cli_api.run_api(pl, args)
     if args.command == "top":
         from rich.console import Console
 

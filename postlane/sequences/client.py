@@ -162,6 +162,9 @@ class Sequences:
             url = render_string(spec.unsubscribe_url, variables, field="unsubscribe_url").strip()
             if not url.startswith("https://"):
                 raise InvalidEmail("unsubscribe_url", f"{url!r} must be an https:// URL")
+        elif self.settings.api.public_url:
+            # The HTTP API's own RFC 8058 endpoint (``postlane api``, POST /u/<token>).
+            url = f"{self.settings.api.public_url}/u/{token}"
         rendered, instructions = render_sequence(spec, recipient, unsubscribe_url=url)
         mailto = f"<mailto:{spec.sender}?subject=unsubscribe%20{token}>"
         inp = SequenceInput(

@@ -1,0 +1,541 @@
+"""The HTTP API as a FastAPI application: `create_app` builds it around a `PostlaneClient`.
+
+Every route is a thin layer over the Python API, so an email sent over HTTP is the same
+workflow, with the same idempotency and validation, as one sent from Python or the CLI.
+Bodies are read here (bounded by ``[api] max_body_bytes``) and validated with Postlane's
+own models; every error is a problem document (`postlane.api.problems`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from datetime import timedelta
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+from urllib.parse import parse_qs
+
+import structlog
+from fastapi import Depends, FastAPI, Header, Query, Request, Response
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import HTMLResponse, PlainTextResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError
+
+from postlane.client import CancelResult, PostlaneClient
+from postlane.email.models import Email, EmailReport, Priority
+from postlane.errors import InvalidInput
+from postlane.idempotency import email_digest
+from postlane.ids import SEQUENCE_ID_PREFIX, email_workflow_id, sequence_workflow_id
+from postlane.sequences.models import SequenceReport
+from postlane.sequences.spec import Recipient, SequenceSpec, load_spec
+from postlane.tokens import TokenKeys
+
+from .idempotency import HEADER, InFlight, require_key
+from .keys import ApiKey, KeyStore
+from .problems import (
+    MEDIA_TYPE,
+    Problem,
+    ProblemDetails,
+    field_errors,
+    from_field_errors,
+    install,
+    invalid,
+)
+
+log = structlog.get_logger(__name__)
+
+M = TypeVar("M", bound=BaseModel)
+
+_SPEC_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
+
+
+class SendEmailRequest(Email):
+    """``POST /v1/emails``: the email (the fields of Postlane's `Email`) and how to send it."""
+
+    priority: Priority = Priority.NORMAL
+    """``high``, ``normal`` or ``bulk``."""
+    send_at: AwareDatetime | None = None
+    """When to send (ISO 8601 with a zone); absent sends now."""
+
+    def email(self) -> Email:
+        """The `Email` part."""
+        return Email(**{name: getattr(self, name) for name in Email.model_fields})
+
+
+class StartSequenceRequest(BaseModel):
+    """``POST /v1/sequences``: enroll one recipient in a spec of the server's ``specs_dir``."""
+
+    model_config = ConfigDict(frozen=True)
+
+    spec: str = Field(description="The spec's name: the file <specs_dir>/<spec>.toml.")
+    recipient: Recipient
+
+
+class RetryBody(BaseModel):
+    """``POST /v1/emails/{key}/retry``: optional corrections."""
+
+    to: list[str] | None = None
+    """Replace the To recipients (a dead-lettered email only)."""
+    lane: str | None = None
+    """Send through another lane (a dead-lettered email only)."""
+
+
+class Accepted(BaseModel):
+    """A start the API accepted: where to follow it."""
+
+    key: str
+    workflow_id: str
+    status_url: str
+
+
+class InboundResult(BaseModel):
+    """What ``POST /v1/inbound`` did with the message."""
+
+    routed: bool
+    """True if it reached a sequence (a reply, bounce, auto-reply or unsubscribe)."""
+    sequence: str | None = None
+    """That sequence's key."""
+
+
+class Health(BaseModel):
+    """``GET /healthz``."""
+
+    status: str
+    temporal: str
+    in_flight: int
+    """Requests with an Idempotency-Key being processed right now."""
+
+
+_bearer = HTTPBearer(auto_error=False, description="An API key from `postlane api-key create`.")
+
+
+async def authenticated(
+    request: Request,
+    creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> ApiKey:
+    """The live API key of the request (the app's `KeyStore` is ``app.state.keys``).
+
+    Raises:
+        Problem: 401, no key, or a wrong or revoked one.
+    """
+    challenge = {"WWW-Authenticate": 'Bearer realm="postlane"'}
+    if creds is None:
+        raise Problem(
+            401,
+            "unauthorized",
+            "Unauthorized",
+            "Authorization: send 'Authorization: Bearer <API key>'",
+            field="Authorization",
+            headers=challenge,
+        )
+    store: KeyStore = request.app.state.keys
+    record = store.authenticate(creds.credentials)
+    if record is None:
+        raise Problem(
+            401,
+            "unauthorized",
+            "Unauthorized",
+            "Authorization: the API key is wrong or revoked",
+            field="Authorization",
+            headers=challenge,
+        )
+    return record
+
+
+Key = Annotated[ApiKey, Depends(authenticated)]
+IdemHeader = Annotated[
+    str | None,
+    Header(
+        alias=HEADER,
+        description="The idempotency key (the email's or sequence's key); required.",
+    ),
+]
+
+
+def _problems(*codes: int) -> dict[int | str, dict[str, Any]]:
+    problem = {"schema": {"$ref": "#/components/schemas/ProblemDetails"}}
+    return {
+        code: {"description": "A problem (RFC 9457)", "content": {MEDIA_TYPE: problem}}
+        for code in codes
+    }
+
+
+def create_app(pl: PostlaneClient, *, keys: KeyStore | None = None) -> FastAPI:
+    """The API's FastAPI application.
+
+    Args:
+        pl: the connected client; its settings' ``[api]`` table configures the API.
+        keys: the API keys (default: the ``keys_file`` of the settings).
+    """
+    api = pl.settings.api
+    store = keys or KeyStore(api.keys_file)
+    in_flight: InFlight[tuple[bool, BaseModel]] = InFlight()
+    tokens: TokenKeys | None = None
+    app = FastAPI(
+        title="Postlane",
+        version="1",
+        summary="Durable outbound email for AI agents and applications.",
+        description="See docs/api.md: auth, idempotency, errors and limits.",
+    )
+    install(app)
+    app.state.keys = store
+
+    @app.middleware("http")
+    async def log_request(request: Request, call_next: Any) -> Any:
+        response = await call_next(request)
+        # The route's template, never the path itself: paths carry idempotency keys
+        # (often built from addresses) and unsubscribe tokens.
+        route = request.scope.get("route")
+        log.info(
+            "api.request",
+            method=request.method,
+            route=getattr(route, "path", "-"),
+            status=response.status_code,
+        )
+        return response
+
+    def check_sender(record: ApiKey, sender: str, field: str) -> None:
+        if not record.allows(sender):
+            raise Problem(
+                403,
+                "sender-forbidden",
+                "Sender not allowed",
+                f"{field}: this API key may not send as {sender!r}"
+                f" (it may send as {', '.join(record.senders)})",
+                field=field,
+            )
+
+    async def body_of(request: Request) -> bytes:
+        limit = api.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise _too_large(int(declared), limit)
+        data = bytearray()
+        async for chunk in request.stream():
+            data += chunk
+            if len(data) > limit:
+                raise _too_large(len(data), limit)
+        return bytes(data)
+
+    def replayed(response: Response, joined: bool, created: bool) -> None:
+        # A request that joined another in flight, or found the workflow already there,
+        # answers what the first request answered.
+        response.headers["Idempotent-Replayed"] = "true" if joined or not created else "false"
+
+    @app.get("/healthz", tags=["service"])
+    async def healthz(response: Response) -> Health:
+        """Liveness and whether Temporal answers (503 if not)."""
+        try:
+            ok = await pl.temporal.service_client.check_health(timeout=timedelta(seconds=5))
+        except Exception:  # any failure to reach Temporal is "not healthy", not a crash
+            ok = False
+        if not ok:
+            response.status_code = 503
+        return Health(
+            status="ok" if ok else "degraded",
+            temporal="ok" if ok else "unreachable",
+            in_flight=len(in_flight),
+        )
+
+    @app.post(
+        "/v1/emails",
+        tags=["emails"],
+        status_code=202,
+        responses=_problems(400, 401, 403, 413, 422),
+        openapi_extra=_json_body("SendEmailRequest"),
+    )
+    async def send_email(
+        request: Request, response: Response, record: Key, idempotency_key: IdemHeader = None
+    ) -> Accepted:
+        """Send one email, durably, once per Idempotency-Key.
+
+        The same key and body answer the same (``Idempotent-Replayed: true``) and never
+        send twice; the same key with another body is 422.
+        """
+        key = require_key(idempotency_key)
+        req = _parse(SendEmailRequest, await body_of(request))
+        check_sender(record, req.sender, "sender")
+        count = len(req.to) + len(req.cc) + len(req.bcc)
+        if count > api.max_recipients:
+            raise invalid(
+                "to",
+                f"{count} recipients is more than this API's limit of "
+                f"{api.max_recipients} (to + cc + bcc)",
+            )
+        email = req.email()
+
+        async def start() -> tuple[bool, BaseModel]:
+            handle = await pl.send(email, key=key, priority=req.priority, send_at=req.send_at)
+            log.info("api.email_accepted", key_id=record.id, workflow_id=handle.workflow_id)
+            return handle.created, Accepted(
+                key=key, workflow_id=email_workflow_id(key), status_url=f"/v1/emails/{key}"
+            )
+
+        (created, body), joined = await in_flight.run(
+            email_workflow_id(key), email_digest(email, req.send_at), start
+        )
+        replayed(response, joined, created)
+        response.headers["Location"] = f"/v1/emails/{key}"
+        assert isinstance(body, Accepted)
+        return body
+
+    @app.post("/v1/emails/{key:path}/cancel", tags=["emails"], responses=_problems(401, 404))
+    async def cancel_email(key: str, record: Key) -> CancelResult:
+        """Cancel an email that has not gone out (an email already sent says so)."""
+        return await pl.cancel(key)
+
+    @app.post(
+        "/v1/emails/{key:path}/retry",
+        tags=["emails"],
+        responses=_problems(401, 404, 409, 422),
+        openapi_extra=_json_body("RetryBody", required=False),
+    )
+    async def retry_email(key: str, request: Request, record: Key) -> EmailReport:
+        """Send a dead-lettered (or failed) email again, optionally corrected; 409 if it
+        is not dead-lettered."""
+        raw = await body_of(request)
+        body = _parse(RetryBody, raw) if raw.strip() else RetryBody()
+        await pl.retry(key, to=body.to, lane=body.lane)
+        return await pl.describe(key, wait=timedelta(seconds=5))
+
+    @app.get("/v1/emails/{key:path}", tags=["emails"], responses=_problems(401, 404))
+    async def get_email(key: str, record: Key) -> EmailReport:
+        """Status, lane, attempts, last SMTP reply and receipt of an email."""
+        return await pl.describe(key)
+
+    @app.get("/v1/dead-letters", tags=["emails"], responses=_problems(401, 422))
+    async def dead_letters(
+        record: Key,
+        lane: Annotated[str | None, Query(description="Only this lane's.")] = None,
+        since: Annotated[
+            AwareDatetime | None, Query(description="Parked at or after (ISO 8601).")
+        ] = None,
+    ) -> list[EmailReport]:
+        """Emails parked in the dead-letter state, the longest parked first."""
+        return await pl.dlq.list(lane=lane, since=since)
+
+    @app.post(
+        "/v1/sequences",
+        tags=["sequences"],
+        status_code=202,
+        responses=_problems(400, 401, 403, 409, 413, 422),
+        openapi_extra=_json_body("StartSequenceRequest"),
+    )
+    async def start_sequence(
+        request: Request, response: Response, record: Key, idempotency_key: IdemHeader = None
+    ) -> Accepted:
+        """Enroll one recipient in a named spec; the Idempotency-Key is the sequence's key."""
+        key = require_key(idempotency_key)
+        req = _parse(StartSequenceRequest, await body_of(request))
+        spec = _load_spec(Path(api.specs_dir), req.spec)
+        check_sender(record, spec.sender, "spec")
+        fingerprint = hashlib.sha256(
+            f"{spec.model_dump_json()}|{req.recipient.model_dump_json()}".encode()
+        ).hexdigest()
+
+        async def start() -> tuple[bool, BaseModel]:
+            handle = await pl.sequences.start(spec, req.recipient, key=key)
+            log.info("api.sequence_accepted", key_id=record.id, workflow_id=handle.workflow_id)
+            return handle.created, Accepted(
+                key=key, workflow_id=handle.workflow_id, status_url=f"/v1/sequences/{key}"
+            )
+
+        (created, body), joined = await in_flight.run(sequence_workflow_id(key), fingerprint, start)
+        replayed(response, joined, created)
+        response.headers["Location"] = f"/v1/sequences/{key}"
+        assert isinstance(body, Accepted)
+        return body
+
+    @app.get("/v1/sequences/{key:path}", tags=["sequences"], responses=_problems(401, 404))
+    async def get_sequence(key: str, record: Key) -> SequenceReport:
+        """Where a sequence is: status, step, next action, what was sent, replies."""
+        return await pl.sequences.status(key)
+
+    @app.post(
+        "/v1/inbound",
+        tags=["inbound"],
+        responses=_problems(400, 401, 413),
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "description": "One raw RFC 5322 message, as a provider's inbound webhook "
+                "delivers it.",
+                "content": {"message/rfc822": {"schema": {"type": "string"}}},
+            }
+        },
+    )
+    async def inbound(request: Request, record: Key) -> InboundResult:
+        """Route an inbound message (reply, bounce, auto-reply, unsubscribe) to its
+        sequence, exactly as the IMAP watcher does; the same message twice changes nothing."""
+        raw = await body_of(request)
+        if not raw.strip():
+            raise Problem(
+                400,
+                "malformed-body",
+                "Malformed body",
+                "body: empty; send the raw message",
+                field="body",
+            )
+        key = await pl.sequences.record_reply(raw)
+        log.info("api.inbound", key_id=record.id, routed=key is not None)
+        return InboundResult(routed=key is not None, sequence=key)
+
+    def token_keys() -> TokenKeys:
+        nonlocal tokens
+        if tokens is None:
+            tokens = TokenKeys.from_settings(pl.settings)
+        return tokens
+
+    def sequence_of_token(token: str) -> str:
+        opened = token_keys().open_unsubscribe_token(token)
+        # Only sealed tokens: a legacy one is a readable workflow ID anyone could forge.
+        if opened is None or opened[0] is None or not opened[1].startswith(SEQUENCE_ID_PREFIX):
+            raise Problem(404, "not-found", "Not found", "this unsubscribe link is not valid")
+        return opened[1].removeprefix(SEQUENCE_ID_PREFIX)
+
+    @app.post(
+        "/u/{token}",
+        tags=["unsubscribe"],
+        response_class=PlainTextResponse,
+        responses=_problems(400, 404),
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "application/x-www-form-urlencoded": {
+                        "schema": {
+                            "type": "object",
+                            "properties": {"List-Unsubscribe": {"const": "One-Click"}},
+                            "required": ["List-Unsubscribe"],
+                        }
+                    }
+                },
+            }
+        },
+    )
+    async def one_click(token: str, request: Request) -> PlainTextResponse:
+        """RFC 8058 one-click unsubscribe: the body must be ``List-Unsubscribe=One-Click``.
+        Stops the sequence and suppresses the recipient for its sender. No redirect, no
+        API key (the sealed token is the authority); repeating it changes nothing."""
+        key = sequence_of_token(token)
+        if not await _is_one_click(request, await body_of(request)):
+            raise Problem(
+                400,
+                "not-one-click",
+                "Not a one-click unsubscribe",
+                "body: must be List-Unsubscribe=One-Click (RFC 8058)",
+                field="body",
+            )
+        await pl.sequences.unsubscribe(key, reason="one-click unsubscribe (RFC 8058)")
+        log.info("api.unsubscribed", how="one-click")
+        return PlainTextResponse("You are unsubscribed.\n")
+
+    @app.get("/u/{token}", tags=["unsubscribe"], response_class=HTMLResponse)
+    async def one_click_page(token: str) -> HTMLResponse:
+        """A page with one button that makes the one-click POST; a GET changes nothing
+        (mail scanners follow links)."""
+        sequence_of_token(token)
+        return HTMLResponse(
+            "<!doctype html><title>Unsubscribe</title>"
+            '<form method="post"><input type="hidden" name="List-Unsubscribe" '
+            'value="One-Click"><button type="submit">Unsubscribe</button></form>'
+        )
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = get_openapi(
+                title=app.title,
+                version=app.version,
+                summary=app.summary,
+                description=app.description,
+                routes=app.routes,
+            )
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            for model in (SendEmailRequest, StartSequenceRequest, RetryBody, ProblemDetails):
+                found = model.model_json_schema(ref_template="#/components/schemas/{model}")
+                components.update(found.pop("$defs", {}))
+                components[model.__name__] = found
+            # FastAPI's own 422 body never goes out: every error is a problem document.
+            for name in ("HTTPValidationError", "ValidationError"):
+                components.pop(name, None)
+            for item in schema["paths"].values():
+                for op in item.values():
+                    responses = op.get("responses", {})
+                    if "HTTPValidationError" in str(responses.get("422", "")):
+                        responses["422"] = _problems(422)[422]
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+    return app
+
+
+def _json_body(model: str, *, required: bool = True) -> dict[str, Any]:
+    return {
+        "requestBody": {
+            "required": required,
+            "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{model}"}}},
+        }
+    }
+
+
+def _too_large(size: int, limit: int) -> Problem:
+    return Problem(
+        413,
+        "body-too-large",
+        "Body too large",
+        f"body: {size} bytes is more than this API's limit of {limit}",
+        field="body",
+    )
+
+
+def _parse(model: type[M], raw: bytes) -> M:
+    """Validate a JSON body, answering 400 for malformed JSON and 422 naming the fields."""
+    try:
+        return model.model_validate_json(raw)
+    except ValidationError as exc:
+        errors = exc.errors()
+        if any(e["type"] == "json_invalid" for e in errors):
+            raise Problem(
+                400,
+                "malformed-body",
+                "Malformed body",
+                f"body: {errors[0]['msg']}",
+                field="body",
+            ) from None
+        if any(e["type"] == "model_type" and not e["loc"] for e in errors):
+            raise invalid("body", "must be a JSON object") from None
+        raise from_field_errors(field_errors(errors)) from None
+    except InvalidInput as exc:  # a model whose constructor raises Postlane's own error
+        raise invalid(exc.field, exc.reason) from None
+
+
+def _load_spec(directory: Path, name: str) -> SequenceSpec:
+    if not name or len(name) > 64 or not set(name) <= _SPEC_NAME_CHARS or name[0] == ".":
+        raise invalid("spec", f"{name!r} is not a spec name (letters, digits, '.', '-', '_')")
+    path = directory / f"{name}.toml"
+    if not path.is_file():
+        known = sorted(p.stem for p in directory.glob("*.toml")) if directory.is_dir() else []
+        raise invalid("spec", f"no spec named {name!r} (specs: {', '.join(known) or 'none'})")
+    return load_spec(path)
+
+
+async def _is_one_click(request: Request, body: bytes) -> bool:
+    """RFC 8058 3.1: the POST body carries ``List-Unsubscribe=One-Click``, as
+    ``application/x-www-form-urlencoded`` or ``multipart/form-data``."""
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype == "multipart/form-data":
+        # The body was read already (bounded): parse it from what we hold.
+        from starlette.datastructures import Headers
+        from starlette.formparsers import MultiPartParser
+
+        async def stream() -> Any:
+            yield body
+
+        form = await MultiPartParser(Headers(scope=request.scope), stream()).parse()
+        return form.get("List-Unsubscribe") == "One-Click"
+    fields = parse_qs(body.decode("utf-8", errors="replace"), keep_blank_values=True)
+    return fields.get("List-Unsubscribe") == ["One-Click"]
+
+
+__all__ = ["SendEmailRequest", "StartSequenceRequest", "create_app"]
