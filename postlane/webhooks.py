@@ -121,7 +121,8 @@ class WebhookConfig(BaseModel):
     @classmethod
     def _env_name(cls, v: str) -> str:
         if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", v):
-            raise ValueError(f"{v!r}: name an environment variable, not a secret")
+            # Never echo the value: it may be the secret itself, pasted by mistake.
+            raise ValueError("name an environment variable (letters, digits, '_'), not a secret")
         return v
 
     def wants(self, event: str) -> bool:
@@ -150,7 +151,8 @@ def decode_secret(value: str, where: str = "secret") -> bytes:
     """
     encoded = value.strip().removeprefix(SECRET_PREFIX)
     try:
-        key = base64.b64decode(encoded, validate=True)
+        # Padding optional, as in the Standard Webhooks libraries.
+        key = base64.b64decode(encoded + "=" * (-len(encoded) % 4), validate=True)
     except (binascii.Error, ValueError):
         raise ConfigurationError(f"{where}: not a whsec_<base64> secret") from None
     if len(key) < 24:

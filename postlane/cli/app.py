@@ -25,6 +25,7 @@ from rich.table import Table
 from temporalio.service import RPCError
 
 from postlane.cli import sequence as cli_sequence
+from postlane.cli import webhooks as cli_webhooks
 from postlane.cli.progress import ProgressBar
 from postlane.durations import format_duration, parse_duration
 from postlane.errors import (
@@ -166,6 +167,7 @@ def _parser() -> argparse.ArgumentParser:
         action.add_argument("--since", help=f"with --all: {since_help}")
 
     cli_sequence.add_parser(sub)
+    cli_webhooks.add_parser(sub)
 
     lanes = sub.add_parser("lanes", help="per lane: rate, backpressure, caps used, backlog")
     lanes_sub = lanes.add_subparsers(dest="lanes_command", metavar="SUBCOMMAND")
@@ -339,6 +341,8 @@ async def _dispatch(args: argparse.Namespace) -> int:
         return await _dlq(pl, args)
     if args.command == "sequence":
         return await cli_sequence.run(pl, args)
+    if args.command == "webhooks":
+        return await cli_webhooks.run(pl, args)
     if args.command == "top":
         from rich.console import Console
 
