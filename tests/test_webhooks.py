@@ -15,6 +15,7 @@ import json
 import os
 import socket
 import threading
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -497,3 +498,56 @@ async def test_webhooks_recorded_history_replays(name: str) -> None:
     if name in patch:
         assert patch[name] in _decoded(json.loads(text)), "recorded before the patch"
     await _replay(WorkflowHistory.from_json(_recorded_id(name, text), text))
+
+
+def _commands(types: list[str]) -> Counter[str]:
+    return Counter(t for t in types if not t.startswith("workflow_task_"))
+
+
+async def _event_types(client: Any, workflow_id: str) -> list[str]:
+    history = await client.get_workflow_handle(workflow_id).fetch_history()
+    return [event.WhichOneof("attributes") or "" for event in history.events]
+
+
+@pytest.mark.timeout(120)
+async def test_webhooks_cost_nothing_in_an_emails_history_when_none_is_configured(
+    dev_env: WorkflowEnvironment, key: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 15 counts events per email: no subscription adds none; one that wants
+    ``email.sent`` adds three (the patch marker, its TemporalChangeVersion upsert, and the
+    emitting local activity's marker)."""
+    monkeypatch.setenv(SECRET_ENV, SECRET)
+    client = dev_env.client
+    hook = WebhookConfig(
+        name="cost",
+        url=f"http://127.0.0.1:{_free_port()}/hooks",
+        events=[WebhookEventType.EMAIL_SENT],
+        secret_env=SECRET_ENV,
+        retry=FAST_RETRY,
+    )
+    types: dict[str, list[str]] = {}
+    with SmtpCatcher() as smtp:
+        for name, hooks in (("plain", []), ("hooked", [hook])):
+            settings = Settings(lanes=[catcher_lane(default_test_lane(), smtp)], webhooks=hooks)
+            async with running_workers(dev_env, settings):
+                pl = PostlaneClient(client, settings)
+                await (await pl.send(_email(), key=f"{key}-{name}")).result()
+            types[name] = await _event_types(client, email_workflow_id(f"{key}-{name}"))
+    # Workflow tasks split by timing; everything else is what the workflow did.
+    plain, hooked = _commands(types["plain"]), _commands(types["hooked"])
+    # Without a subscription: what the history recorded before webhooks existed holds.
+    recorded = WorkflowHistory.from_json(
+        "email:recorded", (HISTORIES / "send_email_sent.json").read_text()
+    )
+    assert plain == _commands([e.WhichOneof("attributes") or "" for e in recorded.events])
+    # With one: the patch marker, the SDK's TemporalChangeVersion upsert that goes with it,
+    # and the emitting local activity's marker.
+    assert hooked - plain == Counter(
+        {
+            "marker_recorded_event_attributes": 2,
+            "upsert_workflow_search_attributes_event_attributes": 1,
+        }
+    )
+    assert not plain - hooked
+    delivery = client.get_workflow_handle(webhook_workflow_id("cost", f"email:{key}-hooked"))
+    await delivery.terminate("test over")
