@@ -52,7 +52,7 @@ from postlane.webhooks import (
     webhook_workflow_id,
 )
 from tests.conftest import FRAGILE_LANE
-from tests.procs import assert_eventually
+from tests.procs import assert_eventually, postlane_env, run_postlane, write_config
 from workflows import WORKFLOWS, workflow_runner
 
 HISTORIES = Path(__file__).parent / "histories"
@@ -263,6 +263,7 @@ async def test_webhooks_receiver_down_then_back_gets_every_event_once_in_order(
     key: str,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
 ) -> None:
     monkeypatch.setenv(SECRET_ENV, SECRET)
     monkeypatch.setenv(OTHER_SECRET_ENV, OTHER_SECRET)
@@ -352,6 +353,15 @@ async def test_webhooks_receiver_down_then_back_gets_every_event_once_in_order(
             table = capsys.readouterr().out
             assert f"email:{key}-dlq" in table and "ConnectError" in table
             assert f"http://127.0.0.1:{port}/hooks" in table
+            # The same through the console script, as an operator runs it.
+            config = write_config(tmp_path / "postlane.toml", [default_test_lane()])
+            rc, out, err = await run_postlane(
+                ["webhooks", "list", "--failing"],
+                postlane_env(dev_env.client.service_client.config.target_host, config),
+            )
+            assert rc == 0, err
+            assert f"email:{key}-cancel" in out and f"{port}/strict" in out
+            assert "ConnectError" in out and SECRET not in out + err
             assert receiver.accepted == []
 
             # The receiver comes back on the same port.
