@@ -26,6 +26,7 @@ from typing import Any
 import pytest
 from standardwebhooks import Webhook
 from standardwebhooks.webhooks import WebhookVerificationError
+from temporalio.api.sdk.v1 import WorkflowMetadata
 from temporalio.client import WorkflowHistory
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Replayer
@@ -346,6 +347,19 @@ async def test_webhooks_receiver_down_then_back_gets_every_event_once_in_order(
                 return mine
 
             rows = await assert_eventually(failing, within=60, what="failing deliveries listed")
+            # The Web UI's view of one: the queue in its details, the failing pending activity.
+            dlq_delivery = client.get_workflow_handle(
+                webhook_workflow_id("crm", f"email:{key}-dlq")
+            )
+            metadata = await dlq_delivery.query(
+                "__temporal_workflow_metadata", result_type=WorkflowMetadata
+            )
+            assert metadata.current_details.startswith(
+                f"webhook crm → http://127.0.0.1:{port}/hooks\nfor email:{key}-dlq; pending: 2;"
+            ), metadata.current_details
+            [pending] = (await dlq_delivery.describe()).raw_description.pending_activities
+            assert pending.activity_type.name == "deliver_webhook" and pending.attempt >= 2
+            assert "ConnectError" in pending.last_failure.message
             assert all("ConnectError" in (r.last_error or "") for r in rows)
             await cli_webhooks.run(
                 pl, argparse.Namespace(failing=True, subscription="crm", json=False)

@@ -99,6 +99,7 @@ class WebhookDeliveryWorkflow:
         self._delivered = inp.delivered
         self._failed = inp.failed
         self._last_error = inp.last_error
+        self._current: WebhookEvent | None = None
 
     @workflow.run
     async def run(self, inp: WebhookDeliveryInput) -> WebhookDeliveryReport:
@@ -123,7 +124,8 @@ class WebhookDeliveryWorkflow:
 
     async def _deliver(self, event: WebhookEvent) -> None:
         inp = self._in
-        self._publish(current=event)
+        self._current = event
+        self._publish()
         try:
             await workflow.execute_activity(
                 Activity.DELIVER_WEBHOOK,
@@ -139,6 +141,7 @@ class WebhookDeliveryWorkflow:
             self._failed += 1
             self._last_error = f"{event.type} {event.id} given up: {err.cause or err}"
             workflow.logger.warning("webhook event dropped: %s", self._last_error)
+        self._current = None
 
     def _state(self) -> WebhookDeliveryInput:
         return self._in.model_copy(
@@ -151,8 +154,10 @@ class WebhookDeliveryWorkflow:
             }
         )
 
-    def _publish(self, current: WebhookEvent | None = None) -> None:
+    def _publish(self) -> None:
+        """The Web UI's current details: the target, the queue, the event going out."""
         inp = self._in
+        current = self._current
         details = (
             f"webhook {inp.subscription} → {inp.url}\nfor {inp.subject}; pending:"
             f" {len(self._pending)}; delivered: {self._delivered}; failed: {self._failed}"
@@ -170,6 +175,7 @@ class WebhookDeliveryWorkflow:
             return
         self._seen = [*self._seen, event.id][-MAX_SEEN:]
         self._pending.append(event)
+        self._publish()
 
     @workflow.query(name=WebhookMessages.STATUS)
     def status(self) -> WebhookDeliveryReport:
