@@ -259,6 +259,7 @@ def _email(sender: str = "agent@acme.test", subject: str = "Hi") -> Email:
     return Email(sender=sender, to=["bob@example.test"], subject=subject, text="hello")
 
 
+@pytest.mark.devserver
 @pytest.mark.timeout(420)
 async def test_webhooks_receiver_down_then_back_gets_every_event_once_in_order(
     dev_env: WorkflowEnvironment,
@@ -536,6 +537,7 @@ async def _event_types(client: Any, workflow_id: str) -> list[str]:
     return [event.WhichOneof("attributes") or "" for event in history.events]
 
 
+@pytest.mark.devserver
 @pytest.mark.timeout(120)
 async def test_webhooks_cost_nothing_in_an_emails_history_when_none_is_configured(
     dev_env: WorkflowEnvironment, key: str, monkeypatch: pytest.MonkeyPatch
@@ -587,6 +589,7 @@ ONE_STEP = SequenceSpec(
 )
 
 
+@pytest.mark.devserver
 @pytest.mark.timeout(300)
 async def test_webhooks_discard_completed_and_unsubscribed_events(
     dev_env: WorkflowEnvironment, key: str, monkeypatch: pytest.MonkeyPatch
