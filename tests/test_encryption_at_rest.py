@@ -22,7 +22,6 @@ from postlane import search_attributes as sa
 from postlane.client import PostlaneClient
 from postlane.config import Settings
 from postlane.connection import data_converter
-from postlane.dev.binaries import dev_server_path
 from postlane.dev.catcher import SmtpCatcher
 from postlane.email.models import Email, EmailStatus, RetrySettings
 from postlane.encryption import (
@@ -34,7 +33,7 @@ from postlane.encryption import (
 )
 from postlane.sequences.models import Recipient, SequenceSpec
 from postlane.testing import running_workers
-from tests.conftest import DEV_SERVER_ARGS
+from tests.conftest import dev_server as shared_dev_server
 from tests.procs import assert_eventually
 from tests.test_integration import SENDER, address_of, new_lane
 from workflows import WORKFLOWS
@@ -48,16 +47,8 @@ def _keys(**keys: str) -> str:
 
 @asynccontextmanager
 async def dev_server(encryption: EncryptionSettings) -> AsyncIterator[WorkflowEnvironment]:
-    env = await WorkflowEnvironment.start_local(
-        dev_server_existing_path=dev_server_path(),
-        data_converter=data_converter(encryption),
-        search_attributes=list(sa.ALL),
-        dev_server_extra_args=DEV_SERVER_ARGS,
-    )
-    try:
+    async with shared_dev_server(data_converter(encryption)) as env:
         yield env
-    finally:
-        await env.shutdown()
 
 
 def _email(tag: str) -> tuple[Email, list[bytes]]:

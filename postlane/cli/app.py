@@ -24,6 +24,7 @@ from rich.console import Console
 from rich.table import Table
 from temporalio.service import RPCError
 
+from postlane.cli import mcp as cli_mcp
 from postlane.cli import sequence as cli_sequence
 from postlane.cli import webhooks as cli_webhooks
 from postlane.cli.progress import ProgressBar
@@ -168,6 +169,7 @@ def _parser() -> argparse.ArgumentParser:
 
     cli_sequence.add_parser(sub)
     cli_webhooks.add_parser(sub)
+    cli_mcp.add_parser(sub)
 
     lanes = sub.add_parser("lanes", help="per lane: rate, backpressure, caps used, backlog")
     lanes_sub = lanes.add_subparsers(dest="lanes_command", metavar="SUBCOMMAND")
@@ -287,6 +289,8 @@ async def _dispatch(args: argparse.Namespace) -> int:
         return EXIT_OK
     if args.command == "codec-server":
         return await _codec_server(args)
+    if args.command == "mcp":
+        return await cli_mcp.run(args)
 
     from postlane.config import load_settings
 
