@@ -34,6 +34,9 @@ class LaneResolver:
         if query.recipients and self._hasher is not None and resolution.error_type is None:
             hashes = self._hasher.hashes(query.recipients)
             resolution = resolution.model_copy(update={"recipient_hashes": hashes})
+        wanted = [e for e in self._settings.webhook_events() if e.startswith("email.")]
+        if wanted and resolution.error_type is None:
+            resolution = resolution.model_copy(update={"webhook_events": wanted})
         return resolution
 
 

@@ -47,6 +47,7 @@ from postlane.lanes.models import (
     LaneLimits,
     Warmup,
 )
+from postlane.webhooks import WebhookConfig
 
 DEFAULT_CONFIG_FILE = "postlane.toml"
 DEV_LANE = "default"
@@ -282,6 +283,8 @@ class Settings(BaseSettings):
     lanes: list[LaneConfig] = Field(default_factory=lambda: [dev_lane()])
     inboxes: list[InboxConfig] = Field(default_factory=list)
     """Mailboxes watched for replies, bounces and unsubscribes (``postlane inbound``)."""
+    webhooks: list[WebhookConfig] = Field(default_factory=list)
+    """Event subscriptions (``[[webhooks]]``; docs/webhooks.md)."""
     metrics_port: int = Field(default=0, ge=0, le=65535)
     """Workers serve Prometheus metrics on this port (``POSTLANE_METRICS_PORT``); 0: off."""
     metrics_address: str = "0.0.0.0"
@@ -323,6 +326,19 @@ class Settings(BaseSettings):
         if dupes:
             raise ValueError(f"inbox names must be unique; repeated: {', '.join(dupes)}")
         return v
+
+    @field_validator("webhooks")
+    @classmethod
+    def _unique_webhooks(cls, v: list[WebhookConfig]) -> list[WebhookConfig]:
+        names = [hook.name for hook in v]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"webhook names must be unique; repeated: {', '.join(dupes)}")
+        return v
+
+    def webhook_events(self) -> list[str]:
+        """Every event some subscription wants, sorted."""
+        return sorted({str(event) for hook in self.webhooks for event in hook.events})
 
     def inbox(self, name: str) -> InboxConfig:
         """The inbox called `name`.

@@ -22,6 +22,7 @@ class WorkflowType:
     LANE: Final = "Lane"
     SUPPRESSION: Final = "Suppression"
     INBOX_WATCHER: Final = "InboxWatcher"
+    WEBHOOK_DELIVERY: Final = "WebhookDelivery"
 
 
 class Activity:
@@ -35,6 +36,10 @@ class Activity:
     RECORD_UNSUBSCRIBE: Final = "record_unsubscribe"
     COMPOSE_EMAIL: Final = "compose_email"
     """The default activity of a sequence's ``compose`` step (an agent you register)."""
+    EMIT_WEBHOOK_EVENT: Final = "emit_webhook_event"
+    """Local activity: queue an event for every subscription that wants it."""
+    DELIVER_WEBHOOK: Final = "deliver_webhook"
+    """POST one signed event to a subscription's URL."""
 
 
 class EmailMessages:
@@ -90,3 +95,12 @@ class InboxMessages:
     STATUS: Final = "status"
     POLL_NOW: Final = "poll_now"
     CONFIGURE: Final = "configure"
+
+
+class WebhookMessages:
+    """Signals and queries of ``WebhookDelivery``."""
+
+    STATUS: Final = "status"
+    """Query: the `WebhookDeliveryReport`."""
+    ENQUEUE: Final = "enqueue"
+    """Signal: one more event to deliver, after those queued (`WebhookEvent`)."""

@@ -18,6 +18,7 @@ from activities.lanes import LaneAdminActivities
 from activities.resolve import LaneResolver
 from activities.smtp import SmtpActivities
 from activities.suppression import SuppressionActivities
+from activities.webhooks import WebhookActivities
 from postlane.config import InboxConfig, LaneConfig, Settings
 from postlane.errors import ConfigurationError
 from postlane.health import Health
@@ -65,11 +66,14 @@ def build_workers(
     workflows: bool = True,
     agents: Sequence[Callable[..., Any]] = (),
     inbound: InboundActivities | None = None,
+    webhooks: WebhookActivities | None = None,
 ) -> list[Worker]:
     """The orchestration worker (if `workflows`), one send worker per lane, and the IMAP
     poll worker on ``postlane.inbound`` (if `inbound`).
 
     `agents` are compose-step activities (see `postlane.sequences.agent`), hosted on ``postlane``.
+    `webhooks` emits and delivers webhook events (default: one for `settings`; its HTTP
+    client is then never closed).
     """
     workers: list[Worker] = []
     if workflows:
@@ -77,6 +81,8 @@ def build_workers(
         suppressions = SuppressionActivities(client)
         # resolve_lane runs as a local activity of SendEmail: it must live with the workflows.
         resolver = LaneResolver(settings)
+        # emit_webhook_event is a local activity of SendEmail and Sequence: it lives here too.
+        hooks = webhooks or WebhookActivities(settings, client)
         workers.append(
             Worker(
                 client,
@@ -87,6 +93,8 @@ def build_workers(
                     admin.set_lane_rate,
                     suppressions.suppress_recipient,
                     resolver.resolve_lane,
+                    hooks.emit_webhook_event,
+                    hooks.deliver_webhook,
                     *agents,
                 ],
                 graceful_shutdown_timeout=GRACEFUL_SHUTDOWN,
@@ -163,8 +171,16 @@ async def run_workers(
     if agents and not workflows:
         raise ConfigurationError("--agent needs the workflow worker (drop --no-workflows)")
     reader = InboundActivities(settings, client) if inboxes else None
+    hooks = WebhookActivities(settings, client)
     workers = build_workers(
-        client, settings, served, smtp, workflows=workflows, agents=agents, inbound=reader
+        client,
+        settings,
+        served,
+        smtp,
+        workflows=workflows,
+        agents=agents,
+        inbound=reader,
+        webhooks=hooks,
     )
     if stop is None:
         stop = asyncio.Event()
@@ -198,6 +214,7 @@ async def run_workers(
         await asyncio.gather(*(w.shutdown() for w in workers), return_exceptions=True)
         stopped.cancel()
         await smtp.close()
+        await hooks.close()
         if health is not None:
             await health.close()
         log.info("worker.stopped")

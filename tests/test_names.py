@@ -20,6 +20,7 @@ MESSAGES = {
     names.WorkflowType.SEQUENCE: names.SequenceMessages,
     names.WorkflowType.SUPPRESSION: names.SuppressionMessages,
     names.WorkflowType.INBOX_WATCHER: names.InboxMessages,
+    names.WorkflowType.WEBHOOK_DELIVERY: names.WebhookMessages,
 }
 
 

@@ -7,6 +7,7 @@ from workflows.lane import LaneWorkflow
 from workflows.send_email import SendEmailWorkflow
 from workflows.sequence import SequenceWorkflow
 from workflows.suppression import SuppressionWorkflow
+from workflows.webhook import WebhookDeliveryWorkflow
 
 WORKFLOWS: list[type] = [
     SendEmailWorkflow,
@@ -14,6 +15,7 @@ WORKFLOWS: list[type] = [
     SequenceWorkflow,
     SuppressionWorkflow,
     InboxWatcherWorkflow,
+    WebhookDeliveryWorkflow,
 ]
 
 
@@ -60,5 +62,6 @@ __all__ = [
     "SendEmailWorkflow",
     "SequenceWorkflow",
     "SuppressionWorkflow",
+    "WebhookDeliveryWorkflow",
     "workflow_runner",
 ]

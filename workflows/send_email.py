@@ -38,12 +38,14 @@ with workflow.unsafe.imports_passed_through():
         SlotRequest,
     )
     from postlane.names import Activity, EmailMessages, LaneMessages, WorkflowType
+    from postlane.webhooks import WebhookEventType
     from workflows._options import (
         NON_RETRYABLE,
         SMTP_HEARTBEAT,
         SMTP_START_TO_CLOSE,
         smtp_retry,
     )
+    from workflows.webhook import emit_event
 
 SEND_EMAIL_ACTIVITY = Activity.SEND_EMAIL
 SLOT_REQUEST_RETRY = timedelta(seconds=30)
@@ -80,6 +82,10 @@ RECIPIENT_HASH_PATCH = "postlane-recipient-hash"
 the token secret, or in another language) have the workers hash their recipients
 (``resolve_lane``) and upsert it, so ``postlane forget`` finds them. Decided once, in the
 first activation, and only for such emails: the others record no marker."""
+WEBHOOKS_PATCH = "postlane-webhooks"
+"""From this patch on an email emits the ``email.*`` webhook events its workers'
+subscriptions want (`LaneResolution.webhook_events`), at its terminal transitions. Asked
+for only when there is one to emit: an email nobody subscribed to records nothing."""
 SLOT_REASK = timedelta(minutes=3)
 """An email with no answer from its lane asks again after this (plus up to `SLOT_REASK_JITTER`)."""
 SLOT_REASK_JITTER = 120
@@ -131,6 +137,8 @@ class SendEmailWorkflow:
         self._hash_recipients = False
         """Started without `sa.RECIPIENT_HASH` since `RECIPIENT_HASH_PATCH`: set it here."""
         self._recipient_hashes: list[str] = []
+        self._webhook_events: list[str] = []
+        """The ``email.*`` events the workers' webhook subscriptions want (from history)."""
 
     @workflow.run
     async def run(self, raw: RawValue = NO_INPUT) -> DeliveryReceipt:
@@ -167,6 +175,7 @@ class SendEmailWorkflow:
             return await self._send_until_done(req)
         except asyncio.CancelledError:
             self._set_status(EmailStatus.CANCELLED)
+            await self._notify(WebhookEventType.EMAIL_CANCELLED)
             raise
 
     async def _accept(self, raw: RawValue) -> SendEmailInput:
@@ -214,6 +223,7 @@ class SendEmailWorkflow:
         )
         self._domain_attribute = resolution.recipient_domain_attribute
         self._recipient_hashes = resolution.recipient_hashes
+        self._webhook_events = resolution.webhook_events
         if resolution.error_type is not None:
             kind = ErrorType(resolution.error_type)
             self._reject(kind, _REJECTED_FIELD.get(kind, "lane"), resolution.error)
@@ -310,6 +320,7 @@ class SendEmailWorkflow:
                     )
                     self._set_status(EmailStatus.SENT)
                     _observe_accepted(accepted, due=req.send_at)
+                    await self._notify(WebhookEventType.EMAIL_SENT)
                     return self._receipt
                 failure = application_failure(err)
                 if is_cancelled_exception(err) and self._patched(CANCEL_ENDS_CANCELLED_PATCH):
@@ -317,12 +328,14 @@ class SendEmailWorkflow:
                     self._attempts += self._failed_in_send
                     self._failed_in_send = 0
                     self._set_status(EmailStatus.CANCELLED)
+                    await self._notify(WebhookEventType.EMAIL_CANCELLED)
                     raise
                 self._attempts += _attempts_of(failure)
                 self._failed_in_send = 0
                 self._last_error = failure.message if failure else str(err.cause or err)
                 if failure is not None and (failure.non_retryable or failure.type in NON_RETRYABLE):
                     self._set_status(EmailStatus.FAILED)
+                    await self._notify(WebhookEventType.EMAIL_FAILED)
                     raise ApplicationError(
                         self._last_error,
                         *_with_attempts(failure.details, self._attempts),
@@ -355,6 +368,7 @@ class SendEmailWorkflow:
             )
             self._set_status(EmailStatus.SENT)
             _observe_accepted(receipt, due=req.send_at)
+            await self._notify(WebhookEventType.EMAIL_SENT)
             return self._receipt
 
     async def _outcome(self, send: ActivityHandle[DeliveryReceipt]) -> DeliveryReceipt:
@@ -467,9 +481,11 @@ class SendEmailWorkflow:
                 workflow.metric_meter(), self._input.lane, metrics.FailureKind.DEAD_LETTERED
             )
         workflow.logger.warning("email dead-lettered: %s", self._last_error)
+        await self._notify(WebhookEventType.EMAIL_DEAD_LETTERED)
         await workflow.wait_condition(lambda: self._retry_requested or self._discard_requested)
         if self._discard_requested:
             self._set_status(EmailStatus.CANCELLED)
+            await self._notify(WebhookEventType.EMAIL_CANCELLED)
             raise ApplicationError(
                 f"discarded by an operator after: {self._last_error}",
                 type=DISCARDED,
@@ -478,6 +494,36 @@ class SendEmailWorkflow:
         self._retry_requested = False
         correction, self._correction = self._correction, RetryRequest()
         return correction
+
+    async def _notify(self, kind: WebhookEventType) -> None:
+        """Emit webhook event `kind` if a subscription wants it (`WEBHOOKS_PATCH`)."""
+        req = self._input
+        if req is None or kind not in self._webhook_events:
+            return
+        if not workflow.patched(WEBHOOKS_PATCH):
+            return
+        data: dict[str, Any] = {
+            "key": req.key or workflow.info().workflow_id.removeprefix("email:"),
+            "status": self._status.value,
+            "lane": req.lane,
+            "from": req.email.sender,
+            "to": list(req.email.recipients),
+            "subject": req.email.subject,
+            "attempts": self._attempt_count(),
+        }
+        receipt = self._receipt
+        if receipt is not None:
+            data["message_id"] = receipt.message_id
+            data["accepted"] = list(receipt.accepted)
+            data["rejected"] = dict(receipt.rejected)
+            data["smtp_reply"] = receipt.smtp_reply
+            if receipt.sent_at is not None:
+                data["sent_at"] = receipt.sent_at.isoformat()
+        elif self._last_error:
+            data["reason"] = self._last_error
+        if kind == WebhookEventType.EMAIL_DEAD_LETTERED and self._parked_at is not None:
+            data["parked_at"] = self._parked_at.isoformat()
+        await emit_event(kind, data)
 
     def _patched(self, patch_id: str) -> bool:
         """Whether this email runs the change `patch_id` names.

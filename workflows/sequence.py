@@ -59,9 +59,11 @@ with workflow.unsafe.imports_passed_through():
         WaitStep,
         parse_clock,
     )
+    from postlane.webhooks import WebhookEventType
     from workflows._calendar import next_local_time, next_opening
     from workflows._options import ADMIN_RETRY, ADMIN_START_TO_CLOSE, COMPOSE_RETRY
     from workflows.send_email import application_failure
+    from workflows.webhook import emit_event
 
 SUPPRESS_ACTIVITY = Activity.SUPPRESS_RECIPIENT
 MAX_SEEN = 200
@@ -71,6 +73,16 @@ Message-ID (emails' Message-IDs are sealed by the worker now; before, it was rem
 CANCEL_STOPS_CHILD_PATCH = "postlane-cancel-stops-child"
 """Since this patch a cancelled sequence cancels its email in flight and waits for how it
 ended (before, the email was left to the parent-close policy and its outcome unrecorded)."""
+
+WEBHOOKS_PATCH = "postlane-sequence-webhooks"
+"""Since this patch a sequence that ends replied, bounced, unsubscribed or completed emits
+the ``sequence.*`` webhook event (`emit_event`), last thing before it returns."""
+_WEBHOOK_EVENTS = {
+    SequenceStatus.REPLIED: WebhookEventType.SEQUENCE_REPLIED,
+    SequenceStatus.BOUNCED: WebhookEventType.SEQUENCE_BOUNCED,
+    SequenceStatus.UNSUBSCRIBED: WebhookEventType.SEQUENCE_UNSUBSCRIBED,
+    SequenceStatus.COMPLETED: WebhookEventType.SEQUENCE_COMPLETED,
+}
 
 RECIPIENT_HASH_PATCH = "postlane-sequence-recipient-hash"
 """Since this patch a sequence's emails start with its ``PostlaneRecipientHash`` (which the
@@ -120,7 +132,29 @@ class SequenceWorkflow:
             self._finish(SequenceStatus.COMPLETED, "all steps done")
         if self._s.status == SequenceStatus.UNSUBSCRIBED:
             await self._suppress()
+        await self._notify()
         return self.status()
+
+    async def _notify(self) -> None:
+        """Emit the ``sequence.*`` webhook event of how it ended (`WEBHOOKS_PATCH`)."""
+        kind = _WEBHOOK_EVENTS.get(self._s.status)
+        if kind is None or not workflow.patched(WEBHOOKS_PATCH):
+            return
+        report = self.status()
+        data: dict[str, object] = {
+            "key": report.key,
+            "status": report.status.value,
+            "from": self._in.spec.sender,
+            "recipient": report.recipient,
+            "spec": self._in.spec.name,
+            "reason": report.stop_reason,
+            "sent": [
+                {"step": m.step, "key": m.key, "message_id": m.message_id} for m in report.sent
+            ],
+        }
+        if report.replies:
+            data["reply_message_id"] = report.replies[-1].message_id
+        await emit_event(kind, data)
 
     # -- steps -------------------------------------------------------------------------
 

@@ -27,6 +27,7 @@ from temporalio.service import RPCError
 from postlane.cli import api as cli_api
 from postlane.cli import mcp as cli_mcp
 from postlane.cli import sequence as cli_sequence
+from postlane.cli import webhooks as cli_webhooks
 from postlane.cli.progress import ProgressBar
 from postlane.durations import format_duration, parse_duration
 from postlane.errors import (
@@ -168,6 +169,7 @@ def _parser() -> argparse.ArgumentParser:
         action.add_argument("--since", help=f"with --all: {since_help}")
 
     cli_sequence.add_parser(sub)
+    cli_webhooks.add_parser(sub)
     cli_mcp.add_parser(sub)
     cli_api.add_parser(sub)
 
@@ -349,6 +351,8 @@ async def _dispatch(args: argparse.Namespace) -> int:
         return await cli_sequence.run(pl, args)
     if args.command == "api":
         return await cli_api.run_api(pl, args)
+    if args.command == "webhooks":
+        return await cli_webhooks.run(pl, args)
     if args.command == "top":
         from rich.console import Console
 

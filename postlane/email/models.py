@@ -383,6 +383,9 @@ class LaneResolution(BaseModel):
     """The workers index recipient domains as a search attribute (their settings' choice)."""
     recipient_hashes: list[str] = Field(default_factory=list)
     """Keyed hashes of `LaneQuery.recipients` under the workers' token secret."""
+    webhook_events: list[str] = Field(default_factory=list)
+    """The ``email.*`` webhook events some subscription of the workers wants: the email
+    emits only these (none at all, and no history events, when the list is empty)."""
 
 
 class SmtpSendRequest(BaseModel):
