@@ -340,7 +340,10 @@ class PostlaneClient:
             ) from None
         if send_at is not None and (send_at.tzinfo is None or send_at.utcoffset() is None):
             raise InvalidEmail("send_at", "must be timezone-aware, e.g. datetime.now(UTC)")
-        lane = self.settings.lane_for(email.sender)
+        routed = self.settings.route_for(
+            email.sender, email.recipient_domains, email.tags, prio.value
+        )
+        lane = routed[0] if routed else self.settings.lane_for(email.sender)
         if lane is None:
             raise UnknownSender(email.sender)
         request = SendEmailInput(

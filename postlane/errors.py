@@ -58,6 +58,9 @@ class ErrorType(StrEnum):
     """An update's validator refused an operator action (retry, discard, approve, ...)."""
     EMAIL_DISCARDED = "EmailDiscarded"
     """An operator discarded the dead-lettered email: it ends cancelled with this type."""
+    CIRCUIT_OPEN = "LaneCircuitOpen"
+    """The lane's provider is down (its circuit is open): the email moves to the lane's
+    ``failover`` lane, keeping its Message-ID and key. Never retried on the same lane."""
 
 
 SEND_FAILURES = frozenset(
