@@ -436,6 +436,8 @@ class PostlaneClient:
                     attempts=finished.attempts,
                     attempt_history=finished.attempt_history,
                     parked_at=report.parked_at or finished.parked_at,
+                    route=finished.route,
+                    failed_over_from=finished.failed_over_from,
                 )
         if desc.status == WorkflowExecutionStatus.COMPLETED:
             receipt = DeliveryReceipt.model_validate(await handle.result())
@@ -464,6 +466,8 @@ class PostlaneClient:
                     # The search attribute is missing for emails parked by older code.
                     parked_at=report.parked_at or live.parked_at,
                     attempt_history=live.attempt_history,
+                    route=live.route,
+                    failed_over_from=live.failed_over_from,
                 )
         return report.model_copy(update=update)
 
