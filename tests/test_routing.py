@@ -27,9 +27,10 @@ from temporalio.testing import WorkflowEnvironment
 from activities import smtp as smtp_module
 from postlane.cli.routing import format_domains
 from postlane.client import PostlaneClient
-from postlane.config import LaneConfig, RouteConfig, Settings
+from postlane.config import LaneConfig, RouteConfig, Settings, load_settings
 from postlane.dev.catcher import CaughtMessage, SmtpCatcher
 from postlane.email.models import Email, EmailStatus, RetrySettings
+from postlane.errors import ConfigurationError
 from postlane.ids import lane_workflow_id
 from postlane.lanes.models import LaneStatus
 from postlane.names import LaneMessages
@@ -304,3 +305,26 @@ def test_route_rules_match_on_every_condition_given() -> None:
     assert settings.route_for("n@news.test", ["mit.edu"], [], "normal") == (lanes[1], "routes[0]")
     assert settings.route_for("n@news.test", ["gmail.com"], [], "normal") is None
     assert settings.route_for("n@other.test", ["mit.edu"], [], "normal") is None
+
+
+@pytest.mark.parametrize(
+    ("extra", "where"),
+    [
+        ('[[routes]]\nlane = "nowhere"\ntag = "x"\n', ":11: routes.0.lane: 'nowhere'"),
+        ('failover = "nowhere"\n', ":4: lanes.0.failover: 'nowhere'"),
+    ],
+)
+def test_an_unknown_lane_in_routes_or_failover_is_refused_naming_the_field(
+    tmp_path: Path, extra: str, where: str
+) -> None:
+    text = '[[lanes]]\nname = "a"\nsenders = ["*"]\nsmtp_host = "x"\n'
+    if extra.startswith("failover"):
+        text = text.replace('smtp_host = "x"\n', f'{extra}smtp_host = "x"\n')
+    else:
+        text += '\n[[lanes]]\nname = "b"\nsenders = ["*@b.test"]\nsmtp_host = "x"\n' + extra
+    file = tmp_path / "postlane.toml"
+    file.write_text(text)
+    with pytest.raises(ConfigurationError) as exc:
+        load_settings(file)
+    assert where in str(exc.value)
+    assert "is not another configured lane" in str(exc.value)
