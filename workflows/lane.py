@@ -154,6 +154,7 @@ class LaneWorkflow:
         self._paced = False
         self._recent: set[str] | None = None
         self._hold = quota.MINUTE
+        self._probing: asyncio.Future[None] | None = None
 
     @property
     def state(self) -> LaneState:
@@ -181,7 +182,7 @@ class LaneWorkflow:
             self._recover_if_due()
             self._recover_domains()
             await self._apply_rate()
-            await self._probe_if_due()
+            self._probe_if_due()
             if self._windowed:
                 await self._grant_windowed()
             else:
@@ -223,7 +224,7 @@ class LaneWorkflow:
         if s.recover_at is not None:
             wakeups.append(s.recover_at)
         wakeups += [d.recover_at for d in s.domains.values() if d.recover_at is not None]
-        if s.probe_at is not None and s.circuit == "open":
+        if s.probe_at is not None and s.circuit != "closed" and self._probing is None:
             wakeups.append(s.probe_at)
         if not wakeups:
             return None
@@ -309,12 +310,23 @@ class LaneWorkflow:
                     "lane %s: domain %s recovering: weight %.3g", s.name, name, d.weight
                 )
 
-    async def _probe_if_due(self) -> None:
-        """Half-open an open circuit when its wait is over: one probe of the provider."""
+    def _probe_if_due(self) -> None:
+        """Half-open an open circuit when its wait is over: one probe of the provider.
+
+        The probe runs beside the lane's loop, so slots are granted meanwhile. A circuit
+        found half-open with no probe running (one cut short by a continue-as-new) probes
+        again.
+        """
         s = self.state
-        if s.circuit != "open" or s.probe_at is None or workflow.now() < s.probe_at:
+        if s.circuit == "closed" or self._probing is not None:
+            return
+        if s.probe_at is None or workflow.now() < s.probe_at:
             return
         self._switch("half_open", "probing the provider")
+        self._probing = asyncio.ensure_future(self._probe())
+
+    async def _probe(self) -> None:
+        s = self.state
         try:
             await workflow.execute_activity(
                 PROBE_SMTP_ACTIVITY,
@@ -325,13 +337,16 @@ class LaneWorkflow:
                 retry_policy=PROBE_RETRY,
             )
         except ActivityError as err:
-            cause = err.cause
-            self._switch("open", f"probe failed: {cause or err}")
-            s.probe_at = workflow.now() + s.limits.circuit_probe_after
-            return
-        if s.circuit == "half_open":
-            self._switch("closed", "probe succeeded: the provider is back")
-            s.probe_at = None
+            if s.circuit == "half_open":
+                self._switch("open", f"probe failed: {err.cause or err}")
+                s.probe_at = workflow.now() + s.limits.circuit_probe_after
+        else:
+            if s.circuit == "half_open":
+                self._switch("closed", "probe succeeded: the provider is back")
+                s.probe_at = None
+        finally:
+            self._probing = None
+            self._dirty = True
 
     def _switch(self, state: str, reason: str) -> None:
         """Move the circuit to `state`: logged, counted and shown in the lane's details."""
