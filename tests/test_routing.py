@@ -209,6 +209,13 @@ async def test_a_primary_killed_mid_batch_fails_over_once_each_and_the_circuit_c
             assert report.status == EmailStatus.SENT
             await record(client, moved[0].workflow_id, "send_email_failed_over")
 
+            # While the primary is down, a probe fails and the circuit opens again.
+            async def reopened() -> LaneStatus | None:
+                status = await lane_status(client, lane.name)
+                failed = status.circuit == "open" and "probe failed" in status.circuit_reason
+                return status if failed else None
+
+            await assert_eventually(reopened, within=60, what="a failed probe")
             # The primary comes back: a probe closes the circuit and new sends go to it.
             restarted = SmtpCatcher(port=primary.port).start()
 

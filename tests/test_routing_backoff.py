@@ -114,3 +114,28 @@ def test_lanes_domains_lists_domains_in_backoff_and_circuits_not_closed() -> Non
     )
     assert len(lines) == 3  # backup has no failover and no domain in backoff
     assert format_domains([LaneReport(name="backup", status=backup)]) == "no domain is in backoff"
+
+
+def test_workers_route_an_email_started_without_a_lane_and_keep_an_explicit_one() -> None:
+    from activities.resolve import resolve
+    from postlane.config import LaneConfig, RouteConfig, Settings
+    from postlane.email.models import LaneQuery
+
+    settings = Settings(
+        lanes=[
+            LaneConfig(name="main", senders=["*"], smtp_host="x"),
+            LaneConfig(name="bulk", senders=["*@bulk.test"], smtp_host="x"),
+        ],
+        routes=[RouteConfig(name="bulk-mail", lane="bulk", priority="bulk")],
+    )
+    # Started by a client in another language, with no lane: the rule applies.
+    routed = resolve(settings, LaneQuery(sender="a@acme.test", priority="bulk"))
+    assert (routed.lane, routed.route) == ("bulk", "bulk-mail")
+    # The Python client routed it already: the same lane, and the rule is named.
+    same = resolve(settings, LaneQuery(sender="a@acme.test", lane="bulk", priority="bulk"))
+    assert (same.lane, same.route) == ("bulk", "bulk-mail")
+    # A lane named explicitly (an operator's retry --lane) is kept.
+    kept = resolve(settings, LaneQuery(sender="a@acme.test", lane="main", priority="bulk"))
+    assert (kept.lane, kept.route) == ("main", "")
+    plain = resolve(settings, LaneQuery(sender="a@acme.test", priority="normal"))
+    assert (plain.lane, plain.route) == ("main", "")
