@@ -327,7 +327,8 @@ class SendEmailWorkflow:
                     return self._receipt
                 failure = application_failure(err)
                 target = _failover_target(failure) if not request.failover_from else None
-                if target and workflow.patched(FAILOVER_PATCH):
+                # A cancel that waited for this send ends the email instead (below).
+                if target and not self._cancelling and workflow.patched(FAILOVER_PATCH):
                     req, request = self._fail_over(req, request, target)
                     continue
                 if is_cancelled_exception(err) and self._patched(CANCEL_ENDS_CANCELLED_PATCH):
