@@ -27,4 +27,6 @@ class LaneAdminActivities:
             rate=req.rate_per_second,
             per_domain=req.per_domain_per_second,
             reason=req.reason,
+            domain_weights=req.domain_weights,
+            clear_domains=req.clear_domains,
         )

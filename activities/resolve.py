@@ -42,7 +42,13 @@ class LaneResolver:
 
 def resolve(settings: Settings, query: LaneQuery) -> LaneResolution:
     """`LaneResolver.resolve_lane` as a plain function of the settings."""
+    route = ""
+    routed = settings.route_for(
+        query.sender, query.recipient_domains, query.tags, query.priority or "normal"
+    )
     if query.lane:
+        if routed is not None and routed[0].name == query.lane:
+            route = routed[1]  # the client routed it already, by the same rules
         lane = next((lane for lane in settings.lanes if lane.name == query.lane), None)
         if lane is None:
             known = ", ".join(sorted(lane.name for lane in settings.lanes))
@@ -50,6 +56,8 @@ def resolve(settings: Settings, query: LaneQuery) -> LaneResolution:
                 error_type=ErrorType.UNKNOWN_LANE,
                 error=f"no lane named {query.lane!r} is configured (lanes: {known})",
             )
+    elif routed is not None:
+        lane, route = routed
     else:
         found = settings.lane_for(query.sender)
         if found is None:
@@ -63,4 +71,5 @@ def resolve(settings: Settings, query: LaneQuery) -> LaneResolution:
         retry=lane.retry,
         quota=lane.has_quota,
         recipient_domain_attribute=settings.recipient_domain_attribute,
+        route=route,
     )

@@ -36,6 +36,9 @@ from postlane.email.models import (
 from postlane.errors import ConfigurationError, ErrorType
 from postlane.ids import lane_workflow_id
 from postlane.lanes.models import (
+    DomainReport,
+    LaneStatus,
+    ProviderReport,
     ThrottleReport,
 )
 from postlane.metrics import count_failure, count_sent, failure_kind, observe_smtp_transaction
@@ -56,6 +59,9 @@ ACCEPTED_SIGNAL_TIMEOUT = timedelta(seconds=10)
 """How long the signal may take; after that the completion is the acceptance's record."""
 
 _NETWORK_ERRORS = (aiosmtplib.SMTPException, OSError, TimeoutError)
+CIRCUIT_FRESH = 1.0
+"""Seconds a worker trusts the circuit state it last read from the lane's workflow."""
+CIRCUIT_QUERY_TIMEOUT = timedelta(seconds=2)
 
 
 class SmtpPool:
@@ -265,6 +271,12 @@ class SmtpActivities:
         self._client = client
         self._pools: dict[str, SmtpPool] = {}
         self._tokens: TokenKeys | None = None
+        self._circuits: dict[str, tuple[str, float]] = {}
+        """Lane → (circuit state, when read), for lanes with a failover lane."""
+        self._down_streak: dict[str, int] = {}
+        """Lane → refused / timed-out connections in a row (this worker)."""
+        self._deferral_streak: dict[tuple[str, str], int] = {}
+        """(lane, recipient domain) → 4xx replies at RCPT in a row (this worker)."""
 
     def pool(self, lane: str) -> SmtpPool:
         """The connection pool of `lane` (created on first use)."""
@@ -339,6 +351,7 @@ class SmtpActivities:
             failure = ApplicationError(str(exc), type=ErrorType.LANE_UNKNOWN, non_retryable=True)
             await self._report_attempt(req, failure, "")
             raise failure from exc
+        await self._refuse_if_circuit_open(req, info.attempt)
         progress = _Progress()
         data = render_message(req.email, req.message_id, datetime.now(UTC))
         meter = activity.metric_meter()
@@ -352,8 +365,9 @@ class SmtpActivities:
                 receipt = await asyncio.shield(transaction)
             except ApplicationError as err:
                 observe_smtp_transaction(meter, req.lane, time.monotonic() - began)
-                if err.type == ErrorType.SMTP_THROTTLED:
+                if not await self._report_domain(req, err) and err.type == ErrorType.SMTP_THROTTLED:
                     await self._report_throttle(req.lane, err)
+                await self._report_provider(req.lane, err)
                 await self._report_attempt(req, err, pool.server)
                 raise
             except asyncio.CancelledError:
@@ -363,6 +377,8 @@ class SmtpActivities:
                     transaction.cancel()
                     raise
         observe_smtp_transaction(meter, req.lane, time.monotonic() - began)
+        self._down_streak.pop(req.lane, None)
+        self._deferral_streak.pop((req.lane, _domain_of(req)), None)
         count_sent(meter, req.lane)
         log.info(
             "email.sent",
@@ -489,6 +505,124 @@ class SmtpActivities:
             )
         except RPCError as exc:  # best effort: the email itself is retried regardless
             log.warning("lane.throttle_not_reported", lane=lane, error=str(exc))
+
+    async def _refuse_if_circuit_open(self, req: SmtpSendRequest, attempt: int) -> None:
+        """Fail at once, for the workflow to move the email, if the lane's circuit is open.
+
+        Raises:
+            ApplicationError: `ErrorType.CIRCUIT_OPEN` (not retryable), naming the lane's
+                failover lane in its details.
+        """
+        lane = self._settings.lane(req.lane)
+        if lane.failover is None or req.failover_from:
+            return  # a send that failed over already never moves again
+        state = await self._circuit(req.lane)
+        if state == "closed":
+            return
+        log.info("email.failing_over", lane=req.lane, failover=lane.failover, circuit=state)
+        raise ApplicationError(
+            f"lane {req.lane!r}: provider down (circuit {state}); moving to lane {lane.failover!r}",
+            {"attempt": attempt, "phase": "connect", "failover": lane.failover},
+            type=ErrorType.CIRCUIT_OPEN,
+            non_retryable=True,
+        )
+
+    async def _circuit(self, lane: str) -> str:
+        """The lane's circuit state as its workflow holds it (read at most every second)."""
+        cached = self._circuits.get(lane)
+        if cached is not None and time.monotonic() - cached[1] < CIRCUIT_FRESH:
+            return cached[0]
+        state = "closed"
+        if self._client is not None:
+            try:
+                status = await self._client.get_workflow_handle(lane_workflow_id(lane)).query(
+                    LaneMessages.STATUS, result_type=LaneStatus, rpc_timeout=CIRCUIT_QUERY_TIMEOUT
+                )
+                state = status.circuit
+            except RPCError as exc:  # no lane workflow answering: send on the lane itself
+                log.warning("lane.circuit_unknown", lane=lane, error=str(exc))
+        self._circuits[lane] = (state, time.monotonic())
+        return state
+
+    async def _report_domain(self, req: SmtpSendRequest, err: ApplicationError) -> bool:
+        """Tell the lane a recipient domain throttles or keeps deferring; True if it does.
+
+        Only replies at RCPT are the recipient domain's: one at connect or MAIL is the
+        provider's, and slows the whole lane.
+        """
+        details = err.details[0] if err.details and isinstance(err.details[0], dict) else {}
+        if details.get("phase") != "rcpt" or self._client is None:
+            return False
+        domain = _domain_of(req)
+        if err.type == ErrorType.SMTP_THROTTLED:
+            reason = "throttled"
+        elif err.type == ErrorType.SMTP_TRANSIENT:
+            key = (req.lane, domain)
+            self._deferral_streak[key] = self._deferral_streak.get(key, 0) + 1
+            if self._deferral_streak[key] < self._settings.lane(req.lane).domain_deferrals:
+                return False
+            self._deferral_streak.pop(key, None)
+            reason = "deferrals"
+        else:
+            return False
+        report = DomainReport(domain=domain, reply=err.message, reason=reason)
+        try:
+            await self._client.get_workflow_handle(lane_workflow_id(req.lane)).signal(
+                LaneMessages.DOMAIN_THROTTLED, report
+            )
+        except RPCError as exc:  # best effort: the email itself is retried regardless
+            log.warning("lane.domain_not_reported", lane=req.lane, domain=domain, error=str(exc))
+        log.warning("lane.domain_backoff", lane=req.lane, domain=domain, reason=reason)
+        return True
+
+    async def _report_provider(self, lane: str, err: ApplicationError) -> None:
+        """Count a refused or timed-out connection (a TLS failure counts in full); tell the
+        lane its provider is down after ``failover_after`` in a row."""
+        config = self._settings.lane(lane)
+        details = err.details[0] if err.details and isinstance(err.details[0], dict) else {}
+        if config.failover is None or details.get("phase") != "connect":
+            return
+        if err.type == ErrorType.SMTP_TLS:
+            streak = config.failover_after
+        elif err.type == ErrorType.SMTP_TRANSIENT:
+            streak = self._down_streak.get(lane, 0) + 1
+        else:
+            return
+        if streak < config.failover_after:
+            self._down_streak[lane] = streak
+            return
+        self._down_streak.pop(lane, None)
+        self._circuits.pop(lane, None)
+        log.warning("lane.provider_down", lane=lane, reply=err.message, failover=config.failover)
+        if self._client is None:
+            return
+        try:
+            await self._client.get_workflow_handle(lane_workflow_id(lane)).signal(
+                LaneMessages.PROVIDER_DOWN, ProviderReport(reply=err.message)
+            )
+        except RPCError as exc:
+            log.warning("lane.provider_down_not_reported", lane=lane, error=str(exc))
+
+    @activity.defn(name=Activity.PROBE_SMTP)
+    async def probe_smtp(self, lane: str) -> str:
+        """Open (and QUIT) one connection to the lane's server: is the provider back?
+
+        Returns:
+            ``host:port`` of the server that answered.
+
+        Raises:
+            ApplicationError: the provider still cannot be reached (typed as a send's).
+        """
+        pool = SmtpPool(self._settings.lane(lane))
+        try:
+            smtp = await pool._connect()
+        except ConfigurationError as exc:
+            raise config_failure(exc, attempt=1, phase="connect") from exc
+        except _NETWORK_ERRORS as exc:
+            raise classify(exc, attempt=1, phase="connect") from exc
+        await _close(smtp)
+        log.info("lane.probe_succeeded", lane=lane, smtp_server=pool.server)
+        return pool.server
 
     async def _deliver(
         self, pool: SmtpPool, req: SmtpSendRequest, data: bytes, progress: _Progress, attempt: int
@@ -630,6 +764,11 @@ def envelope_recipients(addresses: list[str]) -> list[str]:
             seen.add(norm)
             unique.append(address)
     return unique
+
+
+def _domain_of(req: SmtpSendRequest) -> str:
+    """The recipient domain a send is keyed by (its fairness key on the lane's queue)."""
+    return req.email.recipient_domains[0][:64]
 
 
 def _stale(exc: BaseException) -> bool:

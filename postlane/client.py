@@ -346,7 +346,10 @@ class PostlaneClient:
             ) from None
         if send_at is not None and (send_at.tzinfo is None or send_at.utcoffset() is None):
             raise InvalidEmail("send_at", "must be timezone-aware, e.g. datetime.now(UTC)")
-        lane = self.settings.lane_for(email.sender)
+        routed = self.settings.route_for(
+            email.sender, email.recipient_domains, email.tags, prio.value
+        )
+        lane = routed[0] if routed else self.settings.lane_for(email.sender)
         if lane is None:
             raise UnknownSender(email.sender)
         request = SendEmailInput(
@@ -439,6 +442,8 @@ class PostlaneClient:
                     attempts=finished.attempts,
                     attempt_history=finished.attempt_history,
                     parked_at=report.parked_at or finished.parked_at,
+                    route=finished.route,
+                    failed_over_from=finished.failed_over_from,
                 )
         if desc.status == WorkflowExecutionStatus.COMPLETED:
             receipt = DeliveryReceipt.model_validate(await handle.result())
@@ -467,6 +472,8 @@ class PostlaneClient:
                     # The search attribute is missing for emails parked by older code.
                     parked_at=report.parked_at or live.parked_at,
                     attempt_history=live.attempt_history,
+                    route=live.route,
+                    failed_over_from=live.failed_over_from,
                 )
         return report.model_copy(update=update)
 

@@ -28,6 +28,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import InitErrorDetails, PydanticCustomError
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -92,6 +93,15 @@ class LaneConfig(BaseModel):
     is not ``localhost``), else the domain of the lane's first sender (``*@acme.test`` →
     ``acme.test``), else the connection's address literal (``[192.0.2.1]``)."""
     retry: RetrySettings = RetrySettings()
+    failover: str | None = None
+    """Another lane that takes this lane's sends while its provider is down (docs/routing.md)."""
+    failover_after: int = Field(default=3, ge=1)
+    """Refused or timed-out connections in a row (per worker) that open the circuit."""
+    circuit_probe_seconds: float = Field(default=30.0, gt=0)
+    """Seconds an open circuit waits before probing the provider again (half-open)."""
+    domain_deferrals: int = Field(default=3, ge=1)
+    """Consecutive 4xx replies from one recipient domain that put it in backoff (a 421 or
+    4.7.x reply does at once)."""
 
     @field_validator("name")
     @classmethod
@@ -145,6 +155,8 @@ class LaneConfig(BaseModel):
             hourly_cap=self.hourly_cap,
             daily_cap=self.daily_cap,
             warmup=self.warmup,
+            failover=self.failover,
+            circuit_probe_after=timedelta(seconds=self.circuit_probe_seconds),
         )
 
     @property
@@ -260,6 +272,42 @@ class InboxConfig(BaseModel):
         return values[0], values[1]
 
 
+class RouteConfig(BaseModel):
+    """One ``[[routes]]`` rule: emails matching every condition given go by `lane`.
+
+    Rules are tried in file order and the first match wins; an email no rule matches goes
+    by its sender's lane. An explicit lane (``retry --lane``, a raw ``lane`` in the input)
+    is never rerouted.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    lane: str
+    name: str = ""
+    """Shown in the email's status; default ``routes[<index>]``."""
+    sender: str | None = None
+    """Sender address or pattern (``*@news.acme.test``)."""
+    recipient_domain: list[str] = Field(default_factory=list)
+    """Matches when any recipient's domain matches one of these (``gmail.com``, ``*.edu``)."""
+    tag: str | None = None
+    """Matches when the email carries this tag."""
+    priority: Literal["high", "normal", "bulk"] | None = None
+
+    def matches(self, sender: str, domains: list[str], tags: list[str], priority: str) -> bool:
+        """Does an email with these properties match every condition of this rule?"""
+        if self.sender is not None and not fnmatch.fnmatchcase(sender.lower(), self.sender.lower()):
+            return False
+        if self.recipient_domain and not any(
+            fnmatch.fnmatchcase(d.lower(), p.lower())
+            for d in domains
+            for p in self.recipient_domain
+        ):
+            return False
+        if self.tag is not None and self.tag not in tags:
+            return False
+        return self.priority is None or self.priority == priority
+
+
 def dev_lane(smtp_port: int = 1025) -> LaneConfig:
     """The embedded default: every sender, to the local SMTP catcher."""
     return LaneConfig(
@@ -281,6 +329,8 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="POSTLANE_", extra="forbid", frozen=True)
 
     lanes: list[LaneConfig] = Field(default_factory=lambda: [dev_lane()])
+    routes: list[RouteConfig] = Field(default_factory=list)
+    """``[[routes]]``: rules that choose an email's lane (docs/routing.md)."""
     inboxes: list[InboxConfig] = Field(default_factory=list)
     """Mailboxes watched for replies, bounces and unsubscribes (``postlane inbound``)."""
     webhooks: list[WebhookConfig] = Field(default_factory=list)
@@ -339,6 +389,44 @@ class Settings(BaseSettings):
     def webhook_events(self) -> list[str]:
         """Every event some subscription wants, sorted."""
         return sorted({str(event) for hook in self.webhooks for event in hook.events})
+
+    @model_validator(mode="after")
+    def _known_lanes(self) -> Settings:
+        names = [lane.name for lane in self.lanes]
+        wrong: list[tuple[tuple[str | int, ...], str]] = []
+        for i, lane in enumerate(self.lanes):
+            if lane.failover is not None and (
+                lane.failover not in names or lane.failover == lane.name
+            ):
+                wrong.append((("lanes", i, "failover"), lane.failover))
+        wrong += [(("routes", i, "lane"), r.lane) for i, r in enumerate(self.routes)]
+        for loc, value in wrong:
+            if value in names and loc[0] == "routes":
+                continue
+            raise ValidationError.from_exception_data(
+                "Settings",
+                [
+                    InitErrorDetails(
+                        type=PydanticCustomError(
+                            "unknown_lane",
+                            "'{value}' is not another configured lane (lanes: {known})",
+                            {"value": value, "known": ", ".join(names)},
+                        ),
+                        loc=loc,
+                        input=value,
+                    )
+                ],
+            )
+        return self
+
+    def route_for(
+        self, sender: str, domains: list[str], tags: list[str], priority: str
+    ) -> tuple[LaneConfig, str] | None:
+        """The lane the first matching ``[[routes]]`` rule names, and the rule's name."""
+        for i, route in enumerate(self.routes):
+            if route.matches(sender, domains, tags, priority):
+                return self.lane(route.lane), route.name or f"routes[{i}]"
+        return None
 
     def inbox(self, name: str) -> InboxConfig:
         """The inbox called `name`.

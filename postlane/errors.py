@@ -58,6 +58,9 @@ class ErrorType(StrEnum):
     """An update's validator refused an operator action (retry, discard, approve, ...)."""
     EMAIL_DISCARDED = "EmailDiscarded"
     """An operator discarded the dead-lettered email: it ends cancelled with this type."""
+    CIRCUIT_OPEN = "CircuitOpen"
+    """The lane's provider is down (its circuit is open): the email moves to the lane's
+    ``failover`` lane, keeping its Message-ID and key. Never retried on the same lane."""
 
 
 SEND_FAILURES = frozenset(
@@ -69,10 +72,11 @@ SEND_FAILURES = frozenset(
         ErrorType.LANE_UNKNOWN,
         ErrorType.CONFIGURATION,
         ErrorType.SMTPUTF8_UNSUPPORTED,
+        ErrorType.CIRCUIT_OPEN,
     }
 )
 """Every failure the send activity raises (``activities/smtp*.py``), each after logging its
-own one-line ``email.attempt_failed`` event."""
+own one-line ``email.attempt_failed`` event (``email.failing_over`` for an open circuit)."""
 
 
 class PostlaneError(Exception):

@@ -47,6 +47,15 @@ class Metric(StrEnum):
     a window without a cap."""
     SEQUENCE_OUTCOMES = "postlane_sequence_outcomes"
     """Counter {campaign, outcome}: sequences that ended, by `SequenceOutcome`."""
+    LANE_CIRCUIT_OPEN = "postlane_lane_circuit_open"
+    """Gauge {lane}: 1 while the lane's circuit is open or half-open (sends fail over)."""
+    LANE_CIRCUIT_SWITCHES = "postlane_lane_circuit_switches"
+    """Counter {lane, state}: the lane's circuit moved to ``open``, ``half_open`` or
+    ``closed``."""
+    EMAILS_FAILED_OVER = "postlane_emails_failed_over"
+    """Counter {lane, failover}: emails moved from `lane` to its failover lane."""
+    LANE_DOMAINS_IN_BACKOFF = "postlane_lane_domains_in_backoff"
+    """Gauge {lane}: receiving domains held below the per-domain rate."""
 
 
 class FailureKind(StrEnum):
@@ -159,6 +168,33 @@ def set_lane_gauges(
         used_gauge.set(used, window_labels)
         if cap is not None:
             cap_gauge.set(cap, window_labels)
+
+
+def set_lane_health_gauges(
+    meter: MetricMeter, lane: str, *, circuit_open: bool, domains_in_backoff: int
+) -> None:
+    """Publish a lane's circuit state and how many receiving domains are in backoff."""
+    labels = {"lane": lane}
+    meter.create_gauge(Metric.LANE_CIRCUIT_OPEN, "1 while the circuit is open").set(
+        int(circuit_open), labels
+    )
+    meter.create_gauge(Metric.LANE_DOMAINS_IN_BACKOFF, "domains in backoff").set(
+        domains_in_backoff, labels
+    )
+
+
+def count_circuit_switch(meter: MetricMeter, lane: str, state: str) -> None:
+    """The lane's circuit moved to `state` (``open``, ``half_open``, ``closed``)."""
+    meter.create_counter(Metric.LANE_CIRCUIT_SWITCHES, "circuit state changes").add(
+        1, {"lane": lane, "state": state}
+    )
+
+
+def count_failed_over(meter: MetricMeter, lane: str, failover: str) -> None:
+    """One email moved from `lane` to its `failover` lane (the circuit was open)."""
+    meter.create_counter(Metric.EMAILS_FAILED_OVER, "emails moved to a failover lane").add(
+        1, {"lane": lane, "failover": failover}
+    )
 
 
 def count_sequence_outcome(meter: MetricMeter, campaign: str, outcome: str) -> None:

@@ -31,6 +31,7 @@ class Activity:
     SEND_EMAIL: Final = "send_email"
     RESOLVE_LANE: Final = "resolve_lane"
     SET_LANE_RATE: Final = "set_lane_rate"
+    PROBE_SMTP: Final = "probe_smtp"
     SUPPRESS_RECIPIENT: Final = "suppress_recipient"
     POLL_INBOX: Final = "poll_inbox"
     RECORD_UNSUBSCRIBE: Final = "record_unsubscribe"
@@ -69,6 +70,8 @@ class LaneMessages:
     CONFIGURE: Final = "configure"
     SET_RATE: Final = "set_rate"
     THROTTLED: Final = "throttled"
+    DOMAIN_THROTTLED: Final = "domain_throttled"
+    PROVIDER_DOWN: Final = "provider_down"
 
 
 class SequenceMessages:

@@ -105,7 +105,7 @@ def build_workers(
             Worker(
                 client,
                 task_queue=lane.task_queue,
-                activities=[smtp.send_email],
+                activities=[smtp.send_email, smtp.probe_smtp],
                 max_concurrent_activities=lane.max_concurrent,
                 # The server-side rate set by apply_lane_limits overrides this; it only
                 # matters on servers without task-queue config (the time-skipping one).

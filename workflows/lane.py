@@ -15,14 +15,21 @@ from collections import deque
 from datetime import datetime, timedelta
 
 from temporalio import workflow
+from temporalio.common import RetryPolicy
+from temporalio.exceptions import ActivityError
 
 with workflow.unsafe.imports_passed_through():
     from postlane import metrics
+    from postlane.ids import lane_task_queue
     from postlane.lanes.models import (
+        DomainBackoff,
+        DomainReport,
+        DomainStatus,
         LaneLimits,
         LaneRateRequest,
         LaneState,
         LaneStatus,
+        ProviderReport,
         RateChange,
         SlotGrant,
         SlotRequest,
@@ -100,6 +107,21 @@ without a throttle is forgotten (the lane probes toward its configured rate agai
 ADDITIVE_STEPS = 4
 """Above half its target, the rate recovers in steps of target / ADDITIVE_STEPS."""
 
+DOMAIN_BACKOFF_PATCH = "lane-domain-backoff"
+"""Runs from this patch hold a throttling receiving domain back on its own (a fairness
+weight on the lane's queue) instead of ignoring the report."""
+DOMAIN_RECOVERY_STEP = timedelta(minutes=1)
+"""A domain in backoff doubles its weight after this long without a new complaint."""
+MIN_DOMAIN_WEIGHT = 1 / 64
+"""The lowest weight a domain backs off to (the server clamps weights to 0.001..1000)."""
+CIRCUIT_PATCH = "lane-circuit-breaker"
+"""Runs from this patch open a circuit (sends go to the lane's ``failover`` lane) when the
+provider is reported down, and probe it to close the circuit again."""
+PROBE_SMTP_ACTIVITY = Activity.PROBE_SMTP
+PROBE_RETRY = RetryPolicy(maximum_attempts=1)
+"""One probe per half-open state: a failed probe reopens the circuit for another wait."""
+PROBE_TIMEOUT = timedelta(minutes=2)
+
 
 def _digest(workflow_id: str) -> str:
     return hashlib.blake2b(workflow_id.encode(), digest_size=4).hexdigest()
@@ -132,6 +154,7 @@ class LaneWorkflow:
         self._paced = False
         self._recent: set[str] | None = None
         self._hold = quota.MINUTE
+        self._probing: asyncio.Future[None] | None = None
 
     @property
     def state(self) -> LaneState:
@@ -157,7 +180,9 @@ class LaneWorkflow:
                 pass
             self._dirty = False
             self._recover_if_due()
+            self._recover_domains()
             await self._apply_rate()
+            self._probe_if_due()
             if self._windowed:
                 await self._grant_windowed()
             else:
@@ -198,6 +223,9 @@ class LaneWorkflow:
             wakeups.append(quota.next_opening(s.buckets, s.limits, s.warmup_started, now))
         if s.recover_at is not None:
             wakeups.append(s.recover_at)
+        wakeups += [d.recover_at for d in s.domains.values() if d.recover_at is not None]
+        if s.probe_at is not None and s.circuit != "closed" and self._probing is None:
+            wakeups.append(s.probe_at)
         if not wakeups:
             return None
         return max(min(wakeups) - now, timedelta(seconds=1))
@@ -247,11 +275,106 @@ class LaneWorkflow:
 
     def _wanted(self) -> LaneRateRequest:
         s = self.state
+        if not s.domains:
+            return LaneRateRequest(
+                lane=s.name,
+                rate_per_second=s.effective_rate,
+                per_domain_per_second=s.limits.per_domain_per_second,
+            )
+        # A weight scales the per-key limit; with no per-domain rate configured, each
+        # domain may use the whole lane's rate, and a domain in backoff a fraction of it.
         return LaneRateRequest(
             lane=s.name,
             rate_per_second=s.effective_rate,
-            per_domain_per_second=s.limits.per_domain_per_second,
+            per_domain_per_second=self._per_domain_rate(),
+            domain_weights={name: d.weight for name, d in sorted(s.domains.items())},
         )
+
+    def _per_domain_rate(self) -> float:
+        s = self.state
+        return s.limits.per_domain_per_second or s.limits.rate_per_second
+
+    def _recover_domains(self) -> None:
+        """Step domains whose quiet time is up back toward full weight (then forget them)."""
+        s, now = self.state, workflow.now()
+        for name, d in list(s.domains.items()):
+            if d.recover_at is None or now < d.recover_at:
+                continue
+            d.weight = min(1.0, d.weight * 2)
+            if d.weight >= 1.0:
+                del s.domains[name]
+                workflow.logger.info("lane %s: domain %s recovered", s.name, name)
+            else:
+                d.recover_at = now + DOMAIN_RECOVERY_STEP
+                workflow.logger.info(
+                    "lane %s: domain %s recovering: weight %.3g", s.name, name, d.weight
+                )
+
+    def _probe_if_due(self) -> None:
+        """Half-open an open circuit when its wait is over: one probe of the provider.
+
+        The probe runs beside the lane's loop, so slots are granted meanwhile. A circuit
+        found half-open with no probe running (one cut short by a continue-as-new) probes
+        again.
+        """
+        s = self.state
+        if s.circuit == "closed" or self._probing is not None:
+            return
+        if s.probe_at is None or workflow.now() < s.probe_at:
+            return
+        self._switch("half_open", "probing the provider")
+        self._probing = asyncio.ensure_future(self._probe())
+
+    async def _probe(self) -> None:
+        s = self.state
+        try:
+            await workflow.execute_activity(
+                PROBE_SMTP_ACTIVITY,
+                s.name,
+                task_queue=lane_task_queue(s.name),
+                start_to_close_timeout=PROBE_TIMEOUT,
+                schedule_to_close_timeout=PROBE_TIMEOUT,
+                retry_policy=PROBE_RETRY,
+            )
+        except ActivityError as err:
+            if s.circuit == "half_open":
+                self._switch("open", f"probe failed: {err.cause or err}")
+                s.probe_at = workflow.now() + s.limits.circuit_probe_after
+        else:
+            if s.circuit == "half_open":
+                self._switch("closed", "probe succeeded: the provider is back")
+                s.probe_at = None
+        finally:
+            self._probing = None
+            self._dirty = True
+
+    def _switch(self, state: str, reason: str) -> None:
+        """Move the circuit to `state`: logged, counted and shown in the lane's details."""
+        s = self.state
+        s.circuit, s.circuit_since, s.circuit_reason = state, workflow.now(), reason
+        level = workflow.logger.info if state == "closed" else workflow.logger.warning
+        level(
+            "lane %s circuit %s (%s); sends go to lane %s",
+            s.name,
+            state,
+            reason,
+            s.limits.failover if state != "closed" else s.name,
+        )
+        metrics.count_circuit_switch(workflow.metric_meter(), s.name, state)
+        self._publish_details()
+
+    def _publish_details(self) -> None:
+        s = self.state
+        lines = [f"circuit: {s.circuit}"]
+        if s.circuit != "closed":
+            since = s.circuit_since.isoformat(timespec="seconds") if s.circuit_since else "?"
+            lines[0] += f" since {since} ({s.circuit_reason}); sends go to {s.limits.failover}"
+        if s.domains:
+            lines.append(
+                "domains in backoff: "
+                + ", ".join(f"{n} x{d.weight:.3g}" for n, d in sorted(s.domains.items()))
+            )
+        workflow.set_current_details("\n".join(lines))
 
     async def _apply_rate(self) -> None:
         """Bring the server in line with the rate in force (and the per-domain rate)."""
@@ -259,9 +382,13 @@ class LaneWorkflow:
         if s.applied == wanted:
             return
         backing_off = s.effective_rate < s.limits.rate_per_second
+        update: dict[str, object] = {"reason": "backpressure" if backing_off else "configured"}
+        gone = set(s.applied.domain_weights) - set(wanted.domain_weights) if s.applied else set()
+        if gone:
+            update["clear_domains"] = sorted(gone)
         await workflow.execute_activity(
             SET_LANE_RATE_ACTIVITY,
-            wanted.model_copy(update={"reason": "backpressure" if backing_off else "configured"}),
+            wanted.model_copy(update=update),
             start_to_close_timeout=ADMIN_START_TO_CLOSE,
             retry_policy=ADMIN_RETRY,
         )
@@ -559,6 +686,49 @@ class LaneWorkflow:
         s.recover_at = now + quiet
         self._dirty = True
 
+    @workflow.signal(name=LaneMessages.DOMAIN_THROTTLED)
+    def domain_throttled(self, report: DomainReport) -> None:
+        """A receiving domain said "slow down": halve its weight; it recovers step by step."""
+        if not workflow.patched(DOMAIN_BACKOFF_PATCH):
+            return
+        s, now = self.state, workflow.now()
+        d = s.domains.get(report.domain)
+        if d is not None and now - d.throttled_at < BACKOFF_COALESCE:
+            d.last_reply, d.recover_at = report.reply, now + DOMAIN_RECOVERY_STEP
+            return
+        weight = max(MIN_DOMAIN_WEIGHT, (d.weight if d else 1.0) / 2)
+        s.domains[report.domain] = DomainBackoff(
+            weight=weight,
+            since=d.since if d else now,
+            reason=report.reason,
+            last_reply=report.reply,
+            throttled_at=now,
+            recover_at=now + DOMAIN_RECOVERY_STEP,
+        )
+        workflow.logger.warning(
+            "lane %s: domain %s in backoff (%s: %s): weight %.3g",
+            s.name,
+            report.domain,
+            report.reason,
+            report.reply,
+            weight,
+        )
+        self._publish_details()
+        self._dirty = True
+
+    @workflow.signal(name=LaneMessages.PROVIDER_DOWN)
+    def provider_down(self, report: ProviderReport) -> None:
+        """The provider is unreachable: open the circuit (if the lane has a failover lane)."""
+        s = self.state
+        if s.limits.failover is None or not workflow.patched(CIRCUIT_PATCH):
+            return
+        if s.circuit == "open":
+            s.circuit_reason = report.reply
+            return
+        self._switch("open", report.reply)
+        s.probe_at = workflow.now() + s.limits.circuit_probe_after
+        self._dirty = True
+
     def _publish_metrics(self) -> None:
         """The lane's rate, backpressure and cap gauges, after each pass.
 
@@ -576,6 +746,13 @@ class LaneWorkflow:
                 metrics.CapWindow.DAY: (st.used_last_day, st.daily_cap),
             },
         )
+        if st.failover is not None or st.domains:
+            metrics.set_lane_health_gauges(
+                workflow.metric_meter(),
+                st.name,
+                circuit_open=st.circuit != "closed",
+                domains_in_backoff=len(st.domains),
+            )
 
     @workflow.query(name=LaneMessages.STATUS)
     def status(self) -> LaneStatus:
@@ -600,4 +777,20 @@ class LaneWorkflow:
             next_slot_at=next_slot,
             window=len(s.waiting),
             ceiling=s.ceiling,
+            domains=[
+                DomainStatus(
+                    domain=name,
+                    weight=d.weight,
+                    effective_rate=self._per_domain_rate() * d.weight,
+                    since=d.since,
+                    reason=d.reason,
+                    last_reply=d.last_reply,
+                    recover_at=d.recover_at,
+                )
+                for name, d in sorted(s.domains.items())
+            ],
+            circuit=s.circuit,
+            circuit_since=s.circuit_since,
+            circuit_reason=s.circuit_reason,
+            failover=s.limits.failover,
         )

@@ -86,6 +86,12 @@ WEBHOOKS_PATCH = "postlane-webhooks"
 """From this patch on an email emits the ``email.*`` webhook events its workers'
 subscriptions want (`LaneResolution.webhook_events`), at its terminal transitions. Asked
 for only when there is one to emit: an email nobody subscribed to records nothing."""
+FAILOVER_PATCH = "postlane-lane-failover"
+"""From this patch on, a send refused because its lane's circuit is open
+(`ErrorType.CIRCUIT_OPEN`) moves to the lane's failover lane with the same Message-ID and
+key, instead of failing the email."""
+FAILOVER_MEMO = "PostlaneFailover"
+"""Memo field naming the lane an email failed over from and to (shown in the Web UI)."""
 SLOT_REASK = timedelta(minutes=3)
 """An email with no answer from its lane asks again after this (plus up to `SLOT_REASK_JITTER`)."""
 SLOT_REASK_JITTER = 120
@@ -139,6 +145,9 @@ class SendEmailWorkflow:
         self._recipient_hashes: list[str] = []
         self._webhook_events: list[str] = []
         """The ``email.*`` events the workers' webhook subscriptions want (from history)."""
+        self._route: str | None = None
+        """The ``[[routes]]`` rule that chose the lane (from ``resolve_lane``)."""
+        self._failed_over_from: str | None = None
 
     @workflow.run
     async def run(self, raw: RawValue = NO_INPUT) -> DeliveryReceipt:
@@ -216,6 +225,9 @@ class SendEmailWorkflow:
                 sender=req.email.sender,
                 lane=req.lane,
                 recipients=req.email.recipients if self._hash_recipients else [],
+                recipient_domains=req.email.recipient_domains,
+                tags=req.email.tags,
+                priority=req.priority.value,
             ),
             result_type=LaneResolution,
             start_to_close_timeout=RESOLVE_START_TO_CLOSE,
@@ -224,6 +236,8 @@ class SendEmailWorkflow:
         self._domain_attribute = resolution.recipient_domain_attribute
         self._recipient_hashes = resolution.recipient_hashes
         self._webhook_events = resolution.webhook_events
+        if self._route is None:
+            self._route = resolution.route
         if resolution.error_type is not None:
             kind = ErrorType(resolution.error_type)
             self._reject(kind, _REJECTED_FIELD.get(kind, "lane"), resolution.error)
@@ -323,6 +337,11 @@ class SendEmailWorkflow:
                     await self._notify(WebhookEventType.EMAIL_SENT)
                     return self._receipt
                 failure = application_failure(err)
+                target = _failover_target(failure) if not request.failover_from else None
+                # A cancel that waited for this send ends the email instead (below).
+                if target and not self._cancelling and workflow.patched(FAILOVER_PATCH):
+                    req, request = self._fail_over(req, request, target)
+                    continue
                 if is_cancelled_exception(err) and self._patched(CANCEL_ENDS_CANCELLED_PATCH):
                     # Cancelled by this workflow's cancel, before anything was delivered.
                     self._attempts += self._failed_in_send
@@ -370,6 +389,24 @@ class SendEmailWorkflow:
             _observe_accepted(receipt, due=req.send_at)
             await self._notify(WebhookEventType.EMAIL_SENT)
             return self._receipt
+
+    def _fail_over(
+        self, req: SendEmailInput, request: SmtpSendRequest, target: str
+    ) -> tuple[SendEmailInput, SmtpSendRequest]:
+        """Move the email to its lane's failover lane: same Message-ID, key and retries."""
+        origin = req.lane
+        self._attempts += self._failed_in_send
+        self._failed_in_send = 0
+        self._failed_over_from = origin
+        req = req.model_copy(update={"lane": target})
+        self._input = req
+        workflow.upsert_search_attributes([sa.LANE.value_set(target)])
+        workflow.upsert_memo({FAILOVER_MEMO: f"{origin} -> {target}"})
+        metrics.count_failed_over(workflow.metric_meter(), origin, target)
+        workflow.logger.warning(
+            "email failed over from lane %s to lane %s (circuit open)", origin, target
+        )
+        return req, request.model_copy(update={"lane": target, "failover_from": origin})
 
     async def _outcome(self, send: ActivityHandle[DeliveryReceipt]) -> DeliveryReceipt:
         """The send's result; a workflow cancel asks the send to stop and waits for it.
@@ -547,6 +584,10 @@ class SendEmailWorkflow:
     def _publish_details(self, status: EmailStatus) -> None:
         """The Web UI's current details; the same attempt count and reply as `status`."""
         details = f"{self._headline}status: {status}; attempts: {self._attempt_count()}"
+        if self._route:
+            details += f"; route: {self._route}"
+        if self._failed_over_from and self._input is not None:
+            details += f"; failed over from lane {self._failed_over_from} to {self._input.lane}"
         reply = self._receipt.smtp_reply if self._receipt is not None else self._last_error
         if reply:
             details += f"; last SMTP reply: {reply}"
@@ -657,6 +698,8 @@ class SendEmailWorkflow:
             parked_at=self._parked_at,
             attempt_history=list(self._attempt_history),
             receipt=self._receipt,
+            route=self._route or None,
+            failed_over_from=self._failed_over_from,
         )
 
 
@@ -709,6 +752,15 @@ def _with_attempts(details: Sequence[Any], attempts: int) -> list[Any]:
     if details and isinstance(details[0], dict):
         return [{**details[0], "attempts": attempts}, *details[1:]]
     return [{"attempts": attempts}, *details]
+
+
+def _failover_target(failure: ApplicationError | None) -> str | None:
+    """The failover lane a send refused for an open circuit names, or None."""
+    if failure is None or failure.type != ErrorType.CIRCUIT_OPEN or not failure.details:
+        return None
+    details = failure.details[0]
+    target = details.get("failover") if isinstance(details, dict) else None
+    return target if isinstance(target, str) and target else None
 
 
 def _attempts_of(failure: ApplicationError | None) -> int:

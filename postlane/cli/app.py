@@ -26,6 +26,7 @@ from temporalio.service import RPCError
 
 from postlane.cli import api as cli_api
 from postlane.cli import mcp as cli_mcp
+from postlane.cli import routing as cli_routing
 from postlane.cli import sequence as cli_sequence
 from postlane.cli import webhooks as cli_webhooks
 from postlane.cli.progress import ProgressBar
@@ -178,6 +179,7 @@ def _parser() -> argparse.ArgumentParser:
     lane_set = lanes_sub.add_parser("set", help="change a lane's rate live, e.g. --rate 5/s")
     lane_set.add_argument("name")
     lane_set.add_argument("--rate", required=True, help="N/s, N/m or N/h")
+    cli_routing.add_arguments(lanes)
     codec = sub.add_parser(
         "codec-server",
         help="serve Temporal's remote-codec API (/decode, /encode) for the Web UI and CLI",
@@ -367,7 +369,8 @@ async def _dispatch(args: argparse.Namespace) -> int:
             await pl.lanes.set_rate(args.name, rate, reason="postlane lanes set")
             print(f"lane {args.name}: rate set to {rate:g}/s")
             return EXIT_OK
-        print(format_lanes(await pl.lanes.list()))
+        reports = await pl.lanes.list()
+        print(cli_routing.format_domains(reports) if args.domains else format_lanes(reports))
         return EXIT_OK
     if args.command == "setup":
         from postlane.namespace import ensure_namespace, ensure_search_attributes

@@ -365,6 +365,12 @@ class LaneQuery(BaseModel):
     """A lane the caller named (checked to exist), or empty to pick the sender's lane."""
     recipients: list[str] = Field(default_factory=list)
     """Addresses to hash for ``PostlaneRecipientHash`` (an email started without it)."""
+    recipient_domains: list[str] = Field(default_factory=list)
+    """For ``[[routes]]`` rules: the email's recipient domains."""
+    tags: list[str] = Field(default_factory=list)
+    """For ``[[routes]]`` rules: the email's tags."""
+    priority: str = ""
+    """For ``[[routes]]`` rules: the email's priority."""
 
 
 class LaneResolution(BaseModel):
@@ -386,6 +392,8 @@ class LaneResolution(BaseModel):
     webhook_events: list[str] = Field(default_factory=list)
     """The ``email.*`` webhook events some subscription of the workers wants: the email
     emits only these (none at all, and no history events, when the list is empty)."""
+    route: str = ""
+    """The ``[[routes]]`` rule that chose the lane (empty: the sender's lane, or named)."""
 
 
 class SmtpSendRequest(BaseModel):
@@ -400,6 +408,8 @@ class SmtpSendRequest(BaseModel):
     seal_message_id: bool = False
     """The worker makes the Message-ID (sealed with its token secret, `postlane.tokens`)
     from the workflow ID; `message_id` is then empty."""
+    failover_from: str = ""
+    """The lane whose open circuit moved this send here (it never fails over again)."""
 
 
 class DeliveryReceipt(BaseModel):
@@ -494,3 +504,7 @@ class EmailReport(BaseModel):
     stuck: str | None = None
     """Why a running email makes no progress, e.g. ``"workflow task failing: RuntimeError:
     ... (attempt 4)"``: a bug or an incompatible change in the workers' workflow code."""
+    route: str | None = None
+    """The ``[[routes]]`` rule that chose `lane`, if one did."""
+    failed_over_from: str | None = None
+    """The lane this email left for `lane` because its provider was down (circuit open)."""

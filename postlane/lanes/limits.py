@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from datetime import timedelta
 
 import structlog
@@ -29,10 +30,14 @@ async def apply_lane_limits(
     rate: float,
     per_domain: float | None = None,
     reason: str = "",
+    domain_weights: Mapping[str, float] | None = None,
+    clear_domains: Sequence[str] = (),
 ) -> bool:
     """Set the lane queue's server-side rate (and per-recipient-domain rate).
 
     The server enforces it across every worker host, unlike a per-worker option.
+    `domain_weights` set fairness weight overrides (a domain's limit is the per-domain rate
+    times its weight: per-domain backoff); `clear_domains` remove earlier ones.
 
     Returns:
         False if the server does not implement task-queue config (the time-skipping test
@@ -56,6 +61,10 @@ async def apply_lane_limits(
             reason=f"postlane lane {lane}: per recipient domain",
         )
     )
+    if domain_weights:
+        request.set_fairness_weight_overrides.update(domain_weights)
+    if clear_domains:
+        request.unset_fairness_weight_overrides.extend(clear_domains)
     try:
         await client.workflow_service.update_task_queue_config(request)
     except RPCError as err:
@@ -66,7 +75,13 @@ async def apply_lane_limits(
             return False
         raise
     log.info(
-        "lane.rate_applied", lane=lane, rate_per_second=rate, per_domain=per_domain, reason=reason
+        "lane.rate_applied",
+        lane=lane,
+        rate_per_second=rate,
+        per_domain=per_domain,
+        reason=reason,
+        domain_weights=dict(domain_weights or {}),
+        cleared=list(clear_domains),
     )
     return True
 

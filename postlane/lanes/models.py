@@ -32,6 +32,58 @@ class LaneLimits(BaseModel):
     hourly_cap: int | None = None
     daily_cap: int | None = None
     warmup: Warmup | None = None
+    failover: str | None = None
+    """The lane that takes this lane's sends while its circuit is open."""
+    circuit_probe_after: timedelta = timedelta(seconds=30)
+    """How long an open circuit waits before probing the provider (half-open)."""
+
+
+class DomainReport(BaseModel):
+    """Signal from a send to its lane: a recipient domain asked us to slow down (421,
+    4.7.x) or deferred several sends in a row."""
+
+    model_config = ConfigDict(frozen=True)
+
+    domain: str
+    reply: str
+    reason: str = "throttled"
+    """``throttled`` (421 / 4.7.x) or ``deferrals`` (consecutive 4xx)."""
+
+
+class ProviderReport(BaseModel):
+    """Signal from a send to its lane: the provider is unreachable (refused or timed-out
+    connections in a row, or a TLS failure)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    reply: str
+
+
+class DomainBackoff(BaseModel):
+    """One receiving domain held below the lane's per-domain rate."""
+
+    weight: float
+    """Fairness weight on the lane's queue: the domain's limit is the per-domain rate
+    times this (1.0 is no backoff)."""
+    since: datetime
+    reason: str
+    last_reply: str = ""
+    throttled_at: datetime
+    recover_at: datetime | None = None
+
+
+class DomainStatus(BaseModel):
+    """One row of ``postlane lanes --domains``."""
+
+    model_config = ConfigDict(frozen=True)
+
+    domain: str
+    weight: float
+    effective_rate: float
+    since: datetime
+    reason: str
+    last_reply: str = ""
+    recover_at: datetime | None = None
 
 
 class SlotRequest(BaseModel):
@@ -89,6 +141,10 @@ class LaneRateRequest(BaseModel):
     rate_per_second: float
     per_domain_per_second: float | None = None
     reason: str = ""
+    domain_weights: dict[str, float] = Field(default_factory=dict)
+    """Fairness weights of domains in backoff (absent: weight 1)."""
+    clear_domains: list[str] = Field(default_factory=list)
+    """Domains whose weight override goes (they recovered)."""
 
 
 class LaneState(BaseModel):
@@ -128,6 +184,13 @@ class LaneState(BaseModel):
     the rate that was throttled); None recovers to the configured rate."""
     ceiling_until: datetime | None = None
     """When the ceiling is forgotten if no throttle came meanwhile."""
+    domains: dict[str, DomainBackoff] = Field(default_factory=dict)
+    """Receiving domains in backoff on this lane."""
+    circuit: str = "closed"
+    """``closed``, ``open`` (sends go to the failover lane) or ``half_open`` (probing)."""
+    circuit_since: datetime | None = None
+    circuit_reason: str = ""
+    probe_at: datetime | None = None
 
 
 class LaneStatus(BaseModel):
@@ -155,6 +218,13 @@ class LaneStatus(BaseModel):
     """Waiting emails the lane holds by ID (bounded); the rest are counted, not listed."""
     ceiling: float | None = None
     """The rate backpressure recovers to after repeated throttles (None: configured)."""
+    domains: list[DomainStatus] = Field(default_factory=list)
+    """Receiving domains in backoff (``postlane lanes --domains``)."""
+    circuit: str = "closed"
+    """``closed``, ``open`` or ``half_open``: see `LaneState.circuit`."""
+    circuit_since: datetime | None = None
+    circuit_reason: str = ""
+    failover: str | None = None
 
 
 class LaneReport(BaseModel):
