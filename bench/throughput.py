@@ -70,6 +70,8 @@ LATENCY_GAP = 0.05
 """Seconds between idle-latency samples."""
 IDLE_PROBE = 3.0
 """Seconds with nothing to do, to measure the processes' idle CPU use."""
+BENCH_TOKEN_SECRET = "postlane-bench-token-secret-not-for-production"
+"""The workers' token secret unless ``POSTLANE_TOKEN_SECRET`` is set."""
 BODY = ("Postlane benchmark body line, about sixty-four bytes long.....\n" * 32)[:2000]
 """A 2 KB text body, as in the reference measurements (bench/results/throughput.md)."""
 
@@ -218,6 +220,8 @@ class Bench:
         self.config = workdir / "postlane.toml"
         self.port = _free_port()
         self.address = f"127.0.0.1:{self.port}"
+        self.extra_server_flags: list[str] = []
+        """More `temporal server start-dev` flags (bench/latency.py: a metrics port)."""
 
     # processes
 
@@ -251,7 +255,12 @@ class Bench:
 
     @property
     def worker_env(self) -> dict[str, str]:
-        return {"TEMPORAL_ADDRESS": self.address, "TEMPORAL_NAMESPACE": NAMESPACE}
+        return {
+            "TEMPORAL_ADDRESS": self.address,
+            "TEMPORAL_NAMESPACE": NAMESPACE,
+            # Workers refuse to start without one (Message-IDs and tokens are sealed with it).
+            "POSTLANE_TOKEN_SECRET": os.environ.get("POSTLANE_TOKEN_SECRET", BENCH_TOKEN_SECRET),
+        }
 
     async def start_server(self) -> Client:
         """The dev server, as `postlane dev` tunes it, with Postlane's search attributes."""
@@ -271,6 +280,7 @@ class Bench:
                 "--headless",
                 "--log-level",
                 "warn",
+                *self.extra_server_flags,
             ],
         )
         loop = asyncio.get_running_loop()
