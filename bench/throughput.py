@@ -70,6 +70,8 @@ LATENCY_GAP = 0.05
 """Seconds between idle-latency samples."""
 IDLE_PROBE = 3.0
 """Seconds with nothing to do, to measure the processes' idle CPU use."""
+BENCH_TOKEN_SECRET = "postlane-bench-token-secret-not-for-production"
+"""The workers' token secret unless ``POSTLANE_TOKEN_SECRET`` is set."""
 BODY = ("Postlane benchmark body line, about sixty-four bytes long.....\n" * 32)[:2000]
 """A 2 KB text body, as in the reference measurements (bench/results/throughput.md)."""
 
@@ -218,6 +220,8 @@ class Bench:
         self.config = workdir / "postlane.toml"
         self.port = _free_port()
         self.address = f"127.0.0.1:{self.port}"
+        self.extra_server_flags: list[str] = []
+        """More `temporal server start-dev` flags (bench/latency.py: a metrics port)."""
 
     # processes
 
@@ -251,7 +255,12 @@ class Bench:
 
     @property
     def worker_env(self) -> dict[str, str]:
-        return {"TEMPORAL_ADDRESS": self.address, "TEMPORAL_NAMESPACE": NAMESPACE}
+        return {
+            "TEMPORAL_ADDRESS": self.address,
+            "TEMPORAL_NAMESPACE": NAMESPACE,
+            # Workers refuse to start without one (Message-IDs and tokens are sealed with it).
+            "POSTLANE_TOKEN_SECRET": os.environ.get("POSTLANE_TOKEN_SECRET", BENCH_TOKEN_SECRET),
+        }
 
     async def start_server(self) -> Client:
         """The dev server, as `postlane dev` tunes it, with Postlane's search attributes."""
@@ -271,6 +280,7 @@ class Bench:
                 "--headless",
                 "--log-level",
                 "warn",
+                *self.extra_server_flags,
             ],
         )
         loop = asyncio.get_running_loop()
@@ -391,10 +401,14 @@ class Bench:
         before = meter.snapshot()
         t0 = time.perf_counter()
 
+        per_email: list[float] = []
+
         async def one(i: int) -> None:
+            called = time.perf_counter()
             handle = await start(f"{self.run_id}-{label}-{i}")
             started_at.append(time.perf_counter())
             await handle.result()
+            per_email.append((time.perf_counter() - called) * 1000)
 
         await self.guarded(asyncio.gather(*(one(i) for i in range(n))), BATCH_TIMEOUT)
         elapsed = time.perf_counter() - t0
@@ -405,6 +419,13 @@ class Bench:
             "seconds": round(elapsed, 3),
             "per_second": round(n / elapsed, 2),
             "all_started_after_s": round(max(started_at) - t0, 3),
+            # Each email, start call to result (ms): a batch's tail shows here first.
+            "email_ms": {
+                "p50": round(statistics.median(per_email), 1),
+                "p95": round(_percentile(per_email, 95), 1),
+                "p99": round(_percentile(per_email, 99), 1),
+                "max": round(max(per_email), 1),
+            },
             **cpu,
         }
 
@@ -506,7 +527,8 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                 print(
                     f"round {r + 1} {kind:8s}: {result['n']} in {result['seconds']:.2f} s = "
                     f"{result['per_second']:.1f}/s (all started after "
-                    f"{result['all_started_after_s']:.2f} s; other load "
+                    f"{result['all_started_after_s']:.2f} s; slowest email "
+                    f"{result['email_ms']['max'] / 1000:.1f} s; other load "
                     f"{result['other_load_cores']} cores)",
                     flush=True,
                 )
@@ -626,6 +648,10 @@ def markdown(s: dict[str, Any]) -> str:
     def rounds(k: dict[str, Any]) -> str:
         return ", ".join(f"{v:.1f}" for v in k["per_second"])
 
+    def worst(k: dict[str, Any]) -> str:
+        r = max(k["rounds"], key=lambda r: r["email_ms"]["max"])["email_ms"]
+        return " / ".join(f"{r[q]:.0f}" for q in ("p50", "p95", "p99", "max"))
+
     def cpu(k: dict[str, Any], name: str) -> str:
         return f"{k['cpu_ms_per_email_median'][name]:.1f}"
 
@@ -676,6 +702,8 @@ def markdown(s: dict[str, Any]) -> str:
         f"| · server | {cpu(p, 'server')} | {cpu(b, 'server')} | |",
         f"| · its worker | {cpu(p, 'postlane_worker')} | {cpu(b, 'baseline_worker')} | |",
         f"| · starter (+ SMTP sink for Postlane) | {cpu(p, 'starter')} | {cpu(b, 'starter')} | |",
+        f"| per email in the rounds, p50 / p95 / p99 / max ms (worst round) | "
+        f"{worst(p)} | {worst(b)} | |",
         f"| history events per workflow | {len(p['history_events'])} | "
         f"{len(b['history_events'])} | |",
         f"| SMTP connections / emails delivered | {s['smtp']['connections']} / "
