@@ -15,7 +15,6 @@ idempotency key is the workflow ID, so a tool called twice with one key sends on
 from __future__ import annotations
 
 import asyncio
-import fnmatch
 import hmac
 import re
 from collections.abc import Awaitable, Callable, Sequence
@@ -29,12 +28,10 @@ from mcp.server.mcpserver.exceptions import ToolError, UnexpectedToolError
 from mcp_types import CallToolResult, InputRequiredResult, TextContent, ToolAnnotations
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.types import ASGIApp, Receive, Scope, Send
-from temporalio.common import RawValue
-from temporalio.service import RPCError, RPCStatusCode
+from temporalio.service import RPCError
 
 from postlane.client import CancelResult, PostlaneClient
 from postlane.config import Settings
-from postlane.contract import parse_send_email_input
 from postlane.email.models import Email, EmailReport, EmailStatus
 from postlane.errors import (
     ActionRefused,
@@ -48,6 +45,7 @@ from postlane.errors import (
     UnknownSender,
 )
 from postlane.ids import MAX_KEY_LENGTH, email_workflow_id, sequence_workflow_id, validate_key
+from postlane.senders import SenderScope, sender_of
 from postlane.sequences.models import InboundEvent, SequenceReport, SequenceStatus
 from postlane.sequences.spec import Recipient, SequenceSpec, load_spec
 
@@ -237,29 +235,13 @@ class _Connection:
             return self._client
 
 
-class SenderScope:
-    """The senders this MCP server may send as: ``fnmatch`` patterns, case-insensitive.
-
-    Args:
-        patterns: e.g. ``["agent@acme.test", "*@ops.acme.test"]``; empty allows every
-            sender a lane serves.
-    """
-
-    def __init__(self, patterns: Sequence[str] = ()) -> None:
-        self.patterns = [p.strip().lower() for p in patterns if p.strip()]
-
-    def check(self, sender: str, field: str = "sender") -> None:
-        """Raise a tool error naming `field` unless `sender` is in scope."""
-        if not self.patterns:
-            return
-        address = sender.lower()
-        if any(fnmatch.fnmatchcase(address, p) for p in self.patterns):
-            return
+def _check_sender(scope: SenderScope, sender: str, field: str = "sender") -> None:
+    """Raise a tool error naming `field` unless `sender` is in `scope`."""
+    if not scope.allows(sender):
         raise _Problem(
             "SenderNotAllowed",
             field,
-            f"{sender!r} is not a sender this server may send as"
-            f" (allowed: {', '.join(self.patterns)})",
+            f"{sender!r} is not a sender this server may send as (allowed: {scope})",
         )
 
 
@@ -343,36 +325,6 @@ def _as_problem(exc: BaseException) -> _Problem:
     return _Problem(name, "email", str(exc) or name)
 
 
-async def _sender_of(pl: PostlaneClient, key: str) -> str | None:
-    """The sender an email was started with (read from its first history event, through the
-    data converter, so an encrypted input is read too); None if unreadable.
-
-    Raises:
-        EmailNotFound: no email has this key.
-    """
-    handle = pl.temporal.get_workflow_handle(email_workflow_id(key))
-    try:
-        async for event in handle.fetch_history_events():
-            payloads = list(event.workflow_execution_started_event_attributes.input.payloads)
-            break
-        else:
-            return None
-    except RPCError as err:
-        if err.status == RPCStatusCode.NOT_FOUND:
-            raise EmailNotFound(key) from None
-        raise
-    if not payloads:
-        return None
-    [raw] = await pl.temporal.data_converter.decode(payloads[:1], [RawValue])
-    try:
-        started = parse_send_email_input(
-            raw.payload.data, raw.payload.metadata.get("encoding"), handle.id
-        )
-    except InvalidInput:
-        return None
-    return started.email.sender
-
-
 def _check_key(key: str, field: str = "key") -> None:
     try:
         validate_key(key)
@@ -415,7 +367,8 @@ def build_server(
             after a failed attempt).
         settings: the lanes (a sender no lane serves is refused before anything starts).
         senders: the only senders ``send_email`` and ``start_sequence`` may use
-            (``fnmatch`` patterns); empty: any sender a lane serves.
+            (patterns as `postlane.senders.parse_sender_patterns` checks them); empty:
+            any sender a lane serves.
         spec_dir: the directory ``start_sequence`` reads specs from.
     """
     scope = SenderScope(senders)
@@ -481,7 +434,7 @@ def build_server(
             )
         except InvalidInput as exc:
             raise _as_problem(exc) from None
-        scope.check(email.sender)  # the bare address, also of a "Name <address>" form
+        _check_sender(scope, email.sender)  # the bare address, also of a "Name <address>" form
         when = _parse_send_at(send_at) if send_at is not None else None
         _check_key(key)
         if settings.lane_for(email.sender) is None:
@@ -546,15 +499,18 @@ def build_server(
 
     async def in_scope(pl: PostlaneClient, key: str) -> None:
         """With ``--senders``, refuse to act on an email sent as someone else."""
-        if not scope.patterns:
+        if not scope.restricted:
             return
-        sender = await _sender_of(pl, key)
+        sender = await sender_of(pl, key)
         if sender is None:
             raise _Problem("SenderNotAllowed", "key", f"the sender of {key!r} is unknown")
-        try:
-            scope.check(sender)
-        except _Problem as exc:
-            raise _Problem("SenderNotAllowed", "key", f"{key!r}: {exc.problem.reason}") from None
+        if not scope.allows(sender):
+            raise _Problem(
+                "SenderNotAllowed",
+                "key",
+                f"{key!r} was sent as {sender!r}, not a sender this server may act for"
+                f" (allowed: {scope})",
+            )
 
     async def retry_email(
         key: Annotated[str, Field(description="The key of a dead_letter or failed email.")],
@@ -628,7 +584,7 @@ def build_server(
                 "InvalidEmail", field or "to", str(err["msg"]).removeprefix("Value error, ")
             ) from None
         loaded = specs.load(spec)
-        scope.check(loaded.sender, "spec.sender")
+        _check_sender(scope, loaded.sender, "spec.sender")
         enrollment = key or f"{loaded.name}:{recipient.address.lower()}"
 
         async def act(pl: PostlaneClient) -> StartSequenceResult:

@@ -28,6 +28,7 @@ import httpx
 import pytest
 import pytest_asyncio
 import trustme
+from temporalio.client import WorkflowExecutionStatus
 from temporalio.service import RPCError, RPCStatusCode
 from temporalio.testing import WorkflowEnvironment
 
@@ -748,6 +749,19 @@ async def test_cancel_retry_and_dead_letters_through_the_api(api: Api) -> None:
         return await email_status(api, key) == "scheduled"
 
     await assert_eventually(scheduled, within=60, what="scheduled")
+    # A key scoped to another sender may read it, but neither stop nor resend it.
+    handle = api.pl.temporal.get_workflow_handle(email_workflow_id(key))
+    events_before = len([e async for e in handle.fetch_history_events()])
+    for action in ("cancel", "retry"):
+        foreign = await api.http.post(f"/v1/emails/{key}/{action}", headers=api.auth("other"))
+        problem = assert_problem(foreign, 403, "sender-forbidden", "key")
+        assert SENDER in problem["detail"], problem
+    assert (await handle.describe()).status == WorkflowExecutionStatus.RUNNING
+    assert len([e async for e in handle.fetch_history_events()]) == events_before
+    assert await email_status(api, key) == "scheduled"
+    missing = await api.http.post("/v1/emails/api-no-such-email/cancel", headers=api.auth("other"))
+    assert_problem(missing, 404, "not-found")
+
     cancelled = await api.http.post(f"/v1/emails/{key}/cancel", headers=api.auth())
     assert cancelled.status_code == 200, cancelled.text
     assert cancelled.json()["outcome"] == "cancelled" and not cancelled.json()["already"]
