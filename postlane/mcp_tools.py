@@ -86,7 +86,7 @@ cancel_email), failed (refused for good, e.g. a 5xx reply: final), cancelled (fi
 class SendEmailResult(BaseModel):
     """What `send_email` did."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, use_attribute_docstrings=True)
 
     key: str = Field(description="The idempotency key the email is known by.")
     workflow_id: str = Field(description="The Temporal workflow ID: email:<key>.")
@@ -103,7 +103,7 @@ class SendEmailResult(BaseModel):
 class DeadLetterList(BaseModel):
     """The emails parked in the dead-letter state."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, use_attribute_docstrings=True)
 
     count: int = Field(description="How many emails are dead-lettered (with these filters).")
     emails: list[EmailReport] = Field(
@@ -114,7 +114,7 @@ class DeadLetterList(BaseModel):
 class RetryEmailResult(BaseModel):
     """What `retry_email` did."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, use_attribute_docstrings=True)
 
     key: str
     retried: bool = Field(description="True: the email is going out again.")
@@ -124,7 +124,7 @@ class RetryEmailResult(BaseModel):
 class StartSequenceResult(BaseModel):
     """What `start_sequence` did."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, use_attribute_docstrings=True)
 
     key: str = Field(
         description="The sequence's key: use it with sequence_status and list_replies."
@@ -140,7 +140,7 @@ class StartSequenceResult(BaseModel):
 class RepliesResult(BaseModel):
     """The replies a sequence received."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, use_attribute_docstrings=True)
 
     key: str
     status: SequenceStatus = Field(description="The sequence's status (replied once it stopped).")
@@ -154,7 +154,7 @@ class RepliesResult(BaseModel):
 class ToolProblem(BaseModel):
     """The structured content of a tool error."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, use_attribute_docstrings=True)
 
     error: str = Field(description="The kind of error, e.g. InvalidEmail or EmailNotFound.")
     field: str = Field(description="The offending input field, e.g. to[0], key or sender.")

@@ -151,6 +151,8 @@ async def test_mcp_stdio_sends_once_per_key_and_reports_status(
                 assert tool.output_schema is not None, tool.name
             key_help = listed["send_email"].input_schema["properties"]["key"]["description"]
             assert "never sends twice" in key_help
+            status_out = listed["email_status"].output_schema or {}
+            assert status_out["properties"]["key"]["description"] == "The email's idempotency key."
 
             sent = ok(await mcp.call_tool("send_email", an_email(key)))
             assert sent["key"] == key and sent["workflow_id"] == f"email:{key}"

@@ -66,7 +66,7 @@ class SendEmailRequest(Email):
 class StartSequenceRequest(BaseModel):
     """``POST /v1/sequences``: enroll one recipient in a spec of the server's ``specs_dir``."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, use_attribute_docstrings=True)
 
     spec: str = Field(description="The spec's name: the file <specs_dir>/<spec>.toml.")
     recipient: Recipient
@@ -74,6 +74,8 @@ class StartSequenceRequest(BaseModel):
 
 class RetryBody(BaseModel):
     """``POST /v1/emails/{key}/retry``: optional corrections."""
+
+    model_config = ConfigDict(use_attribute_docstrings=True)
 
     to: list[str] | None = None
     """Replace the To recipients (a dead-lettered email only)."""
@@ -84,6 +86,8 @@ class RetryBody(BaseModel):
 class Accepted(BaseModel):
     """A start the API accepted: where to follow it."""
 
+    model_config = ConfigDict(use_attribute_docstrings=True)
+
     key: str
     workflow_id: str
     status_url: str
@@ -91,6 +95,8 @@ class Accepted(BaseModel):
 
 class InboundResult(BaseModel):
     """What ``POST /v1/inbound`` did with the message."""
+
+    model_config = ConfigDict(use_attribute_docstrings=True)
 
     routed: bool
     """True if it reached a sequence (a reply, bounce, auto-reply or unsubscribe)."""
@@ -100,6 +106,8 @@ class InboundResult(BaseModel):
 
 class Health(BaseModel):
     """``GET /healthz``."""
+
+    model_config = ConfigDict(use_attribute_docstrings=True)
 
     status: str
     temporal: str
