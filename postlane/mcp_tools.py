@@ -20,7 +20,7 @@ import re
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 from mcp.server.mcpserver import MCPServer
 from mcp.server.mcpserver.context import Context
@@ -48,6 +48,8 @@ from postlane.ids import MAX_KEY_LENGTH, email_workflow_id, sequence_workflow_id
 from postlane.senders import SenderScope, sender_of
 from postlane.sequences.models import InboundEvent, SequenceReport, SequenceStatus
 from postlane.sequences.spec import Recipient, SequenceSpec, load_spec
+
+_T = TypeVar("_T")
 
 SERVER_NAME = "postlane"
 TOOL_NAMES = (
@@ -376,7 +378,7 @@ def build_server(
     conn = _Connection(connect)
     server = PostlaneMCPServer(SERVER_NAME, instructions=_INSTRUCTIONS)
 
-    async def guarded(action: Callable[[PostlaneClient], Awaitable[Any]]) -> Any:
+    async def guarded(action: Callable[[PostlaneClient], Awaitable[_T]]) -> _T:
         pl = await conn.get()
         try:
             return await action(pl)
@@ -455,17 +457,12 @@ def build_server(
                 send_at=when,
             )
 
-        result: SendEmailResult = await guarded(act)
-        return result
+        return await guarded(act)
 
     async def email_status(
         key: Annotated[str, Field(description="The idempotency key the email was sent with.")],
     ) -> EmailReport:
-        async def act(pl: PostlaneClient) -> EmailReport:
-            return await pl.describe(key, wait=timedelta(seconds=5))
-
-        report: EmailReport = await guarded(act)
-        return report
+        return await guarded(lambda pl: pl.describe(key, wait=timedelta(seconds=5)))
 
     async def list_dead_letters(
         lane: Annotated[str | None, Field(description="Only this lane's emails.")] = None,
@@ -494,8 +491,7 @@ def build_server(
             emails.sort(key=lambda r: r.parked_at or far_past)
             return DeadLetterList(count=len(keys), emails=emails)
 
-        result: DeadLetterList = await guarded(act)
-        return result
+        return await guarded(act)
 
     async def in_scope(pl: PostlaneClient, key: str) -> None:
         """With ``--senders``, refuse to act on an email sent as someone else."""
@@ -526,8 +522,7 @@ def build_server(
             retried = await pl.retry(key, reason=reason or "postlane mcp", to=to, lane=lane)
             return RetryEmailResult(key=key, retried=retried, status=await pl.status(key))
 
-        result: RetryEmailResult = await guarded(act)
-        return result
+        return await guarded(act)
 
     async def cancel_email(
         key: Annotated[str, Field(description="The key of the email to cancel.")],
@@ -544,8 +539,7 @@ def build_server(
             await in_scope(pl, key)
             return await pl.cancel(key, wait=timedelta(seconds=wait_seconds))
 
-        result: CancelResult = await guarded(act)
-        return result
+        return await guarded(act)
 
     async def start_sequence(
         spec: Annotated[
@@ -596,17 +590,12 @@ def build_server(
                 created=handle.created,
             )
 
-        result: StartSequenceResult = await guarded(act)
-        return result
+        return await guarded(act)
 
     async def sequence_status(
         key: Annotated[str, Field(description="The sequence's key (from start_sequence).")],
     ) -> SequenceReport:
-        async def act(pl: PostlaneClient) -> SequenceReport:
-            return await pl.sequences.status(key)
-
-        report: SequenceReport = await guarded(act)
-        return report
+        return await guarded(lambda pl: pl.sequences.status(key))
 
     async def list_replies(
         key: Annotated[str, Field(description="The sequence's key (from start_sequence).")],
@@ -620,8 +609,7 @@ def build_server(
                 auto_replies=report.auto_replies,
             )
 
-        result: RepliesResult = await guarded(act)
-        return result
+        return await guarded(act)
 
     read_only = ToolAnnotations(read_only_hint=True, open_world_hint=False)
     tools: list[tuple[Callable[..., Any], str, ToolAnnotations]] = [
