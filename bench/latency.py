@@ -34,6 +34,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -171,60 +172,64 @@ class LatencyBench(Bench):
                 ]
 
     async def burst(self, pl: PostlaneClient, n: int, label: str, mode: str) -> dict[str, Any]:
-        meter = CpuMeter({k: p.pid for k, p in self.procs.items()})
-        before, load_before = meter.snapshot(), uptime()
-        dropped_before = self.dropped_notifications()
-        t0 = time.time()
-        rows = await self.guarded(
-            asyncio.gather(*(self.one(pl, f"{self.run_id}-{label}-{i}", mode) for i in range(n))),
-            600,
-        )
-        cpu = CpuMeter.delta(before, meter.snapshot(), n)
-        dropped_after = self.dropped_notifications()
-        await self.finish(pl, rows)
-        return summarise_rows(
-            rows,
-            label=label,
-            mode=mode,
-            t0=t0,
-            burst=True,
-            uptime_before=load_before,
-            uptime_after=uptime(),
-            other_load_cores=cpu["other_load_cores"],
-            cpu_ms_per_email=cpu["cpu_ms_per_email"],
-            dropped=None
-            if dropped_before is None or dropped_after is None
-            else dropped_after - dropped_before,
-        )
+        def start_all() -> Awaitable[list[dict[str, Any]]]:
+            return asyncio.gather(
+                *(self.one(pl, f"{self.run_id}-{label}-{i}", mode) for i in range(n))
+            )
+
+        return await self.measured(pl, n, start_all, 600, label=label, mode=mode, burst=True)
 
     async def steady(
         self, pl: PostlaneClient, rate: float, seconds: float, label: str, mode: str
     ) -> dict[str, Any]:
+        n = max(int(rate * seconds), 1)
+
+        async def open_loop() -> list[dict[str, Any]]:
+            loop = asyncio.get_running_loop()
+            start = loop.time()
+            tasks = []
+            for i in range(n):
+                # Open loop: each email starts on schedule, whatever the earlier ones do.
+                delay = start + i / rate - loop.time()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                tasks.append(
+                    asyncio.ensure_future(self.one(pl, f"{self.run_id}-{label}-{i}", mode))
+                )
+            return await asyncio.gather(*tasks)
+
+        return await self.measured(
+            pl,
+            n,
+            open_loop,
+            600 + seconds,
+            label=label,
+            mode=mode,
+            burst=False,
+            rate=round(rate, 2),
+        )
+
+    async def measured(
+        self,
+        pl: PostlaneClient,
+        n: int,
+        run: Callable[[], Awaitable[list[dict[str, Any]]]],
+        limit: float,
+        **labels: Any,
+    ) -> dict[str, Any]:
+        """Run `n` emails through `run` (within `limit` seconds) and summarise them with the
+        CPU, load and dropped notifications measured around it."""
         meter = CpuMeter({k: p.pid for k, p in self.procs.items()})
         before, load_before = meter.snapshot(), uptime()
         dropped_before = self.dropped_notifications()
-        n = max(int(rate * seconds), 1)
-        loop = asyncio.get_running_loop()
-        start = loop.time()
         t0 = time.time()
-        tasks = []
-        for i in range(n):
-            # Open loop: each email starts on schedule, whatever the earlier ones are doing.
-            delay = start + i / rate - loop.time()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            tasks.append(asyncio.ensure_future(self.one(pl, f"{self.run_id}-{label}-{i}", mode)))
-        rows = await self.guarded(asyncio.gather(*tasks), 600)
+        rows = await self.guarded(run(), limit)
         cpu = CpuMeter.delta(before, meter.snapshot(), n)
         dropped_after = self.dropped_notifications()
         await self.finish(pl, rows)
         return summarise_rows(
             rows,
-            label=label,
-            mode=mode,
             t0=t0,
-            burst=False,
-            rate=round(rate, 2),
             uptime_before=load_before,
             uptime_after=uptime(),
             other_load_cores=cpu["other_load_cores"],
@@ -232,6 +237,7 @@ class LatencyBench(Bench):
             dropped=None
             if dropped_before is None or dropped_after is None
             else dropped_after - dropped_before,
+            **labels,
         )
 
 

@@ -118,7 +118,7 @@ class CancelOutcome(StrEnum):
 class CancelResult(BaseModel):
     """What `PostlaneClient.cancel` did."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, use_attribute_docstrings=True)
 
     key: str
     outcome: CancelOutcome

@@ -15,13 +15,12 @@ idempotency key is the workflow ID, so a tool called twice with one key sends on
 from __future__ import annotations
 
 import asyncio
-import fnmatch
 import hmac
 import re
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 from mcp.server.mcpserver import MCPServer
 from mcp.server.mcpserver.context import Context
@@ -29,12 +28,10 @@ from mcp.server.mcpserver.exceptions import ToolError, UnexpectedToolError
 from mcp_types import CallToolResult, InputRequiredResult, TextContent, ToolAnnotations
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.types import ASGIApp, Receive, Scope, Send
-from temporalio.common import RawValue
-from temporalio.service import RPCError, RPCStatusCode
+from temporalio.service import RPCError
 
 from postlane.client import CancelResult, PostlaneClient
 from postlane.config import Settings
-from postlane.contract import parse_send_email_input
 from postlane.email.models import Email, EmailReport, EmailStatus
 from postlane.errors import (
     ActionRefused,
@@ -48,8 +45,11 @@ from postlane.errors import (
     UnknownSender,
 )
 from postlane.ids import MAX_KEY_LENGTH, email_workflow_id, sequence_workflow_id, validate_key
+from postlane.senders import SenderScope, sender_of
 from postlane.sequences.models import InboundEvent, SequenceReport, SequenceStatus
 from postlane.sequences.spec import Recipient, SequenceSpec, load_spec
+
+_T = TypeVar("_T")
 
 SERVER_NAME = "postlane"
 TOOL_NAMES = (
@@ -88,7 +88,7 @@ cancel_email), failed (refused for good, e.g. a 5xx reply: final), cancelled (fi
 class SendEmailResult(BaseModel):
     """What `send_email` did."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, use_attribute_docstrings=True)
 
     key: str = Field(description="The idempotency key the email is known by.")
     workflow_id: str = Field(description="The Temporal workflow ID: email:<key>.")
@@ -105,7 +105,7 @@ class SendEmailResult(BaseModel):
 class DeadLetterList(BaseModel):
     """The emails parked in the dead-letter state."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, use_attribute_docstrings=True)
 
     count: int = Field(description="How many emails are dead-lettered (with these filters).")
     emails: list[EmailReport] = Field(
@@ -116,7 +116,7 @@ class DeadLetterList(BaseModel):
 class RetryEmailResult(BaseModel):
     """What `retry_email` did."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, use_attribute_docstrings=True)
 
     key: str
     retried: bool = Field(description="True: the email is going out again.")
@@ -126,7 +126,7 @@ class RetryEmailResult(BaseModel):
 class StartSequenceResult(BaseModel):
     """What `start_sequence` did."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, use_attribute_docstrings=True)
 
     key: str = Field(
         description="The sequence's key: use it with sequence_status and list_replies."
@@ -142,7 +142,7 @@ class StartSequenceResult(BaseModel):
 class RepliesResult(BaseModel):
     """The replies a sequence received."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, use_attribute_docstrings=True)
 
     key: str
     status: SequenceStatus = Field(description="The sequence's status (replied once it stopped).")
@@ -156,7 +156,7 @@ class RepliesResult(BaseModel):
 class ToolProblem(BaseModel):
     """The structured content of a tool error."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, use_attribute_docstrings=True)
 
     error: str = Field(description="The kind of error, e.g. InvalidEmail or EmailNotFound.")
     field: str = Field(description="The offending input field, e.g. to[0], key or sender.")
@@ -237,29 +237,13 @@ class _Connection:
             return self._client
 
 
-class SenderScope:
-    """The senders this MCP server may send as: ``fnmatch`` patterns, case-insensitive.
-
-    Args:
-        patterns: e.g. ``["agent@acme.test", "*@ops.acme.test"]``; empty allows every
-            sender a lane serves.
-    """
-
-    def __init__(self, patterns: Sequence[str] = ()) -> None:
-        self.patterns = [p.strip().lower() for p in patterns if p.strip()]
-
-    def check(self, sender: str, field: str = "sender") -> None:
-        """Raise a tool error naming `field` unless `sender` is in scope."""
-        if not self.patterns:
-            return
-        address = sender.lower()
-        if any(fnmatch.fnmatchcase(address, p) for p in self.patterns):
-            return
+def _check_sender(scope: SenderScope, sender: str, field: str = "sender") -> None:
+    """Raise a tool error naming `field` unless `sender` is in `scope`."""
+    if not scope.allows(sender):
         raise _Problem(
             "SenderNotAllowed",
             field,
-            f"{sender!r} is not a sender this server may send as"
-            f" (allowed: {', '.join(self.patterns)})",
+            f"{sender!r} is not a sender this server may send as (allowed: {scope})",
         )
 
 
@@ -343,36 +327,6 @@ def _as_problem(exc: BaseException) -> _Problem:
     return _Problem(name, "email", str(exc) or name)
 
 
-async def _sender_of(pl: PostlaneClient, key: str) -> str | None:
-    """The sender an email was started with (read from its first history event, through the
-    data converter, so an encrypted input is read too); None if unreadable.
-
-    Raises:
-        EmailNotFound: no email has this key.
-    """
-    handle = pl.temporal.get_workflow_handle(email_workflow_id(key))
-    try:
-        async for event in handle.fetch_history_events():
-            payloads = list(event.workflow_execution_started_event_attributes.input.payloads)
-            break
-        else:
-            return None
-    except RPCError as err:
-        if err.status == RPCStatusCode.NOT_FOUND:
-            raise EmailNotFound(key) from None
-        raise
-    if not payloads:
-        return None
-    [raw] = await pl.temporal.data_converter.decode(payloads[:1], [RawValue])
-    try:
-        started = parse_send_email_input(
-            raw.payload.data, raw.payload.metadata.get("encoding"), handle.id
-        )
-    except InvalidInput:
-        return None
-    return started.email.sender
-
-
 def _check_key(key: str, field: str = "key") -> None:
     try:
         validate_key(key)
@@ -415,7 +369,8 @@ def build_server(
             after a failed attempt).
         settings: the lanes (a sender no lane serves is refused before anything starts).
         senders: the only senders ``send_email`` and ``start_sequence`` may use
-            (``fnmatch`` patterns); empty: any sender a lane serves.
+            (patterns as `postlane.senders.parse_sender_patterns` checks them); empty:
+            any sender a lane serves.
         spec_dir: the directory ``start_sequence`` reads specs from.
     """
     scope = SenderScope(senders)
@@ -423,7 +378,7 @@ def build_server(
     conn = _Connection(connect)
     server = PostlaneMCPServer(SERVER_NAME, instructions=_INSTRUCTIONS)
 
-    async def guarded(action: Callable[[PostlaneClient], Awaitable[Any]]) -> Any:
+    async def guarded(action: Callable[[PostlaneClient], Awaitable[_T]]) -> _T:
         pl = await conn.get()
         try:
             return await action(pl)
@@ -481,7 +436,7 @@ def build_server(
             )
         except InvalidInput as exc:
             raise _as_problem(exc) from None
-        scope.check(email.sender)  # the bare address, also of a "Name <address>" form
+        _check_sender(scope, email.sender)  # the bare address, also of a "Name <address>" form
         when = _parse_send_at(send_at) if send_at is not None else None
         _check_key(key)
         if settings.lane_for(email.sender) is None:
@@ -502,17 +457,12 @@ def build_server(
                 send_at=when,
             )
 
-        result: SendEmailResult = await guarded(act)
-        return result
+        return await guarded(act)
 
     async def email_status(
         key: Annotated[str, Field(description="The idempotency key the email was sent with.")],
     ) -> EmailReport:
-        async def act(pl: PostlaneClient) -> EmailReport:
-            return await pl.describe(key, wait=timedelta(seconds=5))
-
-        report: EmailReport = await guarded(act)
-        return report
+        return await guarded(lambda pl: pl.describe(key, wait=timedelta(seconds=5)))
 
     async def list_dead_letters(
         lane: Annotated[str | None, Field(description="Only this lane's emails.")] = None,
@@ -541,20 +491,22 @@ def build_server(
             emails.sort(key=lambda r: r.parked_at or far_past)
             return DeadLetterList(count=len(keys), emails=emails)
 
-        result: DeadLetterList = await guarded(act)
-        return result
+        return await guarded(act)
 
     async def in_scope(pl: PostlaneClient, key: str) -> None:
         """With ``--senders``, refuse to act on an email sent as someone else."""
-        if not scope.patterns:
+        if not scope.restricted:
             return
-        sender = await _sender_of(pl, key)
+        sender = await sender_of(pl, key)
         if sender is None:
             raise _Problem("SenderNotAllowed", "key", f"the sender of {key!r} is unknown")
-        try:
-            scope.check(sender)
-        except _Problem as exc:
-            raise _Problem("SenderNotAllowed", "key", f"{key!r}: {exc.problem.reason}") from None
+        if not scope.allows(sender):
+            raise _Problem(
+                "SenderNotAllowed",
+                "key",
+                f"{key!r} was sent as {sender!r}, not a sender this server may act for"
+                f" (allowed: {scope})",
+            )
 
     async def retry_email(
         key: Annotated[str, Field(description="The key of a dead_letter or failed email.")],
@@ -570,8 +522,7 @@ def build_server(
             retried = await pl.retry(key, reason=reason or "postlane mcp", to=to, lane=lane)
             return RetryEmailResult(key=key, retried=retried, status=await pl.status(key))
 
-        result: RetryEmailResult = await guarded(act)
-        return result
+        return await guarded(act)
 
     async def cancel_email(
         key: Annotated[str, Field(description="The key of the email to cancel.")],
@@ -588,8 +539,7 @@ def build_server(
             await in_scope(pl, key)
             return await pl.cancel(key, wait=timedelta(seconds=wait_seconds))
 
-        result: CancelResult = await guarded(act)
-        return result
+        return await guarded(act)
 
     async def start_sequence(
         spec: Annotated[
@@ -628,7 +578,7 @@ def build_server(
                 "InvalidEmail", field or "to", str(err["msg"]).removeprefix("Value error, ")
             ) from None
         loaded = specs.load(spec)
-        scope.check(loaded.sender, "spec.sender")
+        _check_sender(scope, loaded.sender, "spec.sender")
         enrollment = key or f"{loaded.name}:{recipient.address.lower()}"
 
         async def act(pl: PostlaneClient) -> StartSequenceResult:
@@ -640,17 +590,12 @@ def build_server(
                 created=handle.created,
             )
 
-        result: StartSequenceResult = await guarded(act)
-        return result
+        return await guarded(act)
 
     async def sequence_status(
         key: Annotated[str, Field(description="The sequence's key (from start_sequence).")],
     ) -> SequenceReport:
-        async def act(pl: PostlaneClient) -> SequenceReport:
-            return await pl.sequences.status(key)
-
-        report: SequenceReport = await guarded(act)
-        return report
+        return await guarded(lambda pl: pl.sequences.status(key))
 
     async def list_replies(
         key: Annotated[str, Field(description="The sequence's key (from start_sequence).")],
@@ -664,8 +609,7 @@ def build_server(
                 auto_replies=report.auto_replies,
             )
 
-        result: RepliesResult = await guarded(act)
-        return result
+        return await guarded(act)
 
     read_only = ToolAnnotations(read_only_hint=True, open_world_hint=False)
     tools: list[tuple[Callable[..., Any], str, ToolAnnotations]] = [

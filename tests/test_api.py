@@ -28,6 +28,7 @@ import httpx
 import pytest
 import pytest_asyncio
 import trustme
+from temporalio.client import WorkflowExecutionStatus
 from temporalio.service import RPCError, RPCStatusCode
 from temporalio.testing import WorkflowEnvironment
 
@@ -318,10 +319,29 @@ def assert_problem(
     return problem
 
 
-async def email_status(api: Api, key: str) -> str:
-    response = await api.http.get(f"/v1/emails/{key}", headers=api.auth())
+async def status_of(api: Api, key: str, kind: str = "emails") -> str:
+    """The ``status`` that ``GET /v1/{kind}/{key}`` reports."""
+    response = await api.http.get(f"/v1/{kind}/{key}", headers=api.auth())
     assert response.status_code == 200, response.text
     return str(response.json()["status"])
+
+
+async def start_once(
+    api: Api, path: str, key: str, body: dict[str, Any], changed: dict[str, Any]
+) -> httpx.Response:
+    """POST `body` to `path` under Idempotency-Key `key` (202), again (the same answer,
+    marked replayed), then `changed` under the same key (422); the first answer."""
+    headers = {**api.auth(), "Idempotency-Key": key}
+    first = await api.http.post(path, json=body, headers=headers)
+    assert first.status_code == 202, first.text
+    assert first.headers["Idempotent-Replayed"] == "false"
+    again = await api.http.post(path, json=body, headers=headers)
+    assert (again.status_code, again.json()) == (202, first.json())
+    assert again.headers["Idempotent-Replayed"] == "true"
+    conflict = await api.http.post(path, json=changed, headers=headers)
+    problem = assert_problem(conflict, 422, "idempotency-conflict", "Idempotency-Key")
+    assert key in problem["detail"], problem
+    return first
 
 
 # -- idempotency -----------------------------------------------------------------------------
@@ -331,9 +351,9 @@ async def email_status(api: Api, key: str) -> str:
 async def test_same_key_same_body_sends_once_another_body_is_422(api: Api) -> None:
     key = f"api-{uuid.uuid4().hex[:10]}"
     to = f"{key}@example.test"
-    first = await api.send(key, email_body(to))
-    assert first.status_code == 202, first.text
-    assert first.headers["Idempotent-Replayed"] == "false"
+    first = await start_once(
+        api, "/v1/emails", key, email_body(to), email_body(to, subject="Another code")
+    )
     assert first.headers["Location"] == f"/v1/emails/{key}"
     assert first.json() == {
         "key": key,
@@ -342,16 +362,14 @@ async def test_same_key_same_body_sends_once_another_body_is_422(api: Api) -> No
     }
 
     async def sent() -> bool:
-        return await email_status(api, key) == "sent"
+        return await status_of(api, key) == "sent"
 
     await assert_eventually(sent, within=60, what="sent")
     again = await api.send(key, email_body(to))  # after it went out: the same answer
     assert (again.status_code, again.json()) == (202, first.json())
     assert again.headers["Idempotent-Replayed"] == "true"
-
     changed = await api.send(key, email_body(to, subject="Another code"))
-    problem = assert_problem(changed, 422, "idempotency-conflict", "Idempotency-Key")
-    assert key in problem["detail"]
+    assert_problem(changed, 422, "idempotency-conflict", "Idempotency-Key")
 
     report = (await api.http.get(f"/v1/emails/{key}", headers=api.auth())).json()
     assert report["receipt"]["accepted"] == [to]
@@ -488,56 +506,57 @@ async def test_every_bad_input_is_a_problem_naming_the_field(api: Api) -> None:
     assert problem["errors"] == [{"field": "to[0]", "detail": problem["detail"][7:]}]
 
     no_sender = {k_: v for k_, v in email_body(to).items() if k_ != "sender"}
-    assert_problem(
-        await post("/v1/emails", json=no_sender, headers=k("nosender")),
-        422,
-        "invalid-input",
-        "sender",
-    )
-
-    no_body = {**email_body(to), "text": ""}
-    assert_problem(
-        await post("/v1/emails", json=no_body, headers=k("nobody")), 422, "invalid-input", "text"
-    )
-
-    bad_header = {**email_body(to), "headers": {"List-Unsubscribe": "https://x"}}
-    assert_problem(
-        await post("/v1/emails", json=bad_header, headers=k("hdr")),
-        422,
-        "invalid-input",
-        "headers.List-Unsubscribe",
-    )
-
-    naive = {**email_body(to), "send_at": "2030-01-01T09:00:00"}
-    assert_problem(
-        await post("/v1/emails", json=naive, headers=k("naive")), 422, "invalid-input", "send_at"
-    )
-
-    bad_priority = {**email_body(to), "priority": "urgent"}
-    assert_problem(
-        await post("/v1/emails", json=bad_priority, headers=k("prio")),
-        422,
-        "invalid-input",
-        "priority",
-    )
-
-    unrouted = {**email_body(to), "sender": "agent@nowhere.test"}
-    problem = assert_problem(
-        await post("/v1/emails", json=unrouted, headers=k("lane")), 422, "invalid-input", "sender"
-    )
-    assert "no lane serves" in problem["detail"]
-
-    crowd = {**email_body(to), "to": [f"p{i}@example.test" for i in range(MAX_RECIPIENTS + 1)]}
-    problem = assert_problem(
-        await post("/v1/emails", json=crowd, headers=k("crowd")), 422, "invalid-input", "to"
-    )
-    assert f"limit of {MAX_RECIPIENTS}" in problem["detail"]
-
-    huge = {**email_body(to), "text": "x" * (MAX_BODY + 1)}
-    problem = assert_problem(
-        await post("/v1/emails", json=huge, headers=k("huge")), 413, "body-too-large", "body"
-    )
-    assert str(MAX_BODY) in problem["detail"]
+    crowd = [f"p{i}@example.test" for i in range(MAX_RECIPIENTS + 1)]
+    # (Idempotency-Key suffix, body, status, problem, field, a phrase of the detail)
+    cases: list[tuple[str, dict[str, Any], int, str, str, str]] = [
+        ("nosender", no_sender, 422, "invalid-input", "sender", ""),
+        ("nobody", {**email_body(to), "text": ""}, 422, "invalid-input", "text", ""),
+        (
+            "hdr",
+            {**email_body(to), "headers": {"List-Unsubscribe": "https://x"}},
+            422,
+            "invalid-input",
+            "headers.List-Unsubscribe",
+            "",
+        ),
+        (
+            "naive",
+            {**email_body(to), "send_at": "2030-01-01T09:00:00"},
+            422,
+            "invalid-input",
+            "send_at",
+            "",
+        ),
+        ("prio", {**email_body(to), "priority": "urgent"}, 422, "invalid-input", "priority", ""),
+        (
+            "lane",
+            {**email_body(to), "sender": "agent@nowhere.test"},
+            422,
+            "invalid-input",
+            "sender",
+            "no lane serves",
+        ),
+        (
+            "crowd",
+            {**email_body(to), "to": crowd},
+            422,
+            "invalid-input",
+            "to",
+            f"limit of {MAX_RECIPIENTS}",
+        ),
+        (
+            "huge",
+            {**email_body(to), "text": "x" * (MAX_BODY + 1)},
+            413,
+            "body-too-large",
+            "body",
+            str(MAX_BODY),
+        ),
+    ]
+    for name, body, status, slug, field_name, says in cases:
+        response = await post("/v1/emails", json=body, headers=k(name))
+        problem = assert_problem(response, status, slug, field_name)
+        assert says in problem["detail"], (name, problem)
 
     async def chunks() -> AsyncIterator[bytes]:  # no Content-Length: counted as it comes
         yield b'{"sender": "agent@acme.test", "to": ["a@example.test"], "text": "'
@@ -581,28 +600,14 @@ async def test_every_bad_input_is_a_problem_naming_the_field(api: Api) -> None:
 
 async def start_trial(api: Api, key: str, address: str) -> CaughtMessage:
     body = {"spec": "trial", "recipient": {"address": address, "name": "Zoë"}}
-    headers = {**api.auth(), "Idempotency-Key": key}
-    response = await api.http.post("/v1/sequences", json=body, headers=headers)
-    assert response.status_code == 202, response.text
-    assert response.json()["workflow_id"] == sequence_workflow_id(key)
-    assert response.headers["Idempotent-Replayed"] == "false"
-    again = await api.http.post("/v1/sequences", json=body, headers=headers)
-    assert (again.status_code, again.json()) == (202, response.json())
-    assert again.headers["Idempotent-Replayed"] == "true"
     other = {"spec": "trial", "recipient": {"address": f"other.{address}"}}
-    conflict = await api.http.post("/v1/sequences", json=other, headers=headers)
-    assert_problem(conflict, 422, "idempotency-conflict", "Idempotency-Key")
+    response = await start_once(api, "/v1/sequences", key, body, other)
+    assert response.json()["workflow_id"] == sequence_workflow_id(key)
     await assert_eventually(
         lambda: bool(api.sent_to(address)), within=60, what="the catcher got it"
     )
     [message] = api.sent_to(address)
     return message
-
-
-async def sequence_status(api: Api, key: str) -> str:
-    response = await api.http.get(f"/v1/sequences/{key}", headers=api.auth())
-    assert response.status_code == 200, response.text
-    return str(response.json()["status"])
 
 
 @pytest.mark.timeout(240)
@@ -629,14 +634,14 @@ async def test_one_click_unsubscribe_from_the_link_the_mail_carried(api: Api) ->
             data={"List-Unsubscribe": "One-Click"},
         )
         assert_problem(forged, 404, "not-found")
-        assert await sequence_status(api, key) == SequenceStatus.ACTIVE
+        assert await status_of(api, key, "sequences") == SequenceStatus.ACTIVE
 
         response = await provider.post(link, data={"List-Unsubscribe": "One-Click"})
         assert response.status_code == 200, response.text
         assert not response.is_redirect and "location" not in response.headers
 
     async def unsubscribed() -> bool:
-        return await sequence_status(api, key) == SequenceStatus.UNSUBSCRIBED
+        return await status_of(api, key, "sequences") == SequenceStatus.UNSUBSCRIBED
 
     await assert_eventually(unsubscribed, within=60, what="unsubscribed")
     assert await api.pl.suppressions.is_suppressed(SENDER, address)
@@ -665,7 +670,7 @@ async def test_inbound_reply_posted_to_the_api_stops_the_sequence(api: Api) -> N
     assert nothing.status_code == 200 and nothing.json() == {"routed": False, "sequence": None}
     empty = await api.http.post("/v1/inbound", content=b"", headers=api.auth())
     assert_problem(empty, 400, "malformed-body", "body")
-    assert await sequence_status(api, key) == SequenceStatus.ACTIVE
+    assert await status_of(api, key, "sequences") == SequenceStatus.ACTIVE
 
     rfc822 = {**api.auth(), "content-type": "message/rfc822"}
     routed = await api.http.post("/v1/inbound", content=reply, headers=rfc822)
@@ -745,20 +750,33 @@ async def test_cancel_retry_and_dead_letters_through_the_api(api: Api) -> None:
     assert later.status_code == 202, later.text
 
     async def scheduled() -> bool:
-        return await email_status(api, key) == "scheduled"
+        return await status_of(api, key) == "scheduled"
 
     await assert_eventually(scheduled, within=60, what="scheduled")
+    # A key scoped to another sender may read it, but neither stop nor resend it.
+    handle = api.pl.temporal.get_workflow_handle(email_workflow_id(key))
+    events_before = len([e async for e in handle.fetch_history_events()])
+    for action in ("cancel", "retry"):
+        foreign = await api.http.post(f"/v1/emails/{key}/{action}", headers=api.auth("other"))
+        problem = assert_problem(foreign, 403, "sender-forbidden", "key")
+        assert SENDER in problem["detail"], problem
+    assert (await handle.describe()).status == WorkflowExecutionStatus.RUNNING
+    assert len([e async for e in handle.fetch_history_events()]) == events_before
+    assert await status_of(api, key) == "scheduled"
+    missing = await api.http.post("/v1/emails/api-no-such-email/cancel", headers=api.auth("other"))
+    assert_problem(missing, 404, "not-found")
+
     cancelled = await api.http.post(f"/v1/emails/{key}/cancel", headers=api.auth())
     assert cancelled.status_code == 200, cancelled.text
     assert cancelled.json()["outcome"] == "cancelled" and not cancelled.json()["already"]
     again = await api.http.post(f"/v1/emails/{key}/cancel", headers=api.auth())
     assert again.json()["outcome"] == "cancelled" and again.json()["already"]
-    assert await email_status(api, key) == "cancelled"
+    assert await status_of(api, key) == "cancelled"
 
     refused = await api.http.post(f"/v1/emails/{key}/retry", headers=api.auth())
     problem = assert_problem(refused, 409, "action-refused")
     assert "cancelled" in problem["detail"]
-    assert await email_status(api, key) == "cancelled"
+    assert await status_of(api, key) == "cancelled"
 
     anonymous = await api.http.get("/v1/dead-letters")
     assert_problem(anonymous, 401, "unauthorized", "Authorization")

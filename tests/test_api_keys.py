@@ -11,15 +11,16 @@ from typing import cast
 import pytest
 
 from postlane import ConfigurationError, load_settings
-from postlane.api.keys import KeyStore, parse_senders
+from postlane.api.keys import KeyStore
 from postlane.api.reference import main as reference_main
 from postlane.errors import InvalidInput
+from postlane.senders import SenderScope, parse_sender_patterns
 from tests.procs import REPO_ROOT, postlane_env, run_postlane
 
 
 def test_a_key_is_stored_as_its_hash_only_and_checks_its_senders(tmp_path: Path) -> None:
     store = KeyStore(tmp_path / "keys.json")
-    record, plaintext = store.create(parse_senders("Agent@Acme.test, *@ops.acme.test"))
+    record, plaintext = store.create(parse_sender_patterns("Agent@Acme.test, *@ops.acme.test"))
     assert plaintext.startswith(f"pl_{record.id}_") and len(plaintext) == 3 + 8 + 1 + 43
     raw = (tmp_path / "keys.json").read_text()
     assert plaintext not in raw and plaintext.split("_", 2)[2] not in raw
@@ -47,8 +48,26 @@ def test_a_revoked_key_fails_at_once_in_another_process_view(tmp_path: Path) -> 
 @pytest.mark.parametrize("senders", ["", " , ", "not-an-address", "*@", "a@b@c.test"])
 def test_bad_sender_patterns_are_refused_naming_the_field(senders: str) -> None:
     with pytest.raises(InvalidInput) as caught:
-        parse_senders(senders)
+        parse_sender_patterns(senders)
     assert caught.value.field == "senders"
+
+
+def test_one_sender_scope_matches_bare_addresses_without_regard_to_case() -> None:
+    scope = SenderScope(parse_sender_patterns(["agent@acme.test", "*@Ops.Acme.test,*@*.b.test"]))
+    assert scope.allows("Ada <agent@ACME.test>") and scope.allows("alerts@ops.acme.TEST")
+    assert scope.allows("x@deep.b.test") and not scope.allows("x@b.test")
+    assert not scope.allows("agent@acme.test.evil.test") and not scope.allows("not an address")
+    assert not scope.allows("x@evil.test <agent@other.test>")
+    assert SenderScope().allows("anyone@anywhere.test") and not SenderScope().restricted
+    assert str(scope) == "agent@acme.test, *@Ops.Acme.test, *@*.b.test"
+
+
+async def test_mcp_refuses_bad_sender_patterns_naming_the_field(tmp_path: Path) -> None:
+    config = tmp_path / "postlane.toml"
+    config.write_text("")
+    env = postlane_env("127.0.0.1:1", config)  # refused before any connection
+    rc, _, err = await run_postlane(["mcp", "--senders", "agent@acme.test,*@"], env)
+    assert rc == 2 and err.startswith("error: InvalidInput: senders: '*@'"), err
 
 
 def test_a_malformed_keys_file_is_a_configuration_error(tmp_path: Path) -> None:

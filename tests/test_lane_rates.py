@@ -104,7 +104,7 @@ async def test_sends_leave_by_priority_then_in_arrival_order(
         await start_lane_workflow(client, lane)
         pl = PostlaneClient(client, Settings(lanes=[lane]))
         # Only the orchestration worker runs: the sends queue up on the lane, one by one.
-        async with orchestration_only(client, Settings(lanes=[lane])):
+        async with in_process_workers(client, Settings(lanes=[lane]), sends=False):
             for n, priority in enumerate(priorities):
                 handle = await pl.send(
                     an_email(f"{priority} {n}"), key=f"{key}-{n}", priority=priority
@@ -127,11 +127,15 @@ async def test_sends_leave_by_priority_then_in_arrival_order(
 
 
 @asynccontextmanager
-async def orchestration_only(client: Client, settings: Settings) -> AsyncIterator[None]:
-    """Postlane's workflow worker, with the activities it hosts, and no lane sender."""
+async def in_process_workers(
+    client: Client, settings: Settings, **options: Any
+) -> AsyncIterator[None]:
+    """Postlane's workers for `settings` in this process, without the inbound watchers,
+    until the block ends; `options` go to `run_workers` (``sends=False``: the workflow
+    worker and the activities it hosts, no lane sender)."""
     stop, ready = asyncio.Event(), asyncio.Event()
     task = asyncio.create_task(
-        run_workers(client, settings, sends=False, inbound=False, stop=stop, ready=ready)
+        run_workers(client, settings, inbound=False, stop=stop, ready=ready, **options)
     )
     started = asyncio.create_task(ready.wait())
     await asyncio.wait([task, started], return_when=asyncio.FIRST_COMPLETED)
@@ -141,7 +145,7 @@ async def orchestration_only(client: Client, settings: Settings) -> AsyncIterato
         yield
     finally:
         stop.set()
-        await task
+        await asyncio.wait_for(task, 60)
 
 
 async def send_scheduled(handle: WorkflowHandle[Any, Any]) -> bool:

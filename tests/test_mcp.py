@@ -12,7 +12,6 @@ import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from email import message_from_bytes, policy
-from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
 
@@ -43,29 +42,11 @@ from tests.procs import (
     write_config,
 )
 from tests.test_integration import address_of, new_lane
+from tests.test_sequence_cli import SPEC, eve_replies
 
 pytestmark = pytest.mark.devserver
 
 SENDER = "agent@it.test"
-SPEC = """
-name = "{name}"
-sender = "ada@it.test"
-timezone = "Europe/Paris"
-
-[templates.intro]
-subject = "A note for {{{{ company }}}}"
-text = "Hi {{{{ first_name }}}}, a question about {{{{ company }}}}."
-
-[[steps]]
-type = "send"
-id = "intro"
-template = "intro"
-
-[[steps]]
-type = "wait_for_reply"
-id = "wait"
-timeout = "3d"
-"""
 
 
 def mcp_env(dev_env: WorkflowEnvironment, tmp_path: Path, lane: LaneConfig) -> dict[str, str]:
@@ -151,6 +132,8 @@ async def test_mcp_stdio_sends_once_per_key_and_reports_status(
                 assert tool.output_schema is not None, tool.name
             key_help = listed["send_email"].input_schema["properties"]["key"]["description"]
             assert "never sends twice" in key_help
+            status_out = listed["email_status"].output_schema or {}
+            assert status_out["properties"]["key"]["description"] == "The email's idempotency key."
 
             sent = ok(await mcp.call_tool("send_email", an_email(key)))
             assert sent["key"] == key and sent["workflow_id"] == f"email:{key}"
@@ -355,14 +338,8 @@ async def test_mcp_sequence_tools_show_the_reply(
             assert intro.header("Subject") == "A note for Umbra"
             assert ok(await mcp.call_tool("list_replies", {"key": key}))["replies"] == []
 
-            reply = EmailMessage()
-            reply["From"] = "Eve <eve@example.test>"
-            reply["To"] = "ada@it.test"
-            reply["Subject"] = "Re: A note for Umbra"
-            reply["Message-ID"] = "<reply-mcp@example.test>"
-            reply["In-Reply-To"] = intro.header("Message-ID")
-            reply.set_content("Yes, Monday works.")
-            assert await pl.sequences.record_reply(reply.as_bytes()) == key
+            reply = eve_replies(intro, "<reply-mcp@example.test>", "Yes, Monday works.")
+            assert await pl.sequences.record_reply(reply) == key
 
             async def replied() -> dict[str, Any] | None:
                 found = ok(await mcp.call_tool("list_replies", {"key": key}))

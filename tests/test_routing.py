@@ -11,11 +11,8 @@ Record the replay histories of the new paths again with::
 
 from __future__ import annotations
 
-import asyncio
 import os
 from collections import Counter
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -35,30 +32,14 @@ from postlane.ids import lane_workflow_id
 from postlane.lanes.models import LaneStatus
 from postlane.names import LaneMessages
 from postlane.tokens import TokenKeys
-from postlane.worker import run_workers
 from tests.procs import assert_eventually, describe_lane_queue
 from tests.test_integration import new_lane
+from tests.test_lane_rates import in_process_workers
 
 pytestmark = pytest.mark.devserver
 
 HISTORIES = Path(__file__).parent / "histories"
 FAST = RetrySettings(initial_interval=timedelta(seconds=1), maximum_interval=timedelta(seconds=2))
-
-
-@asynccontextmanager
-async def workers(client: Client, settings: Settings) -> AsyncIterator[None]:
-    """Postlane's workers for `settings`, in this process, until the block ends."""
-    stop, ready = asyncio.Event(), asyncio.Event()
-    task = asyncio.create_task(run_workers(client, settings, inbound=False, stop=stop, ready=ready))
-    started = asyncio.create_task(ready.wait())
-    await asyncio.wait([task, started], return_when=asyncio.FIRST_COMPLETED)
-    if task.done():
-        task.result()  # it failed to start: say why
-    try:
-        yield
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 60)
 
 
 async def lane_status(client: Client, lane: str) -> LaneStatus:
@@ -91,7 +72,7 @@ async def test_a_throttling_domain_gets_a_lower_weight_on_the_server_and_the_oth
         pl = PostlaneClient(client, settings)
         for n in range(3):
             smtp.reject_recipient(f"r{n}@slow.test", "421 4.7.0 too many messages, slow down")
-        async with workers(client, settings):
+        async with in_process_workers(client, settings):
             slow = [
                 await pl.send(
                     Email(sender="a@it.test", to=[f"r{n}@slow.test"], subject="s", text="hi"),
@@ -169,7 +150,7 @@ async def test_a_primary_killed_mid_batch_fails_over_once_each_and_the_circuit_c
         # Each transaction waits at MAIL, so the kill finds the next one there, not in DATA
         # (a 250 to DATA lost with the server would make the email's fate unknowable).
         primary.delay("mail", 0.3, times=1000)
-        async with workers(client, settings):
+        async with in_process_workers(client, settings):
             handles = [
                 await pl.send(
                     Email(sender="a@it.test", to=[f"u{n}@example.test"], subject="x", text="hi"),
@@ -260,7 +241,7 @@ async def test_routes_choose_the_lane_and_the_email_status_names_the_rule(
             ],
         )
         pl = PostlaneClient(client, settings)
-        async with workers(client, settings):
+        async with in_process_workers(client, settings):
             tagged = await pl.send(
                 Email(
                     sender="a@it.test",

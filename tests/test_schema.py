@@ -68,6 +68,10 @@ def test_schema_prints_valid_json_schemas_of_inputs_and_results(schemas: dict[st
     assert schemas["SendEmailInput"]["required"] == ["email"]
     email = schemas["SendEmailInput"]["$defs"]["Email"]
     assert email["required"] == ["sender", "to", "subject"]
+    # Field docs (attribute docstrings) reach the schema, as descriptions only.
+    assert email["properties"]["to"]["description"] == "Recipient addresses (at least one)."
+    report = schemas["EmailReport"]["properties"]
+    assert report["parked_at"]["description"].startswith("When the email last parked")
 
 
 def test_schema_accepts_what_clients_send_and_describes_what_they_get(

@@ -12,7 +12,7 @@ from temporalio.testing import WorkflowEnvironment
 
 from postlane.client import PostlaneClient
 from postlane.config import Settings
-from postlane.dev.catcher import SmtpCatcher
+from postlane.dev.catcher import CaughtMessage, SmtpCatcher
 from postlane.errors import ActionRefused, SequenceNotFound
 from postlane.sequences.models import SequenceReport, SequenceStatus
 from postlane.sequences.spec import Recipient, load_spec
@@ -47,6 +47,18 @@ id = "follow"
 subject = "Re: A note"
 text = "Following up."
 """
+
+
+def eve_replies(intro: CaughtMessage, message_id: str, text: str) -> bytes:
+    """Eve's reply to `intro` (sent by ada@it.test), threaded by its Message-ID."""
+    reply = EmailMessage()
+    reply["From"] = "Eve <eve@example.test>"
+    reply["To"] = "ada@it.test"
+    reply["Subject"] = f"Re: {intro.subject}"
+    reply["Message-ID"] = message_id
+    reply["In-Reply-To"] = intro.message_id
+    reply.set_content(text)
+    return reply.as_bytes()
 
 
 def files(tmp_path: Path, rows: list[str]) -> tuple[Path, Path, str]:
@@ -190,14 +202,12 @@ async def test_raw_reply_stops_the_sequence_before_its_next_send(
 
             await assert_eventually(waiting, within=60, what="intro sent, waiting for a reply")
             [intro] = smtp.messages
-            reply = EmailMessage()
-            reply["From"] = "Eve <eve@example.test>"
-            reply["To"] = "ada@it.test"
-            reply["Subject"] = f"Re: {intro.subject}"
-            reply["Message-ID"] = "<reply-1@example.test>"
-            reply["In-Reply-To"] = intro.message_id
-            reply.set_content("Yes, let's talk on Monday.\n\n> Hi Eve, a question about Umbra.")
-            assert await pl.sequences.record_reply(reply.as_bytes()) == key
+            reply = eve_replies(
+                intro,
+                "<reply-1@example.test>",
+                "Yes, let's talk on Monday.\n\n> Hi Eve, a question about Umbra.",
+            )
+            assert await pl.sequences.record_reply(reply) == key
             final = await handle.result()
     assert final.status == SequenceStatus.REPLIED
     assert [m.step for m in final.sent] == ["intro"]

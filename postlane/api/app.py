@@ -26,6 +26,7 @@ from postlane.email.models import Email, EmailReport, Priority
 from postlane.errors import InvalidInput
 from postlane.idempotency import email_digest
 from postlane.ids import SEQUENCE_ID_PREFIX, email_workflow_id, sequence_workflow_id
+from postlane.senders import sender_of
 from postlane.sequences.models import SequenceReport
 from postlane.sequences.spec import Recipient, SequenceSpec, load_spec
 from postlane.tokens import TokenKeys
@@ -65,7 +66,7 @@ class SendEmailRequest(Email):
 class StartSequenceRequest(BaseModel):
     """``POST /v1/sequences``: enroll one recipient in a spec of the server's ``specs_dir``."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, use_attribute_docstrings=True)
 
     spec: str = Field(description="The spec's name: the file <specs_dir>/<spec>.toml.")
     recipient: Recipient
@@ -73,6 +74,8 @@ class StartSequenceRequest(BaseModel):
 
 class RetryBody(BaseModel):
     """``POST /v1/emails/{key}/retry``: optional corrections."""
+
+    model_config = ConfigDict(use_attribute_docstrings=True)
 
     to: list[str] | None = None
     """Replace the To recipients (a dead-lettered email only)."""
@@ -83,6 +86,8 @@ class RetryBody(BaseModel):
 class Accepted(BaseModel):
     """A start the API accepted: where to follow it."""
 
+    model_config = ConfigDict(use_attribute_docstrings=True)
+
     key: str
     workflow_id: str
     status_url: str
@@ -90,6 +95,8 @@ class Accepted(BaseModel):
 
 class InboundResult(BaseModel):
     """What ``POST /v1/inbound`` did with the message."""
+
+    model_config = ConfigDict(use_attribute_docstrings=True)
 
     routed: bool
     """True if it reached a sequence (a reply, bounce, auto-reply or unsubscribe)."""
@@ -99,6 +106,8 @@ class InboundResult(BaseModel):
 
 class Health(BaseModel):
     """``GET /healthz``."""
+
+    model_config = ConfigDict(use_attribute_docstrings=True)
 
     status: str
     temporal: str
@@ -205,6 +214,22 @@ def create_app(pl: PostlaneClient, *, keys: KeyStore | None = None) -> FastAPI:
                 field=field,
             )
 
+    async def check_owner(record: ApiKey, key: str) -> None:
+        # Cancel and retry act for the sender the email was started as: the same scope
+        # as sending, read from the email's start on the Temporal server.
+        if "*" in record.senders:
+            return
+        sender = await sender_of(pl, key)
+        if sender is None or not record.allows(sender):
+            raise Problem(
+                403,
+                "sender-forbidden",
+                "Sender not allowed",
+                f"key: {key!r} was sent as {sender!r}; this API key may act only for"
+                f" {', '.join(record.senders)}",
+                field="key",
+            )
+
     async def body_of(request: Request) -> bytes:
         limit = api.max_body_bytes
         declared = request.headers.get("content-length")
@@ -279,22 +304,25 @@ def create_app(pl: PostlaneClient, *, keys: KeyStore | None = None) -> FastAPI:
         assert isinstance(body, Accepted)
         return body
 
-    @app.post("/v1/emails/{key:path}/cancel", tags=["emails"], responses=_problems(401, 404))
+    @app.post("/v1/emails/{key:path}/cancel", tags=["emails"], responses=_problems(401, 403, 404))
     async def cancel_email(key: str, record: Key) -> CancelResult:
-        """Cancel an email that has not gone out (an email already sent says so)."""
+        """Cancel an email that has not gone out (an email already sent says so); 403 if
+        it was sent as a sender outside the key's scope."""
+        await check_owner(record, key)
         return await pl.cancel(key)
 
     @app.post(
         "/v1/emails/{key:path}/retry",
         tags=["emails"],
-        responses=_problems(401, 404, 409, 422),
+        responses=_problems(401, 403, 404, 409, 422),
         openapi_extra=_json_body("RetryBody", required=False),
     )
     async def retry_email(key: str, request: Request, record: Key) -> EmailReport:
         """Send a dead-lettered (or failed) email again, optionally corrected; 409 if it
-        is not dead-lettered."""
+        is not dead-lettered, 403 if it was sent as a sender outside the key's scope."""
         raw = await body_of(request)
         body = _parse(RetryBody, raw) if raw.strip() else RetryBody()
+        await check_owner(record, key)
         await pl.retry(key, to=body.to, lane=body.lane)
         return await pl.describe(key, wait=timedelta(seconds=5))
 

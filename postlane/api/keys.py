@@ -12,7 +12,6 @@ re-reads it when it changes, so a revocation takes effect on the next request.
 
 from __future__ import annotations
 
-import fnmatch
 import hashlib
 import hmac
 import json
@@ -25,9 +24,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from postlane.email.addresses import normalise_sender_pattern
-from postlane.email.models import check_address
 from postlane.errors import ConfigurationError, InvalidInput
+from postlane.senders import SenderScope
 
 _KEY_RE = re.compile(r"^pl_([0-9a-f]{8})_([A-Za-z0-9_-]{43})$")
 
@@ -48,43 +46,18 @@ class ApiKey(BaseModel):
     created_at: datetime
     revoked_at: datetime | None = None
 
+    @property
+    def scope(self) -> SenderScope:
+        """The senders this key may act as (`postlane.senders`)."""
+        return SenderScope(self.senders)
+
     def allows(self, sender: str) -> bool:
         """May this key send as `sender` (case-insensitive, as lanes match senders)?"""
-        sender = sender.lower()
-        return any(
-            pattern == "*" or pattern == sender or fnmatch.fnmatchcase(sender, pattern)
-            for pattern in (p.lower() for p in self.senders)
-        )
+        return self.scope.allows(sender)
 
 
 class _KeyFile(BaseModel):
     keys: list[ApiKey] = Field(default_factory=list)
-
-
-def parse_senders(value: str) -> list[str]:
-    """``'agent@acme.test,*@ops.acme.test'`` → the patterns, checked and normalised.
-
-    Raises:
-        InvalidInput: an empty list or a pattern that is not ``*``, ``*@domain`` or an
-            address (field ``senders``).
-    """
-    patterns = [p.strip() for p in value.split(",") if p.strip()]
-    if not patterns:
-        raise InvalidInput("senders", "give at least one sender, e.g. agent@acme.test")
-    out: list[str] = []
-    for pattern in patterns:
-        try:
-            normalised = normalise_sender_pattern(pattern)
-            if normalised.startswith("*@"):  # the domain (or *.domain) must be one
-                domain = normalised[2:].removeprefix("*.")
-                try:
-                    check_address(f"x@{domain}")
-                except ValueError:
-                    raise ValueError(f"{domain!r} is not a domain") from None
-            out.append(normalised)
-        except ValueError as exc:
-            raise InvalidInput("senders", f"{pattern!r}: {exc}") from None
-    return out
 
 
 def _digest(key: str) -> str:

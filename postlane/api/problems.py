@@ -14,7 +14,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from temporalio.service import RPCError
 
@@ -36,6 +36,8 @@ _SUBFIELD_RE = re.compile(r"^([A-Za-z_][\w.-]*(?:\[\d+\])*): (.+)$", re.DOTALL)
 
 class FieldError(BaseModel):
     """One invalid field."""
+
+    model_config = ConfigDict(use_attribute_docstrings=True)
 
     field: str
     """Where it is in the request, e.g. ``to[0]`` or ``recipient.address``."""

@@ -50,11 +50,12 @@ def add_parser(sub: Any) -> None:
 
 def run_keys(args: argparse.Namespace, settings: Settings) -> int:
     """``postlane api-key ...``: needs no Temporal."""
-    from postlane.api.keys import KeyStore, parse_senders
+    from postlane.api.keys import KeyStore
+    from postlane.senders import parse_sender_patterns
 
     store = KeyStore(settings.api.keys_file)
     if args.api_key_command == "create":
-        record, plaintext = store.create(parse_senders(args.senders), name=args.name)
+        record, plaintext = store.create(parse_sender_patterns(args.senders), name=args.name)
         print(plaintext)
         print(
             f"key {record.id} may send as {', '.join(record.senders)}; this is the only"

@@ -45,7 +45,8 @@ def add_parser(sub: Any) -> None:
         action="append",
         default=[],
         metavar="PATTERNS",
-        help="the only senders the tools may send as, comma-separated globs, e.g. "
+        help="the only senders the tools may send as, comma-separated addresses, *@domain "
+        "or *, e.g. "
         "'agent@acme.test,*@ops.acme.test' (default: any sender a lane serves)",
     )
     p.add_argument(
@@ -60,7 +61,7 @@ async def run(args: argparse.Namespace) -> int:
     """Serve until the client hangs up (stdio) or the process is stopped (HTTP).
 
     Raises:
-        InvalidInput: a bad ``--port`` or ``--specs``.
+        InvalidInput: a bad ``--port``, ``--specs`` or ``--senders``.
         ConfigurationError: ``postlane.toml`` is invalid, or ``--http`` on a non-loopback
             address without a token.
     """
@@ -68,11 +69,12 @@ async def run(args: argparse.Namespace) -> int:
     from postlane.config import load_settings
     from postlane.logs import configure_logging
     from postlane.mcp_tools import build_server
+    from postlane.senders import parse_sender_patterns
 
     configure_logging()  # stderr: on stdio, stdout carries the protocol alone
     settings = load_settings()
     specs = _spec_dir(args.specs)
-    senders = [s.strip() for value in args.senders for s in value.split(",") if s.strip()]
+    senders = parse_sender_patterns(args.senders) if args.senders else []
 
     async def connect() -> PostlaneClient:
         return await PostlaneClient.connect(

@@ -149,11 +149,16 @@ def _no_line_breaks(value: str) -> str:
 class Attachment(BaseModel):
     """A small file sent inline with the email (the whole email stays under 1 MB)."""
 
-    model_config = ConfigDict(frozen=True, ser_json_bytes="base64", val_json_bytes="base64")
+    model_config = ConfigDict(
+        frozen=True, ser_json_bytes="base64", val_json_bytes="base64", use_attribute_docstrings=True
+    )
 
     filename: str = Field(min_length=1, max_length=255)
+    """The file name the recipient sees, e.g. ``invoice.pdf`` (one line)."""
     content: bytes
+    """The file's bytes (base64 in JSON)."""
     content_type: str = "application/octet-stream"
+    """Its MIME type, e.g. ``application/pdf``."""
 
     @field_validator("filename", "content_type")
     @classmethod
@@ -174,20 +179,26 @@ class Email(BaseModel):
     Construction validates everything and raises `InvalidEmail` naming the field.
     """
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, use_attribute_docstrings=True)
 
     sender: str
     """From address; must be served by a configured lane. ``ada@acme.test``,
     ``Ada Lovelace <ada@acme.test>`` or ``"Lovelace, Ada" <ada@acme.test>`` (as for every
     address field): the field keeps the bare address, `display_names` the name."""
     to: list[str] = Field(min_length=1)
+    """Recipient addresses (at least one)."""
     subject: str
+    """Subject line (one line)."""
     text: str | None = None
     """Plain-text body. At least one of `text` and `html` is required."""
     html: str | None = None
+    """HTML body."""
     cc: list[str] = Field(default_factory=list)
+    """Cc addresses."""
     bcc: list[str] = Field(default_factory=list)
+    """Bcc addresses: in the envelope, never in the headers."""
     reply_to: str | None = None
+    """Reply-To address."""
     headers: dict[str, str] = Field(default_factory=dict)
     """Extra headers, e.g. ``List-Unsubscribe``. Structural headers are set by Postlane.
     ``In-Reply-To`` and ``References`` take ``<msg-id>`` items, the ``List-*`` URL headers
@@ -198,6 +209,7 @@ class Email(BaseModel):
     tags: list[str] = Field(default_factory=list)
     """Labels for search (`PostlaneTag`): letters, digits and ``_ . : -``."""
     attachments: list[Attachment] = Field(default_factory=list)
+    """Files sent with the email."""
 
     if not TYPE_CHECKING:
         # Surface pydantic's errors as Postlane's own, naming the first bad field. Hidden
@@ -321,7 +333,7 @@ def invalid_email_from(exc: ValidationError) -> InvalidEmail:
 class RetrySettings(BaseModel):
     """How a lane retries transient failures before the email is dead-lettered."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, use_attribute_docstrings=True)
 
     initial_interval: Duration = timedelta(seconds=5)
     backoff: float = Field(default=2.0, ge=1.0)
@@ -339,7 +351,7 @@ class SendEmailInput(BaseModel):
     takes the lane's retry policy and caps from the workers' configuration.
     """
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, use_attribute_docstrings=True)
 
     email: Email
     key: str = ""
@@ -358,7 +370,7 @@ class SendEmailInput(BaseModel):
 class LaneQuery(BaseModel):
     """Input of the ``resolve_lane`` local activity: which lane sends for this sender?"""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, use_attribute_docstrings=True)
 
     sender: str
     lane: str = ""
@@ -376,7 +388,7 @@ class LaneQuery(BaseModel):
 class LaneResolution(BaseModel):
     """The workers' answer to a `LaneQuery`: the lane and its settings, or why there is none."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, use_attribute_docstrings=True)
 
     lane: str = ""
     retry: RetrySettings = RetrySettings()
@@ -399,7 +411,7 @@ class LaneResolution(BaseModel):
 class SmtpSendRequest(BaseModel):
     """Input of the `send_email` activity."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, use_attribute_docstrings=True)
 
     email: Email
     lane: str
@@ -415,15 +427,20 @@ class SmtpSendRequest(BaseModel):
 class DeliveryReceipt(BaseModel):
     """What the SMTP server accepted."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, use_attribute_docstrings=True)
 
     key: str
+    """The email's idempotency key."""
     message_id: str
+    """The ``Message-ID`` header it was sent with."""
     lane: str
+    """The lane that sent it."""
     accepted: list[str]
+    """Recipients the server accepted."""
     rejected: dict[str, str] = Field(default_factory=dict)
     """Recipient → the server's reply, for recipients refused while others were accepted."""
     attempts: int = 1
+    """SMTP attempts it took."""
     smtp_reply: str = ""
     """The server's reply to DATA, e.g. ``250 2.0.0 Ok: queued as 4F2A``."""
     sent_at: datetime | None = None
@@ -436,7 +453,7 @@ class RetryRequest(BaseModel):
     """Signal input of ``retry`` (and ``discard``): send a dead-lettered email again,
     optionally corrected."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, use_attribute_docstrings=True)
 
     reason: str = ""
     to: list[str] | None = None
@@ -462,7 +479,7 @@ class AttemptRecord(BaseModel):
     activity.
     """
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, use_attribute_docstrings=True)
 
     attempt: int = Field(ge=1)
     """The email's attempt number, counted across dead-letter retries (1 is the first).
@@ -486,21 +503,29 @@ class AttemptRecord(BaseModel):
 class EmailReport(BaseModel):
     """Everything `PostlaneClient.describe` knows about one email."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, use_attribute_docstrings=True)
 
     key: str
+    """The email's idempotency key."""
     status: EmailStatus
+    """Where it is now (`EmailStatus`)."""
     lane: str | None = None
+    """The lane that sends it, once resolved."""
     subject: str = ""
     recipients: list[str] = Field(default_factory=list)
+    """Every envelope recipient (To, Cc and Bcc)."""
     attempts: int = 0
+    """SMTP attempts so far."""
     last_error: str | None = None
+    """The last failure, e.g. the server's reply to a refused attempt."""
     scheduled_for: datetime | None = None
+    """When a scheduled email is due (``send_at``)."""
     parked_at: datetime | None = None
     """When the email last parked in ``dead_letter`` (workflow time)."""
     attempt_history: list[AttemptRecord] = Field(default_factory=list)
     """The last failed attempts (up to `MAX_ATTEMPT_HISTORY`), oldest first."""
     receipt: DeliveryReceipt | None = None
+    """What the SMTP server accepted, once sent."""
     stuck: str | None = None
     """Why a running email makes no progress, e.g. ``"workflow task failing: RuntimeError:
     ... (attempt 4)"``: a bug or an incompatible change in the workers' workflow code."""

@@ -50,7 +50,7 @@ class InboundKind(StrEnum):
 class InboundEvent(BaseModel):
     """A reply, auto-reply, bounce or unsubscribe, routed to a sequence (signal ``inbound``)."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, use_attribute_docstrings=True)
 
     kind: InboundKind
     message_id: str
@@ -74,7 +74,7 @@ class InboundEvent(BaseModel):
 class Approval(BaseModel):
     """Signal ``approve``: a person's decision on a composed draft."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, use_attribute_docstrings=True)
 
     step: str
     approved: bool = True
@@ -88,7 +88,7 @@ class Approval(BaseModel):
 class ThreadMessage(BaseModel):
     """One message of the conversation so far, as the agent sees it."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, use_attribute_docstrings=True)
 
     direction: str
     """``out`` (we sent it) or ``in`` (they replied)."""
@@ -101,7 +101,7 @@ class ThreadMessage(BaseModel):
 class ComposeRequest(BaseModel):
     """Input of a ``compose`` step's agent activity."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, use_attribute_docstrings=True)
 
     sequence_key: str
     step: str
@@ -118,7 +118,7 @@ class ComposeRequest(BaseModel):
 class Draft(BaseModel):
     """What an agent returns: the email to send (validated like any `Email`)."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, use_attribute_docstrings=True)
 
     subject: str
     text: str | None = None
@@ -128,7 +128,7 @@ class Draft(BaseModel):
 class RenderedMessage(BaseModel):
     """A send step's content, rendered for one recipient when the sequence starts."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, use_attribute_docstrings=True)
 
     subject: str
     text: str | None = None
@@ -138,7 +138,7 @@ class RenderedMessage(BaseModel):
 class SentMessage(BaseModel):
     """An email the sequence sent (or handed to its lane)."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, use_attribute_docstrings=True)
 
     step: str
     key: str
@@ -179,7 +179,7 @@ class SequenceState(BaseModel):
 class SequenceInput(BaseModel):
     """Input of `SequenceWorkflow`. Built and validated by the client; holds no secrets."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, use_attribute_docstrings=True)
 
     key: str
     spec: SequenceSpec
@@ -205,7 +205,7 @@ class SequenceInput(BaseModel):
 class SequenceReport(BaseModel):
     """The ``status`` query of a sequence: where it is and what it did."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, use_attribute_docstrings=True)
 
     key: str
     status: SequenceStatus
@@ -227,7 +227,7 @@ class SequenceReport(BaseModel):
 class Suppression(BaseModel):
     """Input of the suppression workflow: this sender never enrolls this address again."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, use_attribute_docstrings=True)
 
     sender: str
     address: str

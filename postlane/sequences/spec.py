@@ -77,7 +77,7 @@ class _SpecPart(BaseModel):
     and each unknown field is refused by name.
     """
 
-    model_config = ConfigDict(extra="ignore", frozen=True)
+    model_config = ConfigDict(extra="ignore", frozen=True, use_attribute_docstrings=True)
 
     @model_validator(mode="before")
     @classmethod
