@@ -70,6 +70,12 @@ def _parser() -> argparse.ArgumentParser:
         default=8081,
         help="codec server port, when POSTLANE_ENCRYPTION_KEYS is set (default 8081)",
     )
+    dev.add_argument(
+        "--synchronous",
+        choices=["full", "normal"],
+        help="SQLite sync mode: full (default, fsync per commit; survives power loss) or"
+        " normal (faster; survives a process crash only); also $POSTLANE_DEV_SYNCHRONOUS",
+    )
     dev.add_argument("--no-demo", action="store_true", help="do not send the demo email")
     dev.add_argument(
         "--exit-after-demo", action="store_true", help="stop once the demo is delivered"
@@ -256,7 +262,7 @@ def _fail(exc: BaseException, rc: int) -> int:
 async def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "dev":
         try:
-            from postlane.dev.stack import DevStack
+            from postlane.dev.stack import DevStack, synchronous_from_environment
         except ModuleNotFoundError as exc:  # a production install has no dev stack
             if exc.name != "aiosmtpd":
                 raise
@@ -270,6 +276,7 @@ async def _dispatch(args: argparse.Namespace) -> int:
             ui_port=args.ui_port,
             smtp_port=args.smtp_port,
             codec_port=args.codec_port,
+            synchronous=synchronous_from_environment(args.synchronous),
         )
         return await stack.run(demo=not args.no_demo, exit_after_demo=args.exit_after_demo)
     if args.command in ("worker", "inbound"):
