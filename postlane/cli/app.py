@@ -27,6 +27,7 @@ from temporalio.service import RPCError
 from postlane.cli import sequence as cli_sequence
 from postlane.cli.progress import ProgressBar
 from postlane.durations import format_duration, parse_duration
+from postlane.email.dlq import BatchProgress
 from postlane.errors import (
     ActionRefused,
     ConfigurationError,
@@ -401,9 +402,11 @@ async def _dlq(pl: PostlaneClient, args: argparse.Namespace) -> int:
         raise InvalidInput("keys", "give KEY... or --all, not both")
     if args.keys and (args.lane or since):
         raise InvalidInput("keys", "--lane and --since select with --all only")
-    keys = args.keys or await pl.dlq.keys(lane=args.lane, since=since)
     retry = args.dlq_command == "retry"
     changed_as = "going out again" if retry else "discarded"
+    if args.all:
+        return await _dlq_batch(pl, args, since, changed_as)
+    keys = args.keys
     bar = ProgressBar(len(keys), f"dlq {args.dlq_command}")
     changed = unchanged = failed = 0
     for key in keys:
@@ -427,6 +430,30 @@ async def _dlq(pl: PostlaneClient, args: argparse.Namespace) -> int:
         f" ({unchanged} unchanged, {failed} errors)"
     )
     return EXIT_FAILED if failed else EXIT_OK
+
+
+async def _dlq_batch(
+    pl: PostlaneClient, args: argparse.Namespace, since: datetime | None, changed_as: str
+) -> int:
+    """``dlq retry|discard --all``: one server-side batch job, its progress from the server."""
+    bar = ProgressBar(0, f"dlq {args.dlq_command}")
+    last: list[tuple[int, int, bool]] = []
+
+    def show(p: BatchProgress) -> None:
+        seen = (p.total, p.done, p.finished)
+        if last and last[-1] == seen:
+            return
+        last.append(seen)
+        bar.advance(p.done + p.failed, f"batch job {p.job_id}: {p.state}", total=p.total)
+
+    run = pl.dlq.retry_all if args.dlq_command == "retry" else pl.dlq.discard_all
+    result = await run(lane=args.lane, since=since, on_progress=show)
+    bar.close()
+    print(
+        f"{args.dlq_command}: {result.done} of {result.total} {changed_as}"
+        f" (0 unchanged, {result.failed} errors; batch job {result.job_id} {result.state})"
+    )
+    return EXIT_FAILED if result.failed or result.state != "completed" else EXIT_OK
 
 
 def format_dead_letters(reports: Sequence[EmailReport], now: datetime) -> str:
