@@ -24,6 +24,7 @@ from rich.console import Console
 from rich.table import Table
 from temporalio.service import RPCError
 
+from postlane.cli import bulk as cli_bulk
 from postlane.cli import sequence as cli_sequence
 from postlane.cli.progress import ProgressBar
 from postlane.durations import format_duration, parse_duration
@@ -120,7 +121,9 @@ def _parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("send", help="send one email")
     s.add_argument("--from", dest="sender", required=True)
-    s.add_argument("--to", action="append", required=True, help="repeat or comma-separate")
+    s.add_argument(
+        "--to", action="append", help="repeat or comma-separate (required without --csv)"
+    )
     s.add_argument("--cc", action="append", default=[])
     s.add_argument("--bcc", action="append", default=[])
     s.add_argument("--reply-to")
@@ -133,6 +136,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--priority", default="normal", choices=["high", "normal", "bulk"])
     s.add_argument("--send-at", help="ISO 8601 time with a zone, e.g. 2026-12-01T09:00:00+01:00")
     s.add_argument("--wait", action="store_true", help="wait for the delivery receipt")
+    cli_bulk.add_arguments(s)
 
     for name, helptext in (
         ("status", "show an email's status, attempts and last SMTP reply"),
@@ -297,7 +301,11 @@ async def _dispatch(args: argparse.Namespace) -> int:
     from postlane.config import load_settings
 
     settings = load_settings()
+    if args.command == "send" and args.csv:
+        return await cli_bulk.send_csv(await _connect(args, settings), args)
     if args.command == "send":
+        if not args.to:
+            raise InvalidInput("to", "required: --to ADDRESS (or --csv FILE)")
         email, key = _email_from_args(args)  # validate before touching the network
         send_at = _parse_time(args.send_at) if args.send_at else None
         pl = await _connect(args, settings)
@@ -405,7 +413,7 @@ async def _dlq(pl: PostlaneClient, args: argparse.Namespace) -> int:
     retry = args.dlq_command == "retry"
     changed_as = "going out again" if retry else "discarded"
     if args.all:
-        return await _dlq_batch(pl, args, since, changed_as)
+        return await _dlq_batch(pl, args, since)
     keys = args.keys
     bar = ProgressBar(len(keys), f"dlq {args.dlq_command}")
     changed = unchanged = failed = 0
@@ -432,9 +440,7 @@ async def _dlq(pl: PostlaneClient, args: argparse.Namespace) -> int:
     return EXIT_FAILED if failed else EXIT_OK
 
 
-async def _dlq_batch(
-    pl: PostlaneClient, args: argparse.Namespace, since: datetime | None, changed_as: str
-) -> int:
+async def _dlq_batch(pl: PostlaneClient, args: argparse.Namespace, since: datetime | None) -> int:
     """``dlq retry|discard --all``: one server-side batch job, its progress from the server."""
     bar = ProgressBar(0, f"dlq {args.dlq_command}")
     last: list[tuple[int, int, bool]] = []
@@ -449,10 +455,13 @@ async def _dlq_batch(
     run = pl.dlq.retry_all if args.dlq_command == "retry" else pl.dlq.discard_all
     result = await run(lane=args.lane, since=since, on_progress=show)
     bar.close()
+    # Counted by the server: each matched email got the signal, which a parked email acts
+    # on and any other (no longer parked) ignores.
     print(
-        f"{args.dlq_command}: {result.done} of {result.total} {changed_as}"
-        f" (0 unchanged, {result.failed} errors; batch job {result.job_id} {result.state})"
+        f"{args.dlq_command}: {result.done} of {result.total} parked emails signalled"
+        f" ({result.failed} errors)"
     )
+    print(f"batch job {result.job_id}: {result.state}")
     return EXIT_FAILED if result.failed or result.state != "completed" else EXIT_OK
 
 
