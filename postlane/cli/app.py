@@ -302,7 +302,7 @@ async def _dispatch(args: argparse.Namespace) -> int:
 
     settings = load_settings()
     if args.command == "send" and args.csv:
-        return await cli_bulk.send_csv(await _connect(args, settings), args)
+        return await cli_bulk.send_csv(args, settings, lambda: _connect(args, settings))
     if args.command == "send":
         if not args.to:
             raise InvalidInput("to", "required: --to ADDRESS (or --csv FILE)")

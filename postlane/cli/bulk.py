@@ -30,6 +30,7 @@ from postlane.sequences.templates import render_string
 
 if TYPE_CHECKING:
     from postlane.client import PostlaneClient
+    from postlane.config import Settings
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
 DEFAULT_CONCURRENCY = 32
@@ -90,9 +91,7 @@ def row_key(campaign: str, row: dict[str, str], key_column: str | None) -> str:
     return f"{campaign}:{hashlib.sha256(canonical.encode()).hexdigest()[:32]}"
 
 
-def read_rows(
-    pl: PostlaneClient, args: argparse.Namespace
-) -> tuple[list[Row], list[tuple[int, InvalidEmail]]]:
+def read_rows(args: argparse.Namespace) -> tuple[list[Row], list[tuple[int, InvalidEmail]]]:
     """Every row validated and rendered, or the reasons rows are invalid.
 
     Raises:
@@ -151,20 +150,27 @@ def _render(args: argparse.Namespace, row: dict[str, str], address: str) -> Emai
         raise invalid_email_from(exc) from None
 
 
-async def send_csv(pl: PostlaneClient, args: argparse.Namespace) -> int:
-    """``postlane send --csv FILE``: validate every row, then send them, each once."""
+async def send_csv(
+    args: argparse.Namespace,
+    settings: Settings,
+    connect: Callable[[], Awaitable[PostlaneClient]],
+) -> int:
+    """``postlane send --csv FILE``: validate every row, then connect and send each once."""
     if args.to or args.key or args.send_at or args.wait:
         raise InvalidInput("csv", "--csv takes its recipients from the file: no --to/--key")
     if args.concurrency < 1:
         raise InvalidInput("concurrency", "must be at least 1")
-    if pl.settings.lane_for(args.sender) is None:
+    if not args.text and not args.html:
+        raise InvalidInput("text", "--csv needs a --text or --html template")
+    if settings.lane_for(args.sender) is None:
         raise UnknownSender(args.sender)
-    rows, invalid = read_rows(pl, args)
+    rows, invalid = read_rows(args)
     for line, err in invalid:
         print(f"{args.csv}:{line}: {err.field}: {err.reason}", file=sys.stderr)
     if invalid:
         print(f"{len(invalid)} invalid row(s); nothing was sent", file=sys.stderr)
         return EXIT_INVALID
+    pl = await connect()
     bar = ProgressBar(len(rows), "sending")
     counts = {"queued": 0, "already queued": 0, "failed": 0}
 
