@@ -286,7 +286,7 @@ def markdown(result: dict[str, Any]) -> str:
         f"# Bulk operations at N = {result['n']} ({result['date']})",
         "",
         f"{m['cpu_count']} CPUs shared with other work (load average at start "
-        f"{m['loadavg_start'][0]}, at end {m['loadavg_end'][0]}: **noisy figures**); "
+        f"{m['loadavg_start'][0]:.2f}, at end {m['loadavg_end'][0]:.2f}: **noisy figures**); "
         f"Python {result['versions']['python']}, temporalio {result['versions']['temporalio']}; "
         f"dev server as `postlane dev` starts it, SQLite `synchronous={result['synchronous']}`; "
         "one lane at 1000/s to an in-process SMTP catcher, workers in the benchmark's process. "

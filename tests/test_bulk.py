@@ -5,6 +5,7 @@ listing alone."""
 from __future__ import annotations
 
 import csv
+import re
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -101,7 +102,7 @@ async def test_send_csv_with_a_bad_row_sends_nothing(
         argv = ["send", "--csv", str(path), "--from", SENDER, "--campaign", key]
         rc, _, err = await run_postlane([*argv, "--subject", "Hi", "--text", "{{ id }}"], env)
         assert rc == 2, err
-        assert f"{path}:7: to:" in err  # the line and the field
+        assert f"{path}:7: to[0]: 'not-an-address'" in err  # the line and the field
         assert f"{path}:8: key:" in err and "also line 2's key" in err
         assert "2 invalid row(s); nothing was sent" in err
         rc, _, err = await run_postlane([*argv, "--subject", "{{ nope }}"], env)
@@ -161,24 +162,26 @@ async def test_dlq_retry_all_is_one_batch_job_that_reaches_every_parked_email(
                 n = r.key.rsplit("-", 1)[1]
                 assert r.status == EmailStatus.DEAD_LETTER and r.lane == lane.name
                 assert r.recipients == [f"p{n}@example.test"] and r.subject == f"#{n}"
-                assert r.attempts == 1 and r.last_error == OUTAGE and r.parked_at is not None
-            # The same as each email's own report.
-            sample = await pl.describe(reports[0].key)
-            assert (sample.recipients, sample.attempts, sample.last_error, sample.parked_at) == (
-                reports[0].recipients,
-                reports[0].attempts,
-                reports[0].last_error,
-                reports[0].parked_at,
-            )
+                # Under load an attempt can also end in a heartbeat timeout: any reply will do.
+                assert r.attempts == 1 and r.last_error and r.parked_at is not None
+                # The same as the email's own report (its workflow answers the query).
+                own = await pl.describe(r.key)
+                assert (own.recipients, own.attempts, own.last_error, own.parked_at) == (
+                    r.recipients,
+                    r.attempts,
+                    r.last_error,
+                    r.parked_at,
+                )
             memo = await pl.handle(reports[0].key)._handle.describe()
             assert EmailMemo.DEAD_LETTER in await memo.memo()
             assert smtp.messages == []
+            smtp.clear_script()  # the provider is back (faults left by timed-out attempts too)
 
             rc, out, err = await run_postlane(
                 ["dlq", "retry", "--all", "--lane", lane.name], env, within=240
             )
             assert rc == 0, err
-            assert f"retry: {PARKED} of {PARKED} going out again (0 unchanged, 0 errors)" in out
+            assert f"retry: {PARKED} of {PARKED} parked emails signalled (0 errors)" in out
             assert f"] {PARKED}/{PARKED}  batch job postlane-dlq-retry-" in err
             [job] = await batch_jobs(pl, out)
             desc = await pl.temporal.workflow_service.describe_batch_operation(
@@ -203,7 +206,8 @@ async def test_dlq_retry_all_is_one_batch_job_that_reaches_every_parked_email(
 
             rc, out, err = await run_postlane(["dlq", "retry", "--all", "--lane", lane.name], env)
             assert rc == 0, err  # nothing left parked: a second run changes nothing
-            assert "retry: 0 of 0 going out again" in out
+            # Visibility may still list some as parked: those ignore the signal (not parked).
+            assert re.search(r"retry: (\d+) of \1 parked emails signalled \(0 errors\)", out)
             assert len(smtp.messages) == PARKED
 
 
@@ -222,7 +226,7 @@ async def test_dlq_discard_all_is_one_batch_job_that_ends_every_parked_email(
                 ["dlq", "discard", "--all", "--lane", lane.name], env, within=240
             )
             assert rc == 0, err
-            assert f"discard: {PARKED} of {PARKED} discarded" in out
+            assert f"discard: {PARKED} of {PARKED} parked emails signalled (0 errors)" in out
 
             async def all_cancelled() -> bool:
                 return await count(
