@@ -21,6 +21,7 @@ import math
 import os
 import platform
 import resource
+import secrets
 import signal
 import socket
 import statistics
@@ -59,6 +60,7 @@ from postlane.namespace import ensure_search_attributes  # noqa: E402
 
 NAMESPACE = "default"
 TUNING = SERVER_TUNING
+TOKEN_SECRET = secrets.token_urlsafe(48)
 """The server's tuning flags (``--synchronous`` picks the SQLite mode)."""
 LANE = "bench"
 RATE_PER_SECOND = 1000
@@ -253,7 +255,13 @@ class Bench:
 
     @property
     def worker_env(self) -> dict[str, str]:
-        return {"TEMPORAL_ADDRESS": self.address, "TEMPORAL_NAMESPACE": NAMESPACE}
+        # Workers that send need a token secret (sealed Message-IDs); any will do here.
+        secret = os.environ.get("POSTLANE_TOKEN_SECRET") or TOKEN_SECRET
+        return {
+            "TEMPORAL_ADDRESS": self.address,
+            "TEMPORAL_NAMESPACE": NAMESPACE,
+            "POSTLANE_TOKEN_SECRET": secret,
+        }
 
     async def start_server(self) -> Client:
         """The dev server, as `postlane dev` tunes it, with Postlane's search attributes."""
