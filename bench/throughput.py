@@ -53,11 +53,13 @@ from postlane.config import load_settings  # noqa: E402
 from postlane.connection import data_converter  # noqa: E402
 from postlane.dev.binaries import dev_server_path  # noqa: E402
 from postlane.dev.catcher import SmtpCatcher  # noqa: E402
-from postlane.dev.stack import SERVER_TUNING  # noqa: E402
+from postlane.dev.stack import SERVER_TUNING, server_tuning  # noqa: E402
 from postlane.email.models import Email  # noqa: E402
 from postlane.namespace import ensure_search_attributes  # noqa: E402
 
 NAMESPACE = "default"
+TUNING = SERVER_TUNING
+"""The server's tuning flags (``--synchronous`` picks the SQLite mode)."""
 LANE = "bench"
 RATE_PER_SECOND = 1000
 MAX_CONCURRENT = 64
@@ -270,7 +272,7 @@ class Bench:
                 dev_server_path(),
                 "server",
                 "start-dev",
-                *SERVER_TUNING,
+                *TUNING,
                 "--db-filename",
                 str(self.workdir / "temporal.db"),
                 "--ip",
@@ -661,7 +663,8 @@ def markdown(s: dict[str, Any]) -> str:
         "",
         f"{m['cpu_count']} CPUs, Python {s['versions']['python']}, temporalio "
         f"{s['versions']['temporalio']}, {s['versions']['temporal_cli']}; dev server with "
-        f"`postlane.dev.stack.SERVER_TUNING` on a SQLite file; N = {s['n']}, "
+        f"`postlane.dev.stack.server_tuning()` on a SQLite file, "
+        f"{next(f for f in s['server_flags'] if f.startswith('synchronous='))}; N = {s['n']}, "
         f"{s['rounds_per_kind']} rounds each after a warm-up of {s['warmup']}; production "
         f"code `{s['code_sha256']}`"
         + (" (**changed during the run**)" if s.get("code_changed_during_run") else "")
@@ -777,7 +780,15 @@ def main() -> int:
         metavar="SECONDS",
         help="first wait up to this long for the machine to be idle (other load < 0.3 cores)",
     )
+    parser.add_argument(
+        "--synchronous",
+        choices=["full", "normal"],
+        help="the server's SQLite synchronous mode (default: postlane dev's, full); when"
+        " given, the results files are named throughput[-quick]-<mode>",
+    )
     args = parser.parse_args()
+    global TUNING
+    TUNING = server_tuning(args.synchronous) if args.synchronous else SERVER_TUNING
     args.emails = args.emails or (100 if args.quick else 300)
     args.rounds = 1 if args.quick else 3
     args.latency_samples = 10 if args.quick else 30
@@ -799,7 +810,7 @@ def main() -> int:
         },
         "code_sha256": code_digest(),
         "server_flags": [
-            *SERVER_TUNING,
+            *TUNING,
             "--db-filename",
             "<tmpdir>/temporal.db",
             "--ip",
@@ -830,6 +841,8 @@ def main() -> int:
     table = markdown(summary)
     args.out.mkdir(parents=True, exist_ok=True)
     stem = "throughput-quick" if args.quick else "throughput"
+    if args.synchronous:
+        stem += f"-{args.synchronous}"
     (args.out / f"{stem}.json").write_text(json.dumps(summary, indent=2) + "\n")
     (args.out / f"{stem}.md").write_text(table)
     print()

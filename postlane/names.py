@@ -62,6 +62,13 @@ class EmailMessages:
     """Query: the receipt the send activity signalled, if any."""
 
 
+class EmailMemo:
+    """Memo keys ``SendEmail`` sets (besides the content hash, `postlane.idempotency`)."""
+
+    DEAD_LETTER: Final = "postlane_dead_letter"
+    """Set when the email parks: subject, recipients, attempts and last error, as a dict."""
+
+
 class LaneMessages:
     """Signals and queries of ``Lane``."""
 

@@ -106,7 +106,7 @@ async def retry_all_sends_nothing(
 ) -> None:
     rc, out, err = await run_postlane(["dlq", "retry", "--all", "--lane", lane.name], env)
     assert rc == 0, err
-    assert "retry: 0 of 0 going out again (0 unchanged, 0 errors)" in out
+    assert "retry: 0 of 0 parked emails signalled (0 errors)" in out
     assert smtp.messages == before
 
 

@@ -73,8 +73,8 @@ async def test_dlq_list_and_retry_all_deliver_each_once(
 
             rc, out, err = await run_postlane(["dlq", "retry", "--all", "--lane", lane.name], env)
             assert rc == 0, err
-            assert "retry: 3 of 3 going out again (0 unchanged, 0 errors)" in out
-            assert "dlq retry [" in err and "] 3/3  " in err  # the progress bar, on stderr
+            assert "retry: 3 of 3 parked emails signalled (0 errors)" in out  # one batch job
+            assert "dlq retry [" in err and "] 3/3  batch job" in err  # its progress, on stderr
             receipts = await asyncio.gather(*(asyncio.wait_for(h.result(), 60) for h in handles))
             rc, out, err = await run_postlane(["dlq", "retry", f"{key}-0"], env)  # safe twice
             assert rc == 0, err
@@ -133,14 +133,15 @@ async def test_dlq_discard_all_twice_ends_each_cancelled(
             args = ["dlq", "discard", "--all", "--lane", lane.name]
             rc, out, err = await run_postlane(args, env)
             assert rc == 0, err
-            assert "discard: 2 of 2 discarded (0 unchanged, 0 errors)" in out
-            assert "dlq discard [" in err and "] 2/2  " in err
+            assert "discard: 2 of 2 parked emails signalled (0 errors)" in out  # one batch job
+            assert "dlq discard [" in err and "] 2/2  batch job" in err
             await assert_eventually(
                 lambda: all_in(pl, keys, EmailStatus.CANCELLED), within=30, what="cancelled"
             )
             rc, out, err = await run_postlane(args, env)  # the second run changes nothing
             assert rc == 0, err
-            assert "discard: 0 of " in out and " 0 errors)" in out
+            # Visibility may still list some as parked: those ignore the signal (not parked).
+            assert re.search(r"discard: (\d) of \1 parked emails signalled \(0 errors\)", out)
             for handle in handles:
                 with pytest.raises(EmailCancelled, match="discarded"):
                     await asyncio.wait_for(handle.result(), 30)
@@ -260,14 +261,12 @@ async def test_outage_parks_across_worker_kill_then_retry_all_delivers_each_once
             await assert_eventually(only_retried_listed, within=30, what="visibility caught up")
             rc, out, err = await run_postlane(args, env)
             assert rc == 0, err
-            assert "retry: 4 of 4 going out again (0 unchanged, 0 errors)" in out
-            for k in retried:
-                assert f"{k}: going out again" in err
+            assert "retry: 4 of 4 parked emails signalled (0 errors)" in out
             receipts = [await asyncio.wait_for(handles[k].result(), 90) for k in retried]
             rc, out, err = await run_postlane(args, env)  # a second run changes nothing
             assert rc == 0, err
-            # Visibility may still list some as parked: then each is left unchanged.
-            assert re.search(r"retry: 0 of (\d) going out again \(\1 unchanged, 0 errors\)", out)
+            # Visibility may still list some as parked: those ignore the signal (not parked).
+            assert re.search(r"retry: (\d) of \1 parked emails signalled \(0 errors\)", out)
             for k in discarded:
                 with pytest.raises(EmailCancelled, match="discarded"):
                     await asyncio.wait_for(handles[k].result(), 30)

@@ -33,6 +33,7 @@ from postlane.ids import (
     unsubscribe_token,
 )
 from postlane.inbound.inboxes import start_inbox_watcher
+from postlane.names import EmailMemo
 from postlane.sequences.models import SequenceStatus
 from postlane.testing import PostlaneTestEnv, postlane_test_env
 from tests.conftest import TINY_LANE
@@ -97,6 +98,14 @@ async def _dead_letter_parked_at(pl: PostlaneTestEnv, key: str) -> None:
     await handle.result()
 
 
+async def _dead_letter_memo(pl: PostlaneTestEnv, key: str) -> None:
+    """Since the ``postlane-dead-letter-memo`` patch: parking also upserts the listing's memo."""
+    await _dead_letter_parked_at(pl, key)
+    history = await pl.client.temporal.get_workflow_handle(email_workflow_id(key)).fetch_history()
+    modified = [e.workflow_properties_modified_event_attributes for e in history.events]
+    assert any(EmailMemo.DEAD_LETTER in m.upserted_memo.fields for m in modified)
+
+
 SCENARIOS: dict[str, Callable[[PostlaneTestEnv, str], Awaitable[None]]] = {
     "sent": _sent,
     "scheduled": _scheduled,
@@ -104,6 +113,7 @@ SCENARIOS: dict[str, Callable[[PostlaneTestEnv, str], Awaitable[None]]] = {
     "cancelled": _cancelled,
     "dead_letter_retried": _dead_letter_retried,
     "dead_letter_parked_at": _dead_letter_parked_at,
+    "dead_letter_memo": _dead_letter_memo,
 }
 
 

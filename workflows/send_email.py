@@ -37,7 +37,7 @@ with workflow.unsafe.imports_passed_through():
         SlotGrant,
         SlotRequest,
     )
-    from postlane.names import Activity, EmailMessages, LaneMessages, WorkflowType
+    from postlane.names import Activity, EmailMemo, EmailMessages, LaneMessages, WorkflowType
     from postlane.webhooks import WebhookEventType
     from workflows._options import (
         NON_RETRYABLE,
@@ -77,6 +77,9 @@ SEALED_MESSAGE_ID_PATCH = "postlane-sealed-message-id"
 """Emails started from this patch on have the worker seal their Message-ID (authenticated
 encryption of the workflow ID, `postlane.tokens`); earlier ones keep the base32 form they
 were started with, on every attempt. Decided once, in the first activation."""
+DEAD_LETTER_MEMO_PATCH = "postlane-dead-letter-memo"
+"""Emails that parked before this patch did not upsert the `EmailMemo.DEAD_LETTER` memo
+(what ``dlq list`` shows), so listing them needs one describe each."""
 RECIPIENT_HASH_PATCH = "postlane-recipient-hash"
 """Emails started from this patch on without ``PostlaneRecipientHash`` (by a client without
 the token secret, or in another language) have the workers hash their recipients
@@ -512,6 +515,10 @@ class SendEmailWorkflow:
         self._parked_at = workflow.now()
         if self._patched(PARKED_AT_PATCH):
             workflow.upsert_search_attributes([sa.PARKED_AT.value_set(self._parked_at)])
+        # Not `_patched`: emails started by the previous release park without this memo, and
+        # their histories must replay; `workflow.patched` records a marker for new ones.
+        if workflow.patched(DEAD_LETTER_MEMO_PATCH):
+            workflow.upsert_memo({EmailMemo.DEAD_LETTER: self._dead_letter_memo()})
         self._set_status(EmailStatus.DEAD_LETTER)
         if self._input is not None:  # replay-safe: the meter is silent while replaying
             metrics.count_failure(
@@ -561,6 +568,16 @@ class SendEmailWorkflow:
         if kind == WebhookEventType.EMAIL_DEAD_LETTERED and self._parked_at is not None:
             data["parked_at"] = self._parked_at.isoformat()
         await emit_event(kind, data)
+
+    def _dead_letter_memo(self) -> dict[str, Any]:
+        """What a dead-letter listing shows, so it needs no query or describe per email."""
+        req = self._input
+        return {
+            "subject": req.email.subject if req else "",
+            "recipients": list(req.email.recipients) if req else [],
+            "attempts": self._attempt_count(),
+            "last_error": self._last_error,
+        }
 
     def _patched(self, patch_id: str) -> bool:
         """Whether this email runs the change `patch_id` names.

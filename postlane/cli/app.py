@@ -25,12 +25,14 @@ from rich.table import Table
 from temporalio.service import RPCError
 
 from postlane.cli import api as cli_api
+from postlane.cli import bulk as cli_bulk
 from postlane.cli import mcp as cli_mcp
 from postlane.cli import routing as cli_routing
 from postlane.cli import sequence as cli_sequence
 from postlane.cli import webhooks as cli_webhooks
 from postlane.cli.progress import ProgressBar
 from postlane.durations import format_duration, parse_duration
+from postlane.email.dlq import BatchProgress
 from postlane.errors import (
     ActionRefused,
     ConfigurationError,
@@ -73,6 +75,12 @@ def _parser() -> argparse.ArgumentParser:
         type=int,
         default=8081,
         help="codec server port, when POSTLANE_ENCRYPTION_KEYS is set (default 8081)",
+    )
+    dev.add_argument(
+        "--synchronous",
+        choices=["full", "normal"],
+        help="SQLite sync mode: full (default, fsync per commit; survives power loss) or"
+        " normal (faster; survives a process crash only); also $POSTLANE_DEV_SYNCHRONOUS",
     )
     dev.add_argument("--no-demo", action="store_true", help="do not send the demo email")
     dev.add_argument(
@@ -117,7 +125,9 @@ def _parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("send", help="send one email")
     s.add_argument("--from", dest="sender", required=True)
-    s.add_argument("--to", action="append", required=True, help="repeat or comma-separate")
+    s.add_argument(
+        "--to", action="append", help="repeat or comma-separate (required without --csv)"
+    )
     s.add_argument("--cc", action="append", default=[])
     s.add_argument("--bcc", action="append", default=[])
     s.add_argument("--reply-to")
@@ -130,6 +140,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--priority", default="normal", choices=["high", "normal", "bulk"])
     s.add_argument("--send-at", help="ISO 8601 time with a zone, e.g. 2026-12-01T09:00:00+01:00")
     s.add_argument("--wait", action="store_true", help="wait for the delivery receipt")
+    cli_bulk.add_arguments(s)
 
     for name, helptext in (
         ("status", "show an email's status, attempts and last SMTP reply"),
@@ -264,7 +275,7 @@ def _fail(exc: BaseException, rc: int) -> int:
 async def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "dev":
         try:
-            from postlane.dev.stack import DevStack
+            from postlane.dev.stack import DevStack, synchronous_from_environment
         except ModuleNotFoundError as exc:  # a production install has no dev stack
             if exc.name != "aiosmtpd":
                 raise
@@ -278,6 +289,7 @@ async def _dispatch(args: argparse.Namespace) -> int:
             ui_port=args.ui_port,
             smtp_port=args.smtp_port,
             codec_port=args.codec_port,
+            synchronous=synchronous_from_environment(args.synchronous),
         )
         return await stack.run(demo=not args.no_demo, exit_after_demo=args.exit_after_demo)
     if args.command in ("worker", "inbound"):
@@ -301,7 +313,11 @@ async def _dispatch(args: argparse.Namespace) -> int:
     settings = load_settings()
     if args.command == "api-key":
         return cli_api.run_keys(args, settings)
+    if args.command == "send" and args.csv:
+        return await cli_bulk.send_csv(args, settings, lambda: _connect(args, settings))
     if args.command == "send":
+        if not args.to:
+            raise InvalidInput("to", "required: --to ADDRESS (or --csv FILE)")
         email, key = _email_from_args(args)  # validate before touching the network
         send_at = _parse_time(args.send_at) if args.send_at else None
         pl = await _connect(args, settings)
@@ -411,9 +427,11 @@ async def _dlq(pl: PostlaneClient, args: argparse.Namespace) -> int:
         raise InvalidInput("keys", "give KEY... or --all, not both")
     if args.keys and (args.lane or since):
         raise InvalidInput("keys", "--lane and --since select with --all only")
-    keys = args.keys or await pl.dlq.keys(lane=args.lane, since=since)
     retry = args.dlq_command == "retry"
     changed_as = "going out again" if retry else "discarded"
+    if args.all:
+        return await _dlq_batch(pl, args, since)
+    keys = args.keys
     bar = ProgressBar(len(keys), f"dlq {args.dlq_command}")
     changed = unchanged = failed = 0
     for key in keys:
@@ -437,6 +455,31 @@ async def _dlq(pl: PostlaneClient, args: argparse.Namespace) -> int:
         f" ({unchanged} unchanged, {failed} errors)"
     )
     return EXIT_FAILED if failed else EXIT_OK
+
+
+async def _dlq_batch(pl: PostlaneClient, args: argparse.Namespace, since: datetime | None) -> int:
+    """``dlq retry|discard --all``: one server-side batch job, its progress from the server."""
+    bar = ProgressBar(0, f"dlq {args.dlq_command}")
+    last: list[tuple[int, int, bool]] = []
+
+    def show(p: BatchProgress) -> None:
+        seen = (p.total, p.done, p.finished)
+        if last and last[-1] == seen:
+            return
+        last.append(seen)
+        bar.advance(p.done + p.failed, f"batch job {p.job_id}: {p.state}", total=p.total)
+
+    run = pl.dlq.retry_all if args.dlq_command == "retry" else pl.dlq.discard_all
+    result = await run(lane=args.lane, since=since, on_progress=show)
+    bar.close()
+    # Counted by the server: each matched email got the signal, which a parked email acts
+    # on and any other (no longer parked) ignores.
+    print(
+        f"{args.dlq_command}: {result.done} of {result.total} parked emails signalled"
+        f" ({result.failed} errors)"
+    )
+    print(f"batch job {result.job_id}: {result.state}")
+    return EXIT_FAILED if result.failed or result.state != "completed" else EXIT_OK
 
 
 def format_dead_letters(reports: Sequence[EmailReport], now: datetime) -> str:

@@ -54,6 +54,22 @@ class ProgressBar:
         self._stream.write(f"{self.bar()}  {item}: {result}\n")
         self._stream.flush()
 
+    def advance(self, done: int, note: str, *, total: int | None = None) -> None:
+        """Jump to `done` (of `total`, when the count is only known later): a server-side
+        job's own progress. Prints a line only when the count moved."""
+        if total is not None and total != self.total:
+            self.total = total
+            if self._live is not None:
+                self._live.update(self._task, total=total)
+        if done == self.done and total is None:
+            return
+        self.done = done
+        if self._live is not None:
+            self._live.update(self._task, completed=done, description=note, refresh=True)
+            return
+        self._stream.write(f"{self.bar()}  {note}\n")
+        self._stream.flush()
+
     def close(self) -> None:
         """Leave the finished bar on screen (a terminal) or say there was nothing to do."""
         if self._live is not None:

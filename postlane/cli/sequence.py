@@ -2,7 +2,8 @@
 
 Bulk enrollment validates every row (address, time zone, every template rendered for that
 row) before it starts anything: one bad row stops the whole run with a message per bad
-row, unless ``--skip-invalid``. Each row is its own sequence keyed ``<campaign>:<address>``,
+row, unless ``--skip-invalid``. Then the rows start with bounded concurrency
+(``--concurrency``, default 32). Each row is its own sequence keyed ``<campaign>:<address>``,
 so running the same file twice enrolls nobody twice.
 """
 
@@ -16,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
+from postlane.cli.bulk import DEFAULT_CONCURRENCY, bounded
 from postlane.cli.progress import ProgressBar
 from postlane.email.models import invalid_email_from
 from postlane.errors import (
@@ -51,6 +53,12 @@ def add_parser(sub: Any) -> None:
     start.add_argument("--campaign", help="key prefix (default: the spec's name)")
     start.add_argument(
         "--skip-invalid", action="store_true", help="enroll the valid rows, report the rest"
+    )
+    start.add_argument(
+        "--concurrency",
+        type=int,
+        default=DEFAULT_CONCURRENCY,
+        help=f"with --recipients: starts in flight at once (default {DEFAULT_CONCURRENCY})",
     )
     listing = seq_sub.add_parser("list", help="enrolled sequences: key and status")
     listing.add_argument("--campaign", help="only this campaign (spec name)")
@@ -164,6 +172,8 @@ async def _start(pl: PostlaneClient, args: argparse.Namespace) -> int:
         state = "enrolled" if handle.created else "already enrolled"
         print(f"{handle.key}: {state} (workflow {handle.workflow_id})")
         return EXIT_OK
+    if args.concurrency < 1:
+        raise InvalidInput("concurrency", "must be at least 1")
     prepared, invalid = _validate(pl, spec, campaign, Path(args.recipients))
     for line, err in invalid:
         print(f"{args.recipients}:{line}: {err.field}: {err.reason}", file=sys.stderr)
@@ -175,7 +185,8 @@ async def _start(pl: PostlaneClient, args: argparse.Namespace) -> int:
         return EXIT_INVALID
     counts = {"enrolled": 0, "already enrolled": 0, "suppressed": 0, "failed": 0}
     progress = ProgressBar(len(prepared), "enrolling")
-    for inp in prepared:
+
+    async def enroll(inp: SequenceInput) -> None:
         try:
             handle = await pl.sequences.start(inp.spec, inp.recipient, key=inp.key)
             outcome = detail = "enrolled" if handle.created else "already enrolled"
@@ -185,6 +196,9 @@ async def _start(pl: PostlaneClient, args: argparse.Namespace) -> int:
             outcome, detail = "failed", f"failed: {exc}"
         counts[outcome] += 1
         progress.step(inp.key, detail)
+
+    # Each row is its own sequence, keyed: starts in any order enroll the same set.
+    await bounded(prepared, enroll, limit=args.concurrency)
     progress.close()
     print(", ".join(f"{n} {what}" for what, n in counts.items()) + f", {len(invalid)} invalid")
     return EXIT_FAILED if counts["failed"] else EXIT_OK

@@ -1,0 +1,244 @@
+"""Bulk operations on the real dev server (batch jobs need it) with a real SMTP catcher:
+``send --csv``, ``dlq retry|discard --all`` as server-side batch jobs, ``dlq list`` from the
+listing alone."""
+
+from __future__ import annotations
+
+import csv
+import re
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+from temporalio.api.enums.v1 import BatchOperationType
+from temporalio.api.workflowservice.v1 import DescribeBatchOperationRequest
+from temporalio.client import WorkflowExecutionStatus
+from temporalio.testing import WorkflowEnvironment
+
+from postlane.client import EmailHandle, PostlaneClient
+from postlane.config import LaneConfig, Settings
+from postlane.dev.catcher import SmtpCatcher
+from postlane.email.models import EmailStatus, RetrySettings
+from postlane.names import EmailMemo
+from postlane.testing import running_workers
+from tests.procs import assert_eventually, postlane_env, run_postlane, write_config
+from tests.test_integration import SENDER, address_of, an_email, new_lane
+
+pytestmark = pytest.mark.devserver
+
+ROWS = 200
+PARKED = 150
+OUTAGE = "451 4.3.0 mailbox temporarily unavailable"
+
+
+def write_csv(path: Path, rows: list[dict[str, str]]) -> Path:
+    with path.open("w", newline="") as out:
+        writer = csv.DictWriter(out, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+async def count(pl: PostlaneClient, query: str) -> int:
+    return (await pl.temporal.count_workflows(query)).count
+
+
+def fast_lane(smtp: SmtpCatcher, **fields: Any) -> LaneConfig:
+    return new_lane(smtp, rate_per_second=500, **fields)
+
+
+@pytest.mark.timeout(300)
+async def test_send_csv_sends_each_row_once_and_a_rerun_sends_nothing(
+    dev_env: WorkflowEnvironment, key: str, tmp_path: Path
+) -> None:
+    rows = [{"email": f"r{n}@example.test", "name": f"Name {n}", "id": str(n)} for n in range(ROWS)]
+    path = write_csv(tmp_path / "launch.csv", rows)
+    with SmtpCatcher() as smtp:
+        lane = fast_lane(smtp)
+        settings = Settings(lanes=[lane])
+        pl = PostlaneClient(dev_env.client, settings)
+        env = postlane_env(address_of(dev_env), write_config(tmp_path / "postlane.toml", [lane]))
+        argv = ["send", "--csv", str(path), "--from", SENDER, "--campaign", key]
+        argv += ["--subject", "Hello {{ name }}", "--text", "Your id is {{ id }}."]
+        async with running_workers(dev_env, settings):
+            rc, out, err = await run_postlane(argv, env, within=180)
+            assert rc == 0, err
+            assert f"{ROWS} queued, 0 already queued, 0 failed" in out
+            assert f"] {ROWS}/{ROWS}  " in err  # the progress bar, on stderr
+
+            await assert_eventually(
+                lambda: len(smtp.messages) >= ROWS, within=180, what="every row delivered"
+            )
+            by_recipient = Counter(r for m in smtp.messages for r in m.recipients)
+            assert by_recipient == Counter(row["email"] for row in rows)  # exactly once each
+            for message in smtp.messages:
+                n = message.recipients[0].removeprefix("r").removesuffix("@example.test")
+                assert message.header("Subject") == f"Hello Name {n}"
+                assert f"Your id is {n}.".encode() in message.raw
+
+            rc, out, err = await run_postlane(argv, env, within=180)  # the same file again
+            assert rc == 0, err
+            assert f"0 queued, {ROWS} already queued, 0 failed" in out
+            # Ground truth on the server: one email workflow per row, each with one run.
+            runs = [e async for e in pl.temporal.list_workflows(f'PostlaneLane="{lane.name}"')]
+            assert len(runs) == ROWS and len({e.id for e in runs}) == ROWS
+            assert all(e.status == WorkflowExecutionStatus.COMPLETED for e in runs)
+            assert len(smtp.messages) == ROWS
+
+
+@pytest.mark.timeout(120)
+async def test_send_csv_with_a_bad_row_sends_nothing(
+    dev_env: WorkflowEnvironment, key: str, tmp_path: Path
+) -> None:
+    rows = [{"email": f"r{n}@example.test", "id": str(n)} for n in range(5)]
+    rows.append({"email": "not-an-address", "id": "5"})
+    rows.append({"email": "r0@example.test", "id": "0"})  # the same row twice: the same key
+    path = write_csv(tmp_path / "bad.csv", rows)
+    with SmtpCatcher() as smtp:
+        lane = fast_lane(smtp)
+        pl = PostlaneClient(dev_env.client, Settings(lanes=[lane]))
+        env = postlane_env(address_of(dev_env), write_config(tmp_path / "postlane.toml", [lane]))
+        argv = ["send", "--csv", str(path), "--from", SENDER, "--campaign", key]
+        rc, _, err = await run_postlane([*argv, "--subject", "Hi", "--text", "{{ id }}"], env)
+        assert rc == 2, err
+        assert f"{path}:7: to[0]: 'not-an-address'" in err  # the line and the field
+        assert f"{path}:8: key:" in err and "also line 2's key" in err
+        assert "2 invalid row(s); nothing was sent" in err
+        rc, _, err = await run_postlane([*argv, "--subject", "{{ nope }}", "--text", "x"], env)
+        assert rc == 2 and "subject: template does not render" in err, err
+        assert await count(pl, f'PostlaneLane="{lane.name}"') == 0
+        assert smtp.messages == []
+
+
+async def park(
+    dev_env: WorkflowEnvironment, pl: PostlaneClient, smtp: SmtpCatcher, lane: LaneConfig, key: str
+) -> list[EmailHandle]:
+    """`PARKED` emails dead-lettered on `lane` (one transient failure each)."""
+    smtp.fail("data", OUTAGE, times=PARKED)
+    handles = [
+        await pl.send(an_email(f"#{n}", to=f"p{n}@example.test"), key=f"{key}-{n}")
+        for n in range(PARKED)
+    ]
+    query = f'PostlaneLane="{lane.name}" AND PostlaneStatus="dead_letter"'
+    await assert_eventually(
+        lambda: _parked(pl, query),
+        within=240,
+        interval=0.5,
+        what="every email parked",
+    )
+    return handles
+
+
+async def _parked(pl: PostlaneClient, query: str) -> bool:
+    return await count(pl, query) == PARKED
+
+
+async def batch_jobs(pl: PostlaneClient, stderr: str) -> list[str]:
+    return sorted({w.rstrip(":") for w in stderr.split() if w.startswith("postlane-dlq-")})
+
+
+@pytest.mark.timeout(420)
+async def test_dlq_retry_all_is_one_batch_job_that_reaches_every_parked_email(
+    dev_env: WorkflowEnvironment, key: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with SmtpCatcher() as smtp:
+        lane = fast_lane(smtp, retry=RetrySettings(maximum_attempts=1))
+        settings = Settings(lanes=[lane])
+        pl = PostlaneClient(dev_env.client, settings)
+        env = postlane_env(address_of(dev_env), write_config(tmp_path / "postlane.toml", [lane]))
+        async with running_workers(dev_env, settings):
+            handles = await park(dev_env, pl, smtp, lane, key)
+
+            async def no_describe(*args: Any, **kwargs: Any) -> Any:
+                raise AssertionError("dlq list described an email one by one")
+
+            # The listing alone: no describe (and so no query) per email.
+            monkeypatch.setattr(pl, "describe", no_describe)
+            reports = await pl.dlq.list(lane=lane.name)
+            monkeypatch.undo()
+            assert sorted(r.key for r in reports) == sorted(f"{key}-{n}" for n in range(PARKED))
+            for r in reports:
+                n = r.key.rsplit("-", 1)[1]
+                assert r.status == EmailStatus.DEAD_LETTER and r.lane == lane.name
+                assert r.recipients == [f"p{n}@example.test"] and r.subject == f"#{n}"
+                # Under load an attempt can also end in a heartbeat timeout: any reply will do.
+                assert r.attempts == 1 and r.last_error and r.parked_at is not None
+                # The same as the email's own report (its workflow answers the query).
+                own = await pl.describe(r.key)
+                assert (own.recipients, own.attempts, own.last_error, own.parked_at) == (
+                    r.recipients,
+                    r.attempts,
+                    r.last_error,
+                    r.parked_at,
+                )
+            memo = await pl.handle(reports[0].key)._handle.describe()
+            assert EmailMemo.DEAD_LETTER in await memo.memo()
+            assert smtp.messages == []
+            smtp.clear_script()  # the provider is back (faults left by timed-out attempts too)
+
+            rc, out, err = await run_postlane(
+                ["dlq", "retry", "--all", "--lane", lane.name], env, within=240
+            )
+            assert rc == 0, err
+            assert f"retry: {PARKED} of {PARKED} parked emails signalled (0 errors)" in out
+            assert f"] {PARKED}/{PARKED}  batch job postlane-dlq-retry-" in err
+            [job] = await batch_jobs(pl, out)
+            desc = await pl.temporal.workflow_service.describe_batch_operation(
+                DescribeBatchOperationRequest(namespace=pl.temporal.namespace, job_id=job)
+            )
+            assert desc.operation_type in (
+                BatchOperationType.BATCH_OPERATION_TYPE_SIGNAL,
+                BatchOperationType.BATCH_OPERATION_TYPE_SIGNAL_WORKFLOW,  # newer servers
+            )
+            assert desc.total_operation_count == PARKED
+            assert desc.complete_operation_count == PARKED
+
+            for handle in handles:
+                await handle.result()
+            by_recipient = Counter(r for m in smtp.messages for r in m.recipients)
+            assert by_recipient == Counter(f"p{n}@example.test" for n in range(PARKED))
+            # Each email's history holds the batch job's retry signal.
+            history = await handles[0]._handle.fetch_history()
+            signals = [
+                e.workflow_execution_signaled_event_attributes.signal_name
+                for e in history.events
+                if e.HasField("workflow_execution_signaled_event_attributes")
+            ]
+            assert signals.count("retry") == 1
+
+            rc, out, err = await run_postlane(["dlq", "retry", "--all", "--lane", lane.name], env)
+            assert rc == 0, err  # nothing left parked: a second run changes nothing
+            # Visibility may still list some as parked: those ignore the signal (not parked).
+            assert re.search(r"retry: (\d+) of \1 parked emails signalled \(0 errors\)", out)
+            assert len(smtp.messages) == PARKED
+
+
+@pytest.mark.timeout(420)
+async def test_dlq_discard_all_is_one_batch_job_that_ends_every_parked_email(
+    dev_env: WorkflowEnvironment, key: str, tmp_path: Path
+) -> None:
+    with SmtpCatcher() as smtp:
+        lane = fast_lane(smtp, retry=RetrySettings(maximum_attempts=1))
+        settings = Settings(lanes=[lane])
+        pl = PostlaneClient(dev_env.client, settings)
+        env = postlane_env(address_of(dev_env), write_config(tmp_path / "postlane.toml", [lane]))
+        async with running_workers(dev_env, settings):
+            handles = await park(dev_env, pl, smtp, lane, key)
+            rc, out, err = await run_postlane(
+                ["dlq", "discard", "--all", "--lane", lane.name], env, within=240
+            )
+            assert rc == 0, err
+            assert f"discard: {PARKED} of {PARKED} parked emails signalled (0 errors)" in out
+
+            async def all_cancelled() -> bool:
+                query = f'PostlaneLane="{lane.name}" AND PostlaneStatus="cancelled"'
+                if await count(pl, query) != PARKED:
+                    return False
+                closed = [(await h._handle.describe()).status for h in handles]
+                return closed == [WorkflowExecutionStatus.FAILED] * PARKED
+
+            await assert_eventually(all_cancelled, within=120, what="every email discarded")
+            assert await pl.status(handles[-1].key) == EmailStatus.CANCELLED
+            assert await pl.dlq.list(lane=lane.name) == []
+            assert smtp.messages == []
