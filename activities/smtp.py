@@ -18,6 +18,7 @@ from temporalio.client import Client
 from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError
 
+from activities.guard import SendGuard
 from activities.mime import render_message
 from activities.smtp_errors import (
     StartTlsUnavailable,
@@ -265,6 +266,7 @@ class SmtpActivities:
         self._client = client
         self._pools: dict[str, SmtpPool] = {}
         self._tokens: TokenKeys | None = None
+        self._guard = SendGuard(client)
 
     def pool(self, lane: str) -> SmtpPool:
         """The connection pool of `lane` (created on first use)."""
@@ -339,6 +341,8 @@ class SmtpActivities:
             failure = ApplicationError(str(exc), type=ErrorType.LANE_UNKNOWN, non_retryable=True)
             await self._report_attempt(req, failure, "")
             raise failure from exc
+        # Suppressed recipient or paused lane: refused before any connection is made.
+        await self._guard.check(req)
         progress = _Progress()
         data = render_message(req.email, req.message_id, datetime.now(UTC))
         meter = activity.metric_meter()
@@ -355,6 +359,7 @@ class SmtpActivities:
                 if err.type == ErrorType.SMTP_THROTTLED:
                     await self._report_throttle(req.lane, err)
                 await self._report_attempt(req, err, pool.server)
+                await self._guard.failed(req, err)
                 raise
             except asyncio.CancelledError:
                 if progress.details["phase"] in ("data", "accepted"):
@@ -364,6 +369,7 @@ class SmtpActivities:
                     raise
         observe_smtp_transaction(meter, req.lane, time.monotonic() - began)
         count_sent(meter, req.lane)
+        await self._guard.sent(req, receipt)
         log.info(
             "email.sent",
             key=req.key,

@@ -60,6 +60,7 @@ from postlane.errors import (
     InvalidEmail,
     PermanentDeliveryError,
     PostlaneError,
+    RecipientSuppressed,
     UnknownLane,
     UnknownSender,
 )
@@ -706,6 +707,9 @@ def _delivery_error(err: WorkflowFailureError) -> PostlaneError:
                 cause.details[0] if cause.details and isinstance(cause.details[0], dict) else {}
             )
             code = details.get("smtp_code")
+            if cause.type == ErrorType.RECIPIENT_SUPPRESSED:
+                sender, address = details.get("sender"), details.get("address")
+                return RecipientSuppressed(str(sender), str(address), cause.message)
             if cause.type in REFUSED_INPUT_TYPES:  # the workers refused what it was started with
                 field, reason = details.get("field"), details.get("reason")
                 return InvalidEmail(str(field or "input"), str(reason or cause.message))

@@ -42,6 +42,7 @@ from postlane.email.models import (
 )
 from postlane.errors import ConfigurationError
 from postlane.ids import inbox_workflow_id, lane_task_queue
+from postlane.lanes.guard import GuardSettings
 from postlane.lanes.models import (
     LaneLimits,
     Warmup,
@@ -90,6 +91,9 @@ class LaneConfig(BaseModel):
     is not ``localhost``), else the domain of the lane's first sender (``*@acme.test`` →
     ``acme.test``), else the connection's address literal (``[192.0.2.1]``)."""
     retry: RetrySettings = RetrySettings()
+    guard: GuardSettings = GuardSettings()
+    """``[lanes.guard]``: the bounce, complaint and deferral rates that pause the lane
+    (docs/reputation.md)."""
 
     @field_validator("name")
     @classmethod
@@ -143,6 +147,7 @@ class LaneConfig(BaseModel):
             hourly_cap=self.hourly_cap,
             daily_cap=self.daily_cap,
             warmup=self.warmup,
+            guard=self.guard,
         )
 
     @property

@@ -9,7 +9,7 @@
     ├── IdempotencyConflict                 same key, different content
     ├── EmailNotFound                       no email with that key
     ├── SequenceNotFound                    no sequence with that key
-    ├── RecipientSuppressed                 the address unsubscribed from this sender
+    ├── RecipientSuppressed                 the address is suppressed for this sender
     ├── ActionRefused                       an operator action the workflow's state refuses
     └── DeliveryError                       the email did not go out
         ├── PermanentDeliveryError          the SMTP server said no (5xx)
@@ -58,6 +58,12 @@ class ErrorType(StrEnum):
     """An update's validator refused an operator action (retry, discard, approve, ...)."""
     EMAIL_DISCARDED = "EmailDiscarded"
     """An operator discarded the dead-lettered email: it ends cancelled with this type."""
+    LANE_PAUSED = "LanePaused"
+    """The lane was paused (reputation guard or operator) when the send was about to start:
+    nothing was sent; the email waits ``scheduled`` for the lane to resume."""
+    RECIPIENT_SUPPRESSED = "RecipientSuppressed"
+    """A recipient is suppressed for the sender (hard bounce, complaint, unsubscribe or an
+    operator): nothing was sent; the email ends ``suppressed``."""
 
 
 SEND_FAILURES = frozenset(
@@ -160,12 +166,14 @@ class SequenceNotFound(PostlaneError, LookupError):
 
 
 class RecipientSuppressed(PostlaneError):
-    """The address unsubscribed from this sender; it is not enrolled again."""
+    """The address is suppressed for this sender (it unsubscribed, hard-bounced or
+    complained, or an operator added it): a sequence does not enrol it, and an email to it
+    ends ``suppressed`` with nothing sent."""
 
-    def __init__(self, sender: str, address: str) -> None:
+    def __init__(self, sender: str, address: str, message: str | None = None) -> None:
         self.sender = sender
         self.address = address
-        super().__init__(f"{address} unsubscribed from {sender}; not enrolled")
+        super().__init__(message or f"{address} unsubscribed from {sender}; not enrolled")
 
 
 class ActionRefused(PostlaneError):

@@ -64,6 +64,10 @@ class LaneMessages:
     CONFIGURE: Final = "configure"
     SET_RATE: Final = "set_rate"
     THROTTLED: Final = "throttled"
+    RECORD_OUTCOMES: Final = "record_outcomes"
+    PAUSE: Final = "pause"
+    RESUME: Final = "resume"
+    PAUSE_STATE: Final = "pause_state"
 
 
 class SequenceMessages:

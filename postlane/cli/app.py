@@ -25,6 +25,7 @@ from rich.table import Table
 from temporalio.service import RPCError
 
 from postlane.cli import sequence as cli_sequence
+from postlane.cli import suppressions as cli_suppressions
 from postlane.cli.progress import ProgressBar
 from postlane.durations import format_duration, parse_duration
 from postlane.errors import (
@@ -172,6 +173,13 @@ def _parser() -> argparse.ArgumentParser:
     lane_set = lanes_sub.add_parser("set", help="change a lane's rate live, e.g. --rate 5/s")
     lane_set.add_argument("name")
     lane_set.add_argument("--rate", required=True, help="N/s, N/m or N/h")
+    lane_resume = lanes_sub.add_parser("resume", help="resume a paused lane (docs/reputation.md)")
+    lane_resume.add_argument("name")
+    lane_resume.add_argument("--note", default="", help="why (in the worker's log)")
+    lane_pause = lanes_sub.add_parser("pause", help="pause a lane: its emails wait scheduled")
+    lane_pause.add_argument("name")
+    lane_pause.add_argument("--reason", default="paused by an operator")
+    cli_suppressions.add_parser(sub)
     codec = sub.add_parser(
         "codec-server",
         help="serve Temporal's remote-codec API (/decode, /encode) for the Web UI and CLI",
@@ -339,6 +347,8 @@ async def _dispatch(args: argparse.Namespace) -> int:
         return await _dlq(pl, args)
     if args.command == "sequence":
         return await cli_sequence.run(pl, args)
+    if args.command == "suppressions":
+        return await cli_suppressions.run(pl, args)
     if args.command == "top":
         from rich.console import Console
 
@@ -353,7 +363,21 @@ async def _dispatch(args: argparse.Namespace) -> int:
             await pl.lanes.set_rate(args.name, rate, reason="postlane lanes set")
             print(f"lane {args.name}: rate set to {rate:g}/s")
             return EXIT_OK
-        print(format_lanes(await pl.lanes.list()))
+        if args.lanes_command == "resume":
+            ended = await pl.lanes.resume(args.name, note=args.note)
+            print(f"lane {args.name}: resumed (was paused by {ended.by}: {ended.reason})")
+            return EXIT_OK
+        if args.lanes_command == "pause":
+            await pl.lanes.pause(args.name, reason=args.reason)
+            print(f"lane {args.name}: pausing ({args.reason})")
+            return EXIT_OK
+        reports = await pl.lanes.list()
+        print(format_lanes(reports))
+        for r in reports:  # the reputation guard's pauses, under the table
+            if r.status is not None and r.status.paused:
+                since = _utc(r.status.paused_at) if r.status.paused_at else "-"
+                print(f"PAUSED {r.name} since {since} by {r.status.paused_by}: ", end="")
+                print(f"{r.status.pause_reason}  (resume: postlane lanes resume {r.name})")
         return EXIT_OK
     if args.command == "setup":
         from postlane.namespace import ensure_namespace, ensure_search_attributes

@@ -11,6 +11,7 @@ from datetime import datetime, timedelta
 from pydantic import BaseModel, ConfigDict, Field
 
 from postlane.email.models import Priority
+from postlane.lanes.guard import GuardSettings, GuardTotals, LanePause
 
 
 class Warmup(BaseModel):
@@ -32,6 +33,8 @@ class LaneLimits(BaseModel):
     hourly_cap: int | None = None
     daily_cap: int | None = None
     warmup: Warmup | None = None
+    guard: GuardSettings | None = None
+    """The reputation guard's thresholds (None: a lane configured before the guard)."""
 
 
 class SlotRequest(BaseModel):
@@ -49,6 +52,9 @@ class SlotRequest(BaseModel):
     recheck_at: datetime | None = None
     """The `SlotGrant.recheck_at` this email was told last, on the request that follows it
     (the lane stops counting it among the emails due back then)."""
+    regrant: bool = False
+    """The email was granted a slot but found the lane paused at send: its earlier grant
+    went unused, so the lane grants it again (after it resumes)."""
 
 
 class SlotGrant(BaseModel):
@@ -128,6 +134,10 @@ class LaneState(BaseModel):
     the rate that was throttled); None recovers to the configured rate."""
     ceiling_until: datetime | None = None
     """When the ceiling is forgotten if no throttle came meanwhile."""
+    outcomes: dict[str, list[int]] = Field(default_factory=dict)
+    """Reputation guard: 5-minute bucket → [sent, hard bounces, complaints, deferrals]."""
+    pause: LanePause = LanePause()
+    """Paused by the guard or an operator: no slot is granted until resumed."""
 
 
 class LaneStatus(BaseModel):
@@ -155,6 +165,13 @@ class LaneStatus(BaseModel):
     """Waiting emails the lane holds by ID (bounded); the rest are counted, not listed."""
     ceiling: float | None = None
     """The rate backpressure recovers to after repeated throttles (None: configured)."""
+    paused: bool = False
+    """Paused by the reputation guard or an operator; its emails wait ``scheduled``."""
+    pause_reason: str | None = None
+    paused_at: datetime | None = None
+    paused_by: str | None = None
+    guard: GuardTotals | None = None
+    """The reputation guard's counts over its window (None: the guard is off)."""
 
 
 class LaneReport(BaseModel):
