@@ -19,12 +19,13 @@ from temporalio.client import Client
 from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError
 
+from postlane import search_attributes as sa
 from postlane.email.models import DeliveryReceipt, SmtpSendRequest
 from postlane.errors import ErrorType
-from postlane.ids import lane_workflow_id
+from postlane.ids import EMAIL_ID_PREFIX, lane_workflow_id
 from postlane.lanes.guard import LanePause, OutcomeReport
 from postlane.names import LaneMessages
-from postlane.sequences.models import Suppression
+from postlane.sequences.models import InboundEvent, InboundKind, Suppression
 from postlane.sequences.suppressions import is_suppressed, start_suppression
 
 log = structlog.get_logger(__name__)
@@ -155,3 +156,62 @@ class SendGuard:
             )
         except RPCError as exc:
             log.warning("suppression.not_recorded", address=address, error=str(exc))
+
+
+def counts_against_lane(event: InboundEvent) -> bool:
+    """A hard bounce (DSN ``failed``) or a spam complaint about one of our emails."""
+    hard_bounce = event.kind == InboundKind.BOUNCE and event.hard
+    ours = event.refers_to_workflow.startswith(EMAIL_ID_PREFIX)
+    return ours and (hard_bounce or event.kind == InboundKind.COMPLAINT)
+
+
+async def record_inbound(client: Client, events: list[InboundEvent]) -> None:
+    """Count inbound hard bounces and complaints against their emails' lanes, and suppress
+    each recipient for the sender (best effort: a failure is logged, the poll goes on).
+
+    The email's lane is read from its workflow (``PostlaneLane``); the sender and
+    recipient from the report (the returned message's ``From``; ``Final-Recipient`` or
+    ``Original-Rcpt-To``).
+    """
+    for event in events:
+        complaint = event.kind == InboundKind.COMPLAINT
+        what = f"{'complaint' if complaint else 'DSN'} {event.status}".strip()
+        detail = f"{what} from {event.original_recipient or 'a recipient'}"
+        try:
+            desc = await client.get_workflow_handle(event.refers_to_workflow).describe()
+        except RPCError as exc:
+            log.warning(
+                "inbound.email_unknown", workflow_id=event.refers_to_workflow, error=str(exc)
+            )
+            continue
+        lane = desc.typed_search_attributes.get(sa.LANE)
+        if lane:
+            report = (
+                OutcomeReport(complaints=1, detail=detail)
+                if complaint
+                else OutcomeReport(hard_bounces=1, detail=detail)
+            )
+            try:
+                await client.get_workflow_handle(lane_workflow_id(lane)).signal(
+                    LaneMessages.RECORD_OUTCOMES, report
+                )
+            except RPCError as exc:
+                log.warning("lane.outcomes_not_reported", lane=lane, error=str(exc))
+        if event.original_sender and event.original_recipient:
+            suppression = Suppression(
+                sender=event.original_sender,
+                address=event.original_recipient,
+                reason=detail,
+                source="complaint" if complaint else "dsn",
+            )
+            try:
+                await start_suppression(client, suppression)
+            except RPCError as exc:
+                log.warning("suppression.not_recorded", error=str(exc))
+        log.info(
+            "reputation.inbound",
+            kind=str(event.kind),
+            lane=lane,
+            workflow_id=event.refers_to_workflow,
+            suppressed=bool(event.original_sender and event.original_recipient),
+        )
