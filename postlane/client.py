@@ -404,7 +404,12 @@ class PostlaneClient:
             raise
         stored = desc.typed_search_attributes.get(sa.STATUS)
         status = EmailStatus(stored) if stored else EmailStatus.QUEUED
-        final = (EmailStatus.SENT, EmailStatus.FAILED, EmailStatus.CANCELLED)
+        final = (
+            EmailStatus.SENT,
+            EmailStatus.FAILED,
+            EmailStatus.CANCELLED,
+            EmailStatus.SUPPRESSED,
+        )
         if desc.status in _CLOSED_STATUS and status not in final:
             # Closed without saying why (terminated, timed out): go by how it closed.
             status = _CLOSED_STATUS[desc.status]
@@ -633,7 +638,12 @@ class PostlaneClient:
         """Send the `action` update; its validator refuses it unless the email is parked."""
         status = await self.status(key)
         handle = self.handle(key)._handle
-        if status in (EmailStatus.SENT, EmailStatus.FAILED, EmailStatus.CANCELLED):
+        if status in (
+            EmailStatus.SENT,
+            EmailStatus.FAILED,
+            EmailStatus.CANCELLED,
+            EmailStatus.SUPPRESSED,
+        ):
             raise ActionRefused(key, action, f"cannot {action}: the email is {status}")
         try:
             await handle.execute_update(action, request)

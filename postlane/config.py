@@ -438,6 +438,19 @@ def _line_of(text: str, loc: tuple[int | str, ...]) -> int | None:
             (i for i in range(start + 1, len(lines)) if lines[i].lstrip().startswith("[")),
             len(lines),
         )
+        if len(loc) >= 4:
+            # A field of the element's sub-table (``[lanes.guard]``), before the next element.
+            sub = re.compile(rf"^\s*\[\s*{re.escape(table)}\.{re.escape(str(loc[2]))}\s*\]")
+            key = re.compile(rf"^\s*{re.escape(str(loc[3]))}\s*=")
+            after = next((s for s in starts if s > start), len(lines))
+            opened = next((i for i in range(start + 1, after) if sub.match(lines[i])), None)
+            if opened is not None:
+                for i in range(opened + 1, after):
+                    if lines[i].lstrip().startswith("["):
+                        break
+                    if key.match(lines[i]):
+                        return i + 1
+                return opened + 1
         if len(loc) >= 3:
             key = re.compile(rf"^\s*{re.escape(str(loc[2]))}\s*=")
             for i in range(start + 1, end):
