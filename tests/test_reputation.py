@@ -12,7 +12,7 @@ import asyncio
 import collections
 import subprocess
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -185,6 +185,27 @@ async def stack(
         yield PostlaneClient(dev_env.client, settings), lane
 
 
+def cli_for(
+    dev_env: WorkflowEnvironment, tmp_path: Path, lane: LaneConfig
+) -> Callable[..., subprocess.CompletedProcess[str]]:
+    """Run the ``postlane`` command (a real process) against the dev server."""
+    config = tmp_path / "postlane.toml"
+    config.write_text(lanes_toml([lane]))
+    env = postlane_env(dev_env.client.service_client.config.target_host, config)
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(POSTLANE_SCRIPT), *args],
+            cwd=REPO_ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    return cli
+
+
 def rcpts(smtp: SmtpCatcher) -> int:
     """RCPT commands the server received, counted at the socket."""
     return sum(session.count("RCPT") for session in smtp.sessions)
@@ -197,7 +218,10 @@ def mail(to: str, subject: str = "news") -> Email:
 @devserver
 @pytest.mark.timeout(240)
 async def test_bounce_burst_pauses_the_lane_and_nothing_goes_until_resumed(
-    stack: tuple[PostlaneClient, LaneConfig], smtp: SmtpCatcher
+    stack: tuple[PostlaneClient, LaneConfig],
+    smtp: SmtpCatcher,
+    tmp_path: Path,
+    dev_env: WorkflowEnvironment,
 ) -> None:
     pl, lane = stack
     run = uuid.uuid4().hex[:6]
@@ -244,8 +268,13 @@ async def test_bounce_burst_pauses_the_lane_and_nothing_goes_until_resumed(
     await assert_eventually(all_waiting, within=60, what="new emails wait for the paused lane")
     assert rcpts(smtp) == seen and smtp.messages == []  # nothing went out while paused
 
-    ended = await pl.lanes.resume(lane.name, note="list cleaned")
-    assert ended.paused and ended.kind == PauseKind.HARD_BOUNCE
+    cli = cli_for(dev_env, tmp_path, lane)
+    shown = await asyncio.to_thread(cli, "lanes")
+    assert shown.returncode == 0, shown.stderr
+    assert f"PAUSED {lane.name} since " in shown.stdout and "hard-bounce rate" in shown.stdout
+    resumed = await asyncio.to_thread(cli, "lanes", "resume", lane.name, "--note", "cleaned")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed (was paused by guard: hard-bounce rate" in resumed.stdout
     with pytest.raises(ActionRefused):
         await pl.lanes.resume(lane.name)
     queued = [*waiting, *later]
@@ -277,9 +306,8 @@ async def test_one_off_email_to_a_suppressed_address_ends_suppressed(
     assert caught.value.address == address
     report = await pl.describe(handle.key)
     assert report.status == EmailStatus.SUPPRESSED and report.attempts == 0
-    count = await pl.temporal.count_workflows(
-        f'PostlaneStatus="suppressed" AND WorkflowType="SendEmail" AND WorkflowId="{handle.workflow_id}"'
-    )
+    query = 'PostlaneStatus="suppressed" AND WorkflowType="SendEmail"'
+    count = await pl.temporal.count_workflows(f'{query} AND WorkflowId="{handle.workflow_id}"')
     assert count.count == 1  # countable by status, like every other outcome
     assert rcpts(smtp) == 0 and smtp.messages == []
 
@@ -307,20 +335,11 @@ async def test_suppression_csv_round_trips_through_export_and_import(
     before = await assert_eventually(listed, what="three suppressions visible")
     assert sorted(before) == sorted(rows.items())
 
-    config = tmp_path / "postlane.toml"
-    config.write_text(lanes_toml([lane]))
-    env = postlane_env(dev_env.client.service_client.config.target_host, config)
     exported = tmp_path / "suppressions.csv"
+    postlane = cli_for(dev_env, tmp_path, lane)
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [str(POSTLANE_SCRIPT), "suppressions", *args],
-            cwd=REPO_ROOT,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        return postlane("suppressions", *args)
 
     done = await asyncio.to_thread(cli, "export", "--sender", sender, "-o", str(exported))
     assert done.returncode == 0, done.stderr

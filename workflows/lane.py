@@ -208,10 +208,12 @@ class LaneWorkflow:
     def _next_wakeup(self) -> timedelta | None:
         s, now = self.state, workflow.now()
         wakeups: list[datetime] = []
-        if s.waiting and self._windowed:
+        # Paused: an opening grants nothing, so it must not wake the lane (once a second).
+        waiting = bool(s.waiting) and not self._paused
+        if waiting and self._windowed:
             planner = quota.Planner(s.buckets, s.limits, s.warmup_started, now, self._hold)
             wakeups.append(planner.next_opening(now))
-        elif s.waiting:
+        elif waiting:
             wakeups.append(quota.next_opening(s.buckets, s.limits, s.warmup_started, now))
         if s.recover_at is not None:
             wakeups.append(s.recover_at)
@@ -592,6 +594,8 @@ class LaneWorkflow:
             return
         guard.record(s.outcomes, now, report)
         guard.prune(s.outcomes, now, settings)
+        # Wake the loop, which continues as new when these signals made the history long.
+        self._dirty = True
         if s.pause.paused:
             return
         found = guard.verdict(guard.totals(s.outcomes), settings)

@@ -96,10 +96,11 @@ class SendEmailWorkflow:
     """Sends one email through its lane's task queue.
 
     Statuses (search attribute `PostlaneStatus`): ``scheduled`` while waiting for
-    ``send_at``, ``queued`` while the lane works on it, then ``sent``, ``failed`` (the server
-    refused it for good), ``suppressed`` (a recipient is on the sender's suppression list:
-    nothing sent), ``dead_letter`` (transient failures outlasted the retry policy;
-    waits for a ``retry`` or ``discard``) or ``cancelled``.
+    ``send_at`` (or for its paused lane to resume), ``queued`` while the lane works on it,
+    then ``sent``, ``failed`` (the server refused it for good), ``suppressed`` (a
+    recipient is on the sender's suppression list: nothing sent), ``dead_letter``
+    (transient failures outlasted the retry policy; waits for a ``retry`` or ``discard``)
+    or ``cancelled``.
 
     A workflow cancel ends the email ``cancelled`` wherever it waits (scheduled, for a lane
     slot, between attempts, parked), except that a transaction already at DATA is let
