@@ -23,7 +23,7 @@ from postlane import search_attributes as sa
 from postlane.email.models import DeliveryReceipt, SmtpSendRequest
 from postlane.errors import ErrorType
 from postlane.ids import EMAIL_ID_PREFIX, lane_workflow_id
-from postlane.lanes.guard import LanePause, OutcomeReport
+from postlane.lanes.guard import PAUSE_MEMO, LanePause, OutcomeReport
 from postlane.names import LaneMessages
 from postlane.sequences.models import InboundEvent, InboundKind, Suppression
 from postlane.sequences.suppressions import is_suppressed, start_suppression
@@ -34,8 +34,8 @@ PAUSE_CHECK_EVERY = 1.0
 """Seconds a "not paused" answer from the lane is trusted on this host. A "paused" answer
 is never cached: each refused send asks again, so a resumed lane sends at once."""
 PAUSE_QUERY_TIMEOUT = timedelta(seconds=2)
-"""A lane that does not answer this fast (no workflow worker) is taken as not paused: the
-guard is a safety net, it must not stop a lane whose orchestration worker is down."""
+"""A server that does not describe the lane's workflow this fast leaves it taken as not
+paused: the guard is a safety net, it must not stop mail on its own failure."""
 FLUSH_EVERY = 20
 """Accepted recipients reported to the lane in one signal (bad outcomes go at once)."""
 FLUSH_AFTER = 2.0
@@ -67,6 +67,7 @@ class SendGuard:
         sender = req.email.sender
         for address in req.email.recipients:
             if await is_suppressed(self._client, sender, address):
+                log.info("email.suppressed", lane=req.lane, key=req.key)
                 raise ApplicationError(
                     f"{address} is suppressed for {sender}; nothing was sent",
                     {"sender": sender, "address": address},
@@ -75,6 +76,7 @@ class SendGuard:
                 )
         pause = await self.pause_state(req.lane)
         if pause.paused:
+            log.info("email.held_by_paused_lane", lane=req.lane, key=req.key, reason=pause.reason)
             raise ApplicationError(
                 f"lane {req.lane} is paused ({pause.by}): {pause.reason}",
                 {"lane": req.lane, "reason": pause.reason},
@@ -83,15 +85,17 @@ class SendGuard:
             )
 
     async def pause_state(self, lane: str) -> LanePause:
-        """The lane's pause; "not paused" is trusted for `PAUSE_CHECK_EVERY` seconds."""
+        """The lane's pause, from its workflow's memo (a describe: no worker involved);
+        "not paused" is trusted for `PAUSE_CHECK_EVERY` seconds."""
         if self._client is None or time.monotonic() < self._open_until.get(lane, 0.0):
             return LanePause()
         pause: LanePause
         try:
-            pause = await self._client.get_workflow_handle(lane_workflow_id(lane)).query(
-                LaneMessages.PAUSE_STATE, result_type=LanePause, rpc_timeout=PAUSE_QUERY_TIMEOUT
+            desc = await self._client.get_workflow_handle(lane_workflow_id(lane)).describe(
+                rpc_timeout=PAUSE_QUERY_TIMEOUT
             )
-        except Exception as exc:  # no worker, or a lane workflow from before the guard
+            pause = await desc.memo_value(PAUSE_MEMO, LanePause(), type_hint=LanePause)
+        except Exception as exc:  # the lane's workflow is not there (yet), or unreadable
             log.warning("lane.pause_unknown", lane=lane, error=str(exc))
             pause = LanePause()
         if not pause.paused:

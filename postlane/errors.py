@@ -75,6 +75,8 @@ SEND_FAILURES = frozenset(
         ErrorType.LANE_UNKNOWN,
         ErrorType.CONFIGURATION,
         ErrorType.SMTPUTF8_UNSUPPORTED,
+        ErrorType.LANE_PAUSED,
+        ErrorType.RECIPIENT_SUPPRESSED,
     }
 )
 """Every failure the send activity raises (``activities/smtp*.py``), each after logging its

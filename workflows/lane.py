@@ -156,6 +156,9 @@ class LaneWorkflow:
         self._paced = self._windowed and workflow.patched(PACED_PATCH)
         if self._windowed and workflow.patched(SEND_HOLD_PATCH):
             self._hold = quota.SEND_HOLD
+        if s.pause.paused:
+            # Continued as new while paused: the new run's memo says so again.
+            workflow.upsert_memo({guard.PAUSE_MEMO: s.pause.model_dump(mode="json")})
         while True:
             try:
                 # Paused: requests wait in `_arrived` (their emails ask again meanwhile).
@@ -646,13 +649,18 @@ class LaneWorkflow:
 
     @workflow.query(name=LaneMessages.PAUSE_STATE)
     def pause_state(self) -> guard.LanePause:
-        """Whether the lane is paused (asked by the send activity before each send)."""
+        """Whether the lane is paused (the send activity reads the memo instead)."""
         return self.state.pause
 
     def _set_pause(self, pause: guard.LanePause) -> None:
         s = self.state
         s.pause = pause
         self._dirty = True
+        # What the send activity reads (a describe needs no worker, and never races a
+        # continue-as-new as a query can).
+        workflow.upsert_memo(
+            {guard.PAUSE_MEMO: pause.model_dump(mode="json") if pause.paused else None}
+        )
         if pause.paused:
             workflow.logger.warning("lane %s paused: %s", s.name, pause.reason)
             workflow.set_current_details(f"PAUSED by {pause.by}: {pause.reason}")

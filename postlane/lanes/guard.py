@@ -20,6 +20,10 @@ from pydantic import BaseModel, ConfigDict, Field
 BUCKET = timedelta(minutes=5)
 """Outcome counts are kept per 5-minute bucket (12 per hour of window)."""
 
+PAUSE_MEMO = "PostlanePause"
+"""Memo of the lane workflow holding its `LanePause` while paused (absent otherwise): the
+send activity reads it with a describe, which the server answers without a worker."""
+
 SENT, BOUNCED, COMPLAINED, DEFERRED = range(4)
 """Positions in a bucket's counts."""
 
