@@ -294,6 +294,37 @@ async def test_bounce_burst_pauses_the_lane_and_nothing_goes_until_resumed(
 
 @devserver
 @pytest.mark.timeout(120)
+async def test_operator_pause_holds_emails_scheduled_until_resume(
+    stack: tuple[PostlaneClient, LaneConfig], smtp: SmtpCatcher
+) -> None:
+    pl, lane = stack
+    await pl.lanes.pause(lane.name, reason="investigating a complaint")
+
+    async def paused() -> bool:
+        status = (await pl.lanes.get(lane.name)).status
+        return status is not None and status.paused and status.paused_by == "operator"
+
+    await assert_eventually(paused, what="the lane paused by the operator")
+    handle = await pl.send(
+        mail(f"erin-{uuid.uuid4().hex[:6]}@example.test"), key=f"op-{uuid.uuid4().hex[:6]}"
+    )
+
+    async def held() -> bool:
+        report = await pl.describe(handle.key)
+        return report.status == EmailStatus.SCHEDULED and "investigating" in (
+            report.last_error or ""
+        )
+
+    await assert_eventually(held, what="the email held by the paused lane")
+    assert rcpts(smtp) == 0
+    ended = await pl.lanes.resume(lane.name)
+    assert ended.kind == PauseKind.OPERATOR
+    receipt = await asyncio.wait_for(handle.result(), timeout=60)
+    assert [m.message_id for m in smtp.messages] == [receipt.message_id]
+
+
+@devserver
+@pytest.mark.timeout(120)
 async def test_one_off_email_to_a_suppressed_address_ends_suppressed(
     stack: tuple[PostlaneClient, LaneConfig], smtp: SmtpCatcher
 ) -> None:
