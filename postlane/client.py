@@ -617,12 +617,18 @@ class PostlaneClient:
         """
         handle = self.handle(key)._handle
         first_task = None
+        started: SendEmailInput | None = None
         async for event in handle.fetch_history_events():
+            if event.HasField("workflow_execution_started_event_attributes"):
+                started = await _started_input(self.temporal, event)
             if event.event_type == EventType.EVENT_TYPE_WORKFLOW_TASK_COMPLETED:
                 first_task = event.event_id
                 break
         if first_task is None:
             return False
+        if started is not None:
+            # The operator fixed the cause: the bounce that failed it no longer suppresses.
+            await self.suppressions.lift_bounces(started.email.sender, started.email.recipients)
         await self.temporal.workflow_service.reset_workflow_execution(
             ResetWorkflowExecutionRequest(
                 namespace=self.temporal.namespace,
@@ -703,6 +709,16 @@ def _refusal(err: WorkflowUpdateFailedError) -> str:
     if isinstance(cause, ApplicationError):
         return cause.message
     return str(cause or err)
+
+
+async def _started_input(temporal: Client, event: Any) -> SendEmailInput | None:
+    """The `SendEmailInput` an email's workflow was started with (None if unreadable)."""
+    payloads = event.workflow_execution_started_event_attributes.input.payloads
+    try:
+        [decoded] = await temporal.data_converter.decode(payloads, [SendEmailInput])
+    except Exception:  # started by a client in another shape: nothing to lift
+        return None
+    return decoded if isinstance(decoded, SendEmailInput) else None
 
 
 def _delivery_error(err: WorkflowFailureError) -> PostlaneError:

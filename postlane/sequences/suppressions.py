@@ -87,6 +87,23 @@ class Suppressions:
         await handle.result()  # ends as soon as its worker sees the signal
         return True
 
+    async def lift_bounces(self, sender: str, addresses: Iterable[str]) -> int:
+        """Lift the suppressions a hard bounce at send made (source ``bounce``) for these
+        addresses; others (unsubscribes, complaints, operators') stay. Returns how many."""
+        lifted = 0
+        for address in addresses:
+            workflow_id = suppression_workflow_id(sender, address)
+            if not await is_suppressed(self.temporal, sender, address):
+                continue
+            held = await self._describe(workflow_id, sender.lower(), address.lower())
+            if held.source != "bounce":
+                continue
+            handle = self.temporal.get_workflow_handle(workflow_id)
+            await handle.signal(SuppressionMessages.LIFT, "operator retry")
+            await handle.result()
+            lifted += 1
+        return lifted
+
     async def list(self, sender: str | None = None) -> builtins.list[Suppression]:
         """Every address suppressed now (for `sender` only, if given), sorted.
 
