@@ -119,7 +119,8 @@ class SendGuard:
 
     async def failed(self, req: SmtpSendRequest, err: ApplicationError) -> None:
         """Report a refused attempt: 5xx is a hard bounce (suppressed if refused at RCPT),
-        4xx a deferral; connection failures say nothing about the recipients."""
+        4xx a deferral (not a "slow down", which backpressure answers); connection failures
+        say nothing about the recipients."""
         details: dict[str, Any] = (
             err.details[0] if err.details and isinstance(err.details[0], dict) else {}
         )
@@ -131,7 +132,8 @@ class SendGuard:
                 for address in req.email.recipients:
                     await self._suppress(req.email.sender, address, err.message)
             await self._report(req.lane, hard_bounces=len(req.email.recipients), detail=err.message)
-        elif code >= 400:
+        elif code >= 400 and err.type != ErrorType.SMTP_THROTTLED:
+            # A "slow down" (421, 4.7.x) is backpressure's: it slows the lane, not pause it.
             await self._report(req.lane, deferrals=1, detail=err.message)
 
     async def _report(
