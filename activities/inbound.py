@@ -25,6 +25,7 @@ from temporalio import activity
 from temporalio.client import Client
 from temporalio.exceptions import ApplicationError
 
+from activities.guard import counts_against_lane, record_inbound
 from postlane.config import InboxConfig, Settings
 from postlane.errors import ConfigurationError, ErrorType, SequenceNotFound
 from postlane.inbound.classify import classify, route
@@ -37,6 +38,7 @@ from postlane.inbound.models import (
     UnsubscribeRequest,
 )
 from postlane.names import Activity
+from postlane.sequences.models import InboundEvent
 from postlane.tokens import TokenKeys
 
 log = structlog.get_logger(__name__)
@@ -92,9 +94,10 @@ class InboundActivities:
                 str(exc), type=ErrorType.CONFIGURATION, non_retryable=True
             ) from None
         bound = log.bind(inbox=inbox.name, folder=inbox.folder)
+        verdicts: list[InboundEvent] = []
         try:
             async with _session(inbox, username, password) as imap:
-                result = await _poll(imap, inbox, req, bound, self._keys)
+                result = await _poll(imap, inbox, req, bound, self._keys, verdicts)
         except ImapLoginRefused:
             raise ApplicationError(
                 f"inbox {inbox.name}: the IMAP server refused the login of ${inbox.username_env}",
@@ -113,6 +116,9 @@ class InboundActivities:
             ) from None
         if self._client is None:
             return result
+        # Hard bounces and complaints of any email (one-off or a sequence's): the lane's
+        # reputation guard counts them and the recipient is suppressed for the sender.
+        await record_inbound(self._client, verdicts)
         return result.model_copy(update={"items": await mark_finished(self._client, result.items)})
 
     @activity.defn(name=Activity.RECORD_UNSUBSCRIBE)
@@ -147,7 +153,12 @@ class InboundActivities:
 
 
 async def _poll(
-    imap: _Imap, inbox: InboxConfig, req: PollRequest, bound: Any, keys: TokenKeys
+    imap: _Imap,
+    inbox: InboxConfig,
+    req: PollRequest,
+    bound: Any,
+    keys: TokenKeys,
+    verdicts: list[InboundEvent] | None = None,
 ) -> PollResult:
     validity = await imap.examine(inbox.folder)
     cursor = req.cursor
@@ -170,6 +181,8 @@ async def _poll(
         except Exception:  # one unreadable message must not stop the inbox
             bound.exception("inbound.unreadable", uid=uid)
             event = None
+        if verdicts is not None and event is not None and counts_against_lane(event):
+            verdicts.append(event)
         target = route(event, keys) if event is not None else None
         if event is None or target is None:
             ignored += 1

@@ -18,6 +18,7 @@ from temporalio.client import Client
 from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError
 
+from activities.guard import SendGuard
 from activities.mime import render_message
 from activities.smtp_errors import (
     StartTlsUnavailable,
@@ -277,6 +278,7 @@ class SmtpActivities:
         """Lane → refused / timed-out connections in a row (this worker)."""
         self._deferral_streak: dict[tuple[str, str], int] = {}
         """(lane, recipient domain) → 4xx replies at RCPT in a row (this worker)."""
+        self._guard = SendGuard(client)
 
     def pool(self, lane: str) -> SmtpPool:
         """The connection pool of `lane` (created on first use)."""
@@ -352,6 +354,8 @@ class SmtpActivities:
             await self._report_attempt(req, failure, "")
             raise failure from exc
         await self._refuse_if_circuit_open(req, info.attempt)
+        # Suppressed recipient or paused lane: refused before any connection is made.
+        await self._guard.check(req)
         progress = _Progress()
         data = render_message(req.email, req.message_id, datetime.now(UTC))
         meter = activity.metric_meter()
@@ -369,6 +373,7 @@ class SmtpActivities:
                     await self._report_throttle(req.lane, err)
                 await self._report_provider(req.lane, err)
                 await self._report_attempt(req, err, pool.server)
+                await self._guard.failed(req, err)
                 raise
             except asyncio.CancelledError:
                 if progress.details["phase"] in ("data", "accepted"):
@@ -380,6 +385,7 @@ class SmtpActivities:
         self._down_streak.pop(req.lane, None)
         self._deferral_streak.pop((req.lane, _domain_of(req)), None)
         count_sent(meter, req.lane)
+        await self._guard.sent(req, receipt)
         log.info(
             "email.sent",
             key=req.key,

@@ -60,6 +60,7 @@ from postlane.errors import (
     InvalidEmail,
     PermanentDeliveryError,
     PostlaneError,
+    RecipientSuppressed,
     UnknownLane,
     UnknownSender,
 )
@@ -414,7 +415,12 @@ class PostlaneClient:
             raise
         stored = desc.typed_search_attributes.get(sa.STATUS)
         status = EmailStatus(stored) if stored else EmailStatus.QUEUED
-        final = (EmailStatus.SENT, EmailStatus.FAILED, EmailStatus.CANCELLED)
+        final = (
+            EmailStatus.SENT,
+            EmailStatus.FAILED,
+            EmailStatus.CANCELLED,
+            EmailStatus.SUPPRESSED,
+        )
         if desc.status in _CLOSED_STATUS and status not in final:
             # Closed without saying why (terminated, timed out): go by how it closed.
             status = _CLOSED_STATUS[desc.status]
@@ -626,12 +632,18 @@ class PostlaneClient:
         """
         handle = self.handle(key)._handle
         first_task = None
+        started: SendEmailInput | None = None
         async for event in handle.fetch_history_events():
+            if event.HasField("workflow_execution_started_event_attributes"):
+                started = await _started_input(self.temporal, event)
             if event.event_type == EventType.EVENT_TYPE_WORKFLOW_TASK_COMPLETED:
                 first_task = event.event_id
                 break
         if first_task is None:
             return False
+        if started is not None:
+            # The operator fixed the cause: the bounce that failed it no longer suppresses.
+            await self.suppressions.lift_bounces(started.email.sender, started.email.recipients)
         await self.temporal.workflow_service.reset_workflow_execution(
             ResetWorkflowExecutionRequest(
                 namespace=self.temporal.namespace,
@@ -647,7 +659,12 @@ class PostlaneClient:
         """Send the `action` update; its validator refuses it unless the email is parked."""
         status = await self.status(key)
         handle = self.handle(key)._handle
-        if status in (EmailStatus.SENT, EmailStatus.FAILED, EmailStatus.CANCELLED):
+        if status in (
+            EmailStatus.SENT,
+            EmailStatus.FAILED,
+            EmailStatus.CANCELLED,
+            EmailStatus.SUPPRESSED,
+        ):
             raise ActionRefused(key, action, f"cannot {action}: the email is {status}")
         try:
             await handle.execute_update(action, request)
@@ -709,6 +726,16 @@ def _refusal(err: WorkflowUpdateFailedError) -> str:
     return str(cause or err)
 
 
+async def _started_input(temporal: Client, event: Any) -> SendEmailInput | None:
+    """The `SendEmailInput` an email's workflow was started with (None if unreadable)."""
+    payloads = event.workflow_execution_started_event_attributes.input.payloads
+    try:
+        [decoded] = await temporal.data_converter.decode(payloads, [SendEmailInput])
+    except Exception:  # started by a client in another shape: nothing to lift
+        return None
+    return decoded if isinstance(decoded, SendEmailInput) else None
+
+
 def _delivery_error(err: WorkflowFailureError) -> PostlaneError:
     cause: BaseException | None = err.cause
     while cause is not None:
@@ -721,6 +748,9 @@ def _delivery_error(err: WorkflowFailureError) -> PostlaneError:
                 cause.details[0] if cause.details and isinstance(cause.details[0], dict) else {}
             )
             code = details.get("smtp_code")
+            if cause.type == ErrorType.RECIPIENT_SUPPRESSED:
+                sender, address = details.get("sender"), details.get("address")
+                return RecipientSuppressed(str(sender), str(address), cause.message)
             if cause.type in REFUSED_INPUT_TYPES:  # the workers refused what it was started with
                 field, reason = details.get("field"), details.get("reason")
                 return InvalidEmail(str(field or "input"), str(reason or cause.message))

@@ -44,6 +44,7 @@ from postlane.email.models import (
 )
 from postlane.errors import ConfigurationError
 from postlane.ids import inbox_workflow_id, lane_task_queue
+from postlane.lanes.guard import GuardSettings
 from postlane.lanes.models import (
     LaneLimits,
     Warmup,
@@ -102,6 +103,9 @@ class LaneConfig(BaseModel):
     domain_deferrals: int = Field(default=3, ge=1)
     """Consecutive 4xx replies from one recipient domain that put it in backoff (a 421 or
     4.7.x reply does at once)."""
+    guard: GuardSettings = GuardSettings()
+    """``[lanes.guard]``: the bounce, complaint and deferral rates that pause the lane
+    (docs/reputation.md)."""
 
     @field_validator("name")
     @classmethod
@@ -157,6 +161,7 @@ class LaneConfig(BaseModel):
             warmup=self.warmup,
             failover=self.failover,
             circuit_probe_after=timedelta(seconds=self.circuit_probe_seconds),
+            guard=self.guard,
         )
 
     @property
@@ -540,6 +545,19 @@ def _line_of(text: str, loc: tuple[int | str, ...]) -> int | None:
             (i for i in range(start + 1, len(lines)) if lines[i].lstrip().startswith("[")),
             len(lines),
         )
+        if len(loc) >= 4:
+            # A field of the element's sub-table (``[lanes.guard]``), before the next element.
+            sub = re.compile(rf"^\s*\[\s*{re.escape(table)}\.{re.escape(str(loc[2]))}\s*\]")
+            key = re.compile(rf"^\s*{re.escape(str(loc[3]))}\s*=")
+            after = next((s for s in starts if s > start), len(lines))
+            opened = next((i for i in range(start + 1, after) if sub.match(lines[i])), None)
+            if opened is not None:
+                for i in range(opened + 1, after):
+                    if lines[i].lstrip().startswith("["):
+                        break
+                    if key.match(lines[i]):
+                        return i + 1
+                return opened + 1
         if len(loc) >= 3:
             key = re.compile(rf"^\s*{re.escape(str(loc[2]))}\s*=")
             for i in range(start + 1, end):

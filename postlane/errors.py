@@ -9,7 +9,7 @@
     ├── IdempotencyConflict                 same key, different content
     ├── EmailNotFound                       no email with that key
     ├── SequenceNotFound                    no sequence with that key
-    ├── RecipientSuppressed                 the address unsubscribed from this sender
+    ├── RecipientSuppressed                 the address is suppressed for this sender
     ├── ActionRefused                       an operator action the workflow's state refuses
     └── DeliveryError                       the email did not go out
         ├── PermanentDeliveryError          the SMTP server said no (5xx)
@@ -61,6 +61,12 @@ class ErrorType(StrEnum):
     CIRCUIT_OPEN = "CircuitOpen"
     """The lane's provider is down (its circuit is open): the email moves to the lane's
     ``failover`` lane, keeping its Message-ID and key. Never retried on the same lane."""
+    LANE_PAUSED = "LanePaused"
+    """The lane was paused (reputation guard or operator) when the send was about to start:
+    nothing was sent; the email waits ``scheduled`` for the lane to resume."""
+    RECIPIENT_SUPPRESSED = "RecipientSuppressed"
+    """A recipient is suppressed for the sender (hard bounce, complaint, unsubscribe or an
+    operator): nothing was sent; the email ends ``suppressed``."""
 
 
 SEND_FAILURES = frozenset(
@@ -73,6 +79,8 @@ SEND_FAILURES = frozenset(
         ErrorType.CONFIGURATION,
         ErrorType.SMTPUTF8_UNSUPPORTED,
         ErrorType.CIRCUIT_OPEN,
+        ErrorType.LANE_PAUSED,
+        ErrorType.RECIPIENT_SUPPRESSED,
     }
 )
 """Every failure the send activity raises (``activities/smtp*.py``), each after logging its
@@ -164,12 +172,14 @@ class SequenceNotFound(PostlaneError, LookupError):
 
 
 class RecipientSuppressed(PostlaneError):
-    """The address unsubscribed from this sender; it is not enrolled again."""
+    """The address is suppressed for this sender (it unsubscribed, hard-bounced or
+    complained, or an operator added it): a sequence does not enrol it, and an email to it
+    ends ``suppressed`` with nothing sent."""
 
-    def __init__(self, sender: str, address: str) -> None:
+    def __init__(self, sender: str, address: str, message: str | None = None) -> None:
         self.sender = sender
         self.address = address
-        super().__init__(f"{address} unsubscribed from {sender}; not enrolled")
+        super().__init__(message or f"{address} unsubscribed from {sender}; not enrolled")
 
 
 class ActionRefused(PostlaneError):

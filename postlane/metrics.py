@@ -45,6 +45,11 @@ class Metric(StrEnum):
     LANE_CAP = "postlane_lane_cap"
     """Gauge {lane, window}: the hourly / daily cap (today's, warm-up applied); absent for
     a window without a cap."""
+    LANE_PAUSED = "postlane_lane_paused"
+    """Gauge {lane, reason}: 1 for the reason the lane is paused (``hard_bounce``,
+    ``complaint``, ``deferral``, ``operator``), 0 for the others; all 0 while it sends."""
+    EMAILS_SUPPRESSED = "postlane_emails_suppressed"
+    """Counter {lane}: emails that ended ``suppressed`` (a recipient on the suppression list)."""
     SEQUENCE_OUTCOMES = "postlane_sequence_outcomes"
     """Counter {campaign, outcome}: sequences that ended, by `SequenceOutcome`."""
     LANE_CIRCUIT_OPEN = "postlane_lane_circuit_open"
@@ -210,4 +215,22 @@ def prometheus_config(bind_address: str) -> PrometheusConfig:
     Postlane's histogram buckets."""
     return PrometheusConfig(
         bind_address=bind_address, histogram_bucket_overrides=dict(HISTOGRAM_BUCKETS)
+    )
+
+
+PAUSE_REASONS = ("hard_bounce", "complaint", "deferral", "operator")
+"""The ``reason`` label values of ``postlane_lane_paused`` (`postlane.lanes.guard.PauseKind`)."""
+
+
+def set_lane_paused(meter: MetricMeter, lane: str, reason: str | None) -> None:
+    """1 on the series of the reason `lane` is paused for, 0 on the others (all 0: sending)."""
+    gauge = meter.create_gauge(Metric.LANE_PAUSED, "1 while the lane is paused, by reason")
+    for each in PAUSE_REASONS:
+        gauge.set(1 if reason == each else 0, {"lane": lane, "reason": each})
+
+
+def count_suppressed(meter: MetricMeter, lane: str) -> None:
+    """One email ended ``suppressed`` (nothing sent)."""
+    meter.create_counter(Metric.EMAILS_SUPPRESSED, "emails that ended suppressed").add(
+        1, {"lane": lane}
     )

@@ -79,6 +79,10 @@ class LaneMessages:
     THROTTLED: Final = "throttled"
     DOMAIN_THROTTLED: Final = "domain_throttled"
     PROVIDER_DOWN: Final = "provider_down"
+    RECORD_OUTCOMES: Final = "record_outcomes"
+    PAUSE: Final = "pause"
+    RESUME: Final = "resume"
+    PAUSE_STATE: Final = "pause_state"
 
 
 class SequenceMessages:

@@ -430,7 +430,9 @@ def test_failure_kinds_cover_every_send_error() -> None:
     from postlane.errors import ErrorType
     from postlane.metrics import FailureKind, failure_kind
 
-    assert {t: failure_kind(t) for t in ErrorType if t.startswith(("Smtp", "Lane", "Conf"))} == {
+    # LanePaused is no failed attempt (nothing was tried): never counted as one.
+    kinds = {t for t in ErrorType if t.startswith(("Smtp", "Lane", "Conf"))}
+    assert {t: failure_kind(t) for t in kinds - {ErrorType.LANE_PAUSED}} == {
         ErrorType.SMTP_TRANSIENT: FailureKind.TRANSIENT,
         ErrorType.SMTP_THROTTLED: FailureKind.THROTTLE,
         ErrorType.SMTP_PERMANENT: FailureKind.PERMANENT,

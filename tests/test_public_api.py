@@ -67,6 +67,7 @@ def test_public_api_statuses_are_the_documented_set() -> None:
         "dead_letter",
         "failed",
         "cancelled",
+        "suppressed",
     ]
 
 

@@ -16,11 +16,13 @@ from datetime import datetime, timedelta
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy
-from temporalio.exceptions import ActivityError
+from temporalio.exceptions import ActivityError, ApplicationError
 
 with workflow.unsafe.imports_passed_through():
     from postlane import metrics
+    from postlane.errors import ErrorType
     from postlane.ids import lane_task_queue
+    from postlane.lanes import guard
     from postlane.lanes.models import (
         DomainBackoff,
         DomainReport,
@@ -123,6 +125,11 @@ PROBE_RETRY = RetryPolicy(maximum_attempts=1)
 PROBE_TIMEOUT = timedelta(minutes=2)
 
 
+GUARD_PATCH = "lane-reputation-guard"
+"""Runs from this patch pause on a reputation threshold (or an operator's ``pause``) and
+grant no slot until resumed; the marker is recorded where a lane first pauses."""
+
+
 def _digest(workflow_id: str) -> str:
     return hashlib.blake2b(workflow_id.encode(), digest_size=4).hexdigest()
 
@@ -171,10 +178,15 @@ class LaneWorkflow:
         self._paced = self._windowed and workflow.patched(PACED_PATCH)
         if self._windowed and workflow.patched(SEND_HOLD_PATCH):
             self._hold = quota.SEND_HOLD
+        if s.pause.paused:
+            # Continued as new while paused: the new run's memo says so again.
+            workflow.upsert_memo({guard.PAUSE_MEMO: s.pause.model_dump(mode="json")})
         while True:
             try:
+                # Paused: requests wait in `_arrived` (their emails ask again meanwhile).
                 await workflow.wait_condition(
-                    lambda: self._dirty or bool(self._arrived), timeout=self._next_wakeup()
+                    lambda: self._dirty or (bool(self._arrived) and not self._paused),
+                    timeout=self._next_wakeup(),
                 )
             except TimeoutError:
                 pass
@@ -183,14 +195,21 @@ class LaneWorkflow:
             self._recover_domains()
             await self._apply_rate()
             self._probe_if_due()
-            if self._windowed:
+            if self._paused:
+                pass  # nothing granted until an operator resumes the lane
+            elif self._windowed:
                 await self._grant_windowed()
             else:
                 await self._grant()
             self._publish_metrics()
             if self._should_continue_as_new():
                 await workflow.wait_condition(workflow.all_handlers_finished)
-                if self._windowed and self._arrived and not self._must_continue_as_new():
+                if (
+                    self._windowed
+                    and self._arrived
+                    and not self._paused
+                    and not self._must_continue_as_new()
+                ):
                     # Requests came in, maybe failing an attempt to continue as new (a
                     # signal during that task fails it, and the retry replays the run):
                     # answer them first, and continue as new in a quiet task.
@@ -216,10 +235,12 @@ class LaneWorkflow:
     def _next_wakeup(self) -> timedelta | None:
         s, now = self.state, workflow.now()
         wakeups: list[datetime] = []
-        if s.waiting and self._windowed:
+        # Paused: an opening grants nothing, so it must not wake the lane (once a second).
+        waiting = bool(s.waiting) and not self._paused
+        if waiting and self._windowed:
             planner = quota.Planner(s.buckets, s.limits, s.warmup_started, now, self._hold)
             wakeups.append(planner.next_opening(now))
-        elif s.waiting:
+        elif waiting:
             wakeups.append(quota.next_opening(s.buckets, s.limits, s.warmup_started, now))
         if s.recover_at is not None:
             wakeups.append(s.recover_at)
@@ -473,8 +494,8 @@ class LaneWorkflow:
             if r.workflow_id in window_ids:
                 retell.append(r.workflow_id)  # asked again: tell it its slot again
                 continue
-            if _digest(r.workflow_id) in recent:
-                continue  # granted already: never a second slot
+            if _digest(r.workflow_id) in recent and not r.regrant:
+                continue  # granted already: never a second slot (unless paused at send)
             if on_take:
                 self._uncount(r)
             taken.append(r)
@@ -729,6 +750,92 @@ class LaneWorkflow:
         s.probe_at = workflow.now() + s.limits.circuit_probe_after
         self._dirty = True
 
+    @property
+    def _paused(self) -> bool:
+        return self.state.pause.paused
+
+    def _guard_settings(self) -> guard.GuardSettings | None:
+        settings = self.state.limits.guard
+        return settings if settings is not None and settings.enabled else None
+
+    @workflow.signal(name=LaneMessages.RECORD_OUTCOMES)
+    def record_outcomes(self, report: guard.OutcomeReport) -> None:
+        """Sends (and the inbound watcher) report outcomes; past a threshold, pause."""
+        s, now, settings = self.state, workflow.now(), self._guard_settings()
+        if settings is None:
+            return
+        guard.record(s.outcomes, now, report)
+        guard.prune(s.outcomes, now, settings)
+        # Wake the loop, which continues as new when these signals made the history long.
+        self._dirty = True
+        if s.pause.paused:
+            return
+        found = guard.verdict(guard.totals(s.outcomes), settings)
+        if found is not None and workflow.patched(GUARD_PATCH):
+            kind, reason = found
+            if report.detail:
+                reason += f"; last: {report.detail}"
+            self._set_pause(
+                guard.LanePause(paused=True, reason=reason, since=now, by="guard", kind=kind)
+            )
+
+    @workflow.signal(name=LaneMessages.PAUSE)
+    def pause(self, request: guard.PauseRequest) -> None:
+        """An operator pauses the lane by hand (``postlane lanes pause``)."""
+        if not self.state.pause.paused and workflow.patched(GUARD_PATCH):
+            self._set_pause(
+                guard.LanePause(
+                    paused=True,
+                    reason=request.reason,
+                    since=workflow.now(),
+                    by="operator",
+                    kind=guard.PauseKind.OPERATOR,
+                )
+            )
+
+    @workflow.update(name=LaneMessages.RESUME)
+    def resume(self, request: guard.ResumeRequest) -> guard.LanePause:
+        """Resume a paused lane; the guard's window starts afresh. Returns the pause ended."""
+        ended = self.state.pause
+        self.state.outcomes = {}
+        self._set_pause(guard.LanePause())
+        workflow.logger.warning(
+            "lane %s resumed by an operator (%s) after: %s",
+            self.state.name,
+            request.note or "no note",
+            ended.reason,
+        )
+        return ended
+
+    @resume.validator
+    def _validate_resume(self, request: guard.ResumeRequest) -> None:
+        if not self.state.pause.paused:
+            raise ApplicationError(
+                f"lane {self.state.name} is not paused",
+                type=ErrorType.ACTION_REFUSED,
+                non_retryable=True,
+            )
+
+    @workflow.query(name=LaneMessages.PAUSE_STATE)
+    def pause_state(self) -> guard.LanePause:
+        """Whether the lane is paused (the send activity reads the memo instead)."""
+        return self.state.pause
+
+    def _set_pause(self, pause: guard.LanePause) -> None:
+        s = self.state
+        s.pause = pause
+        self._dirty = True
+        # What the send activity reads (a describe needs no worker, and never races a
+        # continue-as-new as a query can).
+        workflow.upsert_memo(
+            {guard.PAUSE_MEMO: pause.model_dump(mode="json") if pause.paused else None}
+        )
+        if pause.paused:
+            workflow.logger.warning("lane %s paused: %s", s.name, pause.reason)
+            workflow.set_current_details(f"PAUSED by {pause.by}: {pause.reason}")
+        else:
+            workflow.set_current_details("running")
+
     def _publish_metrics(self) -> None:
         """The lane's rate, backpressure and cap gauges, after each pass.
 
@@ -753,6 +860,7 @@ class LaneWorkflow:
                 circuit_open=st.circuit != "closed",
                 domains_in_backoff=len(st.domains),
             )
+        metrics.set_lane_paused(workflow.metric_meter(), st.name, self.state.pause.kind)
 
     @workflow.query(name=LaneMessages.STATUS)
     def status(self) -> LaneStatus:
@@ -793,4 +901,17 @@ class LaneWorkflow:
             circuit_since=s.circuit_since,
             circuit_reason=s.circuit_reason,
             failover=s.limits.failover,
+            paused=s.pause.paused,
+            pause_reason=s.pause.reason,
+            paused_at=s.pause.since,
+            paused_by=s.pause.by,
+            guard=self._totals(now),
         )
+
+    def _totals(self, now: datetime) -> guard.GuardTotals | None:
+        settings = self._guard_settings()
+        if settings is None:
+            return None
+        window = dict(self.state.outcomes)  # a query changes nothing: prune a copy
+        guard.prune(window, now, settings)
+        return guard.totals(window)

@@ -95,6 +95,11 @@ FAILOVER_PATCH = "postlane-lane-failover"
 key, instead of failing the email."""
 FAILOVER_MEMO = "PostlaneFailover"
 """Memo field naming the lane an email failed over from and to (shown in the Web UI)."""
+LANE_PAUSED_PATCH = "postlane-lane-paused"
+"""From this patch on, a send refused because its lane is paused (``LanePaused``: nothing
+was sent) waits ``scheduled`` for the lane to resume, then sends; before, it would fail."""
+SUPPRESSED_PATCH = "postlane-suppressed"
+"""From this patch on, a send refused because a recipient is suppressed ends ``suppressed``."""
 SLOT_REASK = timedelta(minutes=3)
 """An email with no answer from its lane asks again after this (plus up to `SLOT_REASK_JITTER`)."""
 SLOT_REASK_JITTER = 120
@@ -106,9 +111,11 @@ class SendEmailWorkflow:
     """Sends one email through its lane's task queue.
 
     Statuses (search attribute `PostlaneStatus`): ``scheduled`` while waiting for
-    ``send_at``, ``queued`` while the lane works on it, then ``sent``, ``failed`` (the server
-    refused it for good), ``dead_letter`` (transient failures outlasted the retry policy;
-    waits for a ``retry`` or ``discard``) or ``cancelled``.
+    ``send_at`` (or for its paused lane to resume), ``queued`` while the lane works on it,
+    then ``sent``, ``failed`` (the server refused it for good), ``suppressed`` (a
+    recipient is on the sender's suppression list: nothing sent), ``dead_letter``
+    (transient failures outlasted the retry policy; waits for a ``retry`` or ``discard``)
+    or ``cancelled``.
 
     A workflow cancel ends the email ``cancelled`` wherever it waits (scheduled, for a lane
     slot, between attempts, parked), except that a transaction already at DATA is let
@@ -345,6 +352,14 @@ class SendEmailWorkflow:
                 if target and not self._cancelling and workflow.patched(FAILOVER_PATCH):
                     req, request = self._fail_over(req, request, target)
                     continue
+                kind = failure.type if failure is not None else None
+                if failure is not None and kind == ErrorType.LANE_PAUSED:
+                    if self._patched(LANE_PAUSED_PATCH):
+                        await self._wait_out_pause(req, failure.message)
+                        continue
+                if failure is not None and kind == ErrorType.RECIPIENT_SUPPRESSED:
+                    if self._patched(SUPPRESSED_PATCH):
+                        self._end_suppressed(req, failure, err)
                 if is_cancelled_exception(err) and self._patched(CANCEL_ENDS_CANCELLED_PATCH):
                     # Cancelled by this workflow's cancel, before anything was delivered.
                     self._attempts += self._failed_in_send
@@ -429,7 +444,32 @@ class SendEmailWorkflow:
                 send.cancel()
             return await send
 
-    async def _wait_for_slot(self, req: SendEmailInput) -> None:
+    async def _wait_out_pause(self, req: SendEmailInput, reason: str) -> None:
+        """The lane was paused before this send began (nothing went out): wait
+        ``scheduled``, the pause as its last error, until the lane grants a slot again."""
+        self._failed_in_send = 0
+        self._last_error = reason
+        self._set_status(EmailStatus.SCHEDULED)
+        workflow.logger.info("email waits for its paused lane: %s", reason)
+        self._slot_granted = False
+        await self._wait_for_slot(req, regrant=True)
+
+    def _end_suppressed(
+        self, req: SendEmailInput, failure: ApplicationError, err: BaseException
+    ) -> NoReturn:
+        """End ``suppressed``: a recipient is on the sender's suppression list (nothing sent)."""
+        self._failed_in_send = 0
+        self._last_error = failure.message
+        self._set_status(EmailStatus.SUPPRESSED)
+        metrics.count_suppressed(workflow.metric_meter(), req.lane)
+        raise ApplicationError(
+            failure.message,
+            *failure.details,
+            type=ErrorType.RECIPIENT_SUPPRESSED,
+            non_retryable=True,
+        ) from err
+
+    async def _wait_for_slot(self, req: SendEmailInput, *, regrant: bool = False) -> None:
         """Ask the lane's quota workflow for a send slot; wait (``scheduled``) until granted.
 
         The email asks again whenever its lane's answer is overdue: `SLOT_REASK` after an
@@ -471,6 +511,7 @@ class SendEmailWorkflow:
                 since=since,
                 asked_at=workflow.now(),
                 recheck_at=told.recheck_at if told else None,
+                regrant=regrant,
             )
             try:
                 await lane.signal(LaneMessages.REQUEST_SLOT, request)

@@ -29,6 +29,7 @@ from postlane.cli import bulk as cli_bulk
 from postlane.cli import mcp as cli_mcp
 from postlane.cli import routing as cli_routing
 from postlane.cli import sequence as cli_sequence
+from postlane.cli import suppressions as cli_suppressions
 from postlane.cli import webhooks as cli_webhooks
 from postlane.cli.progress import ProgressBar
 from postlane.durations import format_duration, parse_duration
@@ -191,6 +192,13 @@ def _parser() -> argparse.ArgumentParser:
     lane_set.add_argument("name")
     lane_set.add_argument("--rate", required=True, help="N/s, N/m or N/h")
     cli_routing.add_arguments(lanes)
+    lane_resume = lanes_sub.add_parser("resume", help="resume a paused lane (docs/reputation.md)")
+    lane_resume.add_argument("name")
+    lane_resume.add_argument("--note", default="", help="why (in the worker's log)")
+    lane_pause = lanes_sub.add_parser("pause", help="pause a lane: its emails wait scheduled")
+    lane_pause.add_argument("name")
+    lane_pause.add_argument("--reason", default="paused by an operator")
+    cli_suppressions.add_parser(sub)
     codec = sub.add_parser(
         "codec-server",
         help="serve Temporal's remote-codec API (/decode, /encode) for the Web UI and CLI",
@@ -371,6 +379,8 @@ async def _dispatch(args: argparse.Namespace) -> int:
         return await cli_api.run_api(pl, args)
     if args.command == "webhooks":
         return await cli_webhooks.run(pl, args)
+    if args.command == "suppressions":
+        return await cli_suppressions.run(pl, args)
     if args.command == "top":
         from rich.console import Console
 
@@ -385,8 +395,24 @@ async def _dispatch(args: argparse.Namespace) -> int:
             await pl.lanes.set_rate(args.name, rate, reason="postlane lanes set")
             print(f"lane {args.name}: rate set to {rate:g}/s")
             return EXIT_OK
+        if args.lanes_command == "resume":
+            ended = await pl.lanes.resume(args.name, note=args.note)
+            print(f"lane {args.name}: resumed (was paused by {ended.by}: {ended.reason})")
+            return EXIT_OK
+        if args.lanes_command == "pause":
+            await pl.lanes.pause(args.name, reason=args.reason)
+            print(f"lane {args.name}: pausing ({args.reason})")
+            return EXIT_OK
         reports = await pl.lanes.list()
-        print(cli_routing.format_domains(reports) if args.domains else format_lanes(reports))
+        if args.domains:
+            print(cli_routing.format_domains(reports))
+            return EXIT_OK
+        print(format_lanes(reports))
+        for r in reports:  # the reputation guard's pauses, under the table
+            if r.status is not None and r.status.paused:
+                since = _utc(r.status.paused_at) if r.status.paused_at else "-"
+                print(f"PAUSED {r.name} since {since} by {r.status.paused_by}: ", end="")
+                print(f"{r.status.pause_reason}  (resume: postlane lanes resume {r.name})")
         return EXIT_OK
     if args.command == "setup":
         from postlane.namespace import ensure_namespace, ensure_search_attributes

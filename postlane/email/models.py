@@ -90,6 +90,8 @@ class EmailStatus(StrEnum):
     DEAD_LETTER = "dead_letter"
     FAILED = "failed"
     CANCELLED = "cancelled"
+    SUPPRESSED = "suppressed"
+    """A recipient is suppressed for the sender: nothing was sent (terminal)."""
 
 
 def check_address(value: str) -> str:

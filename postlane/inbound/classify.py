@@ -9,6 +9,10 @@ The order of the checks matters, because the kinds overlap on the wire:
    The bounced Message-ID comes from the returned ``message/rfc822`` or
    ``text/rfc822-headers`` part. DSNs often say ``Auto-Submitted: auto-replied`` too, so
    they are looked at before auto-replies.
+   A spam complaint (``multipart/report; report-type=feedback-report``, the Abuse Reporting
+   Format of RFC 5965) is looked at first of all: its returned message is ours, found by
+   its Message-ID like a DSN's, and the complaining recipient comes from the report's
+   ``Original-Rcpt-To`` (or the returned message's ``To``).
 2. A non-standard bounce (from MAILER-DAEMON or postmaster, or a subject such as
    "Undelivered Mail Returned to Sender") that quotes the original headers in its text.
 3. A mail whose subject carries ``unsubscribe`` and a sequence's token (the
@@ -100,6 +104,8 @@ def classify(
         subject=" ".join(_header(msg, "Subject").split()),
         received_at=received_at or _date(msg),
     )
+    if _is_feedback_report(msg):
+        return _opened(_complaint(msg, base, keys), keys)
     if _is_report(msg):
         return _opened(_dsn(msg, base, keys), keys)
     if _looks_like_bounce(msg):
@@ -164,6 +170,8 @@ def _dsn(msg: Message, base: InboundEvent, keys: TokenKeys) -> InboundEvent | No
     failed: list[str] = []
     delayed: list[str] = []
     refers_to: str | None = None
+    recipient = ""
+    returned: Message | None = None
     for part in msg.walk():
         ctype = part.get_content_type()
         if ctype == "message/delivery-status":
@@ -171,15 +179,18 @@ def _dsn(msg: Message, base: InboundEvent, keys: TokenKeys) -> InboundEvent | No
                 action = _header(block, "Action").strip().lower()
                 status = _status(_header(block, "Status"))
                 if action == "failed" or status.startswith("5."):
+                    recipient = recipient or _typed_address(_header(block, "Final-Recipient"))
                     failed.append(status or "5.0.0")
                 elif action == "delayed" or status.startswith("4."):
                     delayed.append(status or "4.0.0")
         elif refers_to is None and ctype in ("message/rfc822", "message/global"):
             inner = part.get_payload()
             if isinstance(inner, list) and inner and isinstance(inner[0], Message):
+                returned = inner[0]
                 refers_to = _returned_id(inner[0], keys)
         elif refers_to is None and ctype == "text/rfc822-headers":
             headers = HeaderParser(policy=policy.default).parsestr(_text_of(part))
+            returned = headers
             refers_to = _returned_id(headers, keys)
     if refers_to is None:
         refers_to = _refers_to(msg, keys) or _quoted_id(_all_text(msg), keys)
@@ -192,8 +203,73 @@ def _dsn(msg: Message, base: InboundEvent, keys: TokenKeys) -> InboundEvent | No
             "hard": bool(failed),
             "status": (failed or delayed)[0],
             "text": _report_text(msg),
+            "original_sender": _first_address(returned, "From"),
+            "original_recipient": recipient,
         }
     )
+
+
+def _is_feedback_report(msg: Message) -> bool:
+    return (
+        msg.get_content_type() == "multipart/report"
+        and str(msg.get_param("report-type", "")).lower() == "feedback-report"
+    )
+
+
+def _complaint(msg: Message, base: InboundEvent, keys: TokenKeys) -> InboundEvent | None:
+    """An RFC 5965 feedback report (ARF): a recipient marked our message as spam.
+
+    The report's ``message/feedback-report`` part names the feedback type and, usually,
+    ``Original-Rcpt-To``; the third part returns the message (``message/rfc822``) or its
+    headers (``text/rfc822-headers``), whose Message-ID says which email it was.
+    """
+    feedback: Message | None = None
+    returned: Message | None = None
+    for part in msg.walk():
+        ctype = part.get_content_type()
+        if ctype == "message/feedback-report" and feedback is None:
+            blocks = _status_blocks(part)
+            feedback = blocks[0] if blocks else None
+        elif ctype in ("message/rfc822", "message/global") and returned is None:
+            inner = part.get_payload()
+            if isinstance(inner, list) and inner and isinstance(inner[0], Message):
+                returned = inner[0]
+        elif ctype == "text/rfc822-headers" and returned is None:
+            returned = HeaderParser(policy=policy.default).parsestr(_text_of(part))
+    refers_to = _returned_id(returned, keys) if returned is not None else None
+    if refers_to is None:
+        refers_to = _refers_to(msg, keys) or _quoted_id(_all_text(msg), keys)
+    if refers_to is None:
+        return None  # a complaint about mail that is not ours
+    recipient = ""
+    if feedback is not None:
+        recipient = _typed_address(_header(feedback, "Original-Rcpt-To"))
+    recipient = recipient or _first_address(returned, "To")
+    kind = _header(feedback, "Feedback-Type").strip().lower() if feedback is not None else ""
+    return base.model_copy(
+        update={
+            "kind": InboundKind.COMPLAINT,
+            "refers_to": refers_to,
+            "hard": True,
+            "status": kind or "abuse",
+            "text": _report_text(msg),
+            "original_sender": _first_address(returned, "From"),
+            "original_recipient": recipient,
+        }
+    )
+
+
+def _typed_address(value: str) -> str:
+    """The address of a DSN/ARF field such as ``rfc822; bob@example.com`` (or a bare one)."""
+    address = value.split(";", 1)[1] if ";" in value else value
+    return parseaddr(address.strip())[1].lower()
+
+
+def _first_address(headers: Message | None, name: str) -> str:
+    if headers is None:
+        return ""
+    found = getaddresses([_header(headers, name)])
+    return found[0][1].lower() if found and found[0][1] else ""
 
 
 def _status_blocks(part: Message) -> list[Message]:
@@ -449,6 +525,8 @@ def route(event: InboundEvent, keys: TokenKeys = LEGACY_ONLY) -> str | None:
         opened = keys.open_unsubscribe_token(event.subject)
         if opened is not None:
             return opened[1]
+    if event.kind == InboundKind.COMPLAINT:
+        return None  # the reputation guard's (activities/inbound.py), not a sequence's
     if not event.refers_to:
         return None
     workflow_id = keys.open_message_id(event.refers_to)

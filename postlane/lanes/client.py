@@ -10,12 +10,13 @@ from typing import Any
 from temporalio.api.enums.v1 import TaskQueueType
 from temporalio.api.taskqueue.v1 import TaskQueue
 from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest
-from temporalio.client import Client
+from temporalio.client import Client, WorkflowUpdateFailedError
 from temporalio.service import RPCError, RPCStatusCode
 
 from postlane.config import Settings
-from postlane.errors import ConfigurationError
+from postlane.errors import ActionRefused, ConfigurationError
 from postlane.ids import lane_task_queue, lane_workflow_id
+from postlane.lanes.guard import LanePause, PauseRequest, ResumeRequest
 from postlane.lanes.models import LaneReport, LaneStatus, RateChange
 from postlane.names import LaneMessages
 
@@ -94,6 +95,54 @@ class Lanes:
             await handle.signal(
                 LaneMessages.SET_RATE, RateChange(rate_per_second=rate_per_second, reason=reason)
             )
+        except RPCError as err:
+            if err.status == RPCStatusCode.NOT_FOUND:
+                raise ConfigurationError(
+                    f"lane {name!r} has no running lane workflow; start a worker for it first"
+                ) from None
+            raise
+
+    async def pause(self, name: str, *, reason: str = "paused by an operator") -> None:
+        """Pause a lane by hand: its emails wait ``scheduled`` until `resume`.
+
+        Raises:
+            ConfigurationError: no lane has this name, or its workflow is not running.
+        """
+        self.settings.lane(name)
+        handle = self.temporal.get_workflow_handle(lane_workflow_id(name))
+        try:
+            await handle.signal(LaneMessages.PAUSE, PauseRequest(reason=reason))
+        except RPCError as err:
+            if err.status == RPCStatusCode.NOT_FOUND:
+                raise ConfigurationError(
+                    f"lane {name!r} has no running lane workflow; start a worker for it first"
+                ) from None
+            raise
+
+    async def resume(self, name: str, *, note: str = "") -> LanePause:
+        """Resume a paused lane: the emails it held go out, each once, in their order.
+
+        The guard's counts start afresh, so the rates that paused the lane do not pause it
+        again at once.
+
+        Returns:
+            The pause that ended (its reason, since when, by whom).
+
+        Raises:
+            ConfigurationError: no lane has this name, or its workflow is not running.
+            ActionRefused: the lane is not paused.
+        """
+        self.settings.lane(name)
+        handle = self.temporal.get_workflow_handle(lane_workflow_id(name))
+        try:
+            ended: LanePause = await handle.execute_update(
+                LaneMessages.RESUME, ResumeRequest(note=note), result_type=LanePause
+            )
+            return ended
+        except WorkflowUpdateFailedError as err:
+            cause = err.cause
+            reason = str(getattr(cause, "message", None) or cause or err)
+            raise ActionRefused(lane_workflow_id(name), "resume", reason) from None
         except RPCError as err:
             if err.status == RPCStatusCode.NOT_FOUND:
                 raise ConfigurationError(

@@ -11,6 +11,7 @@ from datetime import datetime, timedelta
 from pydantic import BaseModel, ConfigDict, Field
 
 from postlane.email.models import Priority
+from postlane.lanes.guard import GuardSettings, GuardTotals, LanePause
 
 
 class Warmup(BaseModel):
@@ -36,6 +37,8 @@ class LaneLimits(BaseModel):
     """The lane that takes this lane's sends while its circuit is open."""
     circuit_probe_after: timedelta = timedelta(seconds=30)
     """How long an open circuit waits before probing the provider (half-open)."""
+    guard: GuardSettings | None = None
+    """The reputation guard's thresholds (None: a lane configured before the guard)."""
 
 
 class DomainReport(BaseModel):
@@ -101,6 +104,9 @@ class SlotRequest(BaseModel):
     recheck_at: datetime | None = None
     """The `SlotGrant.recheck_at` this email was told last, on the request that follows it
     (the lane stops counting it among the emails due back then)."""
+    regrant: bool = False
+    """The email was granted a slot but found the lane paused at send: its earlier grant
+    went unused, so the lane grants it again (after it resumes)."""
 
 
 class SlotGrant(BaseModel):
@@ -191,6 +197,10 @@ class LaneState(BaseModel):
     circuit_since: datetime | None = None
     circuit_reason: str = ""
     probe_at: datetime | None = None
+    outcomes: dict[str, list[int]] = Field(default_factory=dict)
+    """Reputation guard: 5-minute bucket → [sent, hard bounces, complaints, deferrals]."""
+    pause: LanePause = LanePause()
+    """Paused by the guard or an operator: no slot is granted until resumed."""
 
 
 class LaneStatus(BaseModel):
@@ -225,6 +235,13 @@ class LaneStatus(BaseModel):
     circuit_since: datetime | None = None
     circuit_reason: str = ""
     failover: str | None = None
+    paused: bool = False
+    """Paused by the reputation guard or an operator; its emails wait ``scheduled``."""
+    pause_reason: str | None = None
+    paused_at: datetime | None = None
+    paused_by: str | None = None
+    guard: GuardTotals | None = None
+    """The reputation guard's counts over its window (None: the guard is off)."""
 
 
 class LaneReport(BaseModel):

@@ -45,6 +45,9 @@ class InboundKind(StrEnum):
     """Out-of-office and other automatic answers: recorded, never a stop."""
     BOUNCE = "bounce"
     UNSUBSCRIBE = "unsubscribe"
+    COMPLAINT = "complaint"
+    """A spam complaint (an ARF feedback report, RFC 5965): the lane's reputation guard
+    counts it and the address is suppressed for the sender; not routed to sequences."""
 
 
 class InboundEvent(BaseModel):
@@ -68,7 +71,12 @@ class InboundEvent(BaseModel):
     hard: bool = True
     """For bounces: a permanent failure (5.x.x). Soft bounces are recorded, not a stop."""
     status: str = ""
-    """For bounces: the DSN status code, e.g. ``5.1.1``."""
+    """For bounces: the DSN status code, e.g. ``5.1.1``; for complaints, the feedback type
+    (``abuse``)."""
+    original_sender: str = ""
+    """For bounces and complaints: the From of the returned message (the Postlane sender)."""
+    original_recipient: str = ""
+    """For bounces and complaints: the recipient that failed or complained."""
 
 
 class Approval(BaseModel):
