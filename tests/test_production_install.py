@@ -31,10 +31,10 @@ DEV_ONLY = {
     "trustme",
     "ruff",
     "mypy",
-    "jsonschema",
     "uv",
 }
-"""Distributions of the [dev], [testing] and [ci] extras, none of which production needs."""
+"""Distributions of the [dev], [testing] and [ci] extras, none of which production needs.
+(``jsonschema`` is in [ci], but production has it too: the ``mcp`` SDK depends on it.)"""
 
 # Every module of the installed packages except those of the dev stack and of the testing
 # extra; by walking the packages it stays true whatever the layout inside them.
