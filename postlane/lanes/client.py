@@ -7,6 +7,7 @@ import builtins
 from datetime import timedelta
 from typing import Any
 
+from pydantic import BaseModel
 from temporalio.api.enums.v1 import TaskQueueType
 from temporalio.api.taskqueue.v1 import TaskQueue
 from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest
@@ -90,17 +91,9 @@ class Lanes:
         self.settings.lane(name)
         if not rate_per_second > 0:
             raise ConfigurationError(f"rate: {rate_per_second:g} must be greater than 0")
-        handle = self.temporal.get_workflow_handle(lane_workflow_id(name))
-        try:
-            await handle.signal(
-                LaneMessages.SET_RATE, RateChange(rate_per_second=rate_per_second, reason=reason)
-            )
-        except RPCError as err:
-            if err.status == RPCStatusCode.NOT_FOUND:
-                raise ConfigurationError(
-                    f"lane {name!r} has no running lane workflow; start a worker for it first"
-                ) from None
-            raise
+        await self._signal(
+            name, LaneMessages.SET_RATE, RateChange(rate_per_second=rate_per_second, reason=reason)
+        )
 
     async def pause(self, name: str, *, reason: str = "paused by an operator") -> None:
         """Pause a lane by hand: its emails wait ``scheduled`` until `resume`.
@@ -109,15 +102,7 @@ class Lanes:
             ConfigurationError: no lane has this name, or its workflow is not running.
         """
         self.settings.lane(name)
-        handle = self.temporal.get_workflow_handle(lane_workflow_id(name))
-        try:
-            await handle.signal(LaneMessages.PAUSE, PauseRequest(reason=reason))
-        except RPCError as err:
-            if err.status == RPCStatusCode.NOT_FOUND:
-                raise ConfigurationError(
-                    f"lane {name!r} has no running lane workflow; start a worker for it first"
-                ) from None
-            raise
+        await self._signal(name, LaneMessages.PAUSE, PauseRequest(reason=reason))
 
     async def resume(self, name: str, *, note: str = "") -> LanePause:
         """Resume a paused lane: the emails it held go out, each once, in their order.
@@ -144,8 +129,19 @@ class Lanes:
             reason = str(getattr(cause, "message", None) or cause or err)
             raise ActionRefused(lane_workflow_id(name), "resume", reason) from None
         except RPCError as err:
-            if err.status == RPCStatusCode.NOT_FOUND:
-                raise ConfigurationError(
-                    f"lane {name!r} has no running lane workflow; start a worker for it first"
-                ) from None
-            raise
+            raise _not_running(name, err) from None
+
+    async def _signal(self, name: str, signal: str, arg: BaseModel) -> None:
+        try:
+            await self.temporal.get_workflow_handle(lane_workflow_id(name)).signal(signal, arg)
+        except RPCError as err:
+            raise _not_running(name, err) from None
+
+
+def _not_running(name: str, err: RPCError) -> Exception:
+    """The error to raise for `err` from a lane workflow's handle: NOT_FOUND names the fix."""
+    if err.status == RPCStatusCode.NOT_FOUND:
+        return ConfigurationError(
+            f"lane {name!r} has no running lane workflow; start a worker for it first"
+        )
+    return err
