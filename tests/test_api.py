@@ -58,6 +58,7 @@ pytestmark = pytest.mark.devserver
 SENDER = "agent@acme.test"
 OPS_SENDER = "alerts@ops.acme.test"
 OTHER_SENDER = "agent@other.test"
+HELD_DOMAIN = "held.acme.test"
 MAX_RECIPIENTS = 5
 MAX_BODY = 20_000
 
@@ -235,9 +236,19 @@ async def api(
             ),
             smtp,
         )
+        # A lane only the pause test sends on, so no worker holds a fresh "not paused".
+        held = catcher_lane(
+            LaneConfig(
+                name=f"api-held-{uuid.uuid4().hex[:6]}",
+                senders=[f"*@{HELD_DOMAIN}"],
+                smtp_host="127.0.0.1",
+                rate_per_second=50,
+            ),
+            smtp,
+        )
         config = tmp / "postlane.toml"
         config.write_text(
-            lanes_toml([lane])
+            lanes_toml([lane, held])
             + "[api]\n"
             + f'keys_file = "{tmp / "keys.json"}"\n'
             + f'public_url = "{url}"\n'
@@ -255,7 +266,7 @@ async def api(
         store.revoke(keys["revoked"].split("_")[1])
         api_env = {**env, "TEMPORAL_ADDRESS": f"127.0.0.1:{relay.port}"}
         proc = start_api(api_env, logs, port, tmp / "server.pem")
-        settings = Settings(lanes=[lane])
+        settings = Settings(lanes=[lane, held])
         try:
             with WorkerProcess.start(env, logs, name="worker"):
                 async with httpx.AsyncClient(
@@ -789,3 +800,59 @@ async def test_cancel_retry_and_dead_letters_through_the_api(api: Api) -> None:
     api_log = (api.logs / "api.err").read_text() + (api.logs / "api.out").read_text()
     assert "route=/v1/emails/{key:path}/cancel" in api_log  # the route, not the path
     assert f"/v1/emails/{key}" not in api_log
+
+
+@pytest.mark.timeout(240)
+async def test_an_operator_key_pauses_and_resumes_a_lane_and_what_waited_goes_once(
+    api: Api,
+) -> None:
+    held = api.pl.settings.lanes[1].name
+    scoped = await api.http.post(f"/v1/lanes/{held}/pause", headers=api.auth())
+    assert_problem(scoped, 403, "operator-only", "name")
+    status = (await api.pl.lanes.get(held)).status
+    assert status is not None and not status.paused  # the refused key changed nothing
+    unknown = await api.http.post("/v1/lanes/no-such-lane/pause", headers=api.auth("any"))
+    assert_problem(unknown, 404, "not-found")
+    not_paused = await api.http.post(f"/v1/lanes/{held}/resume", headers=api.auth("any"))
+    assert_problem(not_paused, 409, "action-refused")
+
+    paused = await api.http.post(
+        f"/v1/lanes/{held}/pause", json={"reason": "checking a list"}, headers=api.auth("any")
+    )
+    assert paused.status_code == 200, paused.text
+    try:
+
+        async def lane_paused() -> bool:
+            status = (await api.pl.lanes.get(held)).status
+            return status is not None and status.paused and status.paused_by == "operator"
+
+        await assert_eventually(lane_paused, within=60, what="the lane paused on the server")
+        listed = await api.http.get("/v1/lanes", headers=api.auth())
+        [row] = [r for r in listed.json() if r["name"] == held]
+        assert row["status"]["pause_reason"] == "checking a list"
+
+        key = f"api-{uuid.uuid4().hex[:10]}"
+        to = f"{key}@example.test"
+        sent = await api.send(key, email_body(to, sender=f"ops@{HELD_DOMAIN}"), who="any")
+        assert sent.status_code == 202, sent.text
+
+        async def held_back() -> bool:
+            report = await api.pl.describe(key)
+            return report.status == "scheduled" and "checking a list" in (report.last_error or "")
+
+        await assert_eventually(held_back, within=60, what="the email held by the paused lane")
+        assert not api.sent_to(to)
+    finally:
+        resumed = await api.http.post(
+            f"/v1/lanes/{held}/resume", json={"reason": "list is clean"}, headers=api.auth("any")
+        )
+    assert resumed.status_code == 200, resumed.text
+    assert resumed.json()["reason"] == "checking a list"
+
+    async def delivered() -> bool:
+        return await status_of(api, key) == "sent"
+
+    await assert_eventually(delivered, within=60, what="sent after the resume")
+    [message] = api.sent_to(to)  # once
+    receipt = (await api.pl.describe(key)).receipt
+    assert receipt is not None and message.message_id == receipt.message_id

@@ -23,9 +23,11 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationErro
 
 from postlane.client import CancelResult, PostlaneClient
 from postlane.email.models import Email, EmailReport, Priority
-from postlane.errors import InvalidInput
+from postlane.errors import ConfigurationError, InvalidInput
 from postlane.idempotency import email_digest
 from postlane.ids import SEQUENCE_ID_PREFIX, email_workflow_id, sequence_workflow_id
+from postlane.lanes.guard import LanePause
+from postlane.lanes.models import LaneReport
 from postlane.senders import sender_of
 from postlane.sequences.models import SequenceReport
 from postlane.sequences.spec import Recipient, SequenceSpec, load_spec
@@ -81,6 +83,15 @@ class RetryBody(BaseModel):
     """Replace the To recipients (a dead-lettered email only)."""
     lane: str | None = None
     """Send through another lane (a dead-lettered email only)."""
+
+
+class LaneActionBody(BaseModel):
+    """``POST /v1/lanes/{name}/pause`` and ``/resume``: why (kept in the lane's log)."""
+
+    model_config = ConfigDict(use_attribute_docstrings=True, extra="forbid")
+
+    reason: str = Field(default="", max_length=500)
+    """Why the lane is paused or resumed (pause: shown with the pause)."""
 
 
 class Accepted(BaseModel):
@@ -331,6 +342,63 @@ def create_app(pl: PostlaneClient, *, keys: KeyStore | None = None) -> FastAPI:
         """Status, lane, attempts, last SMTP reply and receipt of an email."""
         return await pl.describe(key)
 
+    def check_operator(record: ApiKey) -> None:
+        # A lane carries every sender configured on it: only an unrestricted key acts on it.
+        if "*" not in record.senders:
+            raise Problem(
+                403,
+                "operator-only",
+                "Operator key required",
+                "name: pausing or resuming a lane needs an API key created with --senders '*'",
+                field="name",
+            )
+
+    def lane_named(name: str) -> str:
+        if name not in {lane.name for lane in pl.settings.lanes}:
+            raise Problem(404, "not-found", "Not found", f"name: no lane is called {name!r}")
+        return name
+
+    @app.get("/v1/lanes", tags=["lanes"], responses=_problems(401))
+    async def lanes(record: Key) -> list[LaneReport]:
+        """Every lane: rate, backpressure, caps used, backlog, and whether it is paused (and
+        why: the reputation guard or an operator)."""
+        return await pl.lanes.list()
+
+    @app.post(
+        "/v1/lanes/{name}/pause",
+        tags=["lanes"],
+        responses=_problems(401, 403, 404, 422),
+        openapi_extra=_json_body("LaneActionBody", required=False),
+    )
+    async def pause_lane(name: str, request: Request, record: Key) -> LaneReport:
+        """Pause a lane by hand: its emails wait ``scheduled`` until it is resumed. Needs an
+        unrestricted key (``--senders '*'``)."""
+        check_operator(record)
+        raw = await body_of(request)
+        body = _parse(LaneActionBody, raw) if raw.strip() else LaneActionBody()
+        try:
+            await pl.lanes.pause(lane_named(name), reason=body.reason or "paused over the HTTP API")
+        except ConfigurationError as exc:  # its lane workflow is not running
+            raise Problem(409, "lane-not-running", "Lane not running", str(exc)) from None
+        return await pl.lanes.get(name)
+
+    @app.post(
+        "/v1/lanes/{name}/resume",
+        tags=["lanes"],
+        responses=_problems(401, 403, 404, 409, 422),
+        openapi_extra=_json_body("LaneActionBody", required=False),
+    )
+    async def resume_lane(name: str, request: Request, record: Key) -> LanePause:
+        """Resume a lane the reputation guard or an operator paused; answers the pause that
+        ended. 409 if the lane is not paused. Needs an unrestricted key (``--senders '*'``)."""
+        check_operator(record)
+        raw = await body_of(request)
+        body = _parse(LaneActionBody, raw) if raw.strip() else LaneActionBody()
+        try:
+            return await pl.lanes.resume(lane_named(name), note=body.reason)
+        except ConfigurationError as exc:
+            raise Problem(409, "lane-not-running", "Lane not running", str(exc)) from None
+
     @app.get("/v1/dead-letters", tags=["emails"], responses=_problems(401, 422))
     async def dead_letters(
         record: Key,
@@ -479,7 +547,13 @@ def create_app(pl: PostlaneClient, *, keys: KeyStore | None = None) -> FastAPI:
                 routes=app.routes,
             )
             components = schema.setdefault("components", {}).setdefault("schemas", {})
-            for model in (SendEmailRequest, StartSequenceRequest, RetryBody, ProblemDetails):
+            for model in (
+                SendEmailRequest,
+                StartSequenceRequest,
+                RetryBody,
+                LaneActionBody,
+                ProblemDetails,
+            ):
                 found = model.model_json_schema(ref_template="#/components/schemas/{model}")
                 components.update(found.pop("$defs", {}))
                 components[model.__name__] = found
