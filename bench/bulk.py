@@ -55,6 +55,7 @@ from postlane.dev.binaries import dev_server_path  # noqa: E402
 from postlane.dev.catcher import SmtpCatcher  # noqa: E402
 from postlane.dev.stack import server_command  # noqa: E402
 from postlane.email.models import Email, RetrySettings  # noqa: E402
+from postlane.lanes.guard import GuardSettings  # noqa: E402
 from postlane.logs import configure_logging  # noqa: E402
 from postlane.namespace import ensure_namespace, ensure_search_attributes  # noqa: E402
 from postlane.tokens import SECRET_ENV  # noqa: E402
@@ -193,6 +194,9 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                     "retry": RetrySettings(
                         maximum_attempts=1, initial_interval=timedelta(seconds=1)
                     ),
+                    # A whole batch deferred would pause the lane (the guard's deferral
+                    # rate) and the retried emails would wait for a resume.
+                    "guard": GuardSettings(enabled=False),
                 }
             )
             secret = secrets.token_urlsafe(32)

@@ -20,6 +20,7 @@ from postlane.client import EmailHandle, PostlaneClient
 from postlane.config import LaneConfig, Settings
 from postlane.dev.catcher import SmtpCatcher
 from postlane.email.models import EmailStatus, RetrySettings
+from postlane.lanes.guard import GuardSettings
 from postlane.names import EmailMemo
 from postlane.testing import running_workers
 from tests.procs import assert_eventually, postlane_env, run_postlane, write_config
@@ -46,6 +47,15 @@ async def count(pl: PostlaneClient, query: str) -> int:
 
 def fast_lane(smtp: SmtpCatcher, **fields: Any) -> LaneConfig:
     return new_lane(smtp, rate_per_second=500, **fields)
+
+
+def parking_lane(smtp: SmtpCatcher) -> LaneConfig:
+    """A lane whose emails park after one failed attempt. Its reputation guard is off: a
+    whole batch deferred (the outage `park` plays) would otherwise pause the lane, as it
+    should in production, and the retried emails would wait for an operator's resume."""
+    return fast_lane(
+        smtp, retry=RetrySettings(maximum_attempts=1), guard=GuardSettings(enabled=False)
+    )
 
 
 @pytest.mark.timeout(300)
@@ -143,7 +153,7 @@ async def test_dlq_retry_all_is_one_batch_job_that_reaches_every_parked_email(
     dev_env: WorkflowEnvironment, key: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     with SmtpCatcher() as smtp:
-        lane = fast_lane(smtp, retry=RetrySettings(maximum_attempts=1))
+        lane = parking_lane(smtp)
         settings = Settings(lanes=[lane])
         pl = PostlaneClient(dev_env.client, settings)
         env = postlane_env(address_of(dev_env), write_config(tmp_path / "postlane.toml", [lane]))
@@ -219,7 +229,7 @@ async def test_dlq_discard_all_is_one_batch_job_that_ends_every_parked_email(
     dev_env: WorkflowEnvironment, key: str, tmp_path: Path
 ) -> None:
     with SmtpCatcher() as smtp:
-        lane = fast_lane(smtp, retry=RetrySettings(maximum_attempts=1))
+        lane = parking_lane(smtp)
         settings = Settings(lanes=[lane])
         pl = PostlaneClient(dev_env.client, settings)
         env = postlane_env(address_of(dev_env), write_config(tmp_path / "postlane.toml", [lane]))
