@@ -166,7 +166,11 @@ async def test_dlq_retry_all_is_one_batch_job_that_reaches_every_parked_email(
             # The listing alone: no describe (and so no query) per email.
             monkeypatch.setattr(pl, "describe", no_describe)
             reports = await pl.dlq.list(lane=lane.name)
+            newest = await pl.dlq.newest(5, lane=lane.name)  # what `postlane top` shows
             monkeypatch.undo()
+            stamps = sorted((r.parked_at for r in reports if r.parked_at), reverse=True)
+            assert [r.parked_at for r in newest] == stamps[:5]  # the newest first (ties aside)
+            assert {r.key for r in newest} <= {r.key for r in reports}
             assert sorted(r.key for r in reports) == sorted(f"{key}-{n}" for n in range(PARKED))
             for r in reports:
                 n = r.key.rsplit("-", 1)[1]

@@ -97,10 +97,9 @@ async def sample(pl: PostlaneClient) -> Sample:
             strict=True,
         )
     )
-    keys = await pl.dlq.keys()  # the longest parked first
-    # A parked email whose workers are gone answers no query: show what the server knows.
-    newest = [await pl.describe(k, wait=WORKER_ANSWER) for k in keys[-NEWEST_DEAD_LETTERS:]]
-    newest.reverse()
+    # From the listing and each email's dead-letter memo: the server knows it, whether or
+    # not any worker is up to answer a query.
+    newest = await pl.dlq.newest(NEWEST_DEAD_LETTERS, wait=WORKER_ANSWER)
     return Sample(at=datetime.now(UTC), lanes=lanes, counts=counts, dead_letters=newest)
 
 

@@ -12,7 +12,7 @@ import builtins
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from temporalio.api.batch.v1 import BatchOperationSignal
@@ -103,6 +103,24 @@ class DeadLetters:
         reports = [await self._report(execution) for execution in await self._parked(lane, since)]
         far_past = datetime.min.replace(tzinfo=UTC)
         return sorted(reports, key=lambda r: r.parked_at or far_past)
+
+    async def newest(
+        self, count: int, *, lane: str | None = None, wait: timedelta | None = None
+    ) -> builtins.list[EmailReport]:
+        """The `count` most recently parked emails, the newest first: one listing, ordered
+        by `PostlaneParkedAt` here (the server's listing has its own order).
+
+        Args:
+            wait: how long to wait for a worker's answer about an email parked by code
+                older than the dead-letter memo (default: the client's own bound).
+        """
+        far_past = datetime.min.replace(tzinfo=UTC)
+        found = sorted(
+            await self._parked(lane, None),
+            key=lambda e: e.typed_search_attributes.get(sa.PARKED_AT) or far_past,
+            reverse=True,
+        )
+        return [await self._report(execution, wait) for execution in found[:count]]
 
     async def keys(
         self, *, lane: str | None = None, since: datetime | None = None
@@ -262,11 +280,13 @@ class DeadLetters:
     async def _listed(self, query: str) -> builtins.list[WorkflowExecution]:
         return [execution async for execution in self._client.temporal.list_workflows(query)]
 
-    async def _report(self, execution: WorkflowExecution) -> EmailReport:
+    async def _report(
+        self, execution: WorkflowExecution, wait: timedelta | None = None
+    ) -> EmailReport:
         key = key_from_workflow_id(execution.id)
         shown: Any = (await execution.memo()).get(EmailMemo.DEAD_LETTER)
-        if not isinstance(shown, dict):
-            return await self._client.describe(key)  # parked by code older than the memo
+        if not isinstance(shown, dict):  # parked by code older than the memo
+            return await self._client.describe(key, wait=wait)
         attributes = execution.typed_search_attributes
         return EmailReport(
             key=key,
