@@ -336,10 +336,15 @@ class Sequences:
         handle, desc = await self._describe_sequence(key)
         if desc.status != WorkflowExecutionStatus.RUNNING:
             return False
-        if arg is None:
-            await handle.signal(signal)
-        else:
-            await handle.signal(signal, arg)
+        try:
+            if arg is None:
+                await handle.signal(signal)
+            else:
+                await handle.signal(signal, arg)
+        except RPCError as err:
+            if err.status == RPCStatusCode.NOT_FOUND:  # it finished since the describe
+                return False
+            raise
         return True
 
     async def _update(self, key: str, action: str, arg: Any = None) -> bool:
