@@ -7,6 +7,8 @@ from __future__ import annotations
 import csv
 import re
 from collections import Counter
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -121,8 +123,27 @@ async def test_send_csv_with_a_bad_row_sends_nothing(
         assert smtp.messages == []
 
 
+@asynccontextmanager
+async def parked_lane(
+    dev_env: WorkflowEnvironment, tmp_path: Path, key: str
+) -> AsyncIterator[
+    tuple[PostlaneClient, SmtpCatcher, LaneConfig, dict[str, str], list[EmailHandle]]
+]:
+    """A parking lane with its workers running and `PARKED` emails dead-lettered on it.
+
+    Yields the client, the catcher, the lane, the CLI's environment and the emails' handles.
+    """
+    with SmtpCatcher() as smtp:
+        lane = parking_lane(smtp)
+        settings = Settings(lanes=[lane])
+        pl = PostlaneClient(dev_env.client, settings)
+        env = postlane_env(address_of(dev_env), write_config(tmp_path / "postlane.toml", [lane]))
+        async with running_workers(dev_env, settings):
+            yield pl, smtp, lane, env, await park(pl, smtp, lane, key)
+
+
 async def park(
-    dev_env: WorkflowEnvironment, pl: PostlaneClient, smtp: SmtpCatcher, lane: LaneConfig, key: str
+    pl: PostlaneClient, smtp: SmtpCatcher, lane: LaneConfig, key: str
 ) -> list[EmailHandle]:
     """`PARKED` emails dead-lettered on `lane` (one transient failure each)."""
     smtp.fail("data", OUTAGE, times=PARKED)
@@ -152,107 +173,95 @@ async def batch_jobs(pl: PostlaneClient, stderr: str) -> list[str]:
 async def test_dlq_retry_all_is_one_batch_job_that_reaches_every_parked_email(
     dev_env: WorkflowEnvironment, key: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    with SmtpCatcher() as smtp:
-        lane = parking_lane(smtp)
-        settings = Settings(lanes=[lane])
-        pl = PostlaneClient(dev_env.client, settings)
-        env = postlane_env(address_of(dev_env), write_config(tmp_path / "postlane.toml", [lane]))
-        async with running_workers(dev_env, settings):
-            handles = await park(dev_env, pl, smtp, lane, key)
+    async with parked_lane(dev_env, tmp_path, key) as (pl, smtp, lane, env, handles):
 
-            async def no_describe(*args: Any, **kwargs: Any) -> Any:
-                raise AssertionError("dlq list described an email one by one")
+        async def no_describe(*args: Any, **kwargs: Any) -> Any:
+            raise AssertionError("dlq list described an email one by one")
 
-            # The listing alone: no describe (and so no query) per email.
-            monkeypatch.setattr(pl, "describe", no_describe)
-            reports = await pl.dlq.list(lane=lane.name)
-            newest = await pl.dlq.newest(5, lane=lane.name)  # what `postlane top` shows
-            monkeypatch.undo()
-            stamps = sorted((r.parked_at for r in reports if r.parked_at), reverse=True)
-            assert [r.parked_at for r in newest] == stamps[:5]  # the newest first (ties aside)
-            assert {r.key for r in newest} <= {r.key for r in reports}
-            assert sorted(r.key for r in reports) == sorted(f"{key}-{n}" for n in range(PARKED))
-            for r in reports:
-                n = r.key.rsplit("-", 1)[1]
-                assert r.status == EmailStatus.DEAD_LETTER and r.lane == lane.name
-                assert r.recipients == [f"p{n}@example.test"] and r.subject == f"#{n}"
-                # Under load an attempt can also end in a heartbeat timeout: any reply will do.
-                assert r.attempts == 1 and r.last_error and r.parked_at is not None
-                # The same as the email's own report (its workflow answers the query).
-                own = await pl.describe(r.key)
-                assert (own.recipients, own.attempts, own.last_error, own.parked_at) == (
-                    r.recipients,
-                    r.attempts,
-                    r.last_error,
-                    r.parked_at,
-                )
-            memo = await pl.handle(reports[0].key)._handle.describe()
-            assert EmailMemo.DEAD_LETTER in await memo.memo()
-            assert smtp.messages == []
-            smtp.clear_script()  # the provider is back (faults left by timed-out attempts too)
-
-            rc, out, err = await run_postlane(
-                ["dlq", "retry", "--all", "--lane", lane.name], env, within=240
+        # The listing alone: no describe (and so no query) per email.
+        monkeypatch.setattr(pl, "describe", no_describe)
+        reports = await pl.dlq.list(lane=lane.name)
+        newest = await pl.dlq.newest(5, lane=lane.name)  # what `postlane top` shows
+        monkeypatch.undo()
+        stamps = sorted((r.parked_at for r in reports if r.parked_at), reverse=True)
+        assert [r.parked_at for r in newest] == stamps[:5]  # the newest first (ties aside)
+        assert {r.key for r in newest} <= {r.key for r in reports}
+        assert sorted(r.key for r in reports) == sorted(f"{key}-{n}" for n in range(PARKED))
+        for r in reports:
+            n = r.key.rsplit("-", 1)[1]
+            assert r.status == EmailStatus.DEAD_LETTER and r.lane == lane.name
+            assert r.recipients == [f"p{n}@example.test"] and r.subject == f"#{n}"
+            # Under load an attempt can also end in a heartbeat timeout: any reply will do.
+            assert r.attempts == 1 and r.last_error and r.parked_at is not None
+            # The same as the email's own report (its workflow answers the query).
+            own = await pl.describe(r.key)
+            assert (own.recipients, own.attempts, own.last_error, own.parked_at) == (
+                r.recipients,
+                r.attempts,
+                r.last_error,
+                r.parked_at,
             )
-            assert rc == 0, err
-            assert f"retry: {PARKED} of {PARKED} parked emails signalled (0 errors)" in out
-            assert f"] {PARKED}/{PARKED}  batch job postlane-dlq-retry-" in err
-            [job] = await batch_jobs(pl, out)
-            desc = await pl.temporal.workflow_service.describe_batch_operation(
-                DescribeBatchOperationRequest(namespace=pl.temporal.namespace, job_id=job)
-            )
-            assert desc.operation_type in (
-                BatchOperationType.BATCH_OPERATION_TYPE_SIGNAL,
-                BatchOperationType.BATCH_OPERATION_TYPE_SIGNAL_WORKFLOW,  # newer servers
-            )
-            assert desc.total_operation_count == PARKED
-            assert desc.complete_operation_count == PARKED
+        memo = await pl.handle(reports[0].key)._handle.describe()
+        assert EmailMemo.DEAD_LETTER in await memo.memo()
+        assert smtp.messages == []
+        smtp.clear_script()  # the provider is back (faults left by timed-out attempts too)
 
-            for handle in handles:
-                await handle.result()
-            by_recipient = Counter(r for m in smtp.messages for r in m.recipients)
-            assert by_recipient == Counter(f"p{n}@example.test" for n in range(PARKED))
-            # Each email's history holds the batch job's retry signal.
-            history = await handles[0]._handle.fetch_history()
-            signals = [
-                e.workflow_execution_signaled_event_attributes.signal_name
-                for e in history.events
-                if e.HasField("workflow_execution_signaled_event_attributes")
-            ]
-            assert signals.count("retry") == 1
+        rc, out, err = await run_postlane(
+            ["dlq", "retry", "--all", "--lane", lane.name], env, within=240
+        )
+        assert rc == 0, err
+        assert f"retry: {PARKED} of {PARKED} parked emails signalled (0 errors)" in out
+        assert f"] {PARKED}/{PARKED}  batch job postlane-dlq-retry-" in err
+        [job] = await batch_jobs(pl, out)
+        desc = await pl.temporal.workflow_service.describe_batch_operation(
+            DescribeBatchOperationRequest(namespace=pl.temporal.namespace, job_id=job)
+        )
+        assert desc.operation_type in (
+            BatchOperationType.BATCH_OPERATION_TYPE_SIGNAL,
+            BatchOperationType.BATCH_OPERATION_TYPE_SIGNAL_WORKFLOW,  # newer servers
+        )
+        assert desc.total_operation_count == PARKED
+        assert desc.complete_operation_count == PARKED
 
-            rc, out, err = await run_postlane(["dlq", "retry", "--all", "--lane", lane.name], env)
-            assert rc == 0, err  # nothing left parked: a second run changes nothing
-            # Visibility may still list some as parked: those ignore the signal (not parked).
-            assert re.search(r"retry: (\d+) of \1 parked emails signalled \(0 errors\)", out)
-            assert len(smtp.messages) == PARKED
+        for handle in handles:
+            await handle.result()
+        by_recipient = Counter(r for m in smtp.messages for r in m.recipients)
+        assert by_recipient == Counter(f"p{n}@example.test" for n in range(PARKED))
+        # Each email's history holds the batch job's retry signal.
+        history = await handles[0]._handle.fetch_history()
+        signals = [
+            e.workflow_execution_signaled_event_attributes.signal_name
+            for e in history.events
+            if e.HasField("workflow_execution_signaled_event_attributes")
+        ]
+        assert signals.count("retry") == 1
+
+        rc, out, err = await run_postlane(["dlq", "retry", "--all", "--lane", lane.name], env)
+        assert rc == 0, err  # nothing left parked: a second run changes nothing
+        # Visibility may still list some as parked: those ignore the signal (not parked).
+        assert re.search(r"retry: (\d+) of \1 parked emails signalled \(0 errors\)", out)
+        assert len(smtp.messages) == PARKED
 
 
 @pytest.mark.timeout(420)
 async def test_dlq_discard_all_is_one_batch_job_that_ends_every_parked_email(
     dev_env: WorkflowEnvironment, key: str, tmp_path: Path
 ) -> None:
-    with SmtpCatcher() as smtp:
-        lane = parking_lane(smtp)
-        settings = Settings(lanes=[lane])
-        pl = PostlaneClient(dev_env.client, settings)
-        env = postlane_env(address_of(dev_env), write_config(tmp_path / "postlane.toml", [lane]))
-        async with running_workers(dev_env, settings):
-            handles = await park(dev_env, pl, smtp, lane, key)
-            rc, out, err = await run_postlane(
-                ["dlq", "discard", "--all", "--lane", lane.name], env, within=240
-            )
-            assert rc == 0, err
-            assert f"discard: {PARKED} of {PARKED} parked emails signalled (0 errors)" in out
+    async with parked_lane(dev_env, tmp_path, key) as (pl, smtp, lane, env, handles):
+        rc, out, err = await run_postlane(
+            ["dlq", "discard", "--all", "--lane", lane.name], env, within=240
+        )
+        assert rc == 0, err
+        assert f"discard: {PARKED} of {PARKED} parked emails signalled (0 errors)" in out
 
-            async def all_cancelled() -> bool:
-                query = f'PostlaneLane="{lane.name}" AND PostlaneStatus="cancelled"'
-                if await count(pl, query) != PARKED:
-                    return False
-                closed = [(await h._handle.describe()).status for h in handles]
-                return closed == [WorkflowExecutionStatus.FAILED] * PARKED
+        async def all_cancelled() -> bool:
+            query = f'PostlaneLane="{lane.name}" AND PostlaneStatus="cancelled"'
+            if await count(pl, query) != PARKED:
+                return False
+            closed = [(await h._handle.describe()).status for h in handles]
+            return closed == [WorkflowExecutionStatus.FAILED] * PARKED
 
-            await assert_eventually(all_cancelled, within=120, what="every email discarded")
-            assert await pl.status(handles[-1].key) == EmailStatus.CANCELLED
-            assert await pl.dlq.list(lane=lane.name) == []
-            assert smtp.messages == []
+        await assert_eventually(all_cancelled, within=120, what="every email discarded")
+        assert await pl.status(handles[-1].key) == EmailStatus.CANCELLED
+        assert await pl.dlq.list(lane=lane.name) == []
+        assert smtp.messages == []

@@ -147,6 +147,7 @@ async def test_forget_deletes_an_address_workflows_and_keeps_its_suppression(
             assert {r for m in smtp.messages for r in m.recipients} == {target, other}
             # Suppressed once its emails are out: from then on none would go (reputation.md).
             await pl.suppressions.add(SENDER, target, reason="asked")
+            suppression = suppression_workflow_id(SENDER, target)
 
             target_ids = {
                 email_workflow_id(f"sent-{uid}"),
@@ -164,13 +165,18 @@ async def test_forget_deletes_an_address_workflows_and_keeps_its_suppression(
 
             async def indexed() -> bool:
                 runs = await client.count_workflows(f'WorkflowId = "{mine_seq.workflow_id}"')
+                # forget finds suppressions by listing them: wait until this one is listed.
+                held = await client.count_workflows(f'WorkflowId = "{suppression}"')
                 listed = {
                     e.id async for e in client.list_workflows(f'PostlaneRecipientHash="{mine}"')
                 }
                 # The foreign start and the sequences' emails included; the sequence has
                 # continued as new, and both its runs are listed.
                 return (
-                    listed == target_ids and runs.count == 2 and await _count(client, theirs) == 3
+                    listed == target_ids
+                    and runs.count == 2
+                    and held.count == 1
+                    and await _count(client, theirs) == 3
                 )
 
             await assert_eventually(indexed, within=30, what="hashes indexed")
@@ -186,7 +192,6 @@ async def test_forget_deletes_an_address_workflows_and_keeps_its_suppression(
                 mine_seq.workflow_id,
                 blind_seq.workflow_id,
             }
-            suppression = suppression_workflow_id(SENDER, target)
             assert result.suppressions_kept == [suppression]
             assert result.recipient_hash == mine and result.not_stopped == []
             for wid in target_ids:

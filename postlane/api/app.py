@@ -253,6 +253,11 @@ def create_app(pl: PostlaneClient, *, keys: KeyStore | None = None) -> FastAPI:
                 raise _too_large(len(data), limit)
         return bytes(data)
 
+    async def optional_body(request: Request, model: type[M]) -> M:
+        # An empty body means every field's default.
+        raw = await body_of(request)
+        return _parse(model, raw) if raw.strip() else model()
+
     def replayed(response: Response, joined: bool, created: bool) -> None:
         # A request that joined another in flight, or found the workflow already there,
         # answers what the first request answered.
@@ -331,8 +336,7 @@ def create_app(pl: PostlaneClient, *, keys: KeyStore | None = None) -> FastAPI:
     async def retry_email(key: str, request: Request, record: Key) -> EmailReport:
         """Send a dead-lettered (or failed) email again, optionally corrected; 409 if it
         is not dead-lettered, 403 if it was sent as a sender outside the key's scope."""
-        raw = await body_of(request)
-        body = _parse(RetryBody, raw) if raw.strip() else RetryBody()
+        body = await optional_body(request, RetryBody)
         await check_owner(record, key)
         await pl.retry(key, to=body.to, lane=body.lane)
         return await pl.describe(key, wait=timedelta(seconds=5))
@@ -367,15 +371,14 @@ def create_app(pl: PostlaneClient, *, keys: KeyStore | None = None) -> FastAPI:
     @app.post(
         "/v1/lanes/{name}/pause",
         tags=["lanes"],
-        responses=_problems(401, 403, 404, 422),
+        responses=_problems(401, 403, 404, 409, 422),
         openapi_extra=_json_body("LaneActionBody", required=False),
     )
     async def pause_lane(name: str, request: Request, record: Key) -> LaneReport:
         """Pause a lane by hand: its emails wait ``scheduled`` until it is resumed. Needs an
         unrestricted key (``--senders '*'``)."""
         check_operator(record)
-        raw = await body_of(request)
-        body = _parse(LaneActionBody, raw) if raw.strip() else LaneActionBody()
+        body = await optional_body(request, LaneActionBody)
         try:
             await pl.lanes.pause(lane_named(name), reason=body.reason or "paused over the HTTP API")
         except ConfigurationError as exc:  # its lane workflow is not running
@@ -392,8 +395,7 @@ def create_app(pl: PostlaneClient, *, keys: KeyStore | None = None) -> FastAPI:
         """Resume a lane the reputation guard or an operator paused; answers the pause that
         ended. 409 if the lane is not paused. Needs an unrestricted key (``--senders '*'``)."""
         check_operator(record)
-        raw = await body_of(request)
-        body = _parse(LaneActionBody, raw) if raw.strip() else LaneActionBody()
+        body = await optional_body(request, LaneActionBody)
         try:
             return await pl.lanes.resume(lane_named(name), note=body.reason)
         except ConfigurationError as exc:
