@@ -102,6 +102,8 @@ async def run_case(client: Client, emails: int, *, throttle: bool) -> dict[str, 
                     if (await weights(client, lane)).get("slow.test", 1.0) < 1.0:
                         break
                     await asyncio.sleep(0.1)
+                else:
+                    raise SystemExit("the lane never lowered slow.test's weight: no figure")
                 smtp.clear_script()
                 await warm.result()
             applied = await weights(client, lane)

@@ -467,7 +467,9 @@ def markdown(s: dict[str, Any]) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--emails", type=int, default=300, help="emails per burst (300)")
-    parser.add_argument("--bursts", type=int, default=6, help="bursts, alternating sdk/postlane")
+    parser.add_argument(
+        "--bursts", type=int, default=6, help="bursts, alternating sdk/postlane (at least 2)"
+    )
     parser.add_argument("--steady-seconds", type=float, default=30.0)
     parser.add_argument("--steady-fraction", type=float, default=0.7)
     parser.add_argument("--steady-sdk", action="store_true", help="also a steady phase, sdk wait")
@@ -482,6 +484,8 @@ def main() -> int:
     parser.add_argument("--tag", default="", help="results file suffix: latency-<tag>.*")
     parser.add_argument("--workdir", type=Path, help="keep the database and logs here")
     args = parser.parse_args()
+    if args.bursts < 2:
+        parser.error("--bursts: at least 2 (the postlane bursts size the steady phase)")
     cli_version = subprocess.run(
         [dev_server_path(), "--version"], capture_output=True, text=True, check=False
     ).stdout.strip()
