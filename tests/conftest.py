@@ -45,8 +45,13 @@ from postlane.lanes.models import (
 from postlane.testing import PostlaneTestEnv, default_test_lane, postlane_test_env
 
 # A developer's shell may hold Postlane or Temporal settings (encryption keys, a config
-# file, a server address); the suite must see only what each test sets itself.
-for _name in [n for n in os.environ if n.startswith(("POSTLANE_", "TEMPORAL_"))]:
+# file, a server address); the suite must see only what each test sets itself. The
+# POSTLANE_RECORD_* switches are the suite's own (they rerecord histories and doc
+# screens), so they stay.
+_KEEP = ("POSTLANE_RECORD_",)
+for _name in [
+    n for n in os.environ if n.startswith(("POSTLANE_", "TEMPORAL_")) and not n.startswith(_KEEP)
+]:
     del os.environ[_name]
 
 # Every worker a test starts (in process or as a subprocess) makes sealed Message-IDs and

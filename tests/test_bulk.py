@@ -16,12 +16,15 @@ import pytest
 from temporalio.api.enums.v1 import BatchOperationType
 from temporalio.api.workflowservice.v1 import DescribeBatchOperationRequest
 from temporalio.client import WorkflowExecutionStatus
+from temporalio.service import RPCError, RPCStatusCode
 from temporalio.testing import WorkflowEnvironment
 
+from postlane.cli.bulk import row_key
 from postlane.client import EmailHandle, PostlaneClient
 from postlane.config import LaneConfig, Settings
 from postlane.dev.catcher import SmtpCatcher
 from postlane.email.models import EmailStatus, RetrySettings
+from postlane.ids import email_workflow_id
 from postlane.lanes.guard import GuardSettings
 from postlane.names import EmailMemo
 from postlane.testing import running_workers
@@ -45,6 +48,28 @@ def write_csv(path: Path, rows: list[dict[str, str]]) -> Path:
 
 async def count(pl: PostlaneClient, query: str) -> int:
     return (await pl.temporal.count_workflows(query)).count
+
+
+async def run_ids(
+    pl: PostlaneClient, workflow_ids: set[str]
+) -> dict[str, tuple[str | None, WorkflowExecutionStatus | None]]:
+    """Each workflow's latest run ID and status, described by ID (no visibility lag)."""
+    found: dict[str, tuple[str | None, WorkflowExecutionStatus | None]] = {}
+    for workflow_id in sorted(workflow_ids):
+        desc = await pl.temporal.get_workflow_handle(workflow_id).describe()
+        found[workflow_id] = (desc.run_id, desc.status)
+    return found
+
+
+async def assert_never_started(pl: PostlaneClient, workflow_ids: set[str]) -> None:
+    """None of the workflows exists on the server, described by ID (no visibility lag)."""
+    for workflow_id in sorted(workflow_ids):
+        try:
+            desc = await pl.temporal.get_workflow_handle(workflow_id).describe()
+        except RPCError as err:
+            assert err.status == RPCStatusCode.NOT_FOUND, (workflow_id, err)
+        else:
+            raise AssertionError(f"{workflow_id} was started ({desc.status})")
 
 
 def fast_lane(smtp: SmtpCatcher, **fields: Any) -> LaneConfig:
@@ -89,13 +114,19 @@ async def test_send_csv_sends_each_row_once_and_a_rerun_sends_nothing(
                 assert message.header("Subject") == f"Hello Name {n}"
                 assert f"Your id is {n}.".encode() in message.raw
 
+            # Ground truth on the server before the rerun: one email workflow per row, keyed
+            # by the row, with the run that sent it.
+            ids = {email_workflow_id(row_key(key, row, None)) for row in rows}
+            before = await run_ids(pl, ids)
+            assert set(before) == ids
+            assert all(s == WorkflowExecutionStatus.COMPLETED for _, s in before.values())
+
             rc, out, err = await run_postlane(argv, env, within=180)  # the same file again
             assert rc == 0, err
             assert f"0 queued, {ROWS} already queued, 0 failed" in out
-            # Ground truth on the server: one email workflow per row, each with one run.
-            runs = [e async for e in pl.temporal.list_workflows(f'PostlaneLane="{lane.name}"')]
-            assert len(runs) == ROWS and len({e.id for e in runs}) == ROWS
-            assert all(e.status == WorkflowExecutionStatus.COMPLETED for e in runs)
+            # Each row's workflow, described by ID (not the lagging visibility listing),
+            # still has only the run that sent it: the rerun started no run of its own.
+            assert await run_ids(pl, ids) == before
             assert len(smtp.messages) == ROWS
 
 
@@ -119,7 +150,8 @@ async def test_send_csv_with_a_bad_row_sends_nothing(
         assert "2 invalid row(s); nothing was sent" in err
         rc, _, err = await run_postlane([*argv, "--subject", "{{ nope }}", "--text", "x"], env)
         assert rc == 2 and "subject: template does not render" in err, err
-        assert await count(pl, f'PostlaneLane="{lane.name}"') == 0
+        # The workflows the valid rows would have started, described by ID: none exists.
+        await assert_never_started(pl, {email_workflow_id(row_key(key, r, None)) for r in rows})
         assert smtp.messages == []
 
 

@@ -30,7 +30,7 @@ from postlane.ids import email_workflow_id, message_id
 from postlane.inbound.classify import classify, route
 from postlane.lanes import guard
 from postlane.lanes.guard import GuardSettings, OutcomeReport, PauseKind
-from postlane.sequences.models import InboundKind
+from postlane.sequences.models import InboundKind, Suppression
 from postlane.sequences.suppressions import parse_csv
 from postlane.testing import catcher_lane, running_workers
 from tests.imap import Dovecot
@@ -338,8 +338,14 @@ async def test_one_off_email_to_a_suppressed_address_ends_suppressed(
     report = await pl.describe(handle.key)
     assert report.status == EmailStatus.SUPPRESSED and report.attempts == 0
     query = 'PostlaneStatus="suppressed" AND WorkflowType="SendEmail"'
-    count = await pl.temporal.count_workflows(f'{query} AND WorkflowId="{handle.workflow_id}"')
-    assert count.count == 1  # countable by status, like every other outcome
+    query = f'{query} AND WorkflowId="{handle.workflow_id}"'
+
+    async def counted() -> bool:
+        # Visibility indexes the final status a moment after the workflow closes.
+        return (await pl.temporal.count_workflows(query)).count == 1
+
+    # Countable by status, like every other outcome.
+    await assert_eventually(counted, what="the email counted as suppressed")
     assert rcpts(smtp) == 0 and smtp.messages == []
 
 
@@ -441,7 +447,12 @@ async def test_arf_complaint_read_over_imap_suppresses_the_address(
             within=60,
             what="the complaint suppressed the address",
         )
-        [held] = [s for s in await pl.suppressions.list(SENDER) if s.address == address]
+
+        async def listed() -> list[Suppression]:
+            # list() reads visibility, which trails is_suppressed (a describe) by a moment.
+            return [s for s in await pl.suppressions.list(SENDER) if s.address == address]
+
+        [held] = await assert_eventually(listed, what="the suppression listed")
         assert held.source == "complaint" and "abuse" in held.reason
 
         async def counted() -> bool:

@@ -66,16 +66,19 @@ async def test_replay_fresh_guard_histories(
     timeout while a client waits)."""
     # Every send asks the lane: the good email below is refused, never let through.
     monkeypatch.setattr(guard_activities, "PAUSE_CHECK_EVERY", 0.0)
+    # Keys and addresses are the run's own: the dev server lives for the whole session,
+    # and a second run must not find the first one's workflows or suppressions.
     run = uuid.uuid4().hex[:6]
+    gone = [f"gone{n}-{run}@example.test" for n in range(2)]
     with SmtpCatcher() as smtp:
         lane = catcher_lane(GUARDED.model_copy(update={"name": f"guarded-{run}"}), smtp)
         settings = Settings(lanes=[lane])
         async with running_workers(dev_env, settings):
             pl = PostlaneClient(dev_env.client, settings)
-            for n in range(2):
-                smtp.reject_recipient(f"gone{n}@example.test")
+            for n, address in enumerate(gone):
+                smtp.reject_recipient(address)
                 with pytest.raises(PermanentDeliveryError):
-                    handle = await pl.send(_email(f"gone{n}@example.test"), key=f"{run}-b{n}")
+                    handle = await pl.send(_email(address), key=f"{run}-b{n}")
                     await handle.result()
 
             async def paused() -> bool:
@@ -83,7 +86,7 @@ async def test_replay_fresh_guard_histories(
                 return status is not None and status.paused
 
             await assert_eventually(paused, what="the lane paused")
-            waited = await pl.send(_email("fine@example.test"), key="replay-waited")
+            waited = await pl.send(_email(f"fine-{run}@example.test"), key=f"{run}-waited")
 
             async def waiting() -> bool:
                 report = await pl.describe(waited.key)
@@ -96,7 +99,7 @@ async def test_replay_fresh_guard_histories(
             await pl.lanes.resume(lane.name)
             await asyncio.wait_for(waited.result(), timeout=60)
             assert len(smtp.messages) == 1
-            suppressed = await pl.send(_email("gone0@example.test"), key="replay-suppressed")
+            suppressed = await pl.send(_email(gone[0]), key=f"{run}-suppressed")
             with pytest.raises(RecipientSuppressed):
                 await asyncio.wait_for(suppressed.result(), timeout=60)
             ids = {

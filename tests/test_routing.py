@@ -147,9 +147,10 @@ async def test_a_primary_killed_mid_batch_fails_over_once_each_and_the_circuit_c
         )
         settings = Settings(lanes=[lane, backup_lane])
         pl = PostlaneClient(client, settings)
-        # Each transaction waits at MAIL, so the kill finds the next one there, not in DATA
-        # (a 250 to DATA lost with the server would make the email's fate unknowable).
-        primary.delay("mail", 0.3, times=1000)
+        # After three emails the next transaction waits at MAIL, so the kill finds it
+        # there, not in DATA (a 250 to DATA lost with the server would make the email's
+        # fate unknowable, and its retry on the backup a duplicate).
+        primary.hold("mail", after=3)
         async with in_process_workers(client, settings):
             handles = [
                 await pl.send(
@@ -159,10 +160,9 @@ async def test_a_primary_killed_mid_batch_fails_over_once_each_and_the_circuit_c
                 for n in range(12)
             ]
             await assert_eventually(
-                lambda: len(primary.messages) >= 3,
-                within=60,
-                what="a few emails through the primary",
+                lambda: primary.held, within=60, what="the fourth email held at MAIL"
             )
+            assert len(primary.messages) == 3
             primary.stop()  # the provider dies mid-batch
 
             async def opened() -> LaneStatus | None:

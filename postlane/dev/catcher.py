@@ -2,7 +2,8 @@
 
 It speaks real SMTP over a socket (aiosmtpd). Besides keeping every message (in memory and,
 optionally, as .eml files), it can be scripted to misbehave the way providers do: reply
-4xx/5xx at a given phase, refuse some recipients, drop the connection, or answer slowly.
+4xx/5xx at a given phase, refuse some recipients, drop the connection, answer slowly, or
+leave a command unanswered until told.
 """
 
 from __future__ import annotations
@@ -118,9 +119,16 @@ class _Fault:
 
 
 @dataclass
+class _Hold:
+    phase: Phase
+    after: int  # holds once this many messages were accepted
+
+
+@dataclass
 class _Script:
     faults: list[_Fault] = field(default_factory=list)
     rejected_recipients: dict[str, str] = field(default_factory=dict)
+    holds: list[_Hold] = field(default_factory=list)
 
 
 class _CountingSMTP(SMTP):
@@ -282,6 +290,7 @@ class SmtpCatcher:
         self._unreported: list[CaughtMessage] = []
         self._sessions: list[SmtpSession] = []
         self._script = _Script()
+        self._held = 0
         self._cond = threading.Condition()
         self._controller: Controller | None = None
 
@@ -379,7 +388,7 @@ class SmtpCatcher:
         self._report_invalid()
 
     def clear_script(self) -> None:
-        """Forget the script (faults, refused recipients) and keep the caught messages:
+        """Forget the script (faults, refused recipients, holds) and keep the caught messages:
         a provider's outage is over."""
         with self._cond:
             self._script = _Script()
@@ -425,9 +434,49 @@ class SmtpCatcher:
         with self._cond:
             self._script.rejected_recipients[address.lower()] = reply
 
+    def hold(self, phase: Phase, *, after: int = 0) -> None:
+        """Leave every `phase` command unanswered once `after` messages were accepted.
+
+        The commands wait until `clear_script` or `clear` lifts the hold, or until `stop`
+        cuts their connections. A test that kills the server while a transaction waits
+        at MAIL (see `held`) knows that transaction delivered nothing, unlike a kill that
+        may find it inside DATA with the message already kept.
+        """
+        with self._cond:
+            self._script.holds.append(_Hold(phase, after))
+
+    @property
+    def held(self) -> int:
+        """How many commands a `hold` keeps waiting now."""
+        with self._cond:
+            return self._held
+
     # -- internals -------------------------------------------------------------------------
 
+    def _holding(self, phase: Phase) -> bool:
+        return any(h.phase == phase and len(self._messages) >= h.after for h in self._script.holds)
+
+    async def _wait_while_held(self, phase: Phase) -> None:
+        with self._cond:
+            if not self._holding(phase):
+                return
+            self._held += 1
+            self._cond.notify_all()
+        try:
+            # Polled rather than awaited on an event: `stop` cancels this task (ending the
+            # connection), and lifting the hold happens on the caller's thread.
+            while True:
+                await asyncio.sleep(0.01)
+                with self._cond:
+                    if not self._holding(phase):
+                        return
+        finally:
+            with self._cond:
+                self._held -= 1
+                self._cond.notify_all()
+
     async def _fault(self, phase: Phase, server: SMTP) -> str | None:
+        await self._wait_while_held(phase)
         with self._cond:
             fault = next((f for f in self._script.faults if f.phase == phase), None)
             if fault is not None:
