@@ -331,7 +331,9 @@ def dev_lane(smtp_port: int = 1025) -> LaneConfig:
 class Settings(BaseSettings):
     """Postlane's configuration. Build it with `load_settings`."""
 
-    model_config = SettingsConfigDict(env_prefix="POSTLANE_", extra="forbid", frozen=True)
+    model_config = SettingsConfigDict(
+        env_prefix="POSTLANE_", env_nested_delimiter="__", extra="forbid", frozen=True
+    )
 
     lanes: list[LaneConfig] = Field(default_factory=lambda: [dev_lane()])
     routes: list[RouteConfig] = Field(default_factory=list)

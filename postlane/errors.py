@@ -179,7 +179,7 @@ class RecipientSuppressed(PostlaneError):
     def __init__(self, sender: str, address: str, message: str | None = None) -> None:
         self.sender = sender
         self.address = address
-        super().__init__(message or f"{address} unsubscribed from {sender}; not enrolled")
+        super().__init__(message or f"{address} is suppressed for {sender}; not enrolled")
 
 
 class ActionRefused(PostlaneError):

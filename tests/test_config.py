@@ -119,6 +119,18 @@ def test_load_settings_environment_overrides_file(
     assert [lane.name for lane in settings.lanes] == ["fromenv"]
 
 
+def test_load_settings_api_key_from_nested_environment_variable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``POSTLANE_API__PUBLIC_URL`` sets ``[api] public_url`` and keeps the file's other
+    ``[api]`` keys (docs/api.md)."""
+    monkeypatch.setenv("POSTLANE_API__PUBLIC_URL", "https://mail.env.test/")
+    text = TWO_LANES.format(rate=1) + '\n[api]\nspecs_dir = "specs-from-file"\n'
+    settings = load_settings(write(tmp_path, text))
+    assert settings.api.public_url == "https://mail.env.test"
+    assert settings.api.specs_dir == "specs-from-file"
+
+
 def test_lane_credentials_read_from_environment_only(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -143,6 +143,10 @@ def test_suppression_csv_bad_row_names_its_line() -> None:
     with pytest.raises(InvalidInput) as caught:
         parse_csv(text)
     assert caught.value.field == "csv: line 3: address"
+    # Blank lines and rows of empty cells count as lines of the file.
+    with pytest.raises(InvalidInput) as caught:
+        parse_csv(text.replace("\na@rep.test,nope", "\n\n,,,\n\na@rep.test,nope"))
+    assert caught.value.field == "csv: line 6: address"
     with pytest.raises(InvalidInput, match="missing column"):
         parse_csv("who,what\n")
 

@@ -11,11 +11,13 @@ from datetime import timedelta
 from typing import Any
 
 from temporalio.api.enums.v1 import EventType
+from temporalio.api.sdk.v1 import WorkflowMetadata
 
 from postlane.ids import lane_workflow_id
 from postlane.lanes.models import DomainReport, LaneStatus
 from postlane.names import LaneMessages
 from postlane.testing import PostlaneTestEnv
+from tests.procs import assert_eventually
 
 
 async def _status(pl: PostlaneTestEnv) -> LaneStatus:
@@ -139,3 +141,26 @@ def test_workers_route_an_email_started_without_a_lane_and_keep_an_explicit_one(
     assert (kept.lane, kept.route) == ("main", "")
     plain = resolve(settings, LaneQuery(sender="a@acme.test", priority="normal"))
     assert (plain.lane, plain.route) == ("main", "")
+
+
+async def test_a_paused_lane_keeps_saying_so_in_its_details_through_domain_backoff(
+    pl: PostlaneTestEnv,
+) -> None:
+    """The Web UI's details of a paused lane still lead with the pause after a domain
+    backoff republishes them (they once replaced it)."""
+    lane = pl.client.temporal.get_workflow_handle(lane_workflow_id("test"))
+    await pl.client.lanes.pause("test", reason="investigating a complaint")
+    report = DomainReport(domain="slow.test", reply="421 4.7.0 slow down")
+    await lane.signal(LaneMessages.DOMAIN_THROTTLED, report)
+
+    async def details() -> str | None:
+        metadata = await lane.query("__temporal_workflow_metadata", result_type=WorkflowMetadata)
+        shown = metadata.current_details
+        return shown if "domains in backoff" in shown else None
+
+    shown = await assert_eventually(details, what="the lane's details after the backoff")
+    assert shown.splitlines() == [
+        "PAUSED by operator: investigating a complaint",
+        "circuit: closed",
+        "domains in backoff: slow.test x0.5",
+    ]

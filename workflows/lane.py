@@ -181,6 +181,7 @@ class LaneWorkflow:
         if s.pause.paused:
             # Continued as new while paused: the new run's memo says so again.
             workflow.upsert_memo({guard.PAUSE_MEMO: s.pause.model_dump(mode="json")})
+        self._publish_details()  # a run continued as new shows what the last one showed
         while True:
             try:
                 # Paused: requests wait in `_arrived` (their emails ask again meanwhile).
@@ -385,11 +386,15 @@ class LaneWorkflow:
         self._publish_details()
 
     def _publish_details(self) -> None:
+        """The lane's details in the Web UI: the pause (first), the circuit, domains held
+        back. One string, so no event hides another (not a command: replay-safe)."""
         s = self.state
-        lines = [f"circuit: {s.circuit}"]
+        circuit = f"circuit: {s.circuit}"
         if s.circuit != "closed":
             since = s.circuit_since.isoformat(timespec="seconds") if s.circuit_since else "?"
-            lines[0] += f" since {since} ({s.circuit_reason}); sends go to {s.limits.failover}"
+            circuit += f" since {since} ({s.circuit_reason}); sends go to {s.limits.failover}"
+        lines = [f"PAUSED by {s.pause.by}: {s.pause.reason}"] if s.pause.paused else []
+        lines.append(circuit)
         if s.domains:
             lines.append(
                 "domains in backoff: "
@@ -832,9 +837,7 @@ class LaneWorkflow:
         )
         if pause.paused:
             workflow.logger.warning("lane %s paused: %s", s.name, pause.reason)
-            workflow.set_current_details(f"PAUSED by {pause.by}: {pause.reason}")
-        else:
-            workflow.set_current_details("running")
+        self._publish_details()
 
     def _publish_metrics(self) -> None:
         """The lane's rate, backpressure and cap gauges, after each pass.

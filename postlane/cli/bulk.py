@@ -36,6 +36,17 @@ EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
 DEFAULT_CONCURRENCY = 32
 """Starts in flight at once: enough to keep a server busy, few enough to be a fair client."""
 _ADDRESS_COLUMNS = ("email", "to", "address")
+_NOT_WITH_CSV = (
+    ("--to", "to"),
+    ("--key", "key"),
+    ("--send-at", "send_at"),
+    ("--wait", "wait"),
+    ("--cc", "cc"),
+    ("--bcc", "bcc"),
+    ("--reply-to", "reply_to"),
+    ("--header", "header"),
+)
+"""Options of ``send`` that ``--csv`` refuses: (flag, argparse destination)."""
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -156,8 +167,13 @@ async def send_csv(
     connect: Callable[[], Awaitable[PostlaneClient]],
 ) -> int:
     """``postlane send --csv FILE``: validate every row, then connect and send each once."""
-    if args.to or args.key or args.send_at or args.wait:
-        raise InvalidInput("csv", "--csv takes its recipients from the file: no --to/--key")
+    # One CC, header or Reply-To for every row is rarely what a mail merge means; refusing
+    # them beats sending without them.
+    for flag, given in _NOT_WITH_CSV:
+        if getattr(args, given):
+            raise InvalidInput(flag, "not with --csv: each row's email goes to its row alone")
+    if args.text == "-":
+        args.text = sys.stdin.read()  # the template itself, as ``send --text -`` reads a body
     if args.concurrency < 1:
         raise InvalidInput("concurrency", "must be at least 1")
     if not args.text and not args.html:

@@ -168,7 +168,10 @@ def parse_csv(text: str) -> builtins.list[Suppression]:
     if missing:
         raise InvalidInput("csv: line 1", f"missing column(s): {', '.join(missing)}")
     rows: builtins.list[Suppression] = []
-    for line, row in enumerate(_rows(reader), start=2):
+    for row in reader:
+        if not any((v or "").strip() for v in row.values()):
+            continue  # a row of empty cells: nothing to import
+        line = reader.line_num  # the file's line, blank lines included
         for column in ("sender", "address"):
             try:
                 check_address((row.get(column) or "").strip())
@@ -183,10 +186,6 @@ def parse_csv(text: str) -> builtins.list[Suppression]:
             )
         )
     return rows
-
-
-def _rows(reader: Iterable[dict[str, str]]) -> Iterable[dict[str, str]]:
-    return (row for row in reader if any((v or "").strip() for v in row.values()))
 
 
 def _parse_id(workflow_id: str) -> tuple[str, str] | None:
