@@ -7,6 +7,7 @@ enters a workflow's history or a log line.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
@@ -25,7 +26,6 @@ from postlane.ids import WORKFLOW_TASK_QUEUE
 from postlane.names import Activity, WebhookMessages, WorkflowType
 from postlane.webhooks import (
     WEBHOOK_FAILED,
-    WEBHOOK_UNKNOWN,
     WebhookConfig,
     WebhookDeliveryInput,
     WebhookEmit,
@@ -39,7 +39,8 @@ from postlane.webhooks import (
 log = structlog.get_logger(__name__)
 
 REQUEST_TIMEOUT = 15.0
-"""Seconds for one POST, connect to answer (within the activity's start-to-close)."""
+"""Seconds for one POST in all, from connecting to the last byte of the answer (within
+the activity's start-to-close); a receiver that has not answered by then is retried."""
 MAX_ERROR_BODY = 200
 
 
@@ -59,11 +60,16 @@ def encode_body(event: WebhookEvent) -> bytes:
 class WebhookActivities:
     """Owns the worker's webhook subscriptions and the HTTP client that delivers to them."""
 
-    def __init__(self, settings: Settings, client: Client) -> None:
+    def __init__(
+        self, settings: Settings, client: Client, *, request_timeout: float = REQUEST_TIMEOUT
+    ) -> None:
         self._settings = settings
         self._client = client
+        self._request_timeout = request_timeout
         # No retries of its own: every attempt is a Temporal attempt, visible in the UI.
-        self._http = httpx.AsyncClient(timeout=REQUEST_TIMEOUT, follow_redirects=False)
+        # httpx bounds each phase (connect, each read) by its timeout; deliver_webhook bounds
+        # the whole POST, so a receiver that trickles its answer cannot stretch it.
+        self._http = httpx.AsyncClient(timeout=request_timeout, follow_redirects=False)
 
     async def close(self) -> None:
         """Close the HTTP client's connections."""
@@ -103,17 +109,19 @@ class WebhookActivities:
         """POST one event, signed, to the subscription's URL; 2xx is delivered.
 
         Raises:
-            ApplicationError: ``WebhookDeliveryError`` (not 2xx, unreachable; retried), or
-                ``WebhookUnknownError`` (the subscription is gone or its secret is
-                unusable on this worker; not retried).
+            ApplicationError: ``WebhookDeliveryError``, retried until the subscription's
+                ``give_up_after``: the answer was not 2xx or did not come within
+                `REQUEST_TIMEOUT`, the receiver could not be reached, the subscription is
+                not configured on this worker, or its secret is unusable here.
         """
         info = activity.info()
         sub = self._subscription(request.subscription)
         if sub is None:
+            # Retried: during a rolling configuration change another worker (or this one,
+            # restarted) may hold the subscription; dropping the event would lose it.
             raise ApplicationError(
                 f"webhook {request.subscription!r} is not configured on this worker",
-                type=WEBHOOK_UNKNOWN,
-                non_retryable=True,
+                type=WEBHOOK_FAILED,
             )
         try:
             secret = sub.secret()
@@ -131,7 +139,14 @@ class WebhookActivities:
             "webhook-signature": signature(secret, event.id, timestamp, body),
         }
         try:
-            response = await self._http.post(sub.url, content=body, headers=headers)
+            async with asyncio.timeout(self._request_timeout):
+                response = await self._http.post(sub.url, content=body, headers=headers)
+        except TimeoutError:
+            log.info("webhook.timeout", subscription=sub.name, id=event.id, attempt=info.attempt)
+            raise ApplicationError(
+                f"{sub.url}: no complete answer within {self._request_timeout:g} s",
+                type=WEBHOOK_FAILED,
+            ) from None
         except httpx.HTTPError as exc:
             log.info(
                 "webhook.unreachable", subscription=sub.name, id=event.id, attempt=info.attempt

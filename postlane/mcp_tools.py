@@ -15,6 +15,7 @@ idempotency key is the workflow ID, so a tool called twice with one key sends on
 from __future__ import annotations
 
 import asyncio
+import difflib
 import hmac
 import re
 from collections.abc import Awaitable, Callable, Sequence
@@ -26,6 +27,7 @@ from mcp.server.mcpserver import MCPServer
 from mcp.server.mcpserver.context import Context
 from mcp.server.mcpserver.exceptions import ToolError, UnexpectedToolError
 from mcp_types import CallToolResult, InputRequiredResult, TextContent, ToolAnnotations
+from mcp_types import Tool as MCPTool
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.types import ASGIApp, Receive, Scope, Send
 from temporalio.service import RPCError
@@ -42,7 +44,6 @@ from postlane.errors import (
     PostlaneError,
     RecipientSuppressed,
     SequenceNotFound,
-    UnknownSender,
 )
 from postlane.ids import MAX_KEY_LENGTH, email_workflow_id, sequence_workflow_id, validate_key
 from postlane.senders import SenderScope, sender_of
@@ -194,6 +195,18 @@ class PostlaneMCPServer(MCPServer[Any]):
             UnexpectedToolError: a crash inside a tool (the SDK answers a generic error
                 result and logs the traceback).
         """
+        unknown = await self._unknown_arguments(name, arguments)
+        if unknown:
+            # The SDK drops arguments a tool does not declare: a misspelt ``sendAt`` would
+            # send at once. Refuse it, naming it, before the tool runs.
+            declared = await self._arguments(name)
+            close = difflib.get_close_matches(unknown[0].lower(), sorted(declared), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            return _Problem(
+                "InvalidInput",
+                unknown[0],
+                f"is not an argument of {name} (arguments: {', '.join(sorted(declared))}){hint}",
+            ).result()
         try:
             return await super().call_tool(name, arguments, context)
         except UnexpectedToolError:
@@ -207,6 +220,28 @@ class PostlaneMCPServer(MCPServer[Any]):
                 reason = str(err["msg"]).removeprefix("Value error, ")
                 return _Problem("InvalidInput", _loc(err["loc"]) or "arguments", reason).result()
             raise
+
+    async def list_tools(self) -> list[MCPTool]:
+        """The tools, each input schema saying it takes no argument it does not declare."""
+        return [
+            tool.model_copy(
+                update={"input_schema": {**tool.input_schema, "additionalProperties": False}}
+            )
+            for tool in await super().list_tools()
+        ]
+
+    async def _arguments(self, name: str) -> set[str]:
+        """The arguments tool `name` declares (none for an unknown tool)."""
+        for tool in await super().list_tools():
+            if tool.name == name:
+                return set(tool.input_schema.get("properties", {}))
+        return set()
+
+    async def _unknown_arguments(self, name: str, arguments: dict[str, Any]) -> list[str]:
+        """The arguments given that tool `name` does not declare ([] for an unknown tool:
+        the SDK answers that one)."""
+        declared = await self._arguments(name)
+        return [arg for arg in arguments if arg not in declared] if declared else []
 
 
 def _loc(parts: Sequence[int | str]) -> str:
@@ -367,7 +402,10 @@ def build_server(
     Args:
         connect: makes the `PostlaneClient` (called on the first tool call, and again
             after a failed attempt).
-        settings: the lanes (a sender no lane serves is refused before anything starts).
+        settings: the lanes (``list_dead_letters`` checks its ``lane`` against them).
+            ``send_email`` leaves the sender's lane to `PostlaneClient.send`, which
+            applies ``[[routes]]`` rules first and refuses a sender nothing serves
+            (``UnknownSender``, naming ``sender``) before anything starts.
         senders: the only senders ``send_email`` and ``start_sequence`` may use
             (patterns as `postlane.senders.parse_sender_patterns` checks them); empty:
             any sender a lane serves.
@@ -439,8 +477,8 @@ def build_server(
         _check_sender(scope, email.sender)  # the bare address, also of a "Name <address>" form
         when = _parse_send_at(send_at) if send_at is not None else None
         _check_key(key)
-        if settings.lane_for(email.sender) is None:
-            raise _as_problem(UnknownSender(email.sender))
+        # Which lane serves the sender ([[routes]] rules first) is pl.send's to say: an
+        # unknown sender is its UnknownSender, naming the field, before anything starts.
 
         async def act(pl: PostlaneClient) -> SendEmailResult:
             try:
@@ -485,11 +523,10 @@ def build_server(
             raise _Problem("UnknownLane", "lane", f"no lane is named {lane!r} (lanes: {names})")
 
         async def act(pl: PostlaneClient) -> DeadLetterList:
-            keys = await pl.dlq.keys(lane=lane, since=when)
-            emails = [await pl.describe(key) for key in keys[:limit]]
-            far_past = datetime.min.replace(tzinfo=UTC)
-            emails.sort(key=lambda r: r.parked_at or far_past)
-            return DeadLetterList(count=len(keys), emails=emails)
+            # All of them, the longest parked first, so `limit` keeps the longest parked
+            # (the list comes from the emails' memos: no call per email).
+            parked = await pl.dlq.list(lane=lane, since=when)
+            return DeadLetterList(count=len(parked), emails=parked[:limit])
 
         return await guarded(act)
 

@@ -29,10 +29,13 @@ from postlane.errors import ConfigurationError
 WEBHOOK_ID_PREFIX = "webhook:"
 SECRET_PREFIX = "whsec_"
 WEBHOOK_UNKNOWN = "WebhookUnknownError"
-"""``ApplicationError.type``: the subscription is not configured on the worker (not retried)."""
+"""``ApplicationError.type`` the delivery retry policy does not retry. Raised by no worker
+since a subscription missing on a worker is retried (`WEBHOOK_FAILED`); still named in the
+policy, so deliveries already scheduled keep theirs."""
 WEBHOOK_FAILED = "WebhookDeliveryError"
-"""``ApplicationError.type``: the receiver answered other than 2xx or could not be reached
-(retried with the subscription's backoff)."""
+"""``ApplicationError.type``: the receiver answered other than 2xx, not in time or could
+not be reached, or this worker lacks the subscription or its secret (retried with the
+subscription's backoff until ``give_up_after``)."""
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 
 

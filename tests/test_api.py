@@ -555,6 +555,27 @@ async def test_every_bad_input_is_a_problem_naming_the_field(api: Api) -> None:
             "to",
             f"limit of {MAX_RECIPIENTS}",
         ),
+        # A misspelt field is refused, never ignored: "sendAt" ignored would send at once.
+        (
+            "sendat",
+            {**email_body(to), "sendAt": "2099-01-01T09:00:00+00:00"},
+            422,
+            "invalid-input",
+            "sendAt",
+            "did you mean 'send_at'?",
+        ),
+        ("To", {**email_body(to), "To": [f"x.{to}"]}, 422, "invalid-input", "To", "not a field"),
+        (
+            "attach",
+            {
+                **email_body(to),
+                "attachments": [{"filename": "a.txt", "content": "aGk=", "contentType": "x/y"}],
+            },
+            422,
+            "invalid-input",
+            "attachments[0].contentType",
+            "did you mean 'content_type'?",
+        ),
         (
             "huge",
             {**email_body(to), "text": "x" * (MAX_BODY + 1)},
@@ -592,6 +613,21 @@ async def test_every_bad_input_is_a_problem_naming_the_field(api: Api) -> None:
         headers=k("rcpt"),
     )
     assert_problem(bad_recipient, 422, "invalid-input", "recipient.address")
+    misspelt = await post(
+        "/v1/sequences",
+        json={"spec": "trial", "recipient": {"address": to, "varaibles": {"plan": "pro"}}},
+        headers=k("vars"),
+    )
+    problem = assert_problem(misspelt, 422, "invalid-input", "recipient.varaibles")
+    assert "did you mean 'variables'?" in problem["detail"]
+    stray = await post(
+        "/v1/sequences",
+        json={"spec": "trial", "recipient": {"address": to}, "key": "x"},
+        headers=k("stray"),
+    )
+    assert_problem(stray, 422, "invalid-input", "key")
+    retry_typo = await post(f"/v1/emails/{base}-none/retry", json={"lanes": "x"}, headers=auth)
+    assert_problem(retry_typo, 422, "invalid-input", "lanes")
 
     assert_problem(await api.http.get(f"/v1/emails/{base}-none", headers=auth), 404, "not-found")
     assert_problem(await api.http.get(f"/v1/sequences/{base}-none", headers=auth), 404, "not-found")
@@ -640,6 +676,12 @@ async def test_one_click_unsubscribe_from_the_link_the_mail_carried(api: Api) ->
         assert page.status_code == 200 and "One-Click" in page.text
         wrong = await provider.post(link, content=b"", headers={"content-type": "text/plain"})
         assert_problem(wrong, 400, "not-one-click", "body")
+        boundless = await provider.post(
+            link,
+            content=b"List-Unsubscribe=One-Click",
+            headers={"content-type": "multipart/form-data"},  # no boundary: unparseable
+        )
+        assert_problem(boundless, 400, "not-one-click", "body")
         forged = await provider.post(
             link[:-3] + ("a" if link[-3] != "a" else "b") + link[-2:],
             data={"List-Unsubscribe": "One-Click"},
@@ -793,7 +835,12 @@ async def test_cancel_retry_and_dead_letters_through_the_api(api: Api) -> None:
     assert_problem(anonymous, 401, "unauthorized", "Authorization")
     parked = await api.http.get("/v1/dead-letters", headers=api.auth())
     assert parked.status_code == 200 and isinstance(parked.json(), list)
-    assert key not in [r["key"] for r in parked.json()]
+    lane = api.pl.settings.lanes[0].name
+    of_lane = await api.http.get(f"/v1/dead-letters?lane={lane}", headers=api.auth())
+    assert of_lane.status_code == 200, of_lane.text
+    unknown = await api.http.get("/v1/dead-letters?lane=no-such-lane", headers=api.auth())
+    problem = assert_problem(unknown, 422, "invalid-input", "lane")
+    assert lane in problem["detail"]  # names the lanes there are
     naive = await api.http.get("/v1/dead-letters?since=2020-01-01T00:00:00", headers=api.auth())
     assert_problem(naive, 422, "invalid-input", "since")
     assert not api.sent_to(to)

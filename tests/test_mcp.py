@@ -27,7 +27,7 @@ from temporalio.service import RPCError, RPCStatusCode
 from temporalio.testing import WorkflowEnvironment
 
 from postlane.client import PostlaneClient
-from postlane.config import LaneConfig, Settings
+from postlane.config import LaneConfig, RouteConfig, Settings
 from postlane.dev.catcher import SmtpCatcher
 from postlane.email.models import Email, EmailStatus, RetrySettings
 from postlane.mcp_tools import TOOL_NAMES
@@ -130,6 +130,7 @@ async def test_mcp_stdio_sends_once_per_key_and_reports_status(
             for tool in listed.values():
                 assert tool.description and len(tool.description) > 80, tool.name
                 assert tool.output_schema is not None, tool.name
+                assert tool.input_schema["additionalProperties"] is False, tool.name
             key_help = listed["send_email"].input_schema["properties"]["key"]["description"]
             assert "never sends twice" in key_help
             status_out = listed["email_status"].output_schema or {}
@@ -176,9 +177,21 @@ async def test_mcp_stdio_sends_once_per_key_and_reports_status(
             missing = problem(await mcp.call_tool("email_status", {"key": bad_key}))
             assert missing["error"] == "EmailNotFound" and missing["field"] == "key"
             assert not await workflow_exists(dev_env.client, f"email:{bad_key}")
+            # A misspelt argument is refused, naming it: not dropped (sendAt ignored would
+            # send at once).
+            later = "2099-01-01T09:00:00+00:00"
+            misspelt = problem(await mcp.call_tool("send_email", an_email(bad_key, sendAt=later)))
+            assert misspelt["error"] == "InvalidInput" and misspelt["field"] == "sendAt"
+            assert "did you mean 'send_at'?" in misspelt["reason"]
+            stray = problem(await mcp.call_tool("list_dead_letters", {"lanes": lane.name}))
+            assert stray["field"] == "lanes"
+            assert not await workflow_exists(dev_env.client, f"email:{bad_key}")
 
-            # The server survived every error: still answers.
-            assert ok(await mcp.call_tool("list_dead_letters", {}))["count"] >= 0
+            # The server survived every error: still answers, and nothing of this lane parked.
+            assert ok(await mcp.call_tool("list_dead_letters", {"lane": lane.name})) == {
+                "count": 0,
+                "emails": [],
+            }
         assert len(smtp.messages) == 1
 
 
@@ -284,6 +297,81 @@ async def test_mcp_dead_letter_listed_then_retried_to_a_corrected_address(
             again = problem(await mcp.call_tool("retry_email", {"key": key}))
             assert again["error"] == "ActionRefused" and "sent" in again["reason"]
             assert ok(await mcp.call_tool("list_dead_letters", {"lane": lane.name}))["count"] == 0
+        assert len(smtp.messages) == 1
+
+
+@pytest.mark.timeout(180)
+async def test_mcp_dead_letters_beyond_the_limit_shows_the_longest_parked(
+    dev_env: WorkflowEnvironment, tmp_path: Path
+) -> None:
+    with SmtpCatcher() as smtp:
+        lane = new_lane(
+            smtp,
+            senders=["*@it.test"],
+            retry=RetrySettings(initial_interval=timedelta(seconds=1), maximum_attempts=1),
+        )
+        env = mcp_env(dev_env, tmp_path, lane)
+        keys = [f"mcp-dlq{n}-{uuid.uuid4().hex[:8]}" for n in range(3)]
+        smtp.fail("rcpt", "451 4.3.0 mailbox temporarily unavailable", times=len(keys))
+        async with (
+            running_workers(dev_env, Settings(lanes=[lane])),
+            stdio_mcp(env, tmp_path) as mcp,
+        ):
+            # One after the other, so they park in this order (the server lists the
+            # newest started first).
+            for n, key in enumerate(keys, start=1):
+                ok(await mcp.call_tool("send_email", an_email(key)))
+
+                async def parked(n: int = n) -> dict[str, Any] | None:
+                    listed = ok(
+                        await mcp.call_tool("list_dead_letters", {"lane": lane.name, "limit": 5})
+                    )
+                    return listed if listed["count"] == n else None
+
+                await assert_eventually(parked, within=60, what=f"{n} dead-lettered")
+
+            pl = PostlaneClient(dev_env.client, Settings(lanes=[lane]))
+            stamps = {r.key: r.parked_at for r in await pl.dlq.list(lane=lane.name)}
+            assert (
+                sorted(stamps, key=lambda k: stamps[k] or datetime.max.replace(tzinfo=UTC)) == keys
+            )
+            listed = ok(await mcp.call_tool("list_dead_letters", {"lane": lane.name, "limit": 2}))
+            assert listed["count"] == 3
+            assert [e["key"] for e in listed["emails"]] == keys[:2]
+            assert [e["status"] for e in listed["emails"]] == ["dead_letter"] * 2
+            for key in keys:
+                await pl.cancel(key)
+        assert smtp.messages == []
+
+
+@pytest.mark.timeout(180)
+async def test_mcp_sends_as_a_sender_only_a_route_serves(
+    dev_env: WorkflowEnvironment, tmp_path: Path
+) -> None:
+    with SmtpCatcher() as smtp:
+        lane = new_lane(smtp, senders=["*@it.test"])
+        routed = "news@routed.test"  # no lane's senders match it; a [[routes]] rule does
+        config = write_config(tmp_path / "postlane.toml", [lane])
+        with config.open("a") as out:
+            out.write(f'[[routes]]\nlane = "{lane.name}"\nsender = "{routed}"\n')
+        env = postlane_env(address_of(dev_env), config)
+        settings = Settings(lanes=[lane], routes=[RouteConfig(lane=lane.name, sender=routed)])
+        key = f"mcp-routed-{uuid.uuid4().hex[:8]}"
+        nowhere = f"mcp-nowhere-{uuid.uuid4().hex[:8]}"
+        async with (
+            running_workers(dev_env, settings),
+            stdio_mcp(env, tmp_path) as mcp,
+        ):
+            sent = ok(await mcp.call_tool("send_email", an_email(key, sender=routed)))
+            assert sent["duplicate"] is False
+            [caught] = await assert_eventually(lambda: smtp.messages, within=60, what="sent")
+            assert caught.sender == routed and caught.recipients == ["bob@example.test"]
+            # A sender neither a route nor a lane serves is still refused, naming it.
+            unknown = problem(
+                await mcp.call_tool("send_email", an_email(nowhere, sender="a@nowhere.test"))
+            )
+            assert unknown["error"] == "UnknownSender" and unknown["field"] == "sender"
+            assert not await workflow_exists(dev_env.client, f"email:{nowhere}")
         assert len(smtp.messages) == 1
 
 

@@ -700,3 +700,120 @@ async def test_webhooks_discard_completed_and_unsubscribed_events(
             with pytest.raises(RPCError) as missing:
                 await client.get_workflow_handle(webhook_workflow_id("ops", subject)).describe()
             assert missing.value.status == RPCStatusCode.NOT_FOUND
+
+
+# -- a subscription a worker lacks, a receiver that trickles ----------------------------------
+
+
+@pytest.mark.devserver
+@pytest.mark.timeout(240)
+async def test_webhooks_event_waits_for_a_worker_that_has_the_subscription(
+    dev_env: WorkflowEnvironment, key: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A rolling configuration change: the worker that picks the event up lacks the
+    subscription. The event is retried, not dropped, and a worker that has it delivers it."""
+    from postlane.ids import WORKFLOW_TASK_QUEUE
+    from postlane.names import WorkflowType
+    from postlane.webhooks import WebhookDeliveryInput
+
+    monkeypatch.setenv(SECRET_ENV, SECRET)
+    port = _free_port()
+    crm = WebhookConfig(
+        name=f"crm-{key[-6:]}",
+        url=f"http://127.0.0.1:{port}/hooks",
+        events=[WebhookEventType.EMAIL_SENT],
+        secret_env=SECRET_ENV,
+        retry=FAST_RETRY,
+    )
+    subject = email_workflow_id(key)
+    event = WebhookEvent(
+        id=f"msg_{key}",
+        type=WebhookEventType.EMAIL_SENT,
+        timestamp=datetime.now(UTC),
+        data={"key": key},
+    )
+    client = dev_env.client
+    with SmtpCatcher() as smtp, _receiver(port) as receiver:
+        receiver.start()
+        lanes = [catcher_lane(default_test_lane(), smtp)]
+        async with running_workers(dev_env, Settings(lanes=lanes)):  # no [[webhooks]]
+            handle = await client.start_workflow(
+                WorkflowType.WEBHOOK_DELIVERY,
+                WebhookDeliveryInput(
+                    subscription=crm.name, url=crm.url, subject=subject, retry=crm.retry
+                ),
+                id=webhook_workflow_id(crm.name, subject),
+                task_queue=WORKFLOW_TASK_QUEUE,
+                start_signal=WebhookMessages.ENQUEUE,
+                start_signal_args=[event],
+            )
+
+            async def retried() -> bool:
+                pending = (await handle.describe()).raw_description.pending_activities
+                return bool(pending) and pending[0].attempt >= 2
+
+            await assert_eventually(retried, within=60, what="the attempt retried")
+            assert receiver.events() == []
+        async with running_workers(dev_env, Settings(lanes=lanes, webhooks=[crm])):
+            [got] = await assert_eventually(
+                receiver.events, within=60, what="delivered by a worker that has it"
+            )
+            assert got.headers["webhook-id"] == event.id
+            assert got.payload["data"] == {"key": key}
+
+
+async def test_webhooks_answer_trickled_past_the_request_timeout_is_retried(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """httpx's timeout bounds each read: a receiver sending its answer a byte at a time
+    never trips it. The whole POST is bounded, so the attempt fails and is retried."""
+    from temporalio.exceptions import ApplicationError
+    from temporalio.testing import ActivityEnvironment
+
+    from activities.webhooks import WebhookActivities
+    from postlane.webhooks import WEBHOOK_FAILED, WebhookRequest
+
+    monkeypatch.setenv(SECRET_ENV, SECRET)
+    finished = asyncio.Event()
+
+    async def trickle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 40\r\n\r\n")
+        try:
+            for _ in range(40):  # 40 bytes over about 8 s: every read well within 1 s
+                writer.write(b"x")
+                await writer.drain()
+                await asyncio.sleep(0.2)
+            finished.set()
+        except ConnectionError:
+            pass  # the client gave up: what the test wants
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(trickle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    hook = WebhookConfig(
+        name="slow",
+        url=f"http://127.0.0.1:{port}/hooks",
+        events=[WebhookEventType.EMAIL_SENT],
+        secret_env=SECRET_ENV,
+    )
+    hooks = WebhookActivities(
+        Settings(lanes=[default_test_lane()], webhooks=[hook]),
+        None,  # type: ignore[arg-type]  # delivering never uses the Temporal client
+        request_timeout=1.0,
+    )
+    event = WebhookEvent(
+        id="msg_slow", type=WebhookEventType.EMAIL_SENT, timestamp=datetime.now(UTC)
+    )
+    try:
+        async with server:
+            with pytest.raises(ApplicationError) as failed:
+                await ActivityEnvironment().run(
+                    hooks.deliver_webhook, WebhookRequest(subscription="slow", event=event)
+                )
+    finally:
+        await hooks.close()
+    assert failed.value.type == WEBHOOK_FAILED and not failed.value.non_retryable
+    assert "no complete answer within 1 s" in str(failed.value)
+    assert not finished.is_set()

@@ -8,10 +8,15 @@ own models; every error is a problem document (`postlane.api.problems`).
 
 from __future__ import annotations
 
+import contextlib
+import difflib
 import hashlib
+import re
+from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from types import UnionType
+from typing import Annotated, Any, TypeVar, Union, get_args, get_origin
 from urllib.parse import parse_qs
 
 import structlog
@@ -22,7 +27,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError
 
 from postlane.client import CancelResult, PostlaneClient
-from postlane.email.models import Email, EmailReport, Priority
+from postlane.email.models import Attachment, Email, EmailReport, Priority
 from postlane.errors import ConfigurationError, InvalidInput
 from postlane.idempotency import email_digest
 from postlane.ids import SEQUENCE_ID_PREFIX, email_workflow_id, sequence_workflow_id
@@ -49,12 +54,30 @@ log = structlog.get_logger(__name__)
 
 M = TypeVar("M", bound=BaseModel)
 
+_EXTRA_FORBIDDEN = "Extra inputs are not permitted"
 _SPEC_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
+
+
+# The request bodies refuse fields they do not know (422 naming the field): a misspelt
+# ``sendAt`` must not send at once. Postlane's own models (`Email`, `Recipient`) keep
+# ignoring extra fields, as wire models that older workers read must.
+_STRICT = ConfigDict(extra="forbid")
+
+
+class AttachmentBody(Attachment):
+    """A small file sent inline with the email (the whole email stays under 1 MB): the
+    fields of Postlane's `Attachment`, and no others."""
+
+    model_config = _STRICT
 
 
 class SendEmailRequest(Email):
     """``POST /v1/emails``: the email (the fields of Postlane's `Email`) and how to send it."""
 
+    model_config = _STRICT
+
+    attachments: list[AttachmentBody] = Field(default_factory=list)  # type: ignore[assignment]
+    """Files sent with the email."""
     priority: Priority = Priority.NORMAL
     """``high``, ``normal`` or ``bulk``."""
     send_at: AwareDatetime | None = None
@@ -62,22 +85,35 @@ class SendEmailRequest(Email):
 
     def email(self) -> Email:
         """The `Email` part."""
-        return Email(**{name: getattr(self, name) for name in Email.model_fields})
+        fields: dict[str, Any] = {name: getattr(self, name) for name in Email.model_fields}
+        fields["attachments"] = [Attachment(**a.model_dump()) for a in self.attachments]
+        return Email(**fields)
+
+
+class RecipientBody(Recipient):
+    """One person enrolled in a sequence, with the variables its templates use: the fields
+    of Postlane's `Recipient`, and no others."""
+
+    model_config = _STRICT
 
 
 class StartSequenceRequest(BaseModel):
     """``POST /v1/sequences``: enroll one recipient in a spec of the server's ``specs_dir``."""
 
-    model_config = ConfigDict(frozen=True, use_attribute_docstrings=True)
+    model_config = ConfigDict(frozen=True, use_attribute_docstrings=True, extra="forbid")
 
     spec: str = Field(description="The spec's name: the file <specs_dir>/<spec>.toml.")
-    recipient: Recipient
+    recipient: RecipientBody
+
+    def enrolled(self) -> Recipient:
+        """The `Recipient` part."""
+        return Recipient(**self.recipient.model_dump())
 
 
 class RetryBody(BaseModel):
     """``POST /v1/emails/{key}/retry``: optional corrections."""
 
-    model_config = ConfigDict(use_attribute_docstrings=True)
+    model_config = ConfigDict(use_attribute_docstrings=True, extra="forbid")
 
     to: list[str] | None = None
     """Replace the To recipients (a dead-lettered email only)."""
@@ -362,6 +398,14 @@ def create_app(pl: PostlaneClient, *, keys: KeyStore | None = None) -> FastAPI:
             raise Problem(404, "not-found", "Not found", f"name: no lane is called {name!r}")
         return name
 
+    @contextlib.contextmanager
+    def lane_running() -> Iterator[None]:
+        # A configured lane whose workflow no worker has started yet: 409, not a crash.
+        try:
+            yield
+        except ConfigurationError as exc:
+            raise Problem(409, "lane-not-running", "Lane not running", str(exc)) from None
+
     @app.get("/v1/lanes", tags=["lanes"], responses=_problems(401))
     async def lanes(record: Key) -> list[LaneReport]:
         """Every lane: rate, backpressure, caps used, backlog, and whether it is paused (and
@@ -379,10 +423,8 @@ def create_app(pl: PostlaneClient, *, keys: KeyStore | None = None) -> FastAPI:
         unrestricted key (``--senders '*'``)."""
         check_operator(record)
         body = await optional_body(request, LaneActionBody)
-        try:
+        with lane_running():
             await pl.lanes.pause(lane_named(name), reason=body.reason or "paused over the HTTP API")
-        except ConfigurationError as exc:  # its lane workflow is not running
-            raise Problem(409, "lane-not-running", "Lane not running", str(exc)) from None
         return await pl.lanes.get(name)
 
     @app.post(
@@ -396,10 +438,8 @@ def create_app(pl: PostlaneClient, *, keys: KeyStore | None = None) -> FastAPI:
         ended. 409 if the lane is not paused. Needs an unrestricted key (``--senders '*'``)."""
         check_operator(record)
         body = await optional_body(request, LaneActionBody)
-        try:
+        with lane_running():
             return await pl.lanes.resume(lane_named(name), note=body.reason)
-        except ConfigurationError as exc:
-            raise Problem(409, "lane-not-running", "Lane not running", str(exc)) from None
 
     @app.get("/v1/dead-letters", tags=["emails"], responses=_problems(401, 422))
     async def dead_letters(
@@ -409,7 +449,11 @@ def create_app(pl: PostlaneClient, *, keys: KeyStore | None = None) -> FastAPI:
             AwareDatetime | None, Query(description="Parked at or after (ISO 8601).")
         ] = None,
     ) -> list[EmailReport]:
-        """Emails parked in the dead-letter state, the longest parked first."""
+        """Emails parked in the dead-letter state, the longest parked first; 422 naming
+        ``lane`` if no lane has that name."""
+        if lane is not None and lane not in {known.name for known in pl.settings.lanes}:
+            names = ", ".join(known.name for known in pl.settings.lanes)
+            raise invalid("lane", f"no lane is called {lane!r} (lanes: {names})")
         return await pl.dlq.list(lane=lane, since=since)
 
     @app.post(
@@ -427,12 +471,13 @@ def create_app(pl: PostlaneClient, *, keys: KeyStore | None = None) -> FastAPI:
         req = _parse(StartSequenceRequest, await body_of(request))
         spec = _load_spec(Path(api.specs_dir), req.spec)
         check_sender(record, spec.sender, "spec")
+        recipient = req.enrolled()
         fingerprint = hashlib.sha256(
-            f"{spec.model_dump_json()}|{req.recipient.model_dump_json()}".encode()
+            f"{spec.model_dump_json()}|{recipient.model_dump_json()}".encode()
         ).hexdigest()
 
         async def start() -> tuple[bool, BaseModel]:
-            handle = await pl.sequences.start(spec, req.recipient, key=key)
+            handle = await pl.sequences.start(spec, recipient, key=key)
             log.info("api.sequence_accepted", key_id=record.id, workflow_id=handle.workflow_id)
             return handle.created, Accepted(
                 key=key, workflow_id=handle.workflow_id, status_url=f"/v1/sequences/{key}"
@@ -609,9 +654,33 @@ def _parse(model: type[M], raw: bytes) -> M:
             ) from None
         if any(e["type"] == "model_type" and not e["loc"] for e in errors):
             raise invalid("body", "must be a JSON object") from None
-        raise from_field_errors(field_errors(errors)) from None
+        found = field_errors(errors)
+        for named in found:
+            # By its message: `Email` reports its errors through its own exception, which
+            # keeps pydantic's message and drops the error's type.
+            if named.detail == _EXTRA_FORBIDDEN:
+                named.detail = _unknown_field(model, named.field)
+        raise from_field_errors(found) from None
     except InvalidInput as exc:  # a model whose constructor raises Postlane's own error
         raise invalid(exc.field, exc.reason) from None
+
+
+def _unknown_field(model: type[BaseModel], field: str) -> str:
+    """Why an unknown field is refused, naming the field it may be a misspelling of."""
+    *path, name = [part for part in re.split(r"[.\[\]]", field) if part]
+    where: Any = model
+    for part in path:  # down to the model that holds the field
+        if not part.isdigit() and isinstance(where, type) and issubclass(where, BaseModel):
+            info = where.model_fields.get(part)
+            where = info.annotation if info is not None else None
+        while get_origin(where) in (list, Union, UnionType):  # an item's, or a value's, type
+            where = next((a for a in get_args(where) if a is not type(None)), None)
+    if not (isinstance(where, type) and issubclass(where, BaseModel)):
+        return "is not a field of this request"
+    names = list(where.model_fields)
+    close = difflib.get_close_matches(name.lower(), names, n=1, cutoff=0.6)
+    hint = f"; did you mean {close[0]!r}?" if close else f" (fields: {', '.join(names)})"
+    return "is not a field of this request" + hint
 
 
 def _load_spec(directory: Path, name: str) -> SequenceSpec:
@@ -631,12 +700,15 @@ async def _is_one_click(request: Request, body: bytes) -> bool:
     if ctype == "multipart/form-data":
         # The body was read already (bounded): parse it from what we hold.
         from starlette.datastructures import Headers
-        from starlette.formparsers import MultiPartParser
+        from starlette.formparsers import MultiPartException, MultiPartParser
 
         async def stream() -> Any:
             yield body
 
-        form = await MultiPartParser(Headers(scope=request.scope), stream()).parse()
+        try:
+            form = await MultiPartParser(Headers(scope=request.scope), stream()).parse()
+        except MultiPartException:  # no boundary, or parts that do not parse
+            return False
         return form.get("List-Unsubscribe") == "One-Click"
     fields = parse_qs(body.decode("utf-8", errors="replace"), keep_blank_values=True)
     return fields.get("List-Unsubscribe") == ["One-Click"]

@@ -31,6 +31,7 @@ MEDIA_TYPE = "application/problem+json"
 
 _MAPPINGS = frozenset({"headers", "display_names"})
 _KEYED_RE = re.compile(r"^([^\s:'\"]+): (.+)$", re.DOTALL)
+_DOTTED_INDEX_RE = re.compile(r"\.(\d+)(?=\.|$)")
 _SUBFIELD_RE = re.compile(r"^([A-Za-z_][\w.-]*(?:\[\d+\])*): (.+)$", re.DOTALL)
 
 
@@ -148,6 +149,7 @@ def field_errors(
         if sub is not None:
             # A check of the whole model says which field; a field's check, which part.
             field = f"{field}.{sub.group(1)}" if field else sub.group(1)
+            field = _DOTTED_INDEX_RE.sub(r"[\1]", field)  # attachments.0.x: attachments[0].x
             detail = sub.group(2)
         keyed = _KEYED_RE.match(detail) if field in _MAPPINGS else None
         if keyed is not None:  # a header or an address: the mapping's key is the field
