@@ -93,13 +93,13 @@ class WebhookActivities:
             await self._client.start_workflow(
                 WorkflowType.WEBHOOK_DELIVERY,
                 WebhookDeliveryInput(
-                    subscription=sub.name, url=sub.url, subject=emit.subject, retry=sub.retry
+                    subscription=sub.name, url=sub.shown_url, subject=emit.subject, retry=sub.retry
                 ),
                 id=webhook_workflow_id(sub.name, emit.subject),
                 task_queue=WORKFLOW_TASK_QUEUE,
                 start_signal=WebhookMessages.ENQUEUE,
                 start_signal_args=[emit.event],
-                static_summary=f"webhook {sub.name} → {sub.url} for {emit.subject}",
+                static_summary=f"webhook {sub.name} → {sub.shown_url} for {emit.subject}",
             )
             queued.append(sub.name)
         return WebhookEmitted(subscriptions=queued)
@@ -144,15 +144,16 @@ class WebhookActivities:
         except TimeoutError:
             log.info("webhook.timeout", subscription=sub.name, id=event.id, attempt=info.attempt)
             raise ApplicationError(
-                f"{sub.url}: no complete answer within {self._request_timeout:g} s",
+                f"{sub.shown_url}: no complete answer within {self._request_timeout:g} s",
                 type=WEBHOOK_FAILED,
             ) from None
         except httpx.HTTPError as exc:
             log.info(
                 "webhook.unreachable", subscription=sub.name, id=event.id, attempt=info.attempt
             )
+            detail = (str(exc) or "no answer").replace(sub.url, sub.shown_url)
             raise ApplicationError(
-                f"{sub.url}: {type(exc).__name__}: {str(exc) or 'no answer'}", type=WEBHOOK_FAILED
+                f"{sub.shown_url}: {type(exc).__name__}: {detail}", type=WEBHOOK_FAILED
             ) from None
         if not 200 <= response.status_code < 300:
             excerpt = response.text[:MAX_ERROR_BODY].strip()
@@ -164,7 +165,8 @@ class WebhookActivities:
                 attempt=info.attempt,
             )
             raise ApplicationError(
-                f"{sub.url}: HTTP {response.status_code}" + (f": {excerpt}" if excerpt else ""),
+                f"{sub.shown_url}: HTTP {response.status_code}"
+                + (f": {excerpt}" if excerpt else ""),
                 type=WEBHOOK_FAILED,
             )
         log.info("webhook.delivered", subscription=sub.name, id=event.id, type=event.type)

@@ -39,6 +39,22 @@ subscription's backoff until ``give_up_after``)."""
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 
 
+def shown_url(url: str) -> str:
+    """`url` without its user info, query and fragment: receivers often put a token there,
+    and what is shown goes into workflow history and the Web UI, which must hold no secret."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    netloc = f"{host}:{port}" if port is not None else host
+    hidden = parts.username is not None or bool(parts.query) or bool(parts.fragment)
+    return f"{parts.scheme}://{netloc}{parts.path}" + ("?…" if hidden else "")
+
+
 class WebhookEventType(StrEnum):
     """The events a subscription may ask for."""
 
@@ -101,8 +117,13 @@ class WebhookConfig(BaseModel):
     def _url(cls, v: str) -> str:
         parts = urlsplit(v)
         if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"{v!r}: use an http:// or https:// URL with a host")
+            raise ValueError(f"{shown_url(v)!r}: use an http:// or https:// URL with a host")
         return v
+
+    @property
+    def shown_url(self) -> str:
+        """`url` as history, the Web UI, errors and logs show it: see `shown_url`."""
+        return shown_url(self.url)
 
     @field_validator("events", mode="before")
     @classmethod
@@ -224,7 +245,8 @@ class WebhookDeliveryInput(BaseModel):
 
     subscription: str
     url: str = ""
-    """The target when the delivery started (shown; the activity posts to the current one)."""
+    """The target when the delivery started, as `shown_url` shows it (the activity posts to
+    the subscription's current, full URL)."""
     subject: str
     retry: WebhookRetry = WebhookRetry()
     pending: list[WebhookEvent] = Field(default_factory=list)
