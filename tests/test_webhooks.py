@@ -15,7 +15,6 @@ import contextlib
 import functools
 import json
 import os
-import re
 import socket
 import threading
 from collections import Counter
@@ -492,11 +491,7 @@ async def test_webhooks_receiver_down_then_back_gets_every_event_once_in_order(
 def _history_text(history: WorkflowHistory) -> str:
     """The history as JSON, with every payload's data decoded (JSON holds it in base64)."""
     text = history.to_json()
-    decoded = [
-        base64.b64decode(data).decode("utf-8", "replace")
-        for data in re.findall(r'"data": "([A-Za-z0-9+/=]+)"', text)
-    ]
-    return "\n".join([text, *decoded])
+    return text + "\n" + _decoded(json.loads(text))
 
 
 async def _status_is(pl: PostlaneClient, key: str, status: EmailStatus) -> bool:
