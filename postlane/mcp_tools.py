@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import difflib
 import hmac
-import re
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -47,8 +46,9 @@ from postlane.errors import (
 )
 from postlane.ids import MAX_KEY_LENGTH, email_workflow_id, sequence_workflow_id, validate_key
 from postlane.senders import SenderScope, sender_of
+from postlane.sequences.directory import SpecDirectory
 from postlane.sequences.models import InboundEvent, SequenceReport, SequenceStatus
-from postlane.sequences.spec import Recipient, SequenceSpec, load_spec
+from postlane.sequences.spec import Recipient
 
 _T = TypeVar("_T")
 
@@ -66,7 +66,6 @@ TOOL_NAMES = (
 """Every tool `build_server` registers, in the order they are listed."""
 DEFAULT_CANCEL_WAIT = 20.0
 """Seconds `cancel_email` waits for the email to stop, unless told otherwise."""
-_SPEC_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 _INSTRUCTIONS = """\
 Postlane sends email durably: each email is a workflow keyed by your idempotency key, sent \
@@ -280,66 +279,6 @@ def _check_sender(scope: SenderScope, sender: str, field: str = "sender") -> Non
             field,
             f"{sender!r} is not a sender this server may send as (allowed: {scope})",
         )
-
-
-class SpecDirectory:
-    """Sequence specs an agent may start, by name or file, from one directory only.
-
-    Args:
-        root: the directory; a spec is ``<root>/<name>.toml``, or any ``*.toml`` file in
-            it whose ``name`` is the one asked for, or a ``.toml`` path inside it.
-    """
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-
-    def names(self) -> list[str]:
-        """The names of the valid specs in the directory."""
-        found = []
-        for path in sorted(self.root.glob("*.toml")):
-            try:
-                found.append(load_spec(path).name)
-            except InvalidInput:
-                continue  # postlane.toml and other files that are no spec
-        return found
-
-    def load(self, spec: str) -> SequenceSpec:
-        """The spec `spec` names.
-
-        Raises:
-            _Problem: no such spec, a path outside the directory, or an invalid spec.
-        """
-        root = self.root.resolve()
-        if spec.endswith(".toml"):
-            path = (root / spec).resolve()
-            if not path.is_relative_to(root):
-                raise _Problem(
-                    "InvalidSpec", "spec", f"{spec!r} is outside the spec directory {self.root}"
-                )
-            return self._load(path)
-        if not _SPEC_NAME_RE.match(spec):
-            raise _Problem("InvalidSpec", "spec", f"{spec!r} is not a spec name or a .toml file")
-        named = root / f"{spec}.toml"
-        if named.is_file():
-            return self._load(named)
-        for path in sorted(root.glob("*.toml")):
-            try:
-                loaded = load_spec(path)
-            except InvalidInput:
-                continue
-            if loaded.name == spec:
-                return loaded
-        known = ", ".join(self.names()) or "none"
-        raise _Problem(
-            "InvalidSpec", "spec", f"no spec named {spec!r} in {self.root} (specs: {known})"
-        )
-
-    @staticmethod
-    def _load(path: Path) -> SequenceSpec:
-        try:
-            return load_spec(path)
-        except InvalidInput as exc:
-            raise _Problem(type(exc).__name__, "spec", f"{exc.field}: {exc.reason}") from None
 
 
 def _as_problem(exc: BaseException) -> _Problem:
@@ -614,7 +553,10 @@ def build_server(
             raise _Problem(
                 "InvalidEmail", field or "to", str(err["msg"]).removeprefix("Value error, ")
             ) from None
-        loaded = specs.load(spec)
+        try:
+            loaded = specs.load(spec)
+        except InvalidInput as exc:
+            raise _as_problem(exc) from None
         _check_sender(scope, loaded.sender, "spec.sender")
         enrollment = key or f"{loaded.name}:{recipient.address.lower()}"
 

@@ -607,6 +607,16 @@ async def test_every_bad_input_is_a_problem_naming_the_field(api: Api) -> None:
     )
     problem = assert_problem(unknown_spec, 422, "invalid-input", "spec")
     assert "other, trial" in problem["detail"]
+    # Specs come from specs_dir only, by the rules the MCP tools use too.
+    escape = await post(
+        "/v1/sequences",
+        json={"spec": "../postlane.toml", "recipient": {"address": to}},
+        headers=k("escape"),
+    )
+    assert (
+        "outside the spec directory"
+        in assert_problem(escape, 422, "invalid-input", "spec")["detail"]
+    )
     bad_recipient = await post(
         "/v1/sequences",
         json={"spec": "trial", "recipient": {"address": "zoe"}},

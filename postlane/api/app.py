@@ -34,8 +34,9 @@ from postlane.ids import SEQUENCE_ID_PREFIX, email_workflow_id, sequence_workflo
 from postlane.lanes.guard import LanePause
 from postlane.lanes.models import LaneReport
 from postlane.senders import sender_of
+from postlane.sequences.directory import SpecDirectory
 from postlane.sequences.models import SequenceReport
-from postlane.sequences.spec import Recipient, SequenceSpec, load_spec
+from postlane.sequences.spec import Recipient
 from postlane.tokens import TokenKeys
 
 from .idempotency import HEADER, InFlight, require_key
@@ -55,7 +56,6 @@ log = structlog.get_logger(__name__)
 M = TypeVar("M", bound=BaseModel)
 
 _EXTRA_FORBIDDEN = "Extra inputs are not permitted"
-_SPEC_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
 
 
 # The request bodies refuse fields they do not know (422 naming the field): a misspelt
@@ -102,7 +102,10 @@ class StartSequenceRequest(BaseModel):
 
     model_config = ConfigDict(frozen=True, use_attribute_docstrings=True, extra="forbid")
 
-    spec: str = Field(description="The spec's name: the file <specs_dir>/<spec>.toml.")
+    spec: str = Field(
+        description="The spec: <specs_dir>/<spec>.toml, the spec in specs_dir with this "
+        "name, or a .toml file in specs_dir."
+    )
     recipient: RecipientBody
 
     def enrolled(self) -> Recipient:
@@ -469,7 +472,7 @@ def create_app(pl: PostlaneClient, *, keys: KeyStore | None = None) -> FastAPI:
         """Enroll one recipient in a named spec; the Idempotency-Key is the sequence's key."""
         key = require_key(idempotency_key)
         req = _parse(StartSequenceRequest, await body_of(request))
-        spec = _load_spec(Path(api.specs_dir), req.spec)
+        spec = SpecDirectory(Path(api.specs_dir)).load(req.spec)
         check_sender(record, spec.sender, "spec")
         recipient = req.enrolled()
         fingerprint = hashlib.sha256(
@@ -681,16 +684,6 @@ def _unknown_field(model: type[BaseModel], field: str) -> str:
     close = difflib.get_close_matches(name.lower(), names, n=1, cutoff=0.6)
     hint = f"; did you mean {close[0]!r}?" if close else f" (fields: {', '.join(names)})"
     return "is not a field of this request" + hint
-
-
-def _load_spec(directory: Path, name: str) -> SequenceSpec:
-    if not name or len(name) > 64 or not set(name) <= _SPEC_NAME_CHARS or name[0] == ".":
-        raise invalid("spec", f"{name!r} is not a spec name (letters, digits, '.', '-', '_')")
-    path = directory / f"{name}.toml"
-    if not path.is_file():
-        known = sorted(p.stem for p in directory.glob("*.toml")) if directory.is_dir() else []
-        raise invalid("spec", f"no spec named {name!r} (specs: {', '.join(known) or 'none'})")
-    return load_spec(path)
 
 
 async def _is_one_click(request: Request, body: bytes) -> bool:

@@ -21,7 +21,8 @@ class ApiSettings(BaseModel):
     as their RFC 8058 one-click unsubscribe."""
     specs_dir: str = "sequences"
     """Directory of sequence specs: ``POST /v1/sequences`` with ``"spec": "trial"`` reads
-    ``<specs_dir>/trial.toml``."""
+    ``<specs_dir>/trial.toml``, or the spec in the directory whose ``name`` is ``trial``, and
+    ``"spec": "trial.toml"`` that file; nothing outside the directory."""
     max_body_bytes: int = Field(default=2 * MAX_EMAIL_BYTES, ge=1024)
     """Largest request body accepted; a larger one gets 413 before it is read in full.
     (JSON escapes and base64 attachments make a body larger than the email it holds.)"""
