@@ -69,21 +69,20 @@ class SenderScope:
 
     @property
     def restricted(self) -> bool:
-        """False for an empty scope, which allows every sender."""
-        return bool(self.patterns)
+        """False for a scope that allows every sender: empty, or holding ``*``."""
+        return bool(self.patterns) and "*" not in self.patterns
 
     def allows(self, sender: str) -> bool:
         """Is `sender` (``address`` or ``Name <address>``) in this scope? An unparsable
         sender is in no restricted scope."""
-        if not self.patterns:
+        if not self.restricted:
             return True
         try:
             address = parse_mailbox(sender).address.lower()
         except ValueError:
             return False
         return any(
-            pattern == "*" or pattern == address or fnmatch.fnmatchcase(address, pattern)
-            for pattern in self._lowered
+            pattern == address or fnmatch.fnmatchcase(address, pattern) for pattern in self._lowered
         )
 
     def __str__(self) -> str:

@@ -59,6 +59,9 @@ def test_one_sender_scope_matches_bare_addresses_without_regard_to_case() -> Non
     assert not scope.allows("agent@acme.test.evil.test") and not scope.allows("not an address")
     assert not scope.allows("x@evil.test <agent@other.test>")
     assert SenderScope().allows("anyone@anywhere.test") and not SenderScope().restricted
+    # `*` among other patterns allows every sender, even one no address parser reads.
+    anyone = SenderScope(["agent@acme.test", "*"])
+    assert not anyone.restricted and anyone.allows("not an address")
     assert str(scope) == "agent@acme.test, *@Ops.Acme.test, *@*.b.test"
 
 

@@ -267,7 +267,7 @@ def create_app(pl: PostlaneClient, *, keys: KeyStore | None = None) -> FastAPI:
     async def check_owner(record: ApiKey, key: str) -> None:
         # Cancel and retry act for the sender the email was started as: the same scope
         # as sending, read from the email's start on the Temporal server.
-        if "*" in record.senders:
+        if not record.scope.restricted:
             return
         sender = await sender_of(pl, key)
         if sender is None or not record.allows(sender):
@@ -387,7 +387,7 @@ def create_app(pl: PostlaneClient, *, keys: KeyStore | None = None) -> FastAPI:
 
     def check_operator(record: ApiKey) -> None:
         # A lane carries every sender configured on it: only an unrestricted key acts on it.
-        if "*" not in record.senders:
+        if record.scope.restricted:
             raise Problem(
                 403,
                 "operator-only",
