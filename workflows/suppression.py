@@ -1,8 +1,10 @@
-"""SuppressionWorkflow: while it runs, a sender never enrolls this address again.
+"""SuppressionWorkflow: while it runs, no email from this sender goes to this address, and
+no sequence of the sender enrolls it.
 
 Suppressions live in Temporal, not in a second database: one small workflow per
-(sender, address), ID ``suppressed:<sender>/<address>``, found by ID at enrollment and
-listed with ``PostlaneStatus="suppressed"``. It waits for a ``lift`` signal, forever.
+(sender, address), ID ``suppressed:<sender>/<address>``, found by ID when an email is
+sent or a sequence enrolls, and listed with ``WorkflowType="Suppression"``. It waits for a
+``lift`` signal, forever.
 """
 
 from __future__ import annotations

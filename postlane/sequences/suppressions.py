@@ -28,7 +28,8 @@ from postlane.names import SuppressionMessages, WorkflowType
 from postlane.sequences.models import Suppression
 
 SUPPRESSED = "suppressed"
-"""`PostlaneStatus` of suppression workflows: ``PostlaneStatus="suppressed"`` lists them."""
+"""`PostlaneStatus` of suppression workflows (and of emails that ended suppressed):
+``WorkflowType="Suppression" AND PostlaneStatus="suppressed"`` lists the suppressions."""
 CSV_COLUMNS = ("sender", "address", "reason", "source")
 """The columns of ``postlane suppressions export`` / ``import``, in this order."""
 
