@@ -26,7 +26,6 @@ from temporalio.client import (
 )
 from temporalio.common import Priority as TemporalPriority
 from temporalio.common import (
-    RawValue,
     WorkflowIDConflictPolicy,
     WorkflowIDReusePolicy,
 )
@@ -36,7 +35,7 @@ from temporalio.service import RPCError, RPCStatusCode
 from postlane import search_attributes as sa
 from postlane.config import Settings, load_settings
 from postlane.connection import connect_temporal
-from postlane.contract import SEND_EMAIL_WORKFLOW, parse_send_email_input
+from postlane.contract import SEND_EMAIL_WORKFLOW
 from postlane.email.dlq import DeadLetters
 from postlane.email.models import (
     MAX_EMAIL_BYTES,
@@ -49,6 +48,7 @@ from postlane.email.models import (
     SendEmailInput,
     invalid_email_from,
 )
+from postlane.email.started import decode_started, started_input
 from postlane.erasure import FORGET_WAIT, ForgetResult, RecipientHasher, require_hasher
 from postlane.erasure import forget as forget_address
 from postlane.errors import (
@@ -313,20 +313,8 @@ class PostlaneClient:
         """`check_same_content`, also for an email another client started without a memo."""
 
         async def digest_of_start() -> str | None:
-            async for event in handle.fetch_history_events():
-                payloads = list(event.workflow_execution_started_event_attributes.input.payloads)
-                break
-            else:
-                return None
-            if not payloads:
-                return None
-            [raw] = await self.temporal.data_converter.decode(payloads[:1], [RawValue])
-            payload = raw.payload
-            try:
-                started = parse_send_email_input(
-                    payload.data, payload.metadata.get("encoding"), handle.id
-                )
-            except InvalidEmail:
+            started = await started_input(self.temporal, handle)
+            if started is None:
                 return None
             return email_digest(started.email, started.send_at)
 
@@ -635,7 +623,8 @@ class PostlaneClient:
         started: SendEmailInput | None = None
         async for event in handle.fetch_history_events():
             if event.HasField("workflow_execution_started_event_attributes"):
-                started = await _started_input(self.temporal, event)
+                payloads = event.workflow_execution_started_event_attributes.input.payloads
+                started = await decode_started(self.temporal, payloads, handle.id)
             if event.event_type == EventType.EVENT_TYPE_WORKFLOW_TASK_COMPLETED:
                 first_task = event.event_id
                 break
@@ -724,16 +713,6 @@ def _refusal(err: WorkflowUpdateFailedError) -> str:
     if isinstance(cause, ApplicationError):
         return cause.message
     return str(cause or err)
-
-
-async def _started_input(temporal: Client, event: Any) -> SendEmailInput | None:
-    """The `SendEmailInput` an email's workflow was started with (None if unreadable)."""
-    payloads = event.workflow_execution_started_event_attributes.input.payloads
-    try:
-        [decoded] = await temporal.data_converter.decode(payloads, [SendEmailInput])
-    except Exception:  # started by a client in another shape: nothing to lift
-        return None
-    return decoded if isinstance(decoded, SendEmailInput) else None
 
 
 def _delivery_error(err: WorkflowFailureError) -> PostlaneError:

@@ -15,12 +15,11 @@ import fnmatch
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
-from temporalio.common import RawValue
 from temporalio.service import RPCError, RPCStatusCode
 
-from postlane.contract import parse_send_email_input
 from postlane.email.addresses import normalise_sender_pattern, parse_mailbox
 from postlane.email.models import check_address
+from postlane.email.started import started_input
 from postlane.errors import EmailNotFound, InvalidInput
 from postlane.ids import email_workflow_id
 
@@ -100,22 +99,11 @@ async def sender_of(pl: PostlaneClient, key: str) -> str | None:
     """
     handle = pl.temporal.get_workflow_handle(email_workflow_id(key))
     try:
-        async for event in handle.fetch_history_events():
-            payloads = list(event.workflow_execution_started_event_attributes.input.payloads)
-            break
-        else:
-            return None
+        started = await started_input(pl.temporal, handle)
     except RPCError as err:
         if err.status == RPCStatusCode.NOT_FOUND:
             raise EmailNotFound(key) from None
         raise
-    if not payloads:
-        return None
-    [raw] = await pl.temporal.data_converter.decode(payloads[:1], [RawValue])
-    try:
-        started = parse_send_email_input(
-            raw.payload.data, raw.payload.metadata.get("encoding"), handle.id
-        )
-    except InvalidInput:
+    if started is None:
         return None
     return started.email.sender
