@@ -64,6 +64,7 @@ from postlane.sequences.spec import Recipient, SequenceSpec
 from postlane.sequences.suppressions import Suppressions
 from postlane.sequences.templates import render_sequence, render_string, variables_for
 from postlane.tokens import UNSUBSCRIBE_TOKEN_PLACEHOLDER, TokenKeys
+from postlane.waiting import workflow_result
 
 _CAMPAIGN_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _STATUSES = {s.value for s in SequenceStatus}
@@ -95,7 +96,7 @@ class SequenceHandle:
 
     async def result(self) -> SequenceReport:
         """Wait until the sequence ends and return its final report."""
-        return SequenceReport.model_validate(await self._handle.result())
+        return SequenceReport.model_validate(await workflow_result(self._handle))
 
 
 class Sequences:

@@ -26,6 +26,7 @@ from postlane.errors import InvalidInput
 from postlane.ids import SUPPRESSION_ID_PREFIX, WORKFLOW_TASK_QUEUE, suppression_workflow_id
 from postlane.names import SuppressionMessages, WorkflowType
 from postlane.sequences.models import Suppression
+from postlane.waiting import workflow_result
 
 SUPPRESSED = "suppressed"
 """`PostlaneStatus` of suppression workflows (and of emails that ended suppressed):
@@ -85,7 +86,7 @@ class Suppressions:
             return False
         handle = self.temporal.get_workflow_handle(suppression_workflow_id(sender, address))
         await handle.signal(SuppressionMessages.LIFT, "operator")
-        await handle.result()  # ends as soon as its worker sees the signal
+        await workflow_result(handle)  # ends as soon as its worker sees the signal
         return True
 
     async def lift_bounces(self, sender: str, addresses: Iterable[str]) -> int:
@@ -101,7 +102,7 @@ class Suppressions:
                 continue
             handle = self.temporal.get_workflow_handle(workflow_id)
             await handle.signal(SuppressionMessages.LIFT, "operator retry")
-            await handle.result()
+            await workflow_result(handle)
             lifted += 1
         return lifted
 
