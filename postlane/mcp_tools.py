@@ -361,7 +361,7 @@ def build_server(
             return await action(pl)
         except (PostlaneError, RPCError) as exc:
             raise _as_problem(exc) from None
-        except RuntimeError as exc:  # the connection dropped: connect again next time
+        except RuntimeError as exc:  # Temporal unreachable: a later call reconnects
             raise _Problem("Unavailable", "temporal", str(exc)) from None
 
     async def send_email(
