@@ -83,14 +83,22 @@ class InFlight(Generic[T]):
 
         Raises:
             IdempotencyConflict: the running request with this key asks for something else.
-            Exception: whatever the first run raised (a joined request gets it too).
+            Exception: whatever the first run raised (a joined request gets it too). A
+                joined request whose first run was cancelled runs `work` itself.
         """
         running = self._running.get(key)
         if running is not None:
             theirs, future = running
             if theirs != fingerprint:
                 raise IdempotencyConflict(key.split(":", 1)[-1])
-            return await asyncio.shield(future), True
+            try:
+                return await asyncio.shield(future), True
+            except asyncio.CancelledError:
+                if not future.cancelled():
+                    raise  # this request was cancelled itself
+            # The first request went away (its client hung up) before it finished: the
+            # work is idempotent on the server, so this one does it instead.
+            return await self.run(key, fingerprint, work)
         future = asyncio.get_running_loop().create_future()
         self._running[key] = (fingerprint, future)
         try:
