@@ -36,6 +36,10 @@ is never cached: each refused send asks again, so a resumed lane sends at once."
 PAUSE_QUERY_TIMEOUT = timedelta(seconds=2)
 """A server that does not describe the lane's workflow this fast leaves it taken as not
 paused: the guard is a safety net, it must not stop mail on its own failure."""
+BOUNCE_PHASES = frozenset({"mail", "rcpt", "data"})
+"""SMTP stages (`activities.smtp` phase names) whose 5xx is about this mail or its
+recipients: a hard bounce. A 5xx at ``connect`` (greeting, EHLO, STARTTLS, AUTH) is about
+the server or Postlane's own settings, such as a wrong password (535): no bounce."""
 FLUSH_EVERY = 20
 """Accepted recipients reported to the lane in one signal (bad outcomes go at once)."""
 FLUSH_AFTER = 2.0
@@ -118,9 +122,10 @@ class SendGuard:
             )
 
     async def failed(self, req: SmtpSendRequest, err: ApplicationError) -> None:
-        """Report a refused attempt: 5xx is a hard bounce (suppressed if refused at RCPT),
-        4xx a deferral (not a "slow down", which backpressure answers); connection failures
-        say nothing about the recipients."""
+        """Report a refused attempt: 5xx at MAIL, RCPT or DATA is a hard bounce for every
+        recipient (suppressed if refused at RCPT), 4xx a deferral (not a "slow down", which
+        backpressure answers); connection failures, and a 5xx before MAIL (greeting,
+        STARTTLS, AUTH), say nothing about the recipients."""
         details: dict[str, Any] = (
             err.details[0] if err.details and isinstance(err.details[0], dict) else {}
         )
@@ -128,6 +133,8 @@ class SendGuard:
         if not isinstance(code, int):
             return
         if code >= 500:
+            if details.get("phase") not in BOUNCE_PHASES:
+                return
             if details.get("phase") == "rcpt":
                 for address in req.email.recipients:
                     await self._suppress(req.email.sender, address, err.message)
