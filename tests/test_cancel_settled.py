@@ -30,6 +30,7 @@ from temporalio.worker import Replayer
 import postlane.worker
 from activities.guard import SendGuard
 from activities.webhooks import WebhookActivities
+from postlane import PermanentDeliveryError
 from postlane.client import PostlaneClient
 from postlane.config import Settings
 from postlane.connection import data_converter
@@ -77,10 +78,10 @@ async def worker_saw_cancel(client: Client, workflow_id: str) -> bool:
     return EventType.EVENT_TYPE_WORKFLOW_TASK_COMPLETED in after
 
 
-@pytest.mark.timeout(180)
-async def test_cancel_while_the_sent_event_is_emitted_leaves_the_email_sent(
-    dev_env: WorkflowEnvironment, key: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def hold_emit(
+    monkeypatch: pytest.MonkeyPatch, kind: WebhookEventType
+) -> tuple[asyncio.Event, asyncio.Event, WebhookConfig]:
+    """Workers whose real emit of `kind` waits for the test; a subscription to every event."""
     monkeypatch.setenv(SECRET_ENV, SECRET)
     emitting, release = asyncio.Event(), asyncio.Event()
 
@@ -89,38 +90,56 @@ async def test_cancel_while_the_sent_event_is_emitted_leaves_the_email_sent(
 
         @activity.defn(name=Activity.EMIT_WEBHOOK_EVENT)
         async def emit_webhook_event(self, emit: WebhookEmit) -> WebhookEmitted:
-            if emit.event.type == WebhookEventType.EMAIL_SENT:
+            if emit.event.type == kind:
                 emitting.set()
                 await release.wait()
             return await super().emit_webhook_event(emit)
 
     monkeypatch.setattr(postlane.worker, "WebhookActivities", HeldEmit)
-    port = _free_port()
     hooks = WebhookConfig(
         name="crm",
-        url=f"http://127.0.0.1:{port}/hooks",
+        url=f"http://127.0.0.1:{_free_port()}/hooks",
         events=list(WebhookEventType),
         secret_env=SECRET_ENV,
         retry=FAST_RETRY,
     )
-    with SmtpCatcher() as smtp, _receiver(port) as receiver:
+    return emitting, release, hooks
+
+
+async def cancel_while_held(
+    client: Client, workflow_id: str, emitting: asyncio.Event, release: asyncio.Event
+) -> None:
+    """Cancel the email while its emit is held; let the emit go once the worker has seen it."""
+    await asyncio.wait_for(emitting.wait(), timeout=60)
+    await client.get_workflow_handle(workflow_id).cancel()
+    # The worker holds the emit's workflow task open and hands it the cancel at its next
+    # task heartbeat: only then is the emit let finish.
+    await assert_eventually(
+        lambda: worker_saw_cancel(client, workflow_id),
+        within=60,
+        what="the worker received the cancel while the emit was held",
+    )
+    release.set()
+
+
+def port_of(hooks: WebhookConfig) -> int:
+    return int(hooks.url.split(":")[2].split("/")[0])
+
+
+@pytest.mark.timeout(180)
+async def test_cancel_while_the_sent_event_is_emitted_leaves_the_email_sent(
+    dev_env: WorkflowEnvironment, key: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    emitting, release, hooks = hold_emit(monkeypatch, WebhookEventType.EMAIL_SENT)
+    with SmtpCatcher() as smtp, _receiver(port_of(hooks)) as receiver:
         receiver.start()
         lane = new_lane(smtp)
         settings = Settings(lanes=[lane], webhooks=[hooks])
         pl = PostlaneClient(dev_env.client, settings)
         async with running_workers(dev_env, settings):
             handle = await pl.send(an_email(), key=key)
-            await asyncio.wait_for(emitting.wait(), timeout=60)
             workflow_id = email_workflow_id(key)
-            await dev_env.client.get_workflow_handle(workflow_id).cancel()
-            # The worker holds the emit's workflow task open and hands it the cancel at its
-            # next task heartbeat: only then is the emit let finish.
-            await assert_eventually(
-                lambda: worker_saw_cancel(dev_env.client, workflow_id),
-                within=60,
-                what="the worker received the cancel while the emit was held",
-            )
-            release.set()
+            await cancel_while_held(dev_env.client, workflow_id, emitting, release)
 
             receipt = await handle.result()
             assert await pl.status(key) == EmailStatus.SENT
@@ -138,6 +157,39 @@ async def test_cancel_while_the_sent_event_is_emitted_leaves_the_email_sent(
             )
             await replays(pl, workflow_id, "send_email_cancel_while_notifying_sent")
     assert raw_message_ids(smtp.messages) == [receipt.message_id]
+
+
+@pytest.mark.timeout(180)
+async def test_cancel_while_the_failed_event_is_emitted_leaves_the_email_failed(
+    dev_env: WorkflowEnvironment, key: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    emitting, release, hooks = hold_emit(monkeypatch, WebhookEventType.EMAIL_FAILED)
+    with SmtpCatcher() as smtp, _receiver(port_of(hooks)) as receiver:
+        receiver.start()
+        smtp.fail("data", "550 5.7.1 message refused")
+        lane = new_lane(smtp)
+        settings = Settings(lanes=[lane], webhooks=[hooks])
+        pl = PostlaneClient(dev_env.client, settings)
+        async with running_workers(dev_env, settings):
+            handle = await pl.send(an_email(), key=key)
+            workflow_id = email_workflow_id(key)
+            await cancel_while_held(dev_env.client, workflow_id, emitting, release)
+
+            with pytest.raises(PermanentDeliveryError, match="550"):
+                await handle.result()
+            assert await pl.status(key) == EmailStatus.FAILED
+            assert await closing_event(pl, workflow_id) == (
+                EventType.EVENT_TYPE_WORKFLOW_EXECUTION_FAILED
+            )
+            assert smtp.messages == []
+            assert sum(session.count("DATA") for session in smtp.sessions) == 1
+
+            def delivered() -> list[str]:
+                return [r.payload["type"] for r in receiver.events()]
+
+            await assert_eventually(
+                lambda: delivered() == ["email.failed"], within=60, what="email.failed delivered"
+            )
 
 
 def held_check(
