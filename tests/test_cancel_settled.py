@@ -308,6 +308,12 @@ RECORDED = [
     "send_email_cancel_while_notifying_sent",
     "send_email_cancel_refused_by_paused_lane",
     "send_email_paused_after_failed_attempt",
+    # Recorded by the code before the patches, the bugs and all: the cancel ended the sent
+    # email cancelled; the paused lane swallowed the cancel and the email went after the
+    # resume; the failed attempt before the pause was not counted.
+    "send_email_cancel_while_notifying_sent_v0",
+    "send_email_cancel_refused_by_paused_lane_v0",
+    "send_email_paused_after_failed_attempt_v0",
 ]
 """Histories of the tests above (``POSTLANE_RECORD_HISTORIES=1`` records them again)."""
 

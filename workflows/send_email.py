@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any, NoReturn
@@ -103,7 +104,8 @@ SUPPRESSED_PATCH = "postlane-suppressed"
 SETTLED_NOTIFY_PATCH = "postlane-settled-notify"
 """From this patch on, a workflow cancel that lands while a ``sent`` or ``failed`` email
 emits its webhook event leaves that status: the emit finishes and the email ends as it
-settled (before, the cancel overwrote it with ``cancelled`` though the server had the mail)."""
+settled (before, the cancel overwrote it with ``cancelled`` though the server had the mail).
+Asked only when such a cancel lands, so other emails' histories carry no marker."""
 CANCEL_BEFORE_REFUSAL_PATCH = "postlane-cancel-before-refusal"
 """From this patch on, a send the cancel waited for that failed or was refused with nothing
 sent (paused lane, open circuit, suppressed recipient, a refusal for good) ends the email
@@ -638,15 +640,22 @@ class SendEmailWorkflow:
             data["reason"] = self._last_error
         if kind == WebhookEventType.EMAIL_DEAD_LETTERED and self._parked_at is not None:
             data["parked_at"] = self._parked_at.isoformat()
-        if settled and workflow.patched(SETTLED_NOTIFY_PATCH):
-            emit = asyncio.ensure_future(emit_event(kind, data))
-            try:
-                # Shielded: the cancel must not abandon the event, nor reach `run`'s handler.
-                await asyncio.shield(emit)
-            except asyncio.CancelledError:
-                await emit
+        if not settled:
+            await emit_event(kind, data)
             return
-        await emit_event(kind, data)
+        emit = asyncio.ensure_future(emit_event(kind, data))
+        try:
+            # Shielded: the cancel must not abandon the event, nor reach `run`'s handler.
+            await asyncio.shield(emit)
+        except asyncio.CancelledError:
+            # Asked only here, so an email no cancel reached records no marker for it.
+            if not workflow.patched(SETTLED_NOTIFY_PATCH):
+                # Before the patch the cancel stopped the emit and ended the email cancelled.
+                emit.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await emit
+                raise
+            await emit
 
     def _dead_letter_memo(self) -> dict[str, Any]:
         """What a dead-letter listing shows, so it needs no query or describe per email."""
