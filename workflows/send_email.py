@@ -133,7 +133,10 @@ class SendEmailWorkflow:
 
     A workflow cancel ends the email ``cancelled`` wherever it waits (scheduled, for a lane
     slot, between attempts, parked), except that a transaction already at DATA is let
-    finish: if the server accepted it the email ends ``sent`` with its receipt.
+    finish: if the server accepted it the email ends ``sent`` with its receipt. A send the
+    cancel waited for that was refused (paused lane, open circuit) or failed ends it
+    ``cancelled`` too. A cancel after the email settled ``sent`` or ``failed`` (while it
+    emits that webhook event) changes nothing.
     """
 
     _accepted: DeliveryReceipt | None = None
