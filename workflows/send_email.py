@@ -880,7 +880,12 @@ def _with_attempts(details: Sequence[Any], attempts: int) -> list[Any]:
     return [{"attempts": attempts}, *details]
 
 
-_REFUSALS = (ErrorType.LANE_PAUSED, ErrorType.RECIPIENT_SUPPRESSED, ErrorType.CIRCUIT_OPEN)
+_REFUSALS = (
+    ErrorType.LANE_PAUSED,
+    ErrorType.RECIPIENT_SUPPRESSED,
+    ErrorType.SUPPRESSION_UNKNOWN,
+    ErrorType.CIRCUIT_OPEN,
+)
 """Failures by which the send was refused before any SMTP transaction: no attempt made."""
 
 
