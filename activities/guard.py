@@ -3,12 +3,17 @@
 Before a send opens its SMTP transaction, `SendGuard.check` refuses it when a recipient is
 suppressed for the sender (``RecipientSuppressed``: the email ends ``suppressed``) or when
 its lane is paused (``LanePaused``: the email waits ``scheduled`` for the lane to resume).
+The two fail differently when the server cannot answer: an unknown pause is taken as "not
+paused" (the guard must not stop mail on its own failure), but an unknown suppression
+stops the attempt (``SuppressionUnknown``, retried like a transient failure), since sending
+might mail someone who asked never to be mailed again.
 After it, `SendGuard.sent` and `SendGuard.failed` report the outcome to the lane's workflow
 (which pauses the lane past a threshold) and suppress hard-bounced recipients.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -36,6 +41,13 @@ is never cached: each refused send asks again, so a resumed lane sends at once."
 PAUSE_QUERY_TIMEOUT = timedelta(seconds=2)
 """A server that does not describe the lane's workflow this fast leaves it taken as not
 paused: the guard is a safety net, it must not stop mail on its own failure."""
+BOUNCE_PHASES = frozenset({"mail", "rcpt", "data"})
+"""SMTP stages (`activities.smtp` phase names) whose 5xx is about this mail or its
+recipients: a hard bounce. A 5xx at ``connect`` (greeting, EHLO, STARTTLS, AUTH) is about
+the server or Postlane's own settings, such as a wrong password (535): no bounce."""
+SUPPRESSION_CHECK_TIMEOUT = timedelta(seconds=5)
+"""How long one recipient's suppression describe may take before the attempt fails
+(retryably) instead of waiting on a slow server for the whole send's timeout."""
 FLUSH_EVERY = 20
 """Accepted recipients reported to the lane in one signal (bad outcomes go at once)."""
 FLUSH_AFTER = 2.0
@@ -59,14 +71,34 @@ class SendGuard:
     async def check(self, req: SmtpSendRequest) -> None:
         """Refuse the send before anything goes out.
 
+        The recipients' suppressions are read at once, each describe bounded by
+        `SUPPRESSION_CHECK_TIMEOUT`.
+
         Raises:
-            ApplicationError: ``RecipientSuppressed`` or ``LanePaused``, not retryable.
+            ApplicationError: ``RecipientSuppressed`` or ``LanePaused``, not retryable;
+                ``SuppressionUnknown``, retryable, when a suppression could not be read
+                (nothing is sent without knowing).
         """
         if self._client is None:
             return
-        sender = req.email.sender
-        for address in req.email.recipients:
-            if await is_suppressed(self._client, sender, address):
+        client, sender = self._client, req.email.sender
+        addresses = list(req.email.recipients)
+        try:
+            found = await asyncio.gather(
+                *(
+                    is_suppressed(client, sender, a, rpc_timeout=SUPPRESSION_CHECK_TIMEOUT)
+                    for a in addresses
+                )
+            )
+        except RPCError as exc:
+            log.warning("suppression.unknown", lane=req.lane, key=req.key, error=str(exc))
+            raise ApplicationError(
+                f"could not read the suppression list ({exc.status.name}): nothing was sent",
+                {"sender": sender},
+                type=ErrorType.SUPPRESSION_UNKNOWN,
+            ) from exc
+        for address, suppressed in zip(addresses, found, strict=True):
+            if suppressed:
                 log.info("email.suppressed", lane=req.lane, key=req.key)
                 raise ApplicationError(
                     f"{address} is suppressed for {sender}; nothing was sent",
@@ -118,9 +150,10 @@ class SendGuard:
             )
 
     async def failed(self, req: SmtpSendRequest, err: ApplicationError) -> None:
-        """Report a refused attempt: 5xx is a hard bounce (suppressed if refused at RCPT),
-        4xx a deferral (not a "slow down", which backpressure answers); connection failures
-        say nothing about the recipients."""
+        """Report a refused attempt: 5xx at MAIL, RCPT or DATA is a hard bounce for every
+        recipient (suppressed if refused at RCPT), 4xx a deferral (not a "slow down", which
+        backpressure answers); connection failures, and a 5xx before MAIL (greeting,
+        STARTTLS, AUTH), say nothing about the recipients."""
         details: dict[str, Any] = (
             err.details[0] if err.details and isinstance(err.details[0], dict) else {}
         )
@@ -128,6 +161,8 @@ class SendGuard:
         if not isinstance(code, int):
             return
         if code >= 500:
+            if details.get("phase") not in BOUNCE_PHASES:
+                return
             if details.get("phase") == "rcpt":
                 for address in req.email.recipients:
                     await self._suppress(req.email.sender, address, err.message)

@@ -67,6 +67,9 @@ class ErrorType(StrEnum):
     RECIPIENT_SUPPRESSED = "RecipientSuppressed"
     """A recipient is suppressed for the sender (hard bounce, complaint, unsubscribe or an
     operator): nothing was sent; the email ends ``suppressed``."""
+    SUPPRESSION_UNKNOWN = "SuppressionUnknown"
+    """The suppression list could not be read before a send (the Temporal server did not
+    answer in time, or failed): nothing was sent; retried like a transient failure."""
 
 
 SEND_FAILURES = frozenset(

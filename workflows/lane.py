@@ -129,6 +129,12 @@ GUARD_PATCH = "lane-reputation-guard"
 """Runs from this patch pause on a reputation threshold (or an operator's ``pause``) and
 grant no slot until resumed; the marker is recorded where a lane first pauses."""
 
+PAUSED_HISTORY_PATCH = "lane-paused-history"
+"""Runs from this patch keep their history bounded while paused: only the latest request of
+each email is kept, and the run continues as new (the pause goes along in its state) once
+its history is long, where before it slept on while every waiting email asked again, until
+the server's history limit terminated it. Recorded where a paused run first needs it."""
+
 
 def _digest(workflow_id: str) -> str:
     return hashlib.blake2b(workflow_id.encode(), digest_size=4).hexdigest()
@@ -162,6 +168,8 @@ class LaneWorkflow:
         self._recent: set[str] | None = None
         self._hold = quota.MINUTE
         self._probing: asyncio.Future[None] | None = None
+        self._paused_bounded: bool | None = None
+        """`PAUSED_HISTORY_PATCH`, once a paused run first needed it (None: not yet)."""
 
     @property
     def state(self) -> LaneState:
@@ -183,14 +191,23 @@ class LaneWorkflow:
             workflow.upsert_memo({guard.PAUSE_MEMO: s.pause.model_dump(mode="json")})
         self._publish_details()  # a run continued as new shows what the last one showed
         while True:
+            timed_out = False
             try:
                 # Paused: requests wait in `_arrived` (their emails ask again meanwhile).
                 await workflow.wait_condition(
-                    lambda: self._dirty or (bool(self._arrived) and not self._paused),
+                    lambda: (
+                        self._dirty
+                        or (bool(self._arrived) and not self._paused)
+                        or (self._paused_bounded is not False and self._long_while_paused())
+                    ),
                     timeout=self._next_wakeup(),
                 )
             except TimeoutError:
-                pass
+                timed_out = True
+            if self._long_while_paused() and not self._bounded_while_paused():
+                # Code before the patch slept on here: so does its history's replay.
+                if not (self._dirty or timed_out):
+                    continue
             self._dirty = False
             self._recover_if_due()
             self._recover_domains()
@@ -227,6 +244,16 @@ class LaneWorkflow:
         info = workflow.info()
         limit = min(MAX_HISTORY, RUN_HISTORY) if self._windowed else MAX_HISTORY
         return info.is_continue_as_new_suggested() or info.get_current_history_length() > limit
+
+    def _long_while_paused(self) -> bool:
+        """Paused with a long history: asks alone would grow it to the server's limit."""
+        return self._paused and self._should_continue_as_new()
+
+    def _bounded_while_paused(self) -> bool:
+        """Whether this run keeps its history bounded while paused (`PAUSED_HISTORY_PATCH`)."""
+        if self._paused_bounded is None:
+            self._paused_bounded = workflow.patched(PAUSED_HISTORY_PATCH)
+        return self._paused_bounded
 
     def _must_continue_as_new(self) -> bool:
         """Past this, continue as new even with requests waiting (they go along, bounded)."""
@@ -661,7 +688,13 @@ class LaneWorkflow:
 
     @workflow.signal(name=LaneMessages.REQUEST_SLOT)
     def request_slot(self, request: SlotRequest) -> None:
-        """An email asks to be sent; it gets ``slot_granted`` back, now or later."""
+        """An email asks to be sent; it gets ``slot_granted`` back, now or later.
+
+        While the lane is paused an email's earlier ask still waits when it asks again:
+        only the latest is kept, so a long pause holds one request per email.
+        """
+        if self._paused and self._bounded_while_paused():
+            self._arrived = deque(r for r in self._arrived if r.workflow_id != request.workflow_id)
         self._arrived.append(request)
 
     @workflow.signal(name=LaneMessages.CONFIGURE)

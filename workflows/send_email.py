@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any, NoReturn
@@ -100,6 +101,19 @@ LANE_PAUSED_PATCH = "postlane-lane-paused"
 was sent) waits ``scheduled`` for the lane to resume, then sends; before, it would fail."""
 SUPPRESSED_PATCH = "postlane-suppressed"
 """From this patch on, a send refused because a recipient is suppressed ends ``suppressed``."""
+SETTLED_NOTIFY_PATCH = "postlane-settled-notify"
+"""From this patch on, a workflow cancel that lands while a ``sent`` or ``failed`` email
+emits its webhook event leaves that status: the emit finishes and the email ends as it
+settled (before, the cancel overwrote it with ``cancelled`` though the server had the mail).
+Asked only when such a cancel lands, so other emails' histories carry no marker."""
+CANCEL_BEFORE_REFUSAL_PATCH = "postlane-cancel-before-refusal"
+"""From this patch on, a send the cancel waited for that failed or was refused with nothing
+sent (paused lane, open circuit, suppressed recipient, a refusal for good) ends the email
+``cancelled``; before, a paused lane swallowed the cancel and an open circuit ended it
+``failed``."""
+SETTLED_ATTEMPTS_PATCH = "postlane-settled-attempts"
+"""From this patch on, the failed attempts of a send that ends in a paused lane's wait or
+in ``suppressed`` count in the email's attempts (before, they were dropped)."""
 SLOT_REASK = timedelta(minutes=3)
 """An email with no answer from its lane asks again after this (plus up to `SLOT_REASK_JITTER`)."""
 SLOT_REASK_JITTER = 120
@@ -119,7 +133,10 @@ class SendEmailWorkflow:
 
     A workflow cancel ends the email ``cancelled`` wherever it waits (scheduled, for a lane
     slot, between attempts, parked), except that a transaction already at DATA is let
-    finish: if the server accepted it the email ends ``sent`` with its receipt.
+    finish: if the server accepted it the email ends ``sent`` with its receipt. A send the
+    cancel waited for that was refused (paused lane, open circuit) or failed ends it
+    ``cancelled`` too. A cancel after the email settled ``sent`` or ``failed`` (while it
+    emits that webhook event) changes nothing.
     """
 
     _accepted: DeliveryReceipt | None = None
@@ -344,9 +361,20 @@ class SendEmailWorkflow:
                     )
                     self._set_status(EmailStatus.SENT)
                     _observe_accepted(accepted, due=req.send_at)
-                    await self._notify(WebhookEventType.EMAIL_SENT)
+                    await self._notify(WebhookEventType.EMAIL_SENT, settled=True)
                     return self._receipt
                 failure = application_failure(err)
+                if (
+                    self._cancelling
+                    and not is_cancelled_exception(err)
+                    and workflow.patched(CANCEL_BEFORE_REFUSAL_PATCH)
+                ):
+                    # The cancel waited for this send, which delivered nothing: it wins over
+                    # whatever the failure would do next (fail over, wait out a pause, fail).
+                    refused = failure is not None and failure.type in _REFUSALS
+                    self._settle_attempts(0 if refused else _attempts_of(failure))
+                    self._last_error = failure.message if failure else str(err.cause or err)
+                    raise asyncio.CancelledError("cancelled while its send was refused") from err
                 target = _failover_target(failure) if not request.failover_from else None
                 # A cancel that waited for this send ends the email instead (below).
                 if target and not self._cancelling and workflow.patched(FAILOVER_PATCH):
@@ -354,16 +382,15 @@ class SendEmailWorkflow:
                     continue
                 kind = failure.type if failure is not None else None
                 if failure is not None and kind == ErrorType.LANE_PAUSED:
-                    if self._patched(LANE_PAUSED_PATCH):
+                    if self._patched_since_authority(LANE_PAUSED_PATCH):
                         await self._wait_out_pause(req, failure.message)
                         continue
                 if failure is not None and kind == ErrorType.RECIPIENT_SUPPRESSED:
-                    if self._patched(SUPPRESSED_PATCH):
+                    if self._patched_since_authority(SUPPRESSED_PATCH):
                         self._end_suppressed(req, failure, err)
                 if is_cancelled_exception(err) and self._patched(CANCEL_ENDS_CANCELLED_PATCH):
                     # Cancelled by this workflow's cancel, before anything was delivered.
-                    self._attempts += self._failed_in_send
-                    self._failed_in_send = 0
+                    self._settle_attempts()
                     self._set_status(EmailStatus.CANCELLED)
                     await self._notify(WebhookEventType.EMAIL_CANCELLED)
                     raise
@@ -372,7 +399,7 @@ class SendEmailWorkflow:
                 self._last_error = failure.message if failure else str(err.cause or err)
                 if failure is not None and (failure.non_retryable or failure.type in NON_RETRYABLE):
                     self._set_status(EmailStatus.FAILED)
-                    await self._notify(WebhookEventType.EMAIL_FAILED)
+                    await self._notify(WebhookEventType.EMAIL_FAILED, settled=True)
                     raise ApplicationError(
                         self._last_error,
                         *_with_attempts(failure.details, self._attempts),
@@ -405,7 +432,7 @@ class SendEmailWorkflow:
             )
             self._set_status(EmailStatus.SENT)
             _observe_accepted(receipt, due=req.send_at)
-            await self._notify(WebhookEventType.EMAIL_SENT)
+            await self._notify(WebhookEventType.EMAIL_SENT, settled=True)
             return self._receipt
 
     def _fail_over(
@@ -413,8 +440,7 @@ class SendEmailWorkflow:
     ) -> tuple[SendEmailInput, SmtpSendRequest]:
         """Move the email to its lane's failover lane: same Message-ID, key and retries."""
         origin = req.lane
-        self._attempts += self._failed_in_send
-        self._failed_in_send = 0
+        self._settle_attempts()
         self._failed_over_from = origin
         req = req.model_copy(update={"lane": target})
         self._input = req
@@ -447,6 +473,8 @@ class SendEmailWorkflow:
     async def _wait_out_pause(self, req: SendEmailInput, reason: str) -> None:
         """The lane was paused before this send began (nothing went out): wait
         ``scheduled``, the pause as its last error, until the lane grants a slot again."""
+        if self._failed_in_send and workflow.patched(SETTLED_ATTEMPTS_PATCH):
+            self._settle_attempts()
         self._failed_in_send = 0
         self._last_error = reason
         self._set_status(EmailStatus.SCHEDULED)
@@ -458,6 +486,8 @@ class SendEmailWorkflow:
         self, req: SendEmailInput, failure: ApplicationError, err: BaseException
     ) -> NoReturn:
         """End ``suppressed``: a recipient is on the sender's suppression list (nothing sent)."""
+        if self._failed_in_send and workflow.patched(SETTLED_ATTEMPTS_PATCH):
+            self._settle_attempts()
         self._failed_in_send = 0
         self._last_error = failure.message
         self._set_status(EmailStatus.SUPPRESSED)
@@ -580,8 +610,13 @@ class SendEmailWorkflow:
         correction, self._correction = self._correction, RetryRequest()
         return correction
 
-    async def _notify(self, kind: WebhookEventType) -> None:
-        """Emit webhook event `kind` if a subscription wants it (`WEBHOOKS_PATCH`)."""
+    async def _notify(self, kind: WebhookEventType, *, settled: bool = False) -> None:
+        """Emit webhook event `kind` if a subscription wants it (`WEBHOOKS_PATCH`).
+
+        `settled`: the email has reached a status a cancel cannot undo (``sent``,
+        ``failed``); a workflow cancel that lands meanwhile lets the emit finish and is
+        otherwise ignored (`SETTLED_NOTIFY_PATCH`).
+        """
         req = self._input
         if req is None or kind not in self._webhook_events:
             return
@@ -608,7 +643,22 @@ class SendEmailWorkflow:
             data["reason"] = self._last_error
         if kind == WebhookEventType.EMAIL_DEAD_LETTERED and self._parked_at is not None:
             data["parked_at"] = self._parked_at.isoformat()
-        await emit_event(kind, data)
+        if not settled:
+            await emit_event(kind, data)
+            return
+        emit = asyncio.ensure_future(emit_event(kind, data))
+        try:
+            # Shielded: the cancel must not abandon the event, nor reach `run`'s handler.
+            await asyncio.shield(emit)
+        except asyncio.CancelledError:
+            # Asked only here, so an email no cancel reached records no marker for it.
+            if not workflow.patched(SETTLED_NOTIFY_PATCH):
+                # Before the patch the cancel stopped the emit and ended the email cancelled.
+                emit.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await emit
+                raise
+            await emit
 
     def _dead_letter_memo(self) -> dict[str, Any]:
         """What a dead-letter listing shows, so it needs no query or describe per email."""
@@ -619,6 +669,24 @@ class SendEmailWorkflow:
             "attempts": self._attempt_count(),
             "last_error": self._last_error,
         }
+
+    def _settle_attempts(self, failed: int = 0) -> None:
+        """Count the send that just ended in `self._attempts`: the failed attempts it
+        signalled, or `failed` (its own count of them) if that is more."""
+        self._attempts += max(self._failed_in_send, failed)
+        self._failed_in_send = 0
+
+    def _patched_since_authority(self, patch_id: str) -> bool:
+        """Whether this email runs `patch_id`, a change newer than `WORKER_AUTHORITY_PATCH`.
+
+        New runs record its marker. A history without one was recorded either by code that
+        had the change and used `_patched` for it (such an email may still be waiting on
+        the path, so it keeps it) or by code without the change: the two cannot be told
+        apart, and breaking the first kind would stall live emails, so `self._current`
+        decides for both as before. Once no history without the marker is kept, drop
+        ``or self._current``.
+        """
+        return workflow.patched(patch_id) or self._current
 
     def _patched(self, patch_id: str) -> bool:
         """Whether this email runs the change `patch_id` names.
@@ -810,6 +878,15 @@ def _with_attempts(details: Sequence[Any], attempts: int) -> list[Any]:
     if details and isinstance(details[0], dict):
         return [{**details[0], "attempts": attempts}, *details[1:]]
     return [{"attempts": attempts}, *details]
+
+
+_REFUSALS = (
+    ErrorType.LANE_PAUSED,
+    ErrorType.RECIPIENT_SUPPRESSED,
+    ErrorType.SUPPRESSION_UNKNOWN,
+    ErrorType.CIRCUIT_OPEN,
+)
+"""Failures by which the send was refused before any SMTP transaction: no attempt made."""
 
 
 def _failover_target(failure: ApplicationError | None) -> str | None:

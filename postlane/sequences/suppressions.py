@@ -10,6 +10,7 @@ import builtins
 import csv
 import io
 from collections.abc import Iterable
+from datetime import timedelta
 
 from temporalio.client import Client, WorkflowExecutionStatus
 from temporalio.common import (
@@ -50,11 +51,13 @@ async def start_suppression(client: Client, suppression: Suppression) -> None:
     )
 
 
-async def is_suppressed(client: Client, sender: str, address: str) -> bool:
-    """True while `address` is suppressed for `sender`."""
+async def is_suppressed(
+    client: Client, sender: str, address: str, *, rpc_timeout: timedelta | None = None
+) -> bool:
+    """True while `address` is suppressed for `sender` (`rpc_timeout` bounds the describe)."""
     handle = client.get_workflow_handle(suppression_workflow_id(sender, address))
     try:
-        desc = await handle.describe()
+        desc = await handle.describe(rpc_timeout=rpc_timeout)
     except RPCError as err:
         if err.status == RPCStatusCode.NOT_FOUND:
             return False
