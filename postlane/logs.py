@@ -249,8 +249,15 @@ def configure_logging(
     ]
     if not full_addresses:
         shared.append(RedactAddresses())
+    # Tracebacks plain, never with their frames' locals: those hold passwords and message
+    # bodies, and rendering them (as rich does by default) is slow enough on a busy machine
+    # to trip the SDK's deadlock detector when a workflow task failure is logged.
     renderer: structlog.types.Processor = (
-        structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer(colors=False)
+        structlog.processors.JSONRenderer()
+        if json
+        else structlog.dev.ConsoleRenderer(
+            colors=False, exception_formatter=structlog.dev.plain_traceback
+        )
     )
     structlog.configure(
         processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
@@ -262,7 +269,12 @@ def configure_logging(
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             foreign_pre_chain=shared,
-            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+            processors=[
+                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                # JSON: the traceback as plain text in "exception" (the console renders its own).
+                *([structlog.processors.format_exc_info] if json else []),
+                renderer,
+            ],
         )
     )
     root = logging.getLogger()

@@ -4,6 +4,7 @@ does with genuine, forged and legacy ones. The servers' side is in test_tokens_e
 from __future__ import annotations
 
 import base64
+import json
 import logging
 from collections.abc import Iterator, MutableMapping
 from pathlib import Path
@@ -219,6 +220,36 @@ def restore_logging() -> Iterator[None]:
     root.handlers[:] = handlers
     root.setLevel(level)
     structlog.configure(**config)
+
+
+@pytest.mark.usefixtures("restore_logging")
+@pytest.mark.parametrize("json_logs", [False, True])
+def test_a_logged_traceback_shows_no_local_variables(
+    capsys: pytest.CaptureFixture[str], json_logs: bool
+) -> None:
+    """A traceback is logged without its frames' locals: they hold passwords and messages.
+
+    (Rendering locals is also slow enough, on a busy machine, to trip the SDK's deadlock
+    detector when a workflow task's failure is logged from the workflow's thread.)
+    """
+    configure_logging(json=json_logs)
+
+    def login(password: str) -> None:
+        raise RuntimeError("535 5.7.8 authentication failed")
+
+    secret = "-".join(["hunter2", "secret"])  # so no source line shown holds it
+    try:
+        login(secret)
+    except RuntimeError:
+        structlog.get_logger("t").exception("smtp.failed")
+        logging.getLogger("temporalio.t").exception("Failed activation")
+    err = capsys.readouterr().err
+    # Both tracebacks are there (as JSON, in "exception"), and no frame's locals.
+    assert err.count("RuntimeError: 535 5.7.8 authentication failed") == 2, err
+    assert err.count("Traceback (most recent call last)") == 2, err
+    assert secret not in err
+    if json_logs:
+        assert all("exception" in json.loads(line) for line in err.splitlines()), err
 
 
 @pytest.mark.usefixtures("restore_logging")
