@@ -192,13 +192,17 @@ class LaneWorkflow:
         self._publish_details()  # a run continued as new shows what the last one showed
         while True:
             timed_out = False
+            if self._paused:
+                # Decided before the wait, so replaying a history of code before the patch
+                # never wakes (and starts a new timer) where that code slept on.
+                self._bounded_while_paused()
             try:
                 # Paused: requests wait in `_arrived` (their emails ask again meanwhile).
                 await workflow.wait_condition(
                     lambda: (
                         self._dirty
                         or (bool(self._arrived) and not self._paused)
-                        or (self._paused_bounded is not False and self._long_while_paused())
+                        or (self._paused_bounded is True and self._long_while_paused())
                     ),
                     timeout=self._next_wakeup(),
                 )
