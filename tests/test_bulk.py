@@ -117,9 +117,15 @@ async def test_send_csv_sends_each_row_once_and_a_rerun_sends_nothing(
             # Ground truth on the server before the rerun: one email workflow per row, keyed
             # by the row, with the run that sent it.
             ids = {email_workflow_id(row_key(key, row, None)) for row in rows}
-            before = await run_ids(pl, ids)
+
+            async def all_completed() -> dict[str, Any] | None:
+                # The server has the last message a moment before its workflow completes.
+                runs = await run_ids(pl, ids)
+                done = all(s == WorkflowExecutionStatus.COMPLETED for _, s in runs.values())
+                return runs if done else None
+
+            before = await assert_eventually(all_completed, within=60, what="every row completed")
             assert set(before) == ids
-            assert all(s == WorkflowExecutionStatus.COMPLETED for _, s in before.values())
 
             rc, out, err = await run_postlane(argv, env, within=180)  # the same file again
             assert rc == 0, err
