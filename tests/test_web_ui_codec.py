@@ -12,7 +12,8 @@ import os
 import signal
 import subprocess
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -56,6 +57,42 @@ def process(args: list[str], env: dict[str, str], log: Path) -> Iterator[subproc
 def _get_json(url: str) -> dict[str, object]:
     with urllib.request.urlopen(url, timeout=10) as response:
         return json.loads(response.read())  # type: ignore[no-any-return]
+
+
+@asynccontextmanager
+async def bare_dev_server(
+    db: Path, env: dict[str, str], logs: Path
+) -> AsyncIterator[tuple[int, int]]:
+    """A plain dev server (no codec endpoint) on `db`, once its Web UI answers: its gRPC
+    and UI ports.
+
+    The ports are free when chosen, but another process can take one before the server
+    binds it; the server then exits, and is started again on new ones.
+    """
+    for attempt in range(3):
+        port, ui = free_port(), free_port()
+        args = [
+            dev_server_path(), "server", "start-dev", "--ip", "127.0.0.1",
+            "--port", str(port), "--ui-port", str(ui),
+            "--db-filename", str(db), "--log-level", "warn",
+        ]  # fmt: skip
+        log = logs / f"bare-{attempt}.log"
+        with process(args, env, log) as server:
+
+            async def ready(ui: int = ui, server: subprocess.Popen[bytes] = server) -> str | None:
+                if server.poll() is not None:
+                    return "exited"
+                try:
+                    await asyncio.to_thread(_get_json, f"http://127.0.0.1:{ui}/api/v1/settings")
+                except OSError:
+                    return None
+                return "up"
+
+            if await assert_eventually(ready, within=60, what="bare Web UI up") == "up":
+                yield port, ui
+                return
+        assert "address already in use" in log.read_text(), log.read_text()
+    raise AssertionError("the bare dev server found no free ports in 3 tries")
 
 
 @pytest.mark.timeout(300)
@@ -102,22 +139,7 @@ async def test_web_ui_codec_shows_subject_only_with_codec_endpoint(tmp_path: Pat
         assert email.to[0] in decoded
 
     # The same database under a bare dev server whose UI has no codec endpoint.
-    bare_port, bare_ui = free_port(), free_port()
-    bare = [
-        dev_server_path(), "server", "start-dev", "--ip", "127.0.0.1",
-        "--port", str(bare_port), "--ui-port", str(bare_ui),
-        "--db-filename", str(state / "temporal.db"), "--log-level", "warn",
-    ]  # fmt: skip
-    with process(bare, env, tmp_path / "bare.log"):
-
-        async def ui_up() -> bool:
-            try:
-                await asyncio.to_thread(_get_json, f"http://127.0.0.1:{bare_ui}/api/v1/settings")
-            except OSError:
-                return False
-            return True
-
-        await assert_eventually(ui_up, within=60, what="bare Web UI up")
+    async with bare_dev_server(state / "temporal.db", env, tmp_path) as (bare_port, bare_ui):
         assert not _get_json(f"http://127.0.0.1:{bare_ui}/api/v1/settings")["Codec"]["Endpoint"]  # type: ignore[index]
         sealed = await asyncio.to_thread(
             chromium, "--dump-dom", f"http://127.0.0.1:{bare_ui}{page}"
