@@ -9,6 +9,10 @@ The emails are stand-ins, `SlotOnlyEmail`: the real `SendEmailWorkflow` slot pro
 local activity and ends instead of running SMTP: 50,000 real sends through SMTP would
 measure the SMTP catcher on this 2-core machine, not the lane.
 
+``--dev-server`` runs the same on the real dev server (``--in-memory``: its SQLite database
+in memory) with ``python worker.py`` for the lane, in real time, so a cap's windows are
+real hours.
+
 Everything asserted comes from the server: the lane's histories (every run, followed
 through continue-as-new) give each grant signal, each workflow task's Started→Completed
 time and each continue-as-new input's size. Results: ``bench/results/lane_scale.{json,md}``.

@@ -349,7 +349,8 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         capacity = args.emails / statistics.median(drains)
         rate = args.steady_fraction * capacity
         steady = []
-        for mode in ["postlane", "sdk"] if args.steady_sdk else ["postlane"]:
+        modes = ["postlane", "sdk"] if args.steady_sdk else ["postlane"]
+        for mode in reversed(modes) if args.sdk_first else modes:
             print(f"steady {mode}: {rate:.1f}/s for {args.steady_seconds} s", flush=True)
             result = await bench.steady(pl, rate, args.steady_seconds, f"s-{mode}", mode)
             steady.append(result)
@@ -485,6 +486,9 @@ def main() -> int:
     parser.add_argument("--steady-seconds", type=float, default=30.0)
     parser.add_argument("--steady-fraction", type=float, default=0.7)
     parser.add_argument("--steady-sdk", action="store_true", help="also a steady phase, sdk wait")
+    parser.add_argument(
+        "--sdk-first", action="store_true", help="with --steady-sdk: run the sdk phase first"
+    )
     parser.add_argument("--out", type=Path, default=BENCH / "results")
     parser.add_argument(
         "--task-timeout",
