@@ -321,8 +321,9 @@ def markdown(result: dict[str, Any]) -> str:
     lines = [
         f"# Bulk operations at N = {result['n']} ({result['date']})",
         "",
-        f"{m['cpu_count']} CPUs shared with other work (load average at start "
-        f"{m['loadavg_start'][0]:.2f}, at end {m['loadavg_end'][0]:.2f}: **noisy figures**); "
+        f"{m['cpu_count']} CPUs; load average at start {m['loadavg_start'][0]:.2f}, at end "
+        f"{m['loadavg_end'][0]:.2f} (the load column counts this benchmark's own server and "
+        "workers too: compare it with the other figures of the run, not with zero); "
         f"Python {result['versions']['python']}, temporalio {result['versions']['temporalio']}; "
         f"dev server as `postlane dev` starts it, SQLite `synchronous={result['synchronous']}`; "
         "one lane at 1000/s to an in-process SMTP catcher, workers in the benchmark's process. "
