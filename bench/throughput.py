@@ -22,7 +22,6 @@ import os
 import platform
 import resource
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -186,9 +185,9 @@ def _on_sigterm(signum: int, frame: Any) -> None:
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    from tests.procs import free_port  # below the ephemeral range (see there)
+
+    return free_port()
 
 
 def _stop(proc: subprocess.Popen[bytes] | None, timeout: float) -> None:

@@ -12,6 +12,7 @@ import asyncio
 import inspect
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -36,11 +37,47 @@ POSTLANE_SCRIPT = Path(sys.executable).parent / "postlane"
 T = TypeVar("T")
 
 
+PORTS_FROM = 20000
+"""The lowest port `free_port` hands out."""
+_handed_out: set[int] = set()
+_pick = random.SystemRandom()
+
+
+def _ephemeral_ports_from() -> int:
+    """The first port of the kernel's range for outgoing connections' local ports."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
+
+
 def free_port() -> int:
-    """A TCP port on loopback that nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A TCP port on loopback that nothing listens on now, and no outgoing connection takes.
+
+    A port the kernel picks (bind to port 0) comes from its ephemeral range, where every
+    outgoing connection (a client's, a worker's) also gets its local port; one of those can
+    take it before the server that was given it binds it, and that server then exits
+    ("address already in use"). So ports come from below that range (with room for a dev
+    server's UI at port + 1000), at random, never twice in this process, and each is checked
+    free by binding it.
+    """
+    last = _ephemeral_ports_from() - 1001
+    if last - PORTS_FROM < 1000:  # an unusual range: fall back to the kernel's pick
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return int(s.getsockname()[1])
+    for _ in range(1000):
+        port = _pick.randint(PORTS_FROM, last)
+        if port in _handed_out:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    raise RuntimeError(f"no free port in {PORTS_FROM}-{last}")
 
 
 # -- waiting ---------------------------------------------------------------------------------

@@ -39,10 +39,10 @@ from postlane.ids import email_workflow_id
 from postlane.names import Activity
 from postlane.testing import SmtpCatcher, running_workers
 from postlane.webhooks import WebhookConfig, WebhookEmit, WebhookEmitted, WebhookEventType
-from tests.procs import assert_eventually
+from tests.procs import assert_eventually, free_port
 from tests.test_cancel import closing_event, raw_message_ids, replays
 from tests.test_integration import an_email, new_lane
-from tests.test_webhooks import FAST_RETRY, SECRET, SECRET_ENV, _free_port, _receiver
+from tests.test_webhooks import FAST_RETRY, SECRET, SECRET_ENV, _receiver
 from workflows import WORKFLOWS, workflow_runner
 
 pytestmark = pytest.mark.devserver
@@ -98,7 +98,7 @@ def hold_emit(
     monkeypatch.setattr(postlane.worker, "WebhookActivities", HeldEmit)
     hooks = WebhookConfig(
         name="crm",
-        url=f"http://127.0.0.1:{_free_port()}/hooks",
+        url=f"http://127.0.0.1:{free_port()}/hooks",
         events=list(WebhookEventType),
         secret_env=SECRET_ENV,
         retry=FAST_RETRY,

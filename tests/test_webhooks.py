@@ -15,7 +15,6 @@ import contextlib
 import functools
 import json
 import os
-import socket
 import threading
 from collections import Counter
 from collections.abc import Iterator
@@ -57,7 +56,7 @@ from postlane.webhooks import (
     webhook_workflow_id,
 )
 from tests.conftest import FRAGILE_LANE
-from tests.procs import assert_eventually, postlane_env, run_postlane, write_config
+from tests.procs import assert_eventually, free_port, postlane_env, run_postlane, write_config
 from workflows import WORKFLOWS, workflow_runner
 
 HISTORIES = Path(__file__).parent / "histories"
@@ -237,13 +236,6 @@ class Receiver:
             return [r for r in self.accepted if r.path == path]
 
 
-def _free_port() -> int:
-    """A port nothing listens on (the receiver is down until it binds it)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @contextlib.contextmanager
 def _receiver(port: int) -> Iterator[Receiver]:
     receiver = Receiver(port, SECRET)
@@ -281,7 +273,7 @@ async def test_webhooks_receiver_down_then_back_gets_every_event_once_in_order(
 ) -> None:
     monkeypatch.setenv(SECRET_ENV, SECRET)
     monkeypatch.setenv(OTHER_SECRET_ENV, OTHER_SECRET)
-    port = _free_port()
+    port = free_port()
     crm = WebhookConfig(
         name="crm",
         url=f"http://127.0.0.1:{port}/hooks",
@@ -581,7 +573,7 @@ async def test_webhooks_cost_nothing_in_an_emails_history_when_none_is_configure
     client = dev_env.client
     hook = WebhookConfig(
         name="cost",
-        url=f"http://127.0.0.1:{_free_port()}/hooks",
+        url=f"http://127.0.0.1:{free_port()}/hooks",
         events=[WebhookEventType.EMAIL_SENT],
         secret_env=SECRET_ENV,
         retry=FAST_RETRY,
@@ -630,7 +622,7 @@ async def test_webhooks_discard_completed_and_unsubscribed_events(
     ``email.cancelled``; a sequence that ran every step ``sequence.completed``; one
     unsubscribed ``sequence.unsubscribed``. A subscription gets only the events it named."""
     monkeypatch.setenv(SECRET_ENV, SECRET)
-    port = _free_port()
+    port = free_port()
     hook = WebhookConfig(
         name="ops",
         url=f"http://127.0.0.1:{port}/hooks",
@@ -735,7 +727,7 @@ async def test_webhooks_event_waits_for_a_worker_that_has_the_subscription(
     from postlane.webhooks import WebhookDeliveryInput
 
     monkeypatch.setenv(SECRET_ENV, SECRET)
-    port = _free_port()
+    port = free_port()
     crm = WebhookConfig(
         name=f"crm-{key[-6:]}",
         url=f"http://127.0.0.1:{port}/hooks",
