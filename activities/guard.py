@@ -227,10 +227,11 @@ async def record_inbound(client: Client, events: list[InboundEvent]) -> None:
             continue
         lane = desc.typed_search_attributes.get(sa.LANE)
         if lane:
-            report = (
-                OutcomeReport(complaints=1, detail=detail)
-                if complaint
-                else OutcomeReport(hard_bounces=1, detail=detail)
+            report = OutcomeReport(
+                complaints=int(complaint),
+                hard_bounces=int(not complaint),
+                detail=detail,
+                inbound_id=event.message_id or None,
             )
             try:
                 await client.get_workflow_handle(lane_workflow_id(lane)).signal(

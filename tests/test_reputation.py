@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import pytest_asyncio
+from temporalio.api.enums.v1 import EventType
 from temporalio.testing import WorkflowEnvironment
 
 from postlane import ConfigurationError, Email, EmailStatus, load_settings
@@ -26,7 +27,7 @@ from postlane.config import InboxConfig, LaneConfig, Settings
 from postlane.dev.catcher import SmtpCatcher
 from postlane.email.models import RetrySettings
 from postlane.errors import ActionRefused, InvalidInput, RecipientSuppressed
-from postlane.ids import email_workflow_id, message_id
+from postlane.ids import email_workflow_id, lane_workflow_id, message_id
 from postlane.inbound.classify import classify, route
 from postlane.lanes import guard
 from postlane.lanes.guard import GuardSettings, OutcomeReport, PauseKind
@@ -73,6 +74,19 @@ def test_guard_forgets_outcomes_that_left_the_window() -> None:
     guard.prune(buckets, NOW + timedelta(minutes=61), settings)
     assert guard.totals(buckets) == guard.GuardTotals(sent=1)
     assert guard.verdict(guard.totals(buckets), settings) is None
+
+
+def test_guard_forgets_counted_reports_with_their_window() -> None:
+    """A report is known (counted once) while its bucket is in the window, then forgotten."""
+    settings = GuardSettings(window_minutes=60)
+    counted = {
+        "early": guard.bucket_key(NOW),
+        "late": guard.bucket_key(NOW + timedelta(minutes=30)),
+    }
+    guard.forget_reports(counted, NOW + timedelta(minutes=59), settings)
+    assert sorted(counted) == ["early", "late"]
+    guard.forget_reports(counted, NOW + timedelta(minutes=61), settings)
+    assert sorted(counted) == ["late"]
 
 
 def test_guard_table_in_postlane_toml(tmp_path: Path) -> None:
@@ -445,7 +459,8 @@ async def test_arf_complaint_read_over_imap_suppresses_the_address(
         await asyncio.wait_for(first.result(), timeout=60)
         [sent] = smtp.messages
         # The provider's feedback loop returns our message, as it went over the wire.
-        await dovecot.append(arf_complaint(sent.message_id, recipient=address), inbox.folder)
+        report = arf_complaint(sent.message_id, recipient=address)
+        await dovecot.append(report, inbox.folder)
         await assert_eventually(
             lambda: pl.suppressions.is_suppressed(SENDER, address),
             within=60,
@@ -464,6 +479,31 @@ async def test_arf_complaint_read_over_imap_suppresses_the_address(
             return status is not None and status.guard is not None and status.guard.complaints == 1
 
         await assert_eventually(counted, what="the lane counted the complaint")
+
+        # The same report read again (a provider resending it, or a poll retried after it
+        # reported): the lane is told twice, and counts it once.
+        await dovecot.append(report, inbox.folder)
+        lane_handle = dev_env.client.get_workflow_handle(lane_workflow_id(lane.name))
+
+        async def told_twice_and_settled() -> bool:
+            events = (await lane_handle.fetch_history()).events
+            reports = [
+                e.workflow_execution_signaled_event_attributes
+                for e in events
+                if e.event_type == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_SIGNALED
+            ]
+            complaints = [r for r in reports if r.signal_name == "record_outcomes"]
+            complaints = [r for r in complaints if b'"complaints":1' in r.input.payloads[0].data]
+            settled = events[-1].event_type not in (
+                EventType.EVENT_TYPE_WORKFLOW_TASK_SCHEDULED,
+                EventType.EVENT_TYPE_WORKFLOW_TASK_STARTED,
+            )
+            return len(complaints) == 2 and settled
+
+        await assert_eventually(told_twice_and_settled, what="the lane told the report twice")
+        status = (await pl.lanes.get(lane.name)).status
+        assert status is not None and status.guard is not None
+        assert status.guard.complaints == 1
         again = await pl.send(mail(address, "more news"), key=f"arf-{uuid.uuid4().hex[:6]}")
         with pytest.raises(RecipientSuppressed):
             await asyncio.wait_for(again.result(), timeout=60)

@@ -12,9 +12,11 @@ import asyncio
 import os
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
-from temporalio.client import WorkflowHistory
+from temporalio.api.enums.v1 import EventType
+from temporalio.client import WorkflowHandle, WorkflowHistory
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Replayer
 
@@ -26,7 +28,8 @@ from postlane.connection import data_converter
 from postlane.dev.catcher import SmtpCatcher
 from postlane.errors import RecipientSuppressed
 from postlane.ids import email_workflow_id, lane_workflow_id
-from postlane.lanes.guard import GuardSettings
+from postlane.lanes.guard import GuardSettings, OutcomeReport
+from postlane.names import LaneMessages
 from postlane.testing import catcher_lane, running_workers
 from tests.procs import assert_eventually
 from workflows import WORKFLOWS, workflow_runner
@@ -41,6 +44,7 @@ GUARDED = LaneConfig(
 )
 FILES = {
     "lane_guard_paused": lane_workflow_id("guarded"),
+    "lane_report_once": lane_workflow_id("guarded"),
     "send_email_lane_paused": email_workflow_id("replay-waited"),
     "send_email_suppressed": email_workflow_id("replay-suppressed"),
 }
@@ -118,3 +122,51 @@ async def test_replay_fresh_guard_histories(
 async def test_replay_recorded_guard_history(file: str) -> None:
     text = (HISTORIES / f"{file}.json").read_text()
     await _replay(WorkflowHistory.from_json(FILES[file], text))
+
+
+@pytest.mark.devserver
+@pytest.mark.timeout(120)
+async def test_replay_fresh_report_once_history(dev_env: WorkflowEnvironment) -> None:
+    """An inbound complaint reported twice (a poll retried after it reported) counts once
+    (`REPORT_ONCE_PATCH`); another one counts too."""
+    run = uuid.uuid4().hex[:6]
+    lane = GUARDED.model_copy(update={"name": f"guarded-{run}"})
+    settings = Settings(lanes=[lane])
+    async with running_workers(dev_env, settings):
+        pl = PostlaneClient(dev_env.client, settings)
+
+        async def started() -> bool:
+            return (await pl.lanes.get(lane.name)).status is not None
+
+        await assert_eventually(started, what="the lane's workflow running")
+        handle = pl.temporal.get_workflow_handle(lane_workflow_id(lane.name))
+        for report_id in ("<arf-1@fbl.example>", "<arf-1@fbl.example>", "<arf-2@fbl.example>"):
+            await handle.signal(
+                LaneMessages.RECORD_OUTCOMES,
+                OutcomeReport(complaints=1, detail="complaint abuse", inbound_id=report_id),
+            )
+
+        async def complaints() -> int | None:
+            status = (await pl.lanes.get(lane.name)).status
+            return status.guard.complaints if status and status.guard else None
+
+        await assert_eventually(lambda: _settled(handle), what="the lane took all three")
+        assert await complaints() == 2
+        history = await handle.fetch_history()
+        await _replay(history)
+        if os.environ.get("POSTLANE_RECORD_HISTORIES"):
+            (HISTORIES / "lane_report_once.json").write_text(history.to_json())
+
+
+async def _settled(handle: WorkflowHandle[Any, Any]) -> bool:
+    """The lane received three reports and has no workflow task in flight."""
+    events = (await handle.fetch_history()).events
+    reports = sum(
+        e.workflow_execution_signaled_event_attributes.signal_name == LaneMessages.RECORD_OUTCOMES
+        for e in events
+        if e.event_type == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_SIGNALED
+    )
+    return reports == 3 and events[-1].event_type not in (
+        EventType.EVENT_TYPE_WORKFLOW_TASK_SCHEDULED,
+        EventType.EVENT_TYPE_WORKFLOW_TASK_STARTED,
+    )

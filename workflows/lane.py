@@ -129,6 +129,10 @@ GUARD_PATCH = "lane-reputation-guard"
 """Runs from this patch pause on a reputation threshold (or an operator's ``pause``) and
 grant no slot until resumed; the marker is recorded where a lane first pauses."""
 
+REPORT_ONCE_PATCH = "lane-inbound-report-once"
+"""Runs from this patch count an inbound bounce or complaint once per Message-ID (a poll
+retried after it reported used to count it again); recorded at the first repeat."""
+
 PAUSED_HISTORY_PATCH = "lane-paused-history"
 """Runs from this patch keep their history bounded while paused: only the latest request of
 each email is kept, and the run continues as new (the pause goes along in its state) once
@@ -802,10 +806,20 @@ class LaneWorkflow:
 
     @workflow.signal(name=LaneMessages.RECORD_OUTCOMES)
     def record_outcomes(self, report: guard.OutcomeReport) -> None:
-        """Sends (and the inbound watcher) report outcomes; past a threshold, pause."""
+        """Sends (and the inbound watcher) report outcomes; past a threshold, pause.
+
+        An inbound report (a bounce or complaint, named by its Message-ID) counts once in
+        the window, however often the inbox poll that read it reports it.
+        """
         s, now, settings = self.state, workflow.now(), self._guard_settings()
         if settings is None:
             return
+        guard.forget_reports(s.reports_counted, now, settings)
+        if report.inbound_id:
+            digest = hashlib.blake2b(report.inbound_id.encode(), digest_size=8).hexdigest()
+            if digest in s.reports_counted and workflow.patched(REPORT_ONCE_PATCH):
+                return
+            s.reports_counted[digest] = guard.bucket_key(now)
         guard.record(s.outcomes, now, report)
         guard.prune(s.outcomes, now, settings)
         # Wake the loop, which continues as new when these signals made the history long.

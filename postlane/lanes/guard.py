@@ -68,6 +68,10 @@ class OutcomeReport(BaseModel):
     deferrals: int = 0
     detail: str = ""
     """The last bad reply or report, for the pause reason (``550 5.1.1 no such user``)."""
+    inbound_id: str | None = None
+    """For a bounce or complaint read from an inbox: the report's own Message-ID. The lane
+    counts each report once, however often it is read (a poll retried after it reported,
+    or a provider sending the same report twice)."""
 
 
 class LanePause(BaseModel):
@@ -148,9 +152,20 @@ def record(buckets: dict[str, list[int]], now: datetime, report: OutcomeReport) 
 
 def prune(buckets: dict[str, list[int]], now: datetime, settings: GuardSettings) -> None:
     """Drop buckets that left the window (in place)."""
-    oldest = bucket_key(now - timedelta(minutes=settings.window_minutes) + BUCKET)
+    oldest = _oldest(now, settings)
     for key in [k for k in buckets if k < oldest]:
         del buckets[key]
+
+
+def forget_reports(counted: dict[str, str], now: datetime, settings: GuardSettings) -> None:
+    """Drop counted reports (ID → bucket) whose bucket left the window (in place)."""
+    oldest = _oldest(now, settings)
+    for report in [r for r, bucket in counted.items() if bucket < oldest]:
+        del counted[report]
+
+
+def _oldest(now: datetime, settings: GuardSettings) -> str:
+    return bucket_key(now - timedelta(minutes=settings.window_minutes) + BUCKET)
 
 
 def totals(buckets: dict[str, list[int]]) -> GuardTotals:

@@ -199,6 +199,9 @@ class LaneState(BaseModel):
     probe_at: datetime | None = None
     outcomes: dict[str, list[int]] = Field(default_factory=dict)
     """Reputation guard: 5-minute bucket → [sent, hard bounces, complaints, deferrals]."""
+    reports_counted: dict[str, str] = Field(default_factory=dict)
+    """Reputation guard: inbound reports counted in its window (a digest of each report's
+    Message-ID → its 5-minute bucket), so a report read twice counts once."""
     pause: LanePause = LanePause()
     """Paused by the guard or an operator: no slot is granted until resumed."""
 
