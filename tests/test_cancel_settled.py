@@ -28,15 +28,18 @@ from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Replayer
 
 import postlane.worker
+from activities import smtp as smtp_module
 from activities.guard import SendGuard
+from activities.smtp import SmtpActivities
 from activities.webhooks import WebhookActivities
 from postlane import PermanentDeliveryError
 from postlane.client import PostlaneClient
 from postlane.config import Settings
 from postlane.connection import data_converter
 from postlane.email.models import EmailStatus, SmtpSendRequest
-from postlane.ids import email_workflow_id
-from postlane.names import Activity
+from postlane.ids import email_workflow_id, lane_workflow_id
+from postlane.lanes.models import ProviderReport
+from postlane.names import Activity, LaneMessages
 from postlane.testing import SmtpCatcher, running_workers
 from postlane.webhooks import WebhookConfig, WebhookEmit, WebhookEmitted, WebhookEventType
 from tests.procs import assert_eventually, free_port
@@ -261,6 +264,69 @@ async def test_cancel_of_a_send_the_paused_lane_refuses_ends_cancelled(
             later = await (await pl.send(an_email("later"), key=f"{key}-later")).result()
             assert raw_message_ids(smtp.messages) == [later.message_id]
             await replays(pl, workflow_id, "send_email_cancel_refused_by_paused_lane")
+
+
+@pytest.mark.timeout(180)
+async def test_cancel_of_a_send_an_open_circuit_refuses_ends_cancelled(
+    dev_env: WorkflowEnvironment, key: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The send reads the lane's circuit after the cancel landed, finds it open, and is
+    refused to move to the failover lane: the email ends cancelled, not failed over, and
+    neither provider gets it, nor does a dead-letter retry afterwards."""
+    monkeypatch.setattr(smtp_module, "CIRCUIT_FRESH", 0.0)  # read the circuit afresh
+    checking, release = asyncio.Event(), asyncio.Event()
+    original = SmtpActivities._refuse_if_circuit_open
+
+    async def held(self: SmtpActivities, req: SmtpSendRequest, attempt: int) -> None:
+        checking.set()
+        await release.wait()
+        await original(self, req, attempt)
+
+    monkeypatch.setattr(SmtpActivities, "_refuse_if_circuit_open", held)
+    with SmtpCatcher() as primary, SmtpCatcher() as backup:
+        backup_lane = new_lane(backup, senders=["*@backup.test"])
+        lane = new_lane(primary, failover=backup_lane.name)
+        pl = PostlaneClient(dev_env.client, Settings(lanes=[lane, backup_lane]))
+        async with running_workers(dev_env, pl.settings):
+            await pl.send(an_email(), key=key)
+            await asyncio.wait_for(checking.wait(), timeout=60)
+            # The provider is reported down (as sends report refused connections).
+            await dev_env.client.get_workflow_handle(lane_workflow_id(lane.name)).signal(
+                LaneMessages.PROVIDER_DOWN, ProviderReport(reply="Connect call failed")
+            )
+
+            async def circuit_open() -> bool:
+                status = (await pl.lanes.get(lane.name)).status
+                return status is not None and status.circuit == "open"
+
+            await assert_eventually(circuit_open, within=60, what="the circuit open")
+            workflow_id = email_workflow_id(key)
+            await dev_env.client.get_workflow_handle(workflow_id).cancel()
+
+            async def send_cancel_requested() -> bool:
+                types = await event_types(dev_env.client, workflow_id)
+                return EventType.EVENT_TYPE_ACTIVITY_TASK_CANCEL_REQUESTED in types
+
+            await assert_eventually(send_cancel_requested, within=60, what="send cancel asked")
+            release.set()
+
+            async def ended() -> bool:
+                return await closing_event(pl, workflow_id) == (
+                    EventType.EVENT_TYPE_WORKFLOW_EXECUTION_CANCELED
+                )
+
+            await assert_eventually(ended, within=60, what="the email ended cancelled")
+            assert await pl.status(key) == EmailStatus.CANCELLED
+            types = await event_types(dev_env.client, workflow_id)
+            # One send, refused (CircuitOpen); none scheduled on the failover lane after it.
+            assert types.count(EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED) == 1
+            assert EventType.EVENT_TYPE_ACTIVITY_TASK_FAILED in types
+            progress = await pl.dlq.retry_all(lane=lane.name)
+            assert progress.total == 0
+            progress = await pl.dlq.retry_all(lane=backup_lane.name)
+            assert progress.total == 0
+            assert primary.messages == [] and backup.messages == []
+            assert primary.sessions == [] and backup.sessions == []
 
 
 @pytest.mark.timeout(180)
