@@ -41,10 +41,11 @@ is never cached: each refused send asks again, so a resumed lane sends at once."
 PAUSE_QUERY_TIMEOUT = timedelta(seconds=2)
 """A server that does not describe the lane's workflow this fast leaves it taken as not
 paused: the guard is a safety net, it must not stop mail on its own failure."""
-BOUNCE_PHASES = frozenset({"mail", "rcpt", "data"})
-"""SMTP stages (`activities.smtp` phase names) whose 5xx is about this mail or its
-recipients: a hard bounce. A 5xx at ``connect`` (greeting, EHLO, STARTTLS, AUTH) is about
-the server or Postlane's own settings, such as a wrong password (535): no bounce."""
+MESSAGE_PHASES = frozenset({"mail", "rcpt", "data"})
+"""SMTP stages (`activities.smtp` phase names) whose reply is about this mail or its
+recipients: a 5xx there is a hard bounce, a 4xx a deferral. A reply at ``connect``
+(greeting, EHLO, STARTTLS, AUTH) is about the server or Postlane's own settings, such as a
+wrong password (535) or TLS unavailable for now (454): neither."""
 SUPPRESSION_CHECK_TIMEOUT = timedelta(seconds=5)
 """How long one recipient's suppression describe may take before the attempt fails
 (retryably) instead of waiting on a slow server for the whole send's timeout."""
@@ -152,17 +153,15 @@ class SendGuard:
     async def failed(self, req: SmtpSendRequest, err: ApplicationError) -> None:
         """Report a refused attempt: 5xx at MAIL, RCPT or DATA is a hard bounce for every
         recipient (suppressed if refused at RCPT), 4xx a deferral (not a "slow down", which
-        backpressure answers); connection failures, and a 5xx before MAIL (greeting,
-        STARTTLS, AUTH), say nothing about the recipients."""
+        backpressure answers); connection failures, and any reply before MAIL (greeting,
+        EHLO, STARTTLS, AUTH), say nothing about the recipients."""
         details: dict[str, Any] = (
             err.details[0] if err.details and isinstance(err.details[0], dict) else {}
         )
         code = details.get("smtp_code")
-        if not isinstance(code, int):
+        if not isinstance(code, int) or details.get("phase") not in MESSAGE_PHASES:
             return
         if code >= 500:
-            if details.get("phase") not in BOUNCE_PHASES:
-                return
             if details.get("phase") == "rcpt":
                 for address in req.email.recipients:
                     await self._suppress(req.email.sender, address, err.message)

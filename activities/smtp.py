@@ -162,6 +162,10 @@ class SmtpPool:
                         " AUTH; check smtp_tls and smtp_port"
                     )
                 await smtp.login(*credentials)
+            if smtp.is_ehlo_or_helo_needed:
+                # Greet now, not inside the first MAIL: a refused EHLO is the server's
+                # state, and must fail at "connect", not look like a refusal of this mail.
+                await _greet(smtp)
         except Exception:
             await _close(smtp)  # a refused login or a missing extension: say goodbye
             raise
@@ -178,6 +182,17 @@ class SmtpPool:
             await _close(smtp)
         if self._closing:
             await asyncio.gather(*self._closing, return_exceptions=True)
+
+
+async def _greet(smtp: aiosmtplib.SMTP) -> None:
+    """EHLO, or HELO where the server refuses EHLO (RFC 5321 4.1.4), as aiosmtplib's MAIL
+    would do by itself."""
+    try:
+        await smtp.ehlo()
+    except aiosmtplib.SMTPHeloError:
+        if not smtp.is_connected:
+            raise
+        await smtp.helo()
 
 
 async def _close(smtp: aiosmtplib.SMTP) -> None:

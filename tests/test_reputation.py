@@ -234,6 +234,45 @@ def mail(to: str, subject: str = "news") -> Email:
 
 
 @devserver
+@pytest.mark.timeout(120)
+async def test_a_refusal_before_mail_is_no_deferral_and_one_at_data_is(
+    dev_env: WorkflowEnvironment, smtp: SmtpCatcher
+) -> None:
+    """A 4xx to EHLO (TLS or the server unavailable for now) says nothing about the
+    recipients, so the guard's deferral rate leaves it out; a 4xx to DATA counts."""
+    lane = rep_lane(smtp, guard=GuardSettings(min_sample=1000))
+    settings = Settings(lanes=[lane])
+    # Twice: the client falls back from a refused EHLO to HELO.
+    smtp.fail("ehlo", "454 4.3.0 TLS not available due to temporary reason", times=2)
+    smtp.fail("data", "451 4.3.0 mailbox temporarily unavailable", times=1)
+    async with running_workers(dev_env, settings):
+        pl = PostlaneClient(dev_env.client, settings)
+        receipt = await (await pl.send(mail("dora@example.test"), key=uuid.uuid4().hex)).result()
+        assert receipt.attempts == 3
+        # Ground truth at the socket: the first session refused at EHLO and HELO before any
+        # MAIL; then two transactions (the refused one reset, its session kept), one kept.
+        first, *others = smtp.sessions
+        assert first.count("EHLO") == first.count("HELO") == 1 and first.count("MAIL") == 0
+        assert sum(s.count("MAIL") for s in others) == sum(s.count("DATA") for s in others) == 2
+        assert len(smtp.messages) == 1
+        handle = dev_env.client.get_workflow_handle(lane_workflow_id(lane.name))
+
+        async def settled() -> bool:
+            # Each failed attempt reported (or not) before it failed: the signals are in
+            # the lane's history; once no task is in flight, its state has them all.
+            last = (await handle.fetch_history()).events[-1].event_type
+            return last not in (
+                EventType.EVENT_TYPE_WORKFLOW_TASK_SCHEDULED,
+                EventType.EVENT_TYPE_WORKFLOW_TASK_STARTED,
+            )
+
+        await assert_eventually(settled, what="the lane's task done")
+        status = (await pl.lanes.get(lane.name)).status
+        assert status is not None and status.guard is not None
+        assert status.guard.deferrals == 1
+
+
+@devserver
 @pytest.mark.timeout(240)
 async def test_bounce_burst_pauses_the_lane_and_nothing_goes_until_resumed(
     stack: tuple[PostlaneClient, LaneConfig],

@@ -26,7 +26,7 @@ from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 from postlane.dev import wire
 from postlane.dev.wire import InvalidWireMessage
 
-Phase = Literal["mail", "rcpt", "data"]
+Phase = Literal["ehlo", "mail", "rcpt", "data"]
 
 
 @dataclass
@@ -168,14 +168,16 @@ class _Handler:
     ) -> list[str]:
         session.host_name = hostname  # what aiosmtpd does itself when there is no hook
         self._catcher._command(server, "EHLO", hostname)
-        return responses
+        fault = await self._catcher._fault("ehlo", server)
+        return [fault] if fault else responses
 
     async def handle_HELO(
         self, server: SMTP, session: Session, envelope: Envelope, hostname: str
     ) -> str:
         session.host_name = hostname
         self._catcher._command(server, "HELO", hostname)
-        return f"250 {server.hostname}"
+        # The "ehlo" phase covers the HELO a client falls back to after a refused EHLO.
+        return await self._catcher._fault("ehlo", server) or f"250 {server.hostname}"
 
     async def handle_RSET(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         self._catcher._command(server, "RSET")
