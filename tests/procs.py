@@ -58,8 +58,8 @@ def free_port() -> int:
     outgoing connection (a client's, a worker's) also gets its local port; one of those can
     take it before the server that was given it binds it, and that server then exits
     ("address already in use"). So ports come from below that range (with room for a dev
-    server's UI at port + 1000), at random, never twice in this process, and each is checked
-    free by binding it.
+    server's UI at port + 1000, which is not handed out later either), at random, never
+    twice in this process, and each is checked free by binding it.
     """
     last = _ephemeral_ports_from() - 1001
     if last - PORTS_FROM < 1000:  # an unusual range: fall back to the kernel's pick
@@ -68,14 +68,15 @@ def free_port() -> int:
             return int(s.getsockname()[1])
     for _ in range(1000):
         port = _pick.randint(PORTS_FROM, last)
-        if port in _handed_out:
+        if port in _handed_out or port + 1000 in _handed_out:
             continue
         with socket.socket() as s:
             try:
                 s.bind(("127.0.0.1", port))
             except OSError:
                 continue
-        _handed_out.add(port)
+        # A dev server given only this port puts its Web UI on port + 1000.
+        _handed_out.update((port, port + 1000))
         return port
     raise RuntimeError(f"no free port in {PORTS_FROM}-{last}")
 
