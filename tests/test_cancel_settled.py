@@ -327,6 +327,11 @@ async def test_cancel_of_a_send_an_open_circuit_refuses_ends_cancelled(
             assert progress.total == 0
             assert primary.messages == [] and backup.messages == []
             assert primary.sessions == [] and backup.sessions == []
+            # The open circuit would keep the lane probing (and waking on any worker of
+            # later tests on this shared server): end it.
+            await dev_env.client.get_workflow_handle(lane_workflow_id(lane.name)).terminate(
+                reason="test over"
+            )
 
 
 @pytest.mark.timeout(180)
