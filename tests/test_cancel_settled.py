@@ -223,6 +223,36 @@ async def pause_lane(pl: PostlaneClient, lane: str) -> None:
     await assert_eventually(paused, within=60, what="the lane paused")
 
 
+async def cancel_the_held_send(
+    client: Client, pl: PostlaneClient, key: str, release: asyncio.Event
+) -> list[EventType.ValueType]:
+    """Cancel the email whose send is held, release the send once the workflow has asked to
+    cancel it, and wait for the email to end cancelled; returns its history's event types.
+
+    The send is then refused (the test's reason), not cancelled: the history shows it failed.
+    """
+    workflow_id = email_workflow_id(key)
+    await client.get_workflow_handle(workflow_id).cancel()
+
+    async def send_cancel_requested() -> bool:
+        types = await event_types(client, workflow_id)
+        return EventType.EVENT_TYPE_ACTIVITY_TASK_CANCEL_REQUESTED in types
+
+    await assert_eventually(send_cancel_requested, within=60, what="send cancel asked")
+    release.set()
+
+    async def ended() -> bool:
+        return await closing_event(pl, workflow_id) == (
+            EventType.EVENT_TYPE_WORKFLOW_EXECUTION_CANCELED
+        )
+
+    await assert_eventually(ended, within=60, what="the email ended cancelled")
+    assert await pl.status(key) == EmailStatus.CANCELLED
+    types = await event_types(client, workflow_id)
+    assert EventType.EVENT_TYPE_ACTIVITY_TASK_FAILED in types  # refused, not cancelled
+    return types
+
+
 @pytest.mark.timeout(180)
 async def test_cancel_of_a_send_the_paused_lane_refuses_ends_cancelled(
     dev_env: WorkflowEnvironment, key: str, monkeypatch: pytest.MonkeyPatch
@@ -236,27 +266,10 @@ async def test_cancel_of_a_send_the_paused_lane_refuses_ends_cancelled(
             await pause_lane(pl, lane.name)
             await pl.send(an_email(), key=key)
             await asyncio.wait_for(checking.wait(), timeout=60)
+            # The workflow takes the cancel and waits for its send, which the guard refuses
+            # (LanePaused).
+            await cancel_the_held_send(dev_env.client, pl, key, release)
             workflow_id = email_workflow_id(key)
-            await dev_env.client.get_workflow_handle(workflow_id).cancel()
-
-            async def send_cancel_requested() -> bool:
-                types = await event_types(dev_env.client, workflow_id)
-                return EventType.EVENT_TYPE_ACTIVITY_TASK_CANCEL_REQUESTED in types
-
-            # The workflow took the cancel and waits for its send, which the guard refuses.
-            await assert_eventually(send_cancel_requested, within=60, what="send cancel asked")
-            release.set()
-
-            async def ended() -> bool:
-                return await closing_event(pl, workflow_id) == (
-                    EventType.EVENT_TYPE_WORKFLOW_EXECUTION_CANCELED
-                )
-
-            await assert_eventually(ended, within=60, what="the email ended cancelled")
-            assert await pl.status(key) == EmailStatus.CANCELLED
-            assert EventType.EVENT_TYPE_ACTIVITY_TASK_FAILED in await event_types(
-                dev_env.client, workflow_id
-            )  # the send was refused (LanePaused), not cancelled
             assert "postlane-cancel-before-refusal" in await patches(dev_env.client, workflow_id)
 
             # After the resume, a later email goes; the cancelled one never does.
@@ -300,27 +313,9 @@ async def test_cancel_of_a_send_an_open_circuit_refuses_ends_cancelled(
                 return status is not None and status.circuit == "open"
 
             await assert_eventually(circuit_open, within=60, what="the circuit open")
-            workflow_id = email_workflow_id(key)
-            await dev_env.client.get_workflow_handle(workflow_id).cancel()
-
-            async def send_cancel_requested() -> bool:
-                types = await event_types(dev_env.client, workflow_id)
-                return EventType.EVENT_TYPE_ACTIVITY_TASK_CANCEL_REQUESTED in types
-
-            await assert_eventually(send_cancel_requested, within=60, what="send cancel asked")
-            release.set()
-
-            async def ended() -> bool:
-                return await closing_event(pl, workflow_id) == (
-                    EventType.EVENT_TYPE_WORKFLOW_EXECUTION_CANCELED
-                )
-
-            await assert_eventually(ended, within=60, what="the email ended cancelled")
-            assert await pl.status(key) == EmailStatus.CANCELLED
-            types = await event_types(dev_env.client, workflow_id)
+            types = await cancel_the_held_send(dev_env.client, pl, key, release)
             # One send, refused (CircuitOpen); none scheduled on the failover lane after it.
             assert types.count(EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED) == 1
-            assert EventType.EVENT_TYPE_ACTIVITY_TASK_FAILED in types
             progress = await pl.dlq.retry_all(lane=lane.name)
             assert progress.total == 0
             progress = await pl.dlq.retry_all(lane=backup_lane.name)
